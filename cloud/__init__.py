@@ -1,0 +1,1 @@
+"""Tillflow cloud package (filled by later issues)."""

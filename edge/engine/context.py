@@ -1,0 +1,50 @@
+"""What a step function receives besides the state: ``fn(state, ctx) -> dict | None``."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from edge.engine.clock import Clock
+from edge.engine.records import OutboxMessage
+
+
+def idempotency_key(run_id: str, step: str, attempt: int) -> str:
+    """Stable per (run, step, attempt): a retried step presents a new key, a step re-run
+    after a crash (same attempt, never committed) presents the same one, so the system
+    downstream can tell a replay from a new request."""
+    return hashlib.sha256(f"{run_id}\x1f{step}\x1f{attempt}".encode()).hexdigest()[:32]
+
+
+@dataclass
+class StepContext:
+    run_id: str
+    step: str
+    attempt: int
+    idempotency_key: str
+    clock: Clock
+    #: Data given to ``resume`` (WAIT) or to ``start`` (the run's input).
+    input: Any = None
+    #: Current element and position of the innermost ITERATE/WHILE loop.
+    item: Any = None
+    index: int | None = None
+    #: For a compensation: what the compensated step returned.
+    output: Any = None
+    _emitted: list[OutboxMessage] = field(default_factory=list, repr=False)
+
+    def emit(self, topic: str, payload: Any) -> str:
+        """Queue a message for the cloud; it commits with this step's outcome, or not at all.
+        Returns its message id, stable across a crash-replay of the same attempt."""
+        message_id = f"{self.idempotency_key}-{len(self._emitted)}"
+        self._emitted.append(
+            OutboxMessage(
+                message_id=message_id,
+                run_id=self.run_id,
+                step=self.step,
+                topic=topic,
+                payload=payload,
+                created_at=self.clock.now(),
+            )
+        )
+        return message_id

@@ -1,0 +1,55 @@
+"""The inline executor: advance runs in the calling thread (the terminal's choice).
+
+``submit`` from inside a drive (a child run, a woken parent) queues instead of
+recursing. Runs sleeping through a retry backoff are either slept for (``sleep=True``,
+the CLI's ``run``: the clock is a port, so a FakeClock makes this instant) or left
+durable for a later ``recover()`` (``sleep=False``, a daemon with other work to do).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from edge.engine.runtime import Engine
+
+
+class InlineExecutor:
+    def __init__(self, *, sleep: bool = True) -> None:
+        self.sleep = sleep
+        self._engine: Engine | None = None
+        self._local = threading.local()
+        self._seq = itertools.count()
+        #: Runs left sleeping when ``sleep=False``: (due, run_id).
+        self.deferred: list[tuple[float, str]] = []
+
+    def bind(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def submit(self, run_id: str, not_before: float | None = None) -> None:
+        if self._engine is None:
+            raise RuntimeError("InlineExecutor is not bound to an Engine")
+        queue: list[tuple[float, int, str]] | None = getattr(self._local, "queue", None)
+        item = (not_before or 0.0, next(self._seq), run_id)
+        if queue is not None:  # already draining in this thread: no recursion
+            heapq.heappush(queue, item)
+            return
+        queue = self._local.queue = [item]
+        engine = self._engine
+        try:
+            while queue:
+                due, _, rid = heapq.heappop(queue)
+                wait = due - engine.clock.now()
+                if wait > 0:
+                    if not self.sleep:
+                        self.deferred.append((due, rid))
+                        continue
+                    engine.clock.sleep(wait)
+                next_due = engine.advance(rid)
+                if next_due is not None:
+                    heapq.heappush(queue, (next_due, next(self._seq), rid))
+        finally:
+            self._local.queue = None

@@ -1,0 +1,99 @@
+"""The engine's ports: what it needs from persistence and execution, nothing more.
+
+A terminal plugs in SQLite and an inline executor; the cloud plugs in PostgreSQL and
+Celery. Stores see rows (``records``), never workflow semantics: they do not know what
+a saga or a loop is. The contract each method must keep is in its docstring and is
+checked by ``tests/conformance`` against every store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Protocol
+
+from edge.engine.records import (
+    AuditRow,
+    Commit,
+    OutboxMessage,
+    RunRecord,
+    Status,
+    StepRecord,
+)
+
+
+class Store(Protocol):
+    # --- schema ------------------------------------------------------------------
+    def migrate(self) -> int:
+        """Apply pending migrations, each in its own transaction; return the version."""
+
+    def schema_version(self) -> int:
+        """The highest applied migration (0 for an empty database)."""
+
+    # --- definitions -------------------------------------------------------------
+    def save_definition(
+        self, content_hash: str, workflow_type: str, version: str, snapshot: str, at: float
+    ) -> None:
+        """Store a definition snapshot; saving the same hash again is a no-op."""
+
+    def load_definition(self, content_hash: str) -> str | None:
+        """The snapshot stored under ``content_hash``, or None."""
+
+    def latest_definition(self, workflow_type: str) -> str | None:
+        """The most recently registered snapshot of ``workflow_type``, or None."""
+
+    # --- runs ----------------------------------------------------------------------
+    def start(self, commit: Commit) -> tuple[str, bool]:
+        """Insert ``commit.run`` with its audit rows in one transaction.
+
+        If a run with the same ``idempotency_key`` exists, insert nothing and return
+        ``(existing_run_id, False)`` -- also when two callers race. Else
+        ``(run_id, True)``.
+        """
+
+    def commit(self, commit: Commit) -> None:
+        """Apply one step outcome atomically: replace the run row if its revision is
+        still ``commit.expected_revision`` (else raise LeaseLost and change nothing);
+        append steps (assigning ``seq``), audit rows (chained with ``audit.link``),
+        outbox messages (assigning a monotonic ``seq``); insert ``new_runs``; wake
+        ``wake`` parents (WAITING -> RUNNING, due now, lease cleared, revision + 1)."""
+
+    def claim(
+        self, run_id: str, expected_revision: int, owner: str, lease_expires_at: float
+    ) -> RunRecord | None:
+        """Take the lease on a run if its revision is unchanged; revision + 1.
+        Returns the claimed run, or None if someone else changed it first."""
+
+    def renew_lease(self, run_id: str, owner: str, lease_expires_at: float) -> bool:
+        """Extend a lease this owner holds; False if it no longer holds it."""
+
+    def get_run(self, run_id: str) -> RunRecord | None: ...
+
+    def list_runs(
+        self, statuses: Sequence[Status] | None = None, limit: int = 100
+    ) -> list[RunRecord]:
+        """Most recent first."""
+
+    def recoverable(self, now: float, limit: int = 1000) -> list[RunRecord]:
+        """Runs that may need a worker: RUNNING or COMPENSATING (any lease), and WAITING
+        runs whose ``next_attempt_at`` (timeout) is at or before ``now``. Oldest first."""
+
+    def step_history(self, run_id: str) -> list[StepRecord]:
+        """All step rows of a run, in ``seq`` order."""
+
+    # --- audit and outbox ------------------------------------------------------------
+    def audit_rows(self, run_id: str | None = None) -> Iterator[AuditRow]:
+        """Audit rows in ``seq`` order, for one run or the whole database."""
+
+    def audit_head(self) -> tuple[int, str] | None:
+        """(seq, hash) of the last appended audit row, kept in the same transaction."""
+
+    def outbox(self, after_seq: int = 0, limit: int = 100) -> list[OutboxMessage]: ...
+
+    def close(self) -> None: ...
+
+
+class Executor(Protocol):
+    """Decides where and when a runnable run is advanced."""
+
+    def submit(self, run_id: str, not_before: float | None = None) -> None:
+        """Arrange for ``run_id`` to be advanced (at or after ``not_before``)."""

@@ -1,0 +1,118 @@
+"""The rows that cross the Store seam. Plain data: no behaviour, no SQL, no driver types."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+
+class Status(StrEnum):
+    RUNNING = "RUNNING"
+    WAITING = "WAITING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    COMPENSATING = "COMPENSATING"
+    ROLLED_BACK = "ROLLED_BACK"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset({Status.COMPLETED, Status.FAILED, Status.ROLLED_BACK, Status.CANCELLED})
+IN_FLIGHT = (Status.RUNNING, Status.COMPENSATING, Status.WAITING)
+
+
+@dataclass
+class RunRecord:
+    run_id: str
+    workflow_type: str
+    definition_hash: str
+    fingerprints: dict[str, str]
+    status: Status
+    state: dict[str, Any]
+    input: dict[str, Any]
+    #: Where the run stands: {"frames": [[step, loop_index|None], ...], "attempt": n, ...}
+    cursor: dict[str, Any]
+    revision: int
+    created_at: float
+    updated_at: float
+    idempotency_key: str | None = None
+    parent_run_id: str | None = None
+    parent_step: str | None = None
+    lease_owner: str | None = None
+    lease_expires_at: float | None = None
+    #: When the run is next due: end of a retry backoff, or a WAIT's timeout.
+    next_attempt_at: float | None = None
+    error: dict[str, Any] | None = None
+
+
+@dataclass
+class StepRecord:
+    """One attempt's outcome (or a compensation's, or a routing decision)."""
+
+    run_id: str
+    step: str  # path, e.g. "charge" or "items[2].reserve"
+    step_name: str
+    kind: str  # "step" | "compensation" | "decision" | "input" | "timeout"
+    status: str  # COMPLETED | FAILED | RETRYING | TIMED_OUT
+    attempt: int
+    started_at: float
+    finished_at: float
+    output: Any = None
+    error: dict[str, Any] | None = None
+    #: For a compensation: the seq of the step row it compensates.
+    ref_seq: int | None = None
+    seq: int | None = None  # assigned by the store
+
+
+@dataclass
+class AuditEvent:
+    run_id: str | None
+    event: str
+    at: float
+    step: str | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class AuditRow:
+    seq: int
+    run_id: str | None
+    event: str
+    step: str | None
+    detail: dict[str, Any]
+    at: float
+    prev_hash: str
+    hash: str
+
+
+@dataclass
+class OutboxMessage:
+    message_id: str
+    run_id: str | None
+    step: str | None
+    topic: str
+    payload: Any
+    created_at: float
+    seq: int | None = None  # assigned by the store: device-monotonic
+
+
+@dataclass
+class Commit:
+    """Everything one step outcome changes; a store applies it in ONE transaction.
+
+    ``run`` replaces the stored run row if its revision is still ``expected_revision``
+    (else LeaseLost: another worker got there first and this outcome is dropped).
+    """
+
+    run: RunRecord
+    expected_revision: int
+    steps: list[StepRecord] = field(default_factory=list)
+    audit: list[AuditEvent] = field(default_factory=list)
+    outbox: list[OutboxMessage] = field(default_factory=list)
+    new_runs: list[RunRecord] = field(default_factory=list)
+    #: Parents to wake (WAITING on a child that just finished): made RUNNING and due now.
+    wake: list[str] = field(default_factory=list)

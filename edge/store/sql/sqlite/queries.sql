@@ -1,0 +1,137 @@
+-- Named queries of the SQLite store. Each starts with "-- name: NAME" and a one-line
+-- description; the PostgreSQL store defines the same names (a test checks the sets).
+
+-- name: create_migrations_table
+-- Bookkeeping for applied migrations; created before the first one runs.
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version    INTEGER PRIMARY KEY,
+    name       TEXT NOT NULL,
+    applied_at REAL NOT NULL
+) STRICT;
+
+-- name: schema_version
+-- The highest applied migration.
+SELECT coalesce(max(version), 0) FROM schema_migrations;
+
+-- name: record_migration
+-- Mark one migration applied.
+INSERT INTO schema_migrations (version, name, applied_at) VALUES (:version, :name, :at);
+
+-- name: save_definition
+-- Register a definition snapshot; the same content hash twice is a no-op.
+INSERT INTO workflow_definitions (content_hash, workflow_type, version, snapshot, registered_at)
+VALUES (:content_hash, :workflow_type, :version, :snapshot, :at)
+ON CONFLICT (content_hash) DO NOTHING;
+
+-- name: load_definition
+-- One snapshot by content hash.
+SELECT snapshot FROM workflow_definitions WHERE content_hash = :content_hash;
+
+-- name: latest_definition
+-- The newest snapshot registered for a workflow type.
+SELECT snapshot FROM workflow_definitions WHERE workflow_type = :workflow_type
+ORDER BY registered_at DESC, rowid DESC LIMIT 1;
+
+-- name: run_by_idempotency_key
+-- The run started with an idempotency key, if any.
+SELECT run_id FROM workflow_runs WHERE idempotency_key = :idempotency_key;
+
+-- name: insert_run
+-- A new run row.
+INSERT INTO workflow_runs (run_id, workflow_type, definition_hash, fingerprints, status, state,
+    input, cursor, revision, idempotency_key, parent_run_id, parent_step, lease_owner,
+    lease_expires_at, next_attempt_at, error, created_at, updated_at)
+VALUES (:run_id, :workflow_type, :definition_hash, :fingerprints, :status, :state,
+    :input, :cursor, :revision, :idempotency_key, :parent_run_id, :parent_step, :lease_owner,
+    :lease_expires_at, :next_attempt_at, :error, :created_at, :updated_at);
+
+-- name: update_run
+-- Replace a run's mutable columns if nobody else changed it since we read it.
+UPDATE workflow_runs SET status = :status, state = :state, cursor = :cursor,
+    revision = :revision, lease_owner = :lease_owner, lease_expires_at = :lease_expires_at,
+    next_attempt_at = :next_attempt_at, error = :error, fingerprints = :fingerprints,
+    updated_at = :updated_at
+WHERE run_id = :run_id AND revision = :expected_revision;
+
+-- name: wake_run
+-- A child finished: make its WAITING parent runnable now.
+UPDATE workflow_runs SET status = 'RUNNING', next_attempt_at = :at, lease_owner = NULL,
+    lease_expires_at = NULL, revision = revision + 1, updated_at = :at
+WHERE run_id = :run_id AND status = 'WAITING';
+
+-- name: claim_run
+-- Take the lease on a run whose revision is unchanged.
+UPDATE workflow_runs SET lease_owner = :owner, lease_expires_at = :lease_expires_at,
+    revision = revision + 1
+WHERE run_id = :run_id AND revision = :expected_revision;
+
+-- name: renew_lease
+-- Extend a lease we still hold.
+UPDATE workflow_runs SET lease_expires_at = :lease_expires_at
+WHERE run_id = :run_id AND lease_owner = :owner;
+
+-- name: get_run
+-- One run.
+SELECT * FROM workflow_runs WHERE run_id = :run_id;
+
+-- name: list_runs
+-- Most recent runs first.
+SELECT * FROM workflow_runs ORDER BY created_at DESC, rowid DESC LIMIT :limit;
+
+-- name: list_runs_by_status
+-- Most recent runs with one status first.
+SELECT * FROM workflow_runs WHERE status = :status ORDER BY created_at DESC, rowid DESC
+LIMIT :limit;
+
+-- name: recoverable_runs
+-- Runs a worker may need to pick up, oldest first.
+SELECT * FROM workflow_runs
+WHERE status IN ('RUNNING', 'COMPENSATING')
+   OR (status = 'WAITING' AND next_attempt_at IS NOT NULL AND next_attempt_at <= :now)
+ORDER BY created_at, rowid LIMIT :limit;
+
+-- name: next_step_seq
+-- The next step row number of a run.
+SELECT coalesce(max(seq), 0) + 1 FROM workflow_steps WHERE run_id = :run_id;
+
+-- name: insert_step
+-- One step outcome.
+INSERT INTO workflow_steps (run_id, seq, step, step_name, kind, status, attempt, started_at,
+    finished_at, output, error, ref_seq)
+VALUES (:run_id, :seq, :step, :step_name, :kind, :status, :attempt, :started_at,
+    :finished_at, :output, :error, :ref_seq);
+
+-- name: step_history
+-- A run's step rows in order.
+SELECT * FROM workflow_steps WHERE run_id = :run_id ORDER BY seq;
+
+-- name: audit_head
+-- The chain's last link.
+SELECT seq, hash FROM audit_head WHERE id = 1;
+
+-- name: set_audit_head
+-- Move the chain's last link.
+INSERT INTO audit_head (id, seq, hash) VALUES (1, :seq, :hash)
+ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash;
+
+-- name: insert_audit
+-- Append one audit row.
+INSERT INTO workflow_audit_log (seq, run_id, event, step, detail, at, prev_hash, hash)
+VALUES (:seq, :run_id, :event, :step, :detail, :at, :prev_hash, :hash);
+
+-- name: audit_rows
+-- The whole chain in order.
+SELECT * FROM workflow_audit_log ORDER BY seq;
+
+-- name: audit_rows_for_run
+-- One run's audit rows in order.
+SELECT * FROM workflow_audit_log WHERE run_id = :run_id ORDER BY seq;
+
+-- name: insert_outbox
+-- Queue one message for the cloud.
+INSERT INTO outbox (message_id, run_id, step, topic, payload, created_at)
+VALUES (:message_id, :run_id, :step, :topic, :payload, :created_at);
+
+-- name: outbox_after
+-- Queued messages after a sequence number, in order.
+SELECT * FROM outbox WHERE seq > :after_seq ORDER BY seq LIMIT :limit;

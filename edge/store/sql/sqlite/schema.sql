@@ -1,0 +1,95 @@
+-- Canonical Tillflow SQLite schema: what applying every migration produces.
+-- A test checks the two converge; change both together (add a migration, edit this).
+
+CREATE TABLE workflow_definitions (
+    content_hash  TEXT PRIMARY KEY,
+    workflow_type TEXT NOT NULL,
+    version       TEXT NOT NULL,
+    snapshot      TEXT NOT NULL,
+    registered_at REAL NOT NULL
+) STRICT;
+
+CREATE INDEX workflow_definitions_by_type
+    ON workflow_definitions (workflow_type, registered_at);
+
+CREATE TABLE workflow_runs (
+    run_id           TEXT PRIMARY KEY,
+    workflow_type    TEXT NOT NULL,
+    definition_hash  TEXT NOT NULL REFERENCES workflow_definitions (content_hash),
+    fingerprints     TEXT NOT NULL,
+    status           TEXT NOT NULL CHECK (status IN ('RUNNING', 'WAITING', 'COMPLETED',
+                         'FAILED', 'COMPENSATING', 'ROLLED_BACK', 'CANCELLED')),
+    state            TEXT NOT NULL,
+    input            TEXT NOT NULL,
+    cursor           TEXT NOT NULL,
+    revision         INTEGER NOT NULL,
+    idempotency_key  TEXT UNIQUE,
+    parent_run_id    TEXT REFERENCES workflow_runs (run_id),
+    parent_step      TEXT,
+    lease_owner      TEXT,
+    lease_expires_at REAL,
+    next_attempt_at  REAL,
+    error            TEXT,
+    created_at       REAL NOT NULL,
+    updated_at       REAL NOT NULL
+) STRICT;
+
+CREATE INDEX workflow_runs_by_status ON workflow_runs (status, next_attempt_at);
+CREATE INDEX workflow_runs_by_parent ON workflow_runs (parent_run_id);
+
+CREATE TABLE workflow_steps (
+    run_id      TEXT NOT NULL REFERENCES workflow_runs (run_id),
+    seq         INTEGER NOT NULL,
+    step        TEXT NOT NULL,
+    step_name   TEXT NOT NULL,
+    kind        TEXT NOT NULL,
+    status      TEXT NOT NULL,
+    attempt     INTEGER NOT NULL,
+    started_at  REAL NOT NULL,
+    finished_at REAL NOT NULL,
+    output      TEXT,
+    error       TEXT,
+    ref_seq     INTEGER,
+    PRIMARY KEY (run_id, seq)
+) STRICT;
+
+-- Append-only, hash-chained (see edge/engine/audit.py). The triggers make an honest
+-- mistake fail loudly; the chain makes a deliberate edit detectable.
+CREATE TABLE workflow_audit_log (
+    seq       INTEGER PRIMARY KEY,
+    run_id    TEXT,
+    event     TEXT NOT NULL,
+    step      TEXT,
+    detail    TEXT NOT NULL,
+    at        REAL NOT NULL,
+    prev_hash TEXT NOT NULL,
+    hash      TEXT NOT NULL
+) STRICT;
+
+CREATE INDEX workflow_audit_log_by_run ON workflow_audit_log (run_id, seq);
+
+CREATE TRIGGER workflow_audit_log_no_update BEFORE UPDATE ON workflow_audit_log
+BEGIN
+    SELECT RAISE(ABORT, 'workflow_audit_log is append-only');
+END;
+
+CREATE TRIGGER workflow_audit_log_no_delete BEFORE DELETE ON workflow_audit_log
+BEGIN
+    SELECT RAISE(ABORT, 'workflow_audit_log is append-only');
+END;
+
+CREATE TABLE audit_head (
+    id   INTEGER PRIMARY KEY CHECK (id = 1),
+    seq  INTEGER NOT NULL,
+    hash TEXT NOT NULL
+) STRICT;
+
+CREATE TABLE outbox (
+    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+    message_id TEXT NOT NULL UNIQUE,
+    run_id     TEXT,
+    step       TEXT,
+    topic      TEXT NOT NULL,
+    payload    TEXT NOT NULL,
+    created_at REAL NOT NULL
+) STRICT;

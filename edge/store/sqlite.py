@@ -1,0 +1,460 @@
+"""The SQLite store (apsw, WAL): the terminal's persistence.
+
+One writer connection guarded by a lock; every write is one ``BEGIN IMMEDIATE``
+transaction. Connection settings are one small function each, with the reason.
+Driver errors are translated here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import apsw
+
+from edge.engine.audit import GENESIS, link
+from edge.engine.records import (
+    AuditRow,
+    Commit,
+    OutboxMessage,
+    RunRecord,
+    Status,
+    StepRecord,
+)
+from edge.errors import LeaseLost, MigrationError, StorageFull, StoreError
+from edge.store.queries import load_migrations, load_queries
+
+Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
+
+#: Milliseconds a writer waits for the lock before giving up: long enough to ride out a
+#: checkpoint or a second process (the CLI beside the daemon), short enough to surface.
+DEFAULT_BUSY_TIMEOUT_MS = 5_000
+
+_QUERIES = load_queries("sqlite")
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+def _loads(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+# --- connection settings: one function each, with why -----------------------------------
+
+
+def _use_wal(conn: apsw.Connection) -> None:
+    # WAL: readers never block the writer, and a commit is one sequential append.
+    # https://www.sqlite.org/wal.html
+    mode = conn.execute("PRAGMA journal_mode=WAL").fetchall()[0][0]
+    if str(mode).lower() != "wal":
+        raise StoreError(f"cannot enable WAL (journal_mode={mode})", operation="open")
+
+
+def _set_synchronous(conn: apsw.Connection, level: Synchronous) -> None:
+    # FULL (default): a committed payment survives power loss. NORMAL in WAL mode may
+    # lose the last commits on power loss but never corrupts. https://www.sqlite.org/pragma.html#pragma_synchronous
+    conn.execute(f"PRAGMA synchronous={level}")
+
+
+def _enforce_foreign_keys(conn: apsw.Connection) -> None:
+    # Off by default in SQLite, for backward compatibility only.
+    conn.execute("PRAGMA foreign_keys=ON")
+
+
+def _set_busy_timeout(conn: apsw.Connection, ms: int) -> None:
+    # Without it a second connection fails at once with SQLITE_BUSY instead of waiting.
+    conn.set_busy_timeout(ms)
+
+
+class SqliteStore:
+    """Store on one SQLite file. Thread-safe: one lock serialises all use of the connection."""
+
+    dialect = "sqlite"
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        synchronous: Synchronous = "FULL",
+        busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
+        migrate: bool = True,
+    ) -> None:
+        self.path = str(path)
+        self._lock = threading.RLock()
+        try:
+            self._conn = apsw.Connection(self.path)
+        except apsw.Error as exc:
+            raise StoreError(
+                f"cannot open database: {exc}",
+                operation="open",
+                path=self.path,
+                hint="check that the directory exists and is writable",
+            ) from exc
+        with self._translate("open"):
+            _set_busy_timeout(self._conn, busy_timeout_ms)
+            _use_wal(self._conn)
+            _set_synchronous(self._conn, synchronous)
+            _enforce_foreign_keys(self._conn)
+        if migrate:
+            self.migrate()
+
+    # --- plumbing ------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _translate(self, operation: str) -> Iterator[None]:
+        try:
+            yield
+        except apsw.FullError as exc:
+            raise StorageFull(
+                "the database is full; new work is declined, nothing committed was lost",
+                operation=operation,
+                path=self.path,
+                hint="free disk space or raise the size budget",
+            ) from exc
+        except (apsw.BusyError, apsw.LockedError) as exc:
+            raise StoreError(
+                f"database is busy: {exc}", operation=operation, path=self.path, retryable=True
+            ) from exc
+        except apsw.Error as exc:
+            raise StoreError(f"{type(exc).__name__}: {exc}", operation=operation, path=self.path) from exc
+
+    @contextlib.contextmanager
+    def _tx(self, operation: str) -> Iterator[apsw.Connection]:
+        """One write transaction: BEGIN IMMEDIATE takes the write lock up front, so two
+        writers serialise here instead of failing mid-transaction."""
+        with self._lock, self._translate(operation):
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def _q(self, name: str, params: Mapping[str, Any] | None = None) -> apsw.Cursor:
+        return self._conn.execute(_QUERIES[name], params or {})
+
+    def _rows(self, name: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+        with self._lock, self._translate(name):
+            cur = self._q(name, params)
+            try:
+                cols = [d[0] for d in cur.get_description()]
+            except apsw.ExecutionCompleteError:
+                return []
+            return [dict(zip(cols, row, strict=True)) for row in cur]
+
+    def _scalar(self, name: str, params: Mapping[str, Any] | None = None) -> Any:
+        with self._lock, self._translate(name):
+            row = self._q(name, params).fetchone()
+            return None if row is None else row[0]
+
+    # --- schema --------------------------------------------------------------------
+
+    def migrate(self) -> int:
+        with self._tx("migrate"):
+            self._q("create_migrations_table")
+        current = self.schema_version()
+        migrations = load_migrations(self.dialect)
+        if current > len(migrations):
+            raise MigrationError(
+                f"database schema version {current} is newer than this build knows "
+                f"({len(migrations)})",
+                operation="migrate",
+                path=self.path,
+                hint="upgrade tillflow, or restore the matching database backup",
+            )
+        for mig in migrations[current:]:
+            try:
+                with self._tx(f"migrate {mig.version:04d}_{mig.name}") as conn:
+                    conn.execute(mig.sql)
+                    self._q("record_migration", {"version": mig.version, "name": mig.name, "at": 0.0})
+            except StoreError as exc:
+                raise MigrationError(
+                    f"migration {mig.version:04d}_{mig.name} failed: {exc.message}",
+                    operation="migrate",
+                    path=self.path,
+                ) from exc
+        return self.schema_version()
+
+    def schema_version(self) -> int:
+        return int(self._scalar("schema_version"))
+
+    # --- definitions ---------------------------------------------------------------
+
+    def save_definition(
+        self, content_hash: str, workflow_type: str, version: str, snapshot: str, at: float
+    ) -> None:
+        with self._tx("save_definition"):
+            self._q(
+                "save_definition",
+                {
+                    "content_hash": content_hash,
+                    "workflow_type": workflow_type,
+                    "version": version,
+                    "snapshot": snapshot,
+                    "at": at,
+                },
+            )
+
+    def load_definition(self, content_hash: str) -> str | None:
+        value = self._scalar("load_definition", {"content_hash": content_hash})
+        return None if value is None else str(value)
+
+    def latest_definition(self, workflow_type: str) -> str | None:
+        value = self._scalar("latest_definition", {"workflow_type": workflow_type})
+        return None if value is None else str(value)
+
+    # --- runs ----------------------------------------------------------------------
+
+    def start(self, commit: Commit) -> tuple[str, bool]:
+        key = commit.run.idempotency_key
+        with self._tx("start"):
+            if key is not None:
+                existing = self._q("run_by_idempotency_key", {"idempotency_key": key}).fetchone()
+                if existing is not None:
+                    return str(existing[0]), False
+            self._apply(commit, insert=True)
+        return commit.run.run_id, True
+
+    def commit(self, commit: Commit) -> None:
+        with self._tx("commit"):
+            self._apply(commit, insert=False)
+
+    def _apply(self, c: Commit, *, insert: bool) -> None:
+        if insert:
+            self._q("insert_run", _run_params(c.run))
+        else:
+            self._q("update_run", {**_run_params(c.run), "expected_revision": c.expected_revision})
+            if self._conn.changes() != 1:
+                raise LeaseLost(
+                    f"run {c.run.run_id} changed under us (expected revision "
+                    f"{c.expected_revision}); this outcome was not committed",
+                    operation="commit",
+                    path=self.path,
+                )
+        for child in c.new_runs:
+            self._q("insert_run", _run_params(child))
+        if c.steps:
+            seq = int(self._q("next_step_seq", {"run_id": c.run.run_id}).fetchone()[0])
+            for step in c.steps:
+                step.seq = seq
+                self._q("insert_step", _step_params(step))
+                seq += 1
+        if c.audit:
+            head = self._q("audit_head").fetchone()
+            seq, prev = (int(head[0]), str(head[1])) if head else (0, GENESIS)
+            for ev in c.audit:
+                seq += 1
+                digest = link(prev, seq, ev)
+                self._q(
+                    "insert_audit",
+                    {
+                        "seq": seq,
+                        "run_id": ev.run_id,
+                        "event": ev.event,
+                        "step": ev.step,
+                        "detail": _dumps(ev.detail),
+                        "at": ev.at,
+                        "prev_hash": prev,
+                        "hash": digest,
+                    },
+                )
+                prev = digest
+            self._q("set_audit_head", {"seq": seq, "hash": prev})
+        for msg in c.outbox:
+            self._q(
+                "insert_outbox",
+                {
+                    "message_id": msg.message_id,
+                    "run_id": msg.run_id,
+                    "step": msg.step,
+                    "topic": msg.topic,
+                    "payload": _dumps(msg.payload),
+                    "created_at": msg.created_at,
+                },
+            )
+            msg.seq = self._conn.last_insert_rowid()
+        for parent in c.wake:
+            self._q("wake_run", {"run_id": parent, "at": c.run.updated_at})
+
+    def claim(
+        self, run_id: str, expected_revision: int, owner: str, lease_expires_at: float
+    ) -> RunRecord | None:
+        with self._tx("claim"):
+            self._q(
+                "claim_run",
+                {
+                    "run_id": run_id,
+                    "expected_revision": expected_revision,
+                    "owner": owner,
+                    "lease_expires_at": lease_expires_at,
+                },
+            )
+            if self._conn.changes() != 1:
+                return None
+        return self.get_run(run_id)
+
+    def renew_lease(self, run_id: str, owner: str, lease_expires_at: float) -> bool:
+        with self._tx("renew_lease"):
+            self._q(
+                "renew_lease",
+                {"run_id": run_id, "owner": owner, "lease_expires_at": lease_expires_at},
+            )
+            return bool(self._conn.changes() == 1)
+
+    def get_run(self, run_id: str) -> RunRecord | None:
+        rows = self._rows("get_run", {"run_id": run_id})
+        return _run_from_row(rows[0]) if rows else None
+
+    def list_runs(
+        self, statuses: Sequence[Status] | None = None, limit: int = 100
+    ) -> list[RunRecord]:
+        if not statuses:
+            return [_run_from_row(r) for r in self._rows("list_runs", {"limit": limit})]
+        out: list[RunRecord] = []
+        for status in statuses:
+            out += [
+                _run_from_row(r)
+                for r in self._rows("list_runs_by_status", {"status": str(status), "limit": limit})
+            ]
+        out.sort(key=lambda r: r.created_at, reverse=True)
+        return out[:limit]
+
+    def recoverable(self, now: float, limit: int = 1000) -> list[RunRecord]:
+        return [_run_from_row(r) for r in self._rows("recoverable_runs", {"now": now, "limit": limit})]
+
+    def step_history(self, run_id: str) -> list[StepRecord]:
+        return [
+            StepRecord(
+                run_id=r["run_id"],
+                step=r["step"],
+                step_name=r["step_name"],
+                kind=r["kind"],
+                status=r["status"],
+                attempt=r["attempt"],
+                started_at=r["started_at"],
+                finished_at=r["finished_at"],
+                output=_loads(r["output"]),
+                error=_loads(r["error"]),
+                ref_seq=r["ref_seq"],
+                seq=r["seq"],
+            )
+            for r in self._rows("step_history", {"run_id": run_id})
+        ]
+
+    # --- audit and outbox ------------------------------------------------------------
+
+    def audit_rows(self, run_id: str | None = None) -> Iterator[AuditRow]:
+        rows = (
+            self._rows("audit_rows_for_run", {"run_id": run_id})
+            if run_id
+            else self._rows("audit_rows")
+        )
+        for r in rows:
+            yield AuditRow(
+                seq=r["seq"],
+                run_id=r["run_id"],
+                event=r["event"],
+                step=r["step"],
+                detail=_loads(r["detail"]),
+                at=r["at"],
+                prev_hash=r["prev_hash"],
+                hash=r["hash"],
+            )
+
+    def audit_head(self) -> tuple[int, str] | None:
+        rows = self._rows("audit_head")
+        return (int(rows[0]["seq"]), str(rows[0]["hash"])) if rows else None
+
+    def outbox(self, after_seq: int = 0, limit: int = 100) -> list[OutboxMessage]:
+        return [
+            OutboxMessage(
+                message_id=r["message_id"],
+                run_id=r["run_id"],
+                step=r["step"],
+                topic=r["topic"],
+                payload=_loads(r["payload"]),
+                created_at=r["created_at"],
+                seq=r["seq"],
+            )
+            for r in self._rows("outbox_after", {"after_seq": after_seq, "limit": limit})
+        ]
+
+    # --- maintenance -----------------------------------------------------------------
+
+    def integrity_check(self) -> str:
+        with self._lock, self._translate("integrity_check"):
+            return str(self._conn.execute("PRAGMA integrity_check").fetchall()[0][0])
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+
+def _run_params(run: RunRecord) -> dict[str, Any]:
+    return {
+        "run_id": run.run_id,
+        "workflow_type": run.workflow_type,
+        "definition_hash": run.definition_hash,
+        "fingerprints": _dumps(run.fingerprints),
+        "status": str(run.status),
+        "state": _dumps(run.state),
+        "input": _dumps(run.input),
+        "cursor": _dumps(run.cursor),
+        "revision": run.revision,
+        "idempotency_key": run.idempotency_key,
+        "parent_run_id": run.parent_run_id,
+        "parent_step": run.parent_step,
+        "lease_owner": run.lease_owner,
+        "lease_expires_at": run.lease_expires_at,
+        "next_attempt_at": run.next_attempt_at,
+        "error": None if run.error is None else _dumps(run.error),
+        "created_at": run.created_at,
+        "updated_at": run.updated_at,
+    }
+
+
+def _run_from_row(r: dict[str, Any]) -> RunRecord:
+    return RunRecord(
+        run_id=r["run_id"],
+        workflow_type=r["workflow_type"],
+        definition_hash=r["definition_hash"],
+        fingerprints=_loads(r["fingerprints"]),
+        status=Status(r["status"]),
+        state=_loads(r["state"]),
+        input=_loads(r["input"]),
+        cursor=_loads(r["cursor"]),
+        revision=r["revision"],
+        idempotency_key=r["idempotency_key"],
+        parent_run_id=r["parent_run_id"],
+        parent_step=r["parent_step"],
+        lease_owner=r["lease_owner"],
+        lease_expires_at=r["lease_expires_at"],
+        next_attempt_at=r["next_attempt_at"],
+        error=_loads(r["error"]),
+        created_at=r["created_at"],
+        updated_at=r["updated_at"],
+    )
+
+
+def _step_params(s: StepRecord) -> dict[str, Any]:
+    return {
+        "run_id": s.run_id,
+        "seq": s.seq,
+        "step": s.step,
+        "step_name": s.step_name,
+        "kind": s.kind,
+        "status": s.status,
+        "attempt": s.attempt,
+        "started_at": s.started_at,
+        "finished_at": s.finished_at,
+        "output": None if s.output is None else _dumps(s.output),
+        "error": None if s.error is None else _dumps(s.error),
+        "ref_seq": s.ref_seq,
+    }

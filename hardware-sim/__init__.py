@@ -1,0 +1,1 @@
+"""Simulated terminal hardware (filled by later issues)."""

@@ -1,0 +1,1 @@
+"""Tillflow sync package (filled by later issues)."""
