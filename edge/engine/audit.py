@@ -49,7 +49,9 @@ def verify_chain(rows: Iterable[AuditRow], head: tuple[int, str] | None) -> Chai
             return ChainReport(False, n, prev_seq + 1, f"row {prev_seq + 1} is missing")
         if row.prev_hash != prev_hash:
             return ChainReport(False, n, row.seq, "prev_hash does not match the row before")
-        expected = link(prev_hash, row.seq, AuditEvent(row.run_id, row.event, row.at, row.step, row.detail))
+        expected = link(
+            prev_hash, row.seq, AuditEvent(row.run_id, row.event, row.at, row.step, row.detail)
+        )
         if row.hash != expected:
             return ChainReport(False, n, row.seq, "row content does not match its hash (edited)")
         prev_seq, prev_hash = row.seq, row.hash

@@ -36,7 +36,7 @@ class _Step(_Strict):
     next: str | None = None
 
 
-class _Action(_Step):
+class ActionStep(_Step):
     """A step with effects: it may be retried, time out, and be compensated."""
 
     retry: RetryPolicy = RetryPolicy()
@@ -44,7 +44,7 @@ class _Action(_Step):
     compensate: str | None = None
 
 
-class StandardStep(_Action):
+class StandardStep(ActionStep):
     type: Literal["STANDARD"]
     function: str
     output_key: str | None = None
@@ -75,7 +75,7 @@ class Task(_Strict):
     function: str
 
 
-class ParallelStep(_Action):
+class ParallelStep(ActionStep):
     type: Literal["PARALLEL"]
     tasks: list[Task] = Field(min_length=1)
     merge: Literal["shallow", "deep"] = "shallow"
@@ -84,7 +84,7 @@ class ParallelStep(_Action):
     max_workers: int | None = Field(None, ge=1, le=64)
 
 
-class HttpStep(_Action):
+class HttpStep(ActionStep):
     type: Literal["HTTP"]
     method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"] = "GET"
     url: str
@@ -101,14 +101,14 @@ class WaitStep(_Step):
     output_key: str | None = None
 
 
-class SubWorkflowStep(_Action):
+class SubWorkflowStep(ActionStep):
     type: Literal["SUB_WORKFLOW"]
     workflow: str
     input: dict[str, Any] = {}
     output_key: str | None = None
 
 
-class FireAndForgetStep(_Action):
+class FireAndForgetStep(ActionStep):
     type: Literal["FIRE_AND_FORGET"]
     workflow: str
     input: dict[str, Any] = {}

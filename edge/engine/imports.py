@@ -29,9 +29,7 @@ def split_path(path: str) -> tuple[str, str]:
     else:
         module, _, attr = path.rpartition(".")
     if not module or not attr:
-        raise ImportPathError(
-            f"'{path}' is not an import path", hint="write it as pkg.module:name"
-        )
+        raise ImportPathError(f"'{path}' is not an import path", hint="write it as pkg.module:name")
     return module, attr
 
 

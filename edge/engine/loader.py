@@ -163,9 +163,7 @@ def _parse_yaml(text: str, source: str) -> tuple[Any, dict[Path_, int], list[Pro
                 key = constructor.construct_object(k, deep=True)
                 if key in out:
                     problems.append(
-                        Problem(
-                            source, k.start_mark.line + 1, None, str(key), "key appears twice"
-                        )
+                        Problem(source, k.start_mark.line + 1, None, str(key), "key appears twice")
                     )
                 lines[(*path, key)] = k.start_mark.line + 1
                 out[key] = convert(v, (*path, key))
@@ -186,9 +184,9 @@ def _step_at(data: Any, path: Path_) -> str | None:
             cur = cur[key]
         except (KeyError, IndexError, TypeError):
             break
-        if isinstance(key, int) and i > 0 and path[i - 1] in ("steps", "body"):
-            if isinstance(cur, dict) and isinstance(cur.get("name"), str):
-                name = cur["name"]
+        in_steps = isinstance(key, int) and i > 0 and path[i - 1] in ("steps", "body")
+        if in_steps and isinstance(cur, dict) and isinstance(cur.get("name"), str):
+            name = cur["name"]
     return name
 
 
@@ -207,7 +205,12 @@ def _problems_from_pydantic(
         path: Path_ = tuple(
             p
             for i, p in enumerate(err["loc"])
-            if not (isinstance(p, str) and p in STEP_TYPES and i > 0 and isinstance(err["loc"][i - 1], int))
+            if not (
+                isinstance(p, str)
+                and p in STEP_TYPES
+                and i > 0
+                and isinstance(err["loc"][i - 1], int)
+            )
         )
         field_name = next((p for p in reversed(path) if isinstance(p, str)), None)
         kind = err["type"]
@@ -236,7 +239,7 @@ def _allowed_fields(data: Any, path: Path_) -> list[str]:
             cur = cur[key]
         except (KeyError, IndexError, TypeError):
             return []
-    model: type[BaseModel] = WorkflowDefinition
+    model: Any = WorkflowDefinition
     if isinstance(cur, dict) and isinstance(cur.get("type"), str):
         by_type = {
             "STANDARD": d.StandardStep,
@@ -299,14 +302,21 @@ class _Checker:
             if name is not None:
                 if name in self._names:
                     first = _line_at(self.lines, self._names[name])
-                    self.problem((*spath, "name"), name, "name", f"duplicate step name (first at line {first})")
+                    self.problem(
+                        (*spath, "name"),
+                        name,
+                        "name",
+                        f"duplicate step name (first at line {first})",
+                    )
                 else:
                     self._names[name] = (*spath, "name")
                 if name == END:
                     self.problem((*spath, "name"), name, "name", f"'{END}' is reserved")
             self._step(raw, spath, name, names)
 
-    def _target(self, target: Any, path: Path_, step: str | None, fld: str, names: set[Any]) -> None:
+    def _target(
+        self, target: Any, path: Path_, step: str | None, fld: str, names: set[Any]
+    ) -> None:
         if isinstance(target, str) and target != END and target not in names:
             hint = difflib.get_close_matches(target, [n for n in names if isinstance(n, str)], n=1)
             msg = f"unknown step '{target}'" + (f"; did you mean '{hint[0]}'?" if hint else "")
@@ -337,10 +347,17 @@ class _Checker:
                 if not isinstance(task, dict):
                     continue
                 if task.get("name") in seen:
-                    self.problem((*path, "tasks", j, "name"), name, f"tasks[{j}].name", "duplicate task name")
+                    self.problem(
+                        (*path, "tasks", j, "name"), name, f"tasks[{j}].name", "duplicate task name"
+                    )
                 seen.add(str(task.get("name")))
                 if isinstance(task.get("function"), str):
-                    self._function(task["function"], (*path, "tasks", j, "function"), name, f"tasks[{j}].function")
+                    self._function(
+                        task["function"],
+                        (*path, "tasks", j, "function"),
+                        name,
+                        f"tasks[{j}].function",
+                    )
         elif kind == "HTTP":
             for fld in ("url", "headers", "body"):
                 for msg in check_template(raw.get(fld)):
@@ -360,7 +377,9 @@ class _Checker:
         mode = raw.get("mode")
         if mode == "ITERATE":
             if raw.get("over") is None:
-                self.problem((*path, "mode"), name, "over", "ITERATE needs 'over' (e.g. state.items)")
+                self.problem(
+                    (*path, "mode"), name, "over", "ITERATE needs 'over' (e.g. state.items)"
+                )
             if raw.get("while") is not None:
                 self.problem((*path, "while"), name, "while", "'while' is for mode WHILE")
             self._expression(raw.get("over"), (*path, "over"), name, "over")

@@ -74,14 +74,18 @@ class Navigator:
         assert loop.over is not None
         return self.expr(loop.over).evaluate(state, run_input)
 
-    def item_at(self, frames: Frames, state: dict[str, Any], run_input: Any) -> tuple[Any, int | None]:
+    def item_at(
+        self, frames: Frames, state: dict[str, Any], run_input: Any
+    ) -> tuple[Any, int | None]:
         """(item, index) of the innermost loop around the top frame."""
         for name, index in reversed(frames[:-1]):
             loop = self.wf.steps[name]
             if isinstance(loop, LoopStep):
                 if loop.mode == "ITERATE":
                     items = self.loop_items(loop, state, run_input)
-                    return (items[index] if isinstance(items, list) and index < len(items) else None), index
+                    return (
+                        items[index] if isinstance(items, list) and index < len(items) else None
+                    ), index
                 return None, index
         return None, None
 
@@ -91,7 +95,11 @@ class Navigator:
         while frames:
             guard += 1
             if guard > 100_000:  # a DECISION cycle with no action step in it
-                out.failure = (frames[-1][0], step_path(frames), StepError("routing loops without progress", retryable=False))
+                out.failure = (
+                    frames[-1][0],
+                    step_path(frames),
+                    StepError("routing loops without progress", retryable=False),
+                )
                 return out
             name, index = frames[-1]
             if name == END:
@@ -122,24 +130,35 @@ class Navigator:
         out.frames = frames
         return out
 
-    def _route(self, step: DecisionStep, state: dict[str, Any], run_input: Any) -> tuple[str, dict[str, Any]]:
+    def _route(
+        self, step: DecisionStep, state: dict[str, Any], run_input: Any
+    ) -> tuple[str, dict[str, Any]]:
         for i, route in enumerate(step.routes):
             if self.expr(route.when).evaluate(state, run_input):
                 return route.next, {"route": i, "when": route.when, "next": route.next}
         return step.default, {"route": "default", "next": step.default}
 
     def _iterate(
-        self, frames: Frames, loop: LoopStep, i: int, state: dict[str, Any], run_input: Any, out: Settled
+        self,
+        frames: Frames,
+        loop: LoopStep,
+        i: int,
+        state: dict[str, Any],
+        run_input: Any,
+        out: Settled,
     ) -> None:
         """Enter iteration ``i`` of the loop on top of ``frames``, or leave the loop."""
-        path = step_path(frames[:-1] + [[loop.name, None]])
+        path = step_path([*frames[:-1], [loop.name, None]])
         try:
             if loop.mode == "ITERATE":
                 items = self.loop_items(loop, state, run_input)
                 if items is None:
                     items = []
                 if not isinstance(items, list | tuple):
-                    raise StepError(f"'over: {loop.over}' is {type(items).__name__}, not a list", retryable=False)
+                    raise StepError(
+                        f"'over: {loop.over}' is {type(items).__name__}, not a list",
+                        retryable=False,
+                    )
                 go = i < len(items)
             else:
                 assert loop.while_ is not None
@@ -161,5 +180,7 @@ class Navigator:
             frames[-1] = [loop.name, i]
             frames.append([self.wf.first(loop.name), None])
         else:
-            out.decisions.append(Decision(loop.name, path, self.wf.following(loop.name), {"iterations": i}))
+            out.decisions.append(
+                Decision(loop.name, path, self.wf.following(loop.name), {"iterations": i})
+            )
             frames[-1] = [self.wf.following(loop.name), None]

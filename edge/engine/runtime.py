@@ -26,6 +26,7 @@ from edge.engine.audit import ChainReport, verify_chain
 from edge.engine.clock import Clock, SystemClock
 from edge.engine.context import StepContext, idempotency_key
 from edge.engine.definition import (
+    ActionStep,
     FireAndForgetStep,
     HttpStep,
     ParallelStep,
@@ -162,7 +163,9 @@ class Engine:
         if wf is None:
             snapshot = self.store.load_definition(run.definition_hash)
             if snapshot is None:
-                raise WorkflowNotFound(f"definition {run.definition_hash[:12]} of run {run.run_id} is missing")
+                raise WorkflowNotFound(
+                    f"definition {run.definition_hash[:12]} of run {run.run_id} is missing"
+                )
             wf = self._remember(load_snapshot(snapshot, source=f"<pinned {run.workflow_type}>"))
         return wf
 
@@ -183,10 +186,13 @@ class Engine:
     ) -> str:
         """Start a run and hand it to the executor; the same key returns the same run."""
         wf = self._latest(workflow_type)
-        run, commit = self._new_run(wf, dict(input or {}), idempotency_key, lease=True)
+        _, commit = self._new_run(wf, dict(input or {}), idempotency_key, lease=True)
         run_id, created = self.store.start(commit)
         if created:
-            log.info("run started", extra={"action": "run_started", "run_id": run_id, "workflow": workflow_type})
+            log.info(
+                "run started",
+                extra={"action": "run_started", "run_id": run_id, "workflow": workflow_type},
+            )
             self.executor.submit(run_id)
         return run_id
 
@@ -293,7 +299,9 @@ class Engine:
         )
         if not free:
             return None
-        if run.status is Status.WAITING and (run.next_attempt_at is None or run.next_attempt_at > now):
+        if run.status is Status.WAITING and (
+            run.next_attempt_at is None or run.next_attempt_at > now
+        ):
             return None  # nothing to do until input, a child, or the timeout
         return self.store.claim(run_id, run.revision, self.owner, now + self.lease_s)
 
@@ -344,7 +352,12 @@ class Engine:
             index=index,
         )
         try:
-            self._check_code(c, wf, [getattr(step, "function", None)] + [t.function for t in getattr(step, "tasks", [])])
+            self._check_code(
+                c,
+                wf,
+                [getattr(step, "function", None)]
+                + [t.function for t in getattr(step, "tasks", [])],
+            )
             new_state, output = self._invoke(wf, run, step, ctx)
         except Exception as exc:  # the attempt failed; policy decides what happens next
             if isinstance(exc, LeaseLost):
@@ -360,9 +373,21 @@ class Engine:
         c.run.state = new_state
         c.outbox.extend(ctx._emitted)
         c.steps.append(
-            StepRecord(run.run_id, path, step.name, "step", "COMPLETED", attempt, now, self.clock.now(), output=output)
+            StepRecord(
+                run.run_id,
+                path,
+                step.name,
+                "step",
+                "COMPLETED",
+                attempt,
+                now,
+                self.clock.now(),
+                output=output,
+            )
         )
-        c.audit.append(AuditEvent(run.run_id, "step_completed", self.clock.now(), path, {"attempt": attempt}))
+        c.audit.append(
+            AuditEvent(run.run_id, "step_completed", self.clock.now(), path, {"attempt": attempt})
+        )
         c.run.cursor = {"frames": frames, "attempt": 1}
         self._settle(c, wf, self._navigator(wf).after(frames, new_state, run.input))
         return self._commit(c)
@@ -370,7 +395,7 @@ class Engine:
     def _invoke(
         self, wf: Workflow, run: RunRecord, step: Any, ctx: StepContext
     ) -> tuple[dict[str, Any] | None, Any]:
-        """Run one attempt; returns (new state, output to record) or (None, None) to keep waiting."""
+        """Run one attempt: (new state, output to record), or (None, None) to keep waiting."""
         model = wf.state_model
         timeout = getattr(step, "timeout_s", None)
         if isinstance(step, StandardStep):
@@ -392,16 +417,22 @@ class Engine:
         if isinstance(step, HttpStep):
             client = self._http_client()
             out = stepexec.run_http(step, client, run.state, run.input, ctx)
-            return stepexec.apply_output(run.state, out, step.output_key or step.name, model), {"status": out["status"]}
+            return stepexec.apply_output(run.state, out, step.output_key or step.name, model), {
+                "status": out["status"]
+            }
         if isinstance(step, SubWorkflowStep):
             child = self.store.get_run(run.cursor["child"])
             if child is None or not child.status.terminal:
                 return None, None
             if child.status is not Status.COMPLETED:
-                raise StepError(f"child run {child.run_id} ({child.workflow_type}) ended {child.status}")
+                raise StepError(
+                    f"child run {child.run_id} ({child.workflow_type}) ended {child.status}"
+                )
             out = child.state
             if step.output_key:
-                return stepexec.apply_output(run.state, out, step.output_key, model), {"child": child.run_id}
+                return stepexec.apply_output(run.state, out, step.output_key, model), {
+                    "child": child.run_id
+                }
             return stepexec.apply_output(run.state, out, None, model), {"child": child.run_id}
         if isinstance(step, FireAndForgetStep):
             raise AssertionError("FIRE_AND_FORGET is handled before invocation")
@@ -421,7 +452,19 @@ class Engine:
         now = self.clock.now()
         while True:
             for d in settled.decisions:
-                c.steps.append(StepRecord(run.run_id, d.path, d.step, "decision", "COMPLETED", 1, now, now, output=d.detail))
+                c.steps.append(
+                    StepRecord(
+                        run.run_id,
+                        d.path,
+                        d.step,
+                        "decision",
+                        "COMPLETED",
+                        1,
+                        now,
+                        now,
+                        output=d.detail,
+                    )
+                )
                 c.audit.append(AuditEvent(run.run_id, "decision", now, d.path, d.detail))
             run.cursor = {"frames": settled.frames, "attempt": 1}
             if settled.failure is not None:
@@ -437,15 +480,29 @@ class Engine:
             path = step_path(settled.frames)
             key = idempotency_key(run.run_id, path, 1)
             try:
-                child_input = render(top.input, run.state, run.input) if top.input else dict(run.state)
                 child_wf = self._latest(top.workflow)
-                child, child_commit = self._new_run(child_wf, child_input, key, lease=False, parent=(run.run_id, None))
+                child_input = self._child_input(top.input, run)
+                child, child_commit = self._new_run(
+                    child_wf, child_input, key, lease=False, parent=(run.run_id, None)
+                )
             except (TillflowError, ExpressionError) as exc:
                 self._fail(c, wf, top.name, path, 1, _NO_RETRY, exc, now)
                 return
             c.new_runs.append(child)
             c.audit.extend(child_commit.audit)
-            c.steps.append(StepRecord(run.run_id, path, top.name, "step", "COMPLETED", 1, now, now, output={"child": child.run_id}))
+            c.steps.append(
+                StepRecord(
+                    run.run_id,
+                    path,
+                    top.name,
+                    "step",
+                    "COMPLETED",
+                    1,
+                    now,
+                    now,
+                    output={"child": child.run_id},
+                )
+            )
             if top.output_key:
                 run.state = {**run.state, top.output_key: child.run_id}
             settled = self._navigator(wf).after(settled.frames, run.state, run.input)
@@ -470,17 +527,49 @@ class Engine:
             run.next_attempt_at = now + delay
             run.lease_expires_at = run.next_attempt_at + self.lease_s
             run.cursor["attempt"] = attempt + 1
-            c.steps.append(StepRecord(run.run_id, path, name, "step", "RETRYING", attempt, started, now, error=err))
-            c.audit.append(AuditEvent(run.run_id, "step_retry_scheduled", now, path, {**err, "attempt": attempt, "delay_s": round(delay, 3)}))
-            log.info("step %s failed (attempt %d), retry in %.2fs: %s", path, attempt, delay, exc, extra={"action": "step_retry", "run_id": run.run_id, "step": path})
+            c.steps.append(
+                StepRecord(
+                    run.run_id, path, name, "step", "RETRYING", attempt, started, now, error=err
+                )
+            )
+            c.audit.append(
+                AuditEvent(
+                    run.run_id,
+                    "step_retry_scheduled",
+                    now,
+                    path,
+                    {**err, "attempt": attempt, "delay_s": round(delay, 3)},
+                )
+            )
+            log.info(
+                "step %s failed (attempt %d), retry in %.2fs: %s",
+                path,
+                attempt,
+                delay,
+                exc,
+                extra={"action": "step_retry", "run_id": run.run_id, "step": path},
+            )
             return
-        c.steps.append(StepRecord(run.run_id, path, name, "step", "FAILED", attempt, started, now, error=err))
-        c.audit.append(AuditEvent(run.run_id, "step_failed", now, path, {**err, "attempt": attempt}))
-        log.warning("step %s failed for good: %s", path, exc, extra={"action": "step_failed", "run_id": run.run_id, "step": path})
+        c.steps.append(
+            StepRecord(run.run_id, path, name, "step", "FAILED", attempt, started, now, error=err)
+        )
+        c.audit.append(
+            AuditEvent(run.run_id, "step_failed", now, path, {**err, "attempt": attempt})
+        )
+        log.warning(
+            "step %s failed for good: %s",
+            path,
+            exc,
+            extra={"action": "step_failed", "run_id": run.run_id, "step": path},
+        )
         run.error = {**err, "step": path}
         if wf.definition.saga:
             run.status = Status.COMPENSATING
-            run.cursor = {"frames": run.cursor.get("frames", []), "attempt": 1, "compensating": True}
+            run.cursor = {
+                "frames": run.cursor.get("frames", []),
+                "attempt": 1,
+                "compensating": True,
+            }
             c.audit.append(AuditEvent(run.run_id, "compensation_started", now, path))
         else:
             self._finish(c, Status.FAILED)
@@ -494,10 +583,17 @@ class Engine:
         detail: dict[str, Any] = {}
         if run.error and status is not Status.COMPLETED:
             detail = {"error": run.error}
-        c.audit.append(AuditEvent(run.run_id, f"run_{status.lower()}", self.clock.now(), None, detail))
+        c.audit.append(
+            AuditEvent(run.run_id, f"run_{status.lower()}", self.clock.now(), None, detail)
+        )
         if run.parent_run_id and run.parent_step:
             c.wake.append(run.parent_run_id)
-        log.info("run %s %s", run.run_id, status, extra={"action": "run_finished", "run_id": run.run_id, "status": str(status)})
+        log.info(
+            "run %s %s",
+            run.run_id,
+            status,
+            extra={"action": "run_finished", "run_id": run.run_id, "status": str(status)},
+        )
 
     def _check_code(self, c: Commit, wf: Workflow, paths: list[str | None]) -> None:
         """Versioning: compare the code now to what the run pinned at start."""
@@ -509,11 +605,23 @@ class Engine:
             if pinned is None or current is None or pinned == current:
                 continue
             now = self.clock.now()
-            detail = {"function": p, "pinned": pinned, "current": current, "policy": wf.definition.on_code_change}
+            detail = {
+                "function": p,
+                "pinned": pinned,
+                "current": current,
+                "policy": wf.definition.on_code_change,
+            }
             c.audit.append(AuditEvent(c.run.run_id, "code_changed", now, None, detail))
             if wf.definition.on_code_change == "fail":
-                raise CodeChanged(f"code of '{p}' changed under run {c.run.run_id} (on_code_change: fail)")
-            log.warning("code of %s changed under run %s; continuing (on_code_change: warn)", p, c.run.run_id, extra={"action": "code_changed", "run_id": c.run.run_id})
+                raise CodeChanged(
+                    f"code of '{p}' changed under run {c.run.run_id} (on_code_change: fail)"
+                )
+            log.warning(
+                "code of %s changed under run %s; continuing (on_code_change: warn)",
+                p,
+                c.run.run_id,
+                extra={"action": "code_changed", "run_id": c.run.run_id},
+            )
             c.run.fingerprints[p] = current  # audited once per run, not per step
 
     # --- WAIT and sub-workflows ----------------------------------------------------------
@@ -522,14 +630,24 @@ class Engine:
         c.run.status = Status.WAITING
         c.run.lease_owner = c.run.lease_expires_at = None
         c.run.next_attempt_at = now + step.timeout_s if step.timeout_s else None
-        c.audit.append(AuditEvent(c.run.run_id, "waiting", now, path, {"timeout_s": step.timeout_s}))
+        c.audit.append(
+            AuditEvent(c.run.run_id, "waiting", now, path, {"timeout_s": step.timeout_s})
+        )
         return c
 
-    def _spawn_child(self, c: Commit, wf: Workflow, step: SubWorkflowStep, path: str, attempt: int, now: float) -> Commit:
+    def _spawn_child(
+        self, c: Commit, wf: Workflow, step: SubWorkflowStep, path: str, attempt: int, now: float
+    ) -> Commit:
         key = idempotency_key(c.run.run_id, path, attempt)
         try:
-            child_input = render(step.input, c.run.state, c.run.input) if step.input else dict(c.run.state)
-            child, child_commit = self._new_run(self._latest(step.workflow), child_input, key, lease=False, parent=(c.run.run_id, path))
+            child_input = self._child_input(step.input, c.run)
+            child, child_commit = self._new_run(
+                self._latest(step.workflow),
+                child_input,
+                key,
+                lease=False,
+                parent=(c.run.run_id, path),
+            )
         except (TillflowError, ExpressionError) as exc:
             self._fail(c, wf, step.name, path, attempt, step.retry, exc, now)
             return c
@@ -539,8 +657,19 @@ class Engine:
         if not child.status.terminal:  # a child that settled at birth needs no waiting
             c.run.status = Status.WAITING
             c.run.lease_owner = c.run.lease_expires_at = None
-        c.audit.append(AuditEvent(c.run.run_id, "child_started", now, path, {"child_run_id": child.run_id}))
+        c.audit.append(
+            AuditEvent(c.run.run_id, "child_started", now, path, {"child_run_id": child.run_id})
+        )
         return c
+
+    @staticmethod
+    def _child_input(template: dict[str, Any], run: RunRecord) -> dict[str, Any]:
+        """A child's input: the step's ``input`` rendered from state, else a copy of the state."""
+        if not template:
+            return dict(run.state)
+        rendered = render(template, run.state, run.input)
+        assert isinstance(rendered, dict)  # rendering a dict gives a dict
+        return rendered
 
     def resume(self, run_id: str, input: dict[str, Any] | None = None) -> None:
         """Answer a WAIT step with ``input`` and continue the run."""
@@ -562,7 +691,9 @@ class Engine:
         now = self.clock.now()
         path = step_path(frames)
         c.run.state = stepexec.apply_output(run.state, data, step.output_key, wf.state_model)
-        c.steps.append(StepRecord(run_id, path, step.name, "input", "COMPLETED", 1, now, now, output=data))
+        c.steps.append(
+            StepRecord(run_id, path, step.name, "input", "COMPLETED", 1, now, now, output=data)
+        )
         c.audit.append(AuditEvent(run_id, "resumed", now, path))
         self._settle(c, wf, self._navigator(wf).after(frames, c.run.state, run.input))
         try:
@@ -584,7 +715,16 @@ class Engine:
         if target:
             self._settle(c, wf, self._navigator(wf).jump(frames, target, run.state, run.input))
         else:
-            self._fail(c, wf, step.name, path, 1, _NO_RETRY, StepError("timed out waiting for input", retryable=False), now)
+            self._fail(
+                c,
+                wf,
+                step.name,
+                path,
+                1,
+                _NO_RETRY,
+                StepError("timed out waiting for input", retryable=False),
+                now,
+            )
         return self._commit(c)
 
     # --- saga ----------------------------------------------------------------------------
@@ -603,11 +743,14 @@ class Engine:
         c = self._draft(run)
         now = self.clock.now()
         if not pending:
-            self._finish(c, Status.CANCELLED if run.cursor.get("cancel_reason") else Status.ROLLED_BACK)
+            self._finish(
+                c, Status.CANCELLED if run.cursor.get("cancel_reason") else Status.ROLLED_BACK
+            )
             return self._commit(c)
         row = pending[0]
         step = wf.steps[row.step_name]
-        comp_path: str = step.compensate  # type: ignore[union-attr]
+        assert isinstance(step, ActionStep) and step.compensate
+        comp_path = step.compensate
         attempt = int(run.cursor.get("attempt", 1))
         ctx = StepContext(
             run_id=run.run_id,
@@ -622,7 +765,9 @@ class Engine:
             self._check_code(c, wf, [comp_path])
             fn = wf.functions[comp_path]
             view = stepexec.state_view(run.state, wf.state_model)
-            out = stepexec.call_with_timeout(lambda: fn(view, ctx), getattr(step, "timeout_s", None))
+            out = stepexec.call_with_timeout(
+                lambda: fn(view, ctx), getattr(step, "timeout_s", None)
+            )
             new_state = stepexec.apply_output(run.state, out, None, wf.state_model)
         except Exception as exc:  # compensation attempt failed
             policy: RetryPolicy = getattr(step, "retry", _NO_RETRY)
@@ -632,19 +777,69 @@ class Engine:
                 c.run.next_attempt_at = now + delay
                 c.run.lease_expires_at = c.run.next_attempt_at + self.lease_s
                 c.run.cursor["attempt"] = attempt + 1
-                c.steps.append(StepRecord(run.run_id, row.step, row.step_name, "compensation", "RETRYING", attempt, now, self.clock.now(), error=err, ref_seq=row.seq))
-                c.audit.append(AuditEvent(run.run_id, "compensation_retry_scheduled", now, row.step, {**err, "attempt": attempt}))
+                c.steps.append(
+                    StepRecord(
+                        run.run_id,
+                        row.step,
+                        row.step_name,
+                        "compensation",
+                        "RETRYING",
+                        attempt,
+                        now,
+                        self.clock.now(),
+                        error=err,
+                        ref_seq=row.seq,
+                    )
+                )
+                c.audit.append(
+                    AuditEvent(
+                        run.run_id,
+                        "compensation_retry_scheduled",
+                        now,
+                        row.step,
+                        {**err, "attempt": attempt},
+                    )
+                )
                 return self._commit(c)
             left = [r.step for r in pending]
-            c.steps.append(StepRecord(run.run_id, row.step, row.step_name, "compensation", "FAILED", attempt, now, self.clock.now(), error=err, ref_seq=row.seq))
-            c.audit.append(AuditEvent(run.run_id, "compensation_failed", now, row.step, {**err, "uncompensated": left}))
+            c.steps.append(
+                StepRecord(
+                    run.run_id,
+                    row.step,
+                    row.step_name,
+                    "compensation",
+                    "FAILED",
+                    attempt,
+                    now,
+                    self.clock.now(),
+                    error=err,
+                    ref_seq=row.seq,
+                )
+            )
+            c.audit.append(
+                AuditEvent(
+                    run.run_id, "compensation_failed", now, row.step, {**err, "uncompensated": left}
+                )
+            )
             c.run.error = {**(run.error or {}), "compensation_error": err, "uncompensated": left}
             self._finish(c, Status.FAILED)
             return self._commit(c)
         c.run.state = new_state
         c.outbox.extend(ctx._emitted)
         c.run.cursor["attempt"] = 1
-        c.steps.append(StepRecord(run.run_id, row.step, row.step_name, "compensation", "COMPLETED", attempt, now, self.clock.now(), ref_seq=row.seq))
+        c.steps.append(
+            StepRecord(
+                run.run_id,
+                row.step,
+                row.step_name,
+                "compensation",
+                "COMPLETED",
+                attempt,
+                now,
+                self.clock.now(),
+                ref_seq=row.seq,
+            )
+        )
         c.audit.append(AuditEvent(run.run_id, "compensated", now, row.step, {"attempt": attempt}))
         return self._commit(c)
 
@@ -659,11 +854,28 @@ class Engine:
                 raise InvalidRunState(f"run {run_id} is already {run.status}")
             c = self._draft(run)
             now = self.clock.now()
-            c.audit.append(AuditEvent(run_id, "cancel_requested", now, None, {"reason": reason, "compensate": compensate}))
-            c.run.error = {"type": "Cancelled", "code": "cancelled", "message": reason or "cancelled"}
+            c.audit.append(
+                AuditEvent(
+                    run_id,
+                    "cancel_requested",
+                    now,
+                    None,
+                    {"reason": reason, "compensate": compensate},
+                )
+            )
+            c.run.error = {
+                "type": "Cancelled",
+                "code": "cancelled",
+                "message": reason or "cancelled",
+            }
             if compensate:
                 c.run.status = Status.COMPENSATING
-                c.run.cursor = {**c.run.cursor, "attempt": 1, "compensating": True, "cancel_reason": reason}
+                c.run.cursor = {
+                    **c.run.cursor,
+                    "attempt": 1,
+                    "compensating": True,
+                    "cancel_reason": reason,
+                }
                 c.run.lease_owner = c.run.lease_expires_at = None
             else:
                 self._finish(c, Status.CANCELLED)
@@ -690,22 +902,32 @@ class Engine:
             )
             if held:
                 continue
-            if run.status is Status.WAITING and (run.next_attempt_at is None or run.next_attempt_at > now):
+            if run.status is Status.WAITING and (
+                run.next_attempt_at is None or run.next_attempt_at > now
+            ):
                 continue
             if run.status is Status.WAITING and run.cursor.get("child"):
                 continue  # waits on its child, which recovers on its own
-            claimed = run if run.lease_owner == self.owner else self.store.claim(run.run_id, run.revision, self.owner, now + self.lease_s)
+            claimed = (
+                run
+                if run.lease_owner == self.owner
+                else self.store.claim(run.run_id, run.revision, self.owner, now + self.lease_s)
+            )
             if claimed is None:
                 continue
             picked.append(run.run_id)
             self.executor.submit(run.run_id, claimed.next_attempt_at)
-        log.info("recovered %d run(s)", len(picked), extra={"action": "recover", "count": len(picked)})
+        log.info(
+            "recovered %d run(s)", len(picked), extra={"action": "recover", "count": len(picked)}
+        )
         return picked
 
     def _get(self, run_id: str) -> RunRecord:
         run = self.store.get_run(run_id)
         if run is None:
-            raise RunNotFound(f"no run {run_id}", hint="tillflow list shows the runs in this database")
+            raise RunNotFound(
+                f"no run {run_id}", hint="tillflow list shows the runs in this database"
+            )
         return run
 
     def get(self, run_id: str) -> RunRecord:
@@ -727,7 +949,9 @@ class Engine:
         if self._heartbeat is None:
             with self._lock:
                 if self._heartbeat is None:
-                    self._heartbeat = threading.Thread(target=self._beat, name="tillflow-heartbeat", daemon=True)
+                    self._heartbeat = threading.Thread(
+                        target=self._beat, name="tillflow-heartbeat", daemon=True
+                    )
                     self._heartbeat.start()
 
     def _beat(self) -> None:
@@ -737,9 +961,13 @@ class Engine:
                 try:
                     self.store.renew_lease(run_id, self.owner, self.clock.now() + self.lease_s)
                 except TillflowError as exc:
-                    log.warning("heartbeat failed for %s: %s", run_id, exc, extra={"action": "heartbeat_failed", "run_id": run_id})
+                    log.warning(
+                        "heartbeat failed for %s: %s",
+                        run_id,
+                        exc,
+                        extra={"action": "heartbeat_failed", "run_id": run_id},
+                    )
 
     def close(self) -> None:
         """Stop the heartbeat; the store stays open (its owner closes it)."""
         self._stop.set()
-

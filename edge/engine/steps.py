@@ -83,7 +83,9 @@ def apply_output(
         try:
             new = model.model_validate(new).model_dump(mode="json")
         except ValidationError as exc:
-            raise StepError(f"new state does not match {model.__name__}: {exc}", retryable=False) from exc
+            raise StepError(
+                f"new state does not match {model.__name__}: {exc}", retryable=False
+            ) from exc
     ensure_json(new)
     return new
 
@@ -96,7 +98,12 @@ def ensure_json(value: Any) -> None:
 
 
 def merge(
-    base: dict[str, Any], update: Mapping[str, Any], *, deep: bool, on_conflict: str, where: str = ""
+    base: dict[str, Any],
+    update: Mapping[str, Any],
+    *,
+    deep: bool,
+    on_conflict: str,
+    where: str = "",
 ) -> dict[str, Any]:
     """Merge ``update`` into a copy of ``base``. A conflict is a key present on both sides
     with different values (for ``deep``: different non-dict values at the same path)."""
@@ -166,14 +173,19 @@ def run_parallel(
         if isinstance(out, BaseModel):
             out = out.model_dump(mode="json")
         if not isinstance(out, Mapping):
-            raise StepError(f"parallel task '{t.name}' returned {type(out).__name__}, not a dict", retryable=False)
+            raise StepError(
+                f"parallel task '{t.name}' returned {type(out).__name__}, not a dict",
+                retryable=False,
+            )
         merged = merge(merged, out, deep=step.merge == "deep", on_conflict=step.on_conflict)
     for c in contexts.values():
         ctx._emitted.extend(c._emitted)
     return {"state": merged, "errors": errors}
 
 
-def run_http(step: HttpStep, client: httpx.Client, state: Any, run_input: Any, ctx: StepContext) -> dict[str, Any]:
+def run_http(
+    step: HttpStep, client: httpx.Client, state: Any, run_input: Any, ctx: StepContext
+) -> dict[str, Any]:
     """One HTTP call; the step's idempotency key travels as the Idempotency-Key header."""
     try:
         url = render(step.url, state, run_input)
@@ -184,7 +196,10 @@ def run_http(step: HttpStep, client: httpx.Client, state: Any, run_input: Any, c
     assert isinstance(headers, dict)
     headers = {str(k): str(v) for k, v in headers.items()}
     headers.setdefault("Idempotency-Key", ctx.idempotency_key)
-    kwargs: dict[str, Any] = {"headers": headers, "timeout": step.timeout_s or DEFAULT_HTTP_TIMEOUT_S}
+    kwargs: dict[str, Any] = {
+        "headers": headers,
+        "timeout": step.timeout_s or DEFAULT_HTTP_TIMEOUT_S,
+    }
     if body is not None:
         kwargs["json"] = body
     try:

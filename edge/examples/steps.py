@@ -6,6 +6,8 @@ deduplicates: a step replayed after a crash presents the same key and is recogni
 
 from __future__ import annotations
 
+import os
+import signal
 from typing import Any
 
 from edge.engine import StepContext
@@ -45,12 +47,22 @@ def refund_card(state: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
     return {"refund_id": f"F-{ctx.idempotency_key[:8]}"}
 
 
+def _crash_here(step: str) -> None:
+    """The demo's stand-in for a power cut: die by SIGKILL inside the named step."""
+    if os.environ.get("TILLFLOW_DEMO_KILL_AT") == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def print_receipt(state: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    _crash_here("print_receipt")
     if state.get("printer") == "jammed":
         raise StepError("printer jammed")
     return {"receipt": f"{state['amount'] / 100:.2f} {state['currency']} approved"}
 
 
 def record_sale(state: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
-    ctx.emit("sale", {"amount": state["amount"], "currency": state["currency"], "charge_id": state["charge_id"]})
+    ctx.emit(
+        "sale",
+        {"amount": state["amount"], "currency": state["currency"], "charge_id": state["charge_id"]},
+    )
     return {"outcome": "approved"}

@@ -51,7 +51,9 @@ def load_migrations(dialect: str, package: str = "edge.store") -> list[Migration
             found.append(Migration(int(m.group(1)), m.group(2), entry.read_text()))
     found.sort(key=lambda mig: mig.version)
     if [mig.version for mig in found] != list(range(1, len(found) + 1)):
-        raise ValueError(f"{dialect} migrations are not numbered 1..n: {[m.version for m in found]}")
+        raise ValueError(
+            f"{dialect} migrations are not numbered 1..n: {[m.version for m in found]}"
+        )
     return found
 
 

@@ -122,7 +122,9 @@ class SqliteStore:
                 f"database is busy: {exc}", operation=operation, path=self.path, retryable=True
             ) from exc
         except apsw.Error as exc:
-            raise StoreError(f"{type(exc).__name__}: {exc}", operation=operation, path=self.path) from exc
+            raise StoreError(
+                f"{type(exc).__name__}: {exc}", operation=operation, path=self.path
+            ) from exc
 
     @contextlib.contextmanager
     def _tx(self, operation: str) -> Iterator[apsw.Connection]:
@@ -173,7 +175,9 @@ class SqliteStore:
             try:
                 with self._tx(f"migrate {mig.version:04d}_{mig.name}") as conn:
                     conn.execute(mig.sql)
-                    self._q("record_migration", {"version": mig.version, "name": mig.name, "at": 0.0})
+                    self._q(
+                        "record_migration", {"version": mig.version, "name": mig.name, "at": 0.0}
+                    )
             except StoreError as exc:
                 raise MigrationError(
                     f"migration {mig.version:04d}_{mig.name} failed: {exc.message}",
@@ -183,6 +187,8 @@ class SqliteStore:
         return self.schema_version()
 
     def schema_version(self) -> int:
+        if not self._scalar("has_migrations_table"):
+            return 0  # a database nothing was ever migrated into
         return int(self._scalar("schema_version"))
 
     # --- definitions ---------------------------------------------------------------
@@ -241,7 +247,7 @@ class SqliteStore:
         for child in c.new_runs:
             self._q("insert_run", _run_params(child))
         if c.steps:
-            seq = int(self._q("next_step_seq", {"run_id": c.run.run_id}).fetchone()[0])
+            seq = int(self._q("next_step_seq", {"run_id": c.run.run_id}).get)
             for step in c.steps:
                 step.seq = seq
                 self._q("insert_step", _step_params(step))
@@ -327,7 +333,9 @@ class SqliteStore:
         return out[:limit]
 
     def recoverable(self, now: float, limit: int = 1000) -> list[RunRecord]:
-        return [_run_from_row(r) for r in self._rows("recoverable_runs", {"now": now, "limit": limit})]
+        return [
+            _run_from_row(r) for r in self._rows("recoverable_runs", {"now": now, "limit": limit})
+        ]
 
     def step_history(self, run_id: str) -> list[StepRecord]:
         return [

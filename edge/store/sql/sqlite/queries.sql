@@ -9,6 +9,10 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
     applied_at REAL NOT NULL
 ) STRICT;
 
+-- name: has_migrations_table
+-- Whether migrations were ever applied here (status must not create anything).
+SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations';
+
 -- name: schema_version
 -- The highest applied migration.
 SELECT coalesce(max(version), 0) FROM schema_migrations;
