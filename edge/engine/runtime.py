@@ -194,6 +194,8 @@ class Engine:
                 extra={"action": "run_started", "run_id": run_id, "workflow": workflow_type},
             )
             self.executor.submit(run_id)
+            for child in commit.new_runs:  # FIRE_AND_FORGET steps settled at the start
+                self.executor.submit(child.run_id)
         return run_id
 
     def _new_run(

@@ -1,0 +1,23 @@
+"""Suite-wide hygiene: no ambient TILLFLOW_* settings, fresh step-effect ledgers."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+import tf_steps
+
+
+@pytest.fixture(autouse=True)
+def _scrub_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("TILLFLOW_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_effects() -> Iterator[None]:
+    tf_steps.reset()
+    yield
+    tf_steps.RELEASE.set()  # let any abandoned blocking step finish

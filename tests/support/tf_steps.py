@@ -1,0 +1,124 @@
+"""Step functions for the test suite. Every effect is recorded with its idempotency key,
+the way a downstream system would see it; knobs in ``KNOBS`` make steps fail on cue."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from pydantic import BaseModel
+
+from edge.engine import StepContext
+from edge.errors import StepError
+
+EFFECTS: list[tuple[str, str]] = []  # (what, idempotency key)
+KNOBS: dict[str, Any] = {}
+RELEASE = threading.Event()
+
+
+def reset() -> None:
+    EFFECTS.clear()
+    KNOBS.clear()
+    RELEASE.clear()
+
+
+def _effect(what: str, ctx: StepContext) -> None:
+    EFFECTS.append((what, ctx.idempotency_key))
+
+
+def effects(what: str) -> list[str]:
+    return [key for w, key in EFFECTS if w == what]
+
+
+def add(state: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    _effect(f"add:{ctx.step}", ctx)
+    return {"total": state.get("total", 0) + state.get("x", 1)}
+
+
+def noop(state: dict[str, Any], ctx: StepContext) -> None:
+    _effect(f"noop:{ctx.step}", ctx)
+
+
+def flaky(state: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    """Fails KNOBS['flaky'] times (retryable), then succeeds."""
+    _effect("flaky", ctx)
+    if KNOBS.get("flaky", 0) > 0:
+        KNOBS["flaky"] -= 1
+        raise StepError("flaky failure")
+    return {"flaky": "ok", "attempt": ctx.attempt}
+
+
+def fatal(state: dict[str, Any], ctx: StepContext) -> None:
+    _effect("fatal", ctx)
+    raise StepError("fatal failure", retryable=False)
+
+
+def boom(state: dict[str, Any], ctx: StepContext) -> None:
+    raise RuntimeError("unexpected bug in step code")
+
+
+def undo(state: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    _effect(f"undo:{ctx.step}", ctx)
+    return {"undone": [*state.get("undone", []), ctx.step]}
+
+
+def undo_fails(state: dict[str, Any], ctx: StepContext) -> None:
+    _effect(f"undo_fails:{ctx.step}", ctx)
+    raise StepError("cannot undo")
+
+
+def emit_sale(state: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    ctx.emit("sale", {"amount": state.get("amount", 0)})
+    if KNOBS.get("emit_then_fail"):
+        KNOBS["emit_then_fail"] -= 1
+        raise StepError("failed after emitting")
+    return {"sold": True}
+
+
+def collect(state: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    _effect(f"collect:{ctx.index}", ctx)
+    return {"seen": [*state.get("seen", []), [ctx.index, ctx.item]]}
+
+
+def incr(state: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    return {"n": state.get("n", 0) + 1}
+
+
+def task_a(state: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    _effect("task_a", ctx)
+    return {"a": 1, "shared": "from_a", "nested": {"a": 1, "same": "a"}}
+
+
+def task_b(state: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    _effect("task_b", ctx)
+    return {"b": 2, "shared": "from_b", "nested": {"b": 2, "same": "b"}}
+
+
+def task_fails(state: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    raise StepError("task failed")
+
+
+def blocks(state: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    """Blocks until RELEASE is set (timeout tests release it in teardown)."""
+    RELEASE.wait(10)
+    return {"blocked": False}
+
+
+def read_input(state: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    return {"saw_input": ctx.input}
+
+
+class PaymentState(BaseModel):
+    amount: int
+    currency: str = "EUR"
+    total: int = 0
+    approved_by: str | None = None
+
+
+def typed_add(state: PaymentState, ctx: StepContext) -> dict[str, Any]:
+    assert isinstance(state, PaymentState)
+    return {"total": state.total + state.amount}
+
+
+class Approval(BaseModel):
+    approver: str
