@@ -7,7 +7,7 @@ import threading
 import pytest
 import tf_steps
 
-from edge.engine import Engine, FakeClock, InlineExecutor, Status
+from edge.engine import Engine, InlineExecutor, Status
 from edge.engine.loader import load_text
 from edge.errors import InputError, WorkflowNotFound
 

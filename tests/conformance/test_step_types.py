@@ -194,7 +194,7 @@ class _Acquirer(BaseHTTPRequestHandler):
     seen: list[dict[str, Any]] = []
     status = 200
 
-    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+    def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         type(self).seen.append(
             {"path": self.path, "body": body, "key": self.headers["Idempotency-Key"]}
