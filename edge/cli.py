@@ -32,6 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--path",
+        dest="search_paths",
         action="append",
         default=[],
         metavar="DIR",
@@ -131,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    add_search_paths(args.path)
+    add_search_paths(args.search_paths)
     try:
         return int(_COMMANDS[args.command](args))
     except DefinitionError as exc:

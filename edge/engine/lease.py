@@ -7,9 +7,17 @@ guards against a recycled pid.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import threading
 import uuid
+
+from edge.engine.clock import Clock
+from edge.engine.ports import Store
+from edge.errors import TillflowError
+
+log = logging.getLogger(__name__)
 
 
 def _start_ticks(pid: int) -> str:
@@ -42,3 +50,50 @@ def owner_is_dead(owner: str) -> bool:
     except PermissionError:
         return False
     return ticks != "?" and _start_ticks(pid) not in (ticks, "?")
+
+
+class Heartbeat:
+    """Renews the leases of the runs this worker is advancing, every third of a lease.
+
+    Real time on purpose: leases protect against wall-clock stalls of this process. The
+    thread starts with the first run held and is a daemon, so it never blocks exit.
+    """
+
+    def __init__(self, store: Store, owner: str, clock: Clock, lease_s: float) -> None:
+        self.store = store
+        self.owner = owner
+        self.clock = clock
+        self.lease_s = lease_s
+        self._held: set[str] = set()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def hold(self, run_id: str) -> None:
+        self._held.add(run_id)
+        if self._thread is None:
+            with self._lock:
+                if self._thread is None:
+                    self._thread = threading.Thread(
+                        target=self._beat, name="tillflow-heartbeat", daemon=True
+                    )
+                    self._thread.start()
+
+    def release(self, run_id: str) -> None:
+        self._held.discard(run_id)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.lease_s / 3):
+            for run_id in list(self._held):
+                try:
+                    self.store.renew_lease(run_id, self.owner, self.clock.now() + self.lease_s)
+                except TillflowError as exc:
+                    log.warning(
+                        "heartbeat failed for %s: %s",
+                        run_id,
+                        exc,
+                        extra={"action": "heartbeat_failed", "run_id": run_id},
+                    )

@@ -224,6 +224,7 @@ def _problems_from_pydantic(
             msg = "required field is missing"
         elif kind in ("union_tag_invalid", "union_tag_not_found"):
             field_name = "type"
+            path = (*path, "type")  # point at the 'type:' line itself when there is one
             msg = f"step type must be one of {', '.join(STEP_TYPES)}"
         else:
             msg = err["msg"]

@@ -17,9 +17,12 @@ from typing import Any
 
 import httpx
 from pydantic import BaseModel, ValidationError
+from pydantic_core import PydanticSerializationError
 
 from edge.engine.context import StepContext, idempotency_key
-from edge.engine.definition import HttpStep, ParallelStep
+from edge.engine.definition import HttpStep, ParallelStep, StandardStep, SubWorkflowStep
+from edge.engine.loader import Workflow
+from edge.engine.records import RunRecord, Status
 from edge.engine.templating import render
 from edge.errors import ExpressionError, MergeConflict, StepError, StepTimeout
 
@@ -62,15 +65,19 @@ def state_view(state: dict[str, Any], model: type[BaseModel] | None) -> Any:
 
 def apply_output(
     state: dict[str, Any], output: Any, output_key: str | None, model: type[BaseModel] | None
-) -> dict[str, Any]:
-    """The new state after a step returned ``output`` (shallow merge, or under output_key)."""
+) -> tuple[dict[str, Any], BaseModel | None]:
+    """The new state after a step returned ``output`` (shallow merge, or under output_key),
+    and, with a state model, the validated instance (so the next step need not re-validate).
+
+    Only the output is checked for JSON-safety: the state it merges into already was.
+    """
     if output is None:
-        return state
+        return state, None
+    if isinstance(output, BaseModel):
+        output = output.model_dump(mode="json")
     new = dict(state)
     if output_key:
         new[output_key] = output
-    elif isinstance(output, BaseModel):
-        new.update(output.model_dump(mode="json"))
     elif isinstance(output, Mapping):
         new.update(output)
     else:
@@ -79,15 +86,18 @@ def apply_output(
             "None, or set output_key",
             retryable=False,
         )
-    if model is not None:
-        try:
-            new = model.model_validate(new).model_dump(mode="json")
-        except ValidationError as exc:
-            raise StepError(
-                f"new state does not match {model.__name__}: {exc}", retryable=False
-            ) from exc
-    ensure_json(new)
-    return new
+    if model is None:
+        ensure_json(output)
+        return new, None
+    try:
+        instance = model.model_validate(new)
+        return instance.model_dump(mode="json"), instance
+    except ValidationError as exc:
+        raise StepError(
+            f"new state does not match {model.__name__}: {exc}", retryable=False
+        ) from exc
+    except PydanticSerializationError as exc:
+        raise StepError(f"new state is not JSON-serialisable: {exc}", retryable=False) from exc
 
 
 def ensure_json(value: Any) -> None:
@@ -216,3 +226,44 @@ def run_http(
         retryable = response.status_code >= 500 or response.status_code in (408, 429)
         raise StepError(f"{step.method} {url}: HTTP {response.status_code}", retryable=retryable)
     return {"status": response.status_code, "body": payload}
+
+
+def invoke(
+    step: Any,
+    wf: Workflow,
+    run: RunRecord,
+    ctx: StepContext,
+    state_view_of: Callable[[Workflow, RunRecord], Any],
+    http_client: Callable[[], httpx.Client],
+    get_run: Callable[[str], RunRecord | None],
+) -> tuple[dict[str, Any] | None, BaseModel | None, Any]:
+    """Run one attempt of an action step: (new state, its model instance, output to record).
+    A None state means "keep waiting" (a sub-workflow's child is not finished)."""
+    model = wf.state_model
+    if isinstance(step, StandardStep):
+        fn = wf.functions[step.function]
+        view = state_view_of(wf, run)
+        out = call_with_timeout(lambda: fn(view, ctx), step.timeout_s)
+        state, instance = apply_output(run.state, out, step.output_key, model)
+        return state, instance, out
+    if isinstance(step, ParallelStep):
+        res = call_with_timeout(
+            lambda: run_parallel(step, wf.functions, run.state, model, ctx), step.timeout_s
+        )
+        state, instance = apply_output(res["state"], {}, None, model)
+        return state, instance, {"errors": res["errors"]} if res["errors"] else None
+    if isinstance(step, HttpStep):
+        out = run_http(step, http_client(), run.state, run.input, ctx)
+        state, instance = apply_output(run.state, out, step.output_key or step.name, model)
+        return state, instance, {"status": out["status"]}
+    if isinstance(step, SubWorkflowStep):
+        child = get_run(run.cursor["child"])
+        if child is None or not child.status.terminal:
+            return None, None, None
+        if child.status is not Status.COMPLETED:
+            raise StepError(
+                f"child run {child.run_id} ({child.workflow_type}) ended {child.status}"
+            )
+        state, instance = apply_output(run.state, child.state, step.output_key, model)
+        return state, instance, {"child": child.run_id}
+    raise AssertionError(f"no executor for step type {type(step).__name__}")

@@ -234,7 +234,7 @@ class SqliteStore:
 
     def _apply(self, c: Commit, *, insert: bool) -> None:
         if insert:
-            self._q("insert_run", _run_params(c.run))
+            self._insert_run(c.run)
         else:
             self._q("update_run", {**_run_params(c.run), "expected_revision": c.expected_revision})
             if self._conn.changes() != 1:
@@ -245,13 +245,10 @@ class SqliteStore:
                     path=self.path,
                 )
         for child in c.new_runs:
-            self._q("insert_run", _run_params(child))
-        if c.steps:
-            seq = int(self._q("next_step_seq", {"run_id": c.run.run_id}).get)
-            for step in c.steps:
-                step.seq = seq
-                self._q("insert_step", _step_params(step))
-                seq += 1
+            self._insert_run(child)
+        for step in c.steps:
+            self._q("insert_step", _step_params(step))
+            step.seq = self._conn.last_insert_rowid()
         if c.audit:
             head = self._q("audit_head").fetchone()
             seq, prev = (int(head[0]), str(head[1])) if head else (0, GENESIS)
@@ -288,6 +285,13 @@ class SqliteStore:
             msg.seq = self._conn.last_insert_rowid()
         for parent in c.wake:
             self._q("wake_run", {"run_id": parent, "at": c.run.updated_at})
+
+    def _insert_run(self, run: RunRecord) -> None:
+        params = _run_params(run)
+        self._q("insert_run", params)
+        # The state usually starts as the input: encode it once.
+        text = params["state"] if run.input == run.state else _dumps(run.input)
+        self._q("insert_run_input", {"run_id": run.run_id, "input": text})
 
     def claim(
         self, run_id: str, expected_revision: int, owner: str, lease_expires_at: float
@@ -413,7 +417,6 @@ def _run_params(run: RunRecord) -> dict[str, Any]:
         "fingerprints": _dumps(run.fingerprints),
         "status": str(run.status),
         "state": _dumps(run.state),
-        "input": _dumps(run.input),
         "cursor": _dumps(run.cursor),
         "revision": run.revision,
         "idempotency_key": run.idempotency_key,
@@ -436,7 +439,7 @@ def _run_from_row(r: dict[str, Any]) -> RunRecord:
         fingerprints=_loads(r["fingerprints"]),
         status=Status(r["status"]),
         state=_loads(r["state"]),
-        input=_loads(r["input"]),
+        input=_loads(r["input"]) or {},
         cursor=_loads(r["cursor"]),
         revision=r["revision"],
         idempotency_key=r["idempotency_key"],
@@ -454,7 +457,6 @@ def _run_from_row(r: dict[str, Any]) -> RunRecord:
 def _step_params(s: StepRecord) -> dict[str, Any]:
     return {
         "run_id": s.run_id,
-        "seq": s.seq,
         "step": s.step,
         "step_name": s.step_name,
         "kind": s.kind,

@@ -43,11 +43,15 @@ SELECT run_id FROM workflow_runs WHERE idempotency_key = :idempotency_key;
 -- name: insert_run
 -- A new run row.
 INSERT INTO workflow_runs (run_id, workflow_type, definition_hash, fingerprints, status, state,
-    input, cursor, revision, idempotency_key, parent_run_id, parent_step, lease_owner,
+    cursor, revision, idempotency_key, parent_run_id, parent_step, lease_owner,
     lease_expires_at, next_attempt_at, error, created_at, updated_at)
 VALUES (:run_id, :workflow_type, :definition_hash, :fingerprints, :status, :state,
-    :input, :cursor, :revision, :idempotency_key, :parent_run_id, :parent_step, :lease_owner,
+    :cursor, :revision, :idempotency_key, :parent_run_id, :parent_step, :lease_owner,
     :lease_expires_at, :next_attempt_at, :error, :created_at, :updated_at);
+
+-- name: insert_run_input
+-- A new run's input, written once.
+INSERT INTO workflow_run_inputs (run_id, input) VALUES (:run_id, :input);
 
 -- name: update_run
 -- Replace a run's mutable columns if nobody else changed it since we read it.
@@ -76,33 +80,31 @@ WHERE run_id = :run_id AND lease_owner = :owner;
 
 -- name: get_run
 -- One run.
-SELECT * FROM workflow_runs WHERE run_id = :run_id;
+SELECT r.*, i.input FROM workflow_runs r LEFT JOIN workflow_run_inputs i USING (run_id)
+WHERE r.run_id = :run_id;
 
 -- name: list_runs
 -- Most recent runs first.
-SELECT * FROM workflow_runs ORDER BY created_at DESC, rowid DESC LIMIT :limit;
+SELECT r.*, i.input FROM workflow_runs r LEFT JOIN workflow_run_inputs i USING (run_id)
+ORDER BY r.created_at DESC, r.rowid DESC LIMIT :limit;
 
 -- name: list_runs_by_status
 -- Most recent runs with one status first.
-SELECT * FROM workflow_runs WHERE status = :status ORDER BY created_at DESC, rowid DESC
-LIMIT :limit;
+SELECT r.*, i.input FROM workflow_runs r LEFT JOIN workflow_run_inputs i USING (run_id)
+WHERE r.status = :status ORDER BY r.created_at DESC, r.rowid DESC LIMIT :limit;
 
 -- name: recoverable_runs
 -- Runs a worker may need to pick up, oldest first.
-SELECT * FROM workflow_runs
-WHERE status IN ('RUNNING', 'COMPENSATING')
-   OR (status = 'WAITING' AND next_attempt_at IS NOT NULL AND next_attempt_at <= :now)
-ORDER BY created_at, rowid LIMIT :limit;
-
--- name: next_step_seq
--- The next step row number of a run.
-SELECT coalesce(max(seq), 0) + 1 FROM workflow_steps WHERE run_id = :run_id;
+SELECT r.*, i.input FROM workflow_runs r LEFT JOIN workflow_run_inputs i USING (run_id)
+WHERE r.status IN ('RUNNING', 'COMPENSATING')
+   OR (r.status = 'WAITING' AND r.next_attempt_at IS NOT NULL AND r.next_attempt_at <= :now)
+ORDER BY r.created_at, r.rowid LIMIT :limit;
 
 -- name: insert_step
 -- One step outcome.
-INSERT INTO workflow_steps (run_id, seq, step, step_name, kind, status, attempt, started_at,
+INSERT INTO workflow_steps (run_id, step, step_name, kind, status, attempt, started_at,
     finished_at, output, error, ref_seq)
-VALUES (:run_id, :seq, :step, :step_name, :kind, :status, :attempt, :started_at,
+VALUES (:run_id, :step, :step_name, :kind, :status, :attempt, :started_at,
     :finished_at, :output, :error, :ref_seq);
 
 -- name: step_history

@@ -20,7 +20,6 @@ CREATE TABLE workflow_runs (
     status           TEXT NOT NULL CHECK (status IN ('RUNNING', 'WAITING', 'COMPLETED',
                          'FAILED', 'COMPENSATING', 'ROLLED_BACK', 'CANCELLED')),
     state            TEXT NOT NULL,
-    input            TEXT NOT NULL,
     cursor           TEXT NOT NULL,
     revision         INTEGER NOT NULL,
     idempotency_key  TEXT UNIQUE,
@@ -34,12 +33,20 @@ CREATE TABLE workflow_runs (
     updated_at       REAL NOT NULL
 ) STRICT;
 
+-- A run's input never changes; kept apart so the per-step UPDATE of a run does not
+-- rewrite it (SQLite rewrites the whole row on every UPDATE).
+CREATE TABLE workflow_run_inputs (
+    run_id TEXT PRIMARY KEY REFERENCES workflow_runs (run_id),
+    input  TEXT NOT NULL
+) STRICT;
+
 CREATE INDEX workflow_runs_by_status ON workflow_runs (status, next_attempt_at);
 CREATE INDEX workflow_runs_by_parent ON workflow_runs (parent_run_id);
 
+-- seq is global (the rowid): increasing within a run, and assigned without a lookup.
 CREATE TABLE workflow_steps (
+    seq         INTEGER PRIMARY KEY,
     run_id      TEXT NOT NULL REFERENCES workflow_runs (run_id),
-    seq         INTEGER NOT NULL,
     step        TEXT NOT NULL,
     step_name   TEXT NOT NULL,
     kind        TEXT NOT NULL,
@@ -49,9 +56,10 @@ CREATE TABLE workflow_steps (
     finished_at REAL NOT NULL,
     output      TEXT,
     error       TEXT,
-    ref_seq     INTEGER,
-    PRIMARY KEY (run_id, seq)
+    ref_seq     INTEGER
 ) STRICT;
+
+CREATE INDEX workflow_steps_by_run ON workflow_steps (run_id, seq);
 
 -- Append-only, hash-chained (see edge/engine/audit.py). The triggers make an honest
 -- mistake fail loudly; the chain makes a deliberate edit detectable.
