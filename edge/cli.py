@@ -133,6 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     add_search_paths(args.search_paths)
+    args.opened = []
     try:
         return int(_COMMANDS[args.command](args))
     except DefinitionError as exc:
@@ -141,6 +142,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TillflowError as exc:
         print(f"error: {exc}".splitlines()[0], file=sys.stderr)
         return EXIT_ERROR
+    finally:
+        for thing in args.opened:
+            thing.close()
 
 
 # --- helpers -------------------------------------------------------------------------
@@ -174,7 +178,9 @@ def _input(text: str) -> dict[str, Any]:
 
 def _engine(args: argparse.Namespace) -> Engine:
     store = SqliteStore(args.db, synchronous=args.synchronous)
-    return Engine(store, InlineExecutor(sleep=True), clock=SystemClock())
+    engine = Engine(store, InlineExecutor(sleep=True), clock=SystemClock())
+    args.opened += [engine, store]
+    return engine
 
 
 def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
@@ -362,6 +368,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 def cmd_db(args: argparse.Namespace) -> int:
     store = SqliteStore(args.db, synchronous=args.synchronous, migrate=args.db_command == "migrate")
+    args.opened.append(store)
     version = store.schema_version()
     _emit(args, {"db": args.db, "schema_version": version}, f"{args.db}: schema version {version}")
     return EXIT_OK

@@ -138,6 +138,18 @@ STEP_TYPES = (
     "FIRE_AND_FORGET",
 )
 
+#: The model of each step ``type``.
+STEP_MODELS: dict[str, type[BaseModel]] = {
+    "STANDARD": StandardStep,
+    "DECISION": DecisionStep,
+    "LOOP": LoopStep,
+    "PARALLEL": ParallelStep,
+    "HTTP": HttpStep,
+    "WAIT": WaitStep,
+    "SUB_WORKFLOW": SubWorkflowStep,
+    "FIRE_AND_FORGET": FireAndForgetStep,
+}
+
 AnyStep = (
     StandardStep
     | DecisionStep

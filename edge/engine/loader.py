@@ -21,9 +21,13 @@ from pydantic import BaseModel, ValidationError
 
 from edge.engine.definition import (
     END,
+    STEP_MODELS,
     STEP_TYPES,
     AnyStep,
     LoopStep,
+    RetryPolicy,
+    Route,
+    Task,
     WorkflowDefinition,
 )
 from edge.engine.expressions import check_expression
@@ -154,6 +158,7 @@ def _parse_yaml(text: str, source: str) -> tuple[Any, dict[Path_, int], list[Pro
         problems.append(Problem(source, 1, None, None, "the file is empty"))
         return None, lines, problems
     constructor = yaml.SafeLoader("")
+    duplicates: list[tuple[Path_, int]] = []
 
     def convert(n: yaml.Node, path: Path_) -> Any:
         lines.setdefault(path, n.start_mark.line + 1)
@@ -162,9 +167,7 @@ def _parse_yaml(text: str, source: str) -> tuple[Any, dict[Path_, int], list[Pro
             for k, v in n.value:
                 key = constructor.construct_object(k, deep=True)
                 if key in out:
-                    problems.append(
-                        Problem(source, k.start_mark.line + 1, None, str(key), "key appears twice")
-                    )
+                    duplicates.append(((*path, key), k.start_mark.line + 1))
                 lines[(*path, key)] = k.start_mark.line + 1
                 out[key] = convert(v, (*path, key))
             return out
@@ -172,7 +175,11 @@ def _parse_yaml(text: str, source: str) -> tuple[Any, dict[Path_, int], list[Pro
             return [convert(v, (*path, i)) for i, v in enumerate(n.value)]
         return constructor.construct_object(n, deep=True)
 
-    return convert(node, ()), lines, problems
+    data = convert(node, ())
+    for dup_path, line in duplicates:
+        step = _step_at(data, dup_path)
+        problems.append(Problem(source, line, step, str(dup_path[-1]), "key appears twice"))
+    return data, lines, problems
 
 
 def _step_at(data: Any, path: Path_) -> str | None:
@@ -232,29 +239,32 @@ def _problems_from_pydantic(
 
 
 def _allowed_fields(data: Any, path: Path_) -> list[str]:
-    from edge.engine import definition as d
-
+    """The field names valid in the mapping that holds ``path``'s last key (for hints)."""
     cur: Any = data
     for key in path[:-1]:
         try:
             cur = cur[key]
         except (KeyError, IndexError, TypeError):
             return []
-    model: Any = WorkflowDefinition
-    if isinstance(cur, dict) and isinstance(cur.get("type"), str):
-        by_type = {
-            "STANDARD": d.StandardStep,
-            "DECISION": d.DecisionStep,
-            "LOOP": d.LoopStep,
-            "PARALLEL": d.ParallelStep,
-            "HTTP": d.HttpStep,
-            "WAIT": d.WaitStep,
-            "SUB_WORKFLOW": d.SubWorkflowStep,
-            "FIRE_AND_FORGET": d.FireAndForgetStep,
-        }
-        model = by_type.get(cur["type"], WorkflowDefinition)
-    elif len(path) >= 2 and path[-2] == "retry":
-        model = d.RetryPolicy
+    parent = path[-2] if len(path) >= 2 else None
+    container = path[-3] if len(path) >= 3 else None
+    model: Any
+    if len(path) == 1:
+        model = WorkflowDefinition
+    elif parent == "retry":
+        model = RetryPolicy
+    elif container == "routes":
+        model = Route
+    elif container == "tasks":
+        model = Task
+    elif container in ("steps", "body") and isinstance(cur, dict):
+        model = STEP_MODELS.get(str(cur.get("type")))
+        if model is None:  # unknown type: any step field may be meant
+            return sorted(
+                {f.alias or n for m in STEP_MODELS.values() for n, f in m.model_fields.items()}
+            )
+    else:
+        return []
     return [f.alias or n for n, f in model.model_fields.items()]
 
 

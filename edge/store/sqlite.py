@@ -96,13 +96,17 @@ class SqliteStore:
                 path=self.path,
                 hint="check that the directory exists and is writable",
             ) from exc
-        with self._translate("open"):
-            _set_busy_timeout(self._conn, busy_timeout_ms)
-            _use_wal(self._conn)
-            _set_synchronous(self._conn, synchronous)
-            _enforce_foreign_keys(self._conn)
-        if migrate:
-            self.migrate()
+        try:
+            with self._translate("open"):
+                _set_busy_timeout(self._conn, busy_timeout_ms)
+                _use_wal(self._conn)
+                _set_synchronous(self._conn, synchronous)
+                _enforce_foreign_keys(self._conn)
+            if migrate:
+                self.migrate()
+        except BaseException:
+            self._conn.close()
+            raise
 
     # --- plumbing ------------------------------------------------------------------
 

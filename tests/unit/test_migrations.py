@@ -1,0 +1,247 @@
+"""The SQLite schema: numbered migrations converge with ``schema.sql``, the version lives
+in the database, and every named query compiles against what the migrations build."""
+
+from __future__ import annotations
+
+import re
+import sys
+from importlib import resources
+from pathlib import Path
+
+import apsw
+import pytest
+
+from edge.errors import MigrationError, StoreError
+from edge.store.queries import load_migrations, load_queries, load_schema, parse_queries
+from edge.store.sqlite import SqliteStore
+
+SCHEMA_OBJECTS = """
+SELECT type, name, tbl_name, sql FROM sqlite_master
+WHERE name NOT LIKE 'sqlite_%' AND name != 'schema_migrations'
+ORDER BY type, name
+"""
+
+_PARAM = re.compile(r"(?<![:\w]):([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def schema_of(conn: apsw.Connection) -> list[tuple[str, str, str, str]]:
+    return [
+        (kind, name, table, " ".join((sql or "").split()))
+        for kind, name, table, sql in conn.execute(SCHEMA_OBJECTS)
+    ]
+
+
+@pytest.fixture
+def migrated(tmp_path: Path):
+    store = SqliteStore(tmp_path / "migrated.db")
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def migrated_conn(migrated: SqliteStore):
+    """A second connection onto the migrated database, for inspecting it directly."""
+    conn = apsw.Connection(migrated.path)
+    yield conn
+    conn.close()
+
+
+@pytest.fixture
+def canonical_conn(tmp_path: Path):
+    conn = apsw.Connection(str(tmp_path / "canonical.db"))
+    conn.execute(load_schema("sqlite"))
+    yield conn
+    conn.close()
+
+
+def compile_in(conn: apsw.Connection, sql: str) -> list[str]:
+    """Prepare ``sql`` in EXPLAIN mode (nothing runs) inside a transaction that is rolled
+    back; return the text of every statement it held."""
+    statements: list[str] = []
+
+    def trace(_cursor: apsw.Cursor, statement: str, _bindings: object) -> bool:
+        statements.append(statement)
+        return True
+
+    bindings = {name: None for name in _PARAM.findall(sql)}
+    conn.execute("BEGIN")
+    try:
+        cursor = conn.cursor()
+        cursor.exec_trace = trace
+        cursor.execute(sql, bindings, explain=1).fetchall()
+    finally:
+        conn.execute("ROLLBACK")
+    return statements
+
+
+# --- migrations and schema.sql -----------------------------------------------------------
+
+
+def test_migrations__applied_in_order_give_the_same_schema_as_schema_sql(
+    migrated_conn, canonical_conn
+):
+    from_migrations = schema_of(migrated_conn)
+    assert {name for kind, name, _, _ in from_migrations if kind == "table"} >= {
+        "workflow_definitions",
+        "workflow_runs",
+        "workflow_steps",
+        "workflow_audit_log",
+        "audit_head",
+        "outbox",
+    }
+    assert from_migrations == schema_of(canonical_conn)
+
+
+def test_migrations__schema_comparison_sees_a_missing_index(migrated_conn, canonical_conn):
+    canonical_conn.execute("DROP INDEX workflow_runs_by_parent")
+    assert schema_of(migrated_conn) != schema_of(canonical_conn)
+
+
+def test_migrations__are_numbered_1_to_n_with_names():
+    migrations = load_migrations("sqlite")
+    assert [m.version for m in migrations] == list(range(1, len(migrations) + 1))
+    assert migrations[0].name == "initial"
+    assert all(m.sql.strip() for m in migrations)
+
+
+def test_migrations__every_file_in_the_folder_is_a_numbered_migration():
+    folder = resources.files("edge.store").joinpath("sql/sqlite/migrations")
+    names = sorted(entry.name for entry in folder.iterdir() if entry.name.endswith(".sql"))
+    expected = [f"{m.version:04d}_{m.name}.sql" for m in load_migrations("sqlite")]
+    assert names == expected
+
+
+@pytest.fixture
+def fake_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A throwaway package with its own ``sql/sqlite/migrations`` folder."""
+    name = "tillflow_fake_migrations"
+    folder = tmp_path / name / "sql" / "sqlite" / "migrations"
+    folder.mkdir(parents=True)
+    (tmp_path / name / "__init__.py").write_text("", encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield name, folder
+    sys.modules.pop(name, None)
+
+
+def test_load_migrations__rejects_a_gap_in_the_numbering(fake_package):
+    package, folder = fake_package
+    (folder / "0001_first.sql").write_text("CREATE TABLE a (x);", encoding="utf-8")
+    (folder / "0003_third.sql").write_text("CREATE TABLE c (x);", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"not numbered 1\.\.n: \[1, 3\]"):
+        load_migrations("sqlite", package=package)
+
+
+def test_load_migrations__orders_by_number_not_by_listing(fake_package):
+    package, folder = fake_package
+    for version, name in [(2, "second"), (10, "tenth"), (1, "first")]:
+        (folder / f"{version:04d}_{name}.sql").write_text("SELECT 1;", encoding="utf-8")
+    for version in range(3, 10):
+        (folder / f"{version:04d}_filler.sql").write_text("SELECT 1;", encoding="utf-8")
+    assert [m.version for m in load_migrations("sqlite", package=package)] == list(range(1, 11))
+
+
+# --- the version in the database -----------------------------------------------------------
+
+
+def test_migrate__a_fresh_database_ends_at_the_latest_version(migrated, migrated_conn):
+    latest = len(load_migrations("sqlite"))
+    assert migrated.schema_version() == latest == 1
+    rows = migrated_conn.execute("SELECT version, name FROM schema_migrations").fetchall()
+    assert rows == [(1, "initial")]
+
+
+def test_migrate__reopening_a_migrated_database_is_a_no_op(migrated, migrated_conn):
+    before = schema_of(migrated_conn)
+    migrated.close()
+    again = SqliteStore(migrated.path)
+    try:
+        assert again.schema_version() == 1
+        assert again.migrate() == 1
+    finally:
+        again.close()
+    assert migrated_conn.execute("SELECT count(*) FROM schema_migrations").fetchall() == [(1,)]
+    assert schema_of(migrated_conn) == before
+
+
+def test_migrate__an_unmigrated_database_reports_version_0_and_creates_nothing(tmp_path):
+    store = SqliteStore(tmp_path / "bare.db", migrate=False)
+    try:
+        assert store.schema_version() == 0
+    finally:
+        store.close()
+    conn = apsw.Connection(str(tmp_path / "bare.db"))
+    try:
+        assert conn.execute("SELECT count(*) FROM sqlite_master").fetchall() == [(0,)]
+    finally:
+        conn.close()
+
+
+def test_migrate__a_database_newer_than_this_build_raises_migration_error(migrated, migrated_conn):
+    migrated.close()
+    migrated_conn.execute(
+        "INSERT INTO schema_migrations (version, name, applied_at) VALUES (99, 'future', 0.0)"
+    )
+    with pytest.raises(MigrationError) as info:
+        SqliteStore(migrated.path)
+    err = info.value
+    assert isinstance(err, StoreError)
+    assert err.code == "migration_failed"
+    assert err.operation == "migrate"
+    assert err.path == migrated.path
+    assert "version 99 is newer than this build knows (1)" in err.message
+    assert err.hint and "upgrade tillflow" in err.hint
+    max_version = migrated_conn.execute("SELECT max(version) FROM schema_migrations").fetchall()
+    assert max_version == [(99,)]  # refused, not rewritten
+
+
+# --- named queries -------------------------------------------------------------------------
+
+
+def test_queries__every_named_query_is_a_single_statement_that_compiles(migrated_conn):
+    queries = load_queries("sqlite")
+    assert "insert_run" in queries and "update_run" in queries
+    for name, sql in queries.items():
+        try:
+            statements = compile_in(migrated_conn, sql)
+        except apsw.Error as exc:
+            pytest.fail(f"query {name} does not compile: {type(exc).__name__}: {exc}")
+        assert len(statements) == 1, f"query {name} holds {len(statements)} statements"
+
+
+def test_queries__the_compile_check_catches_an_unknown_column(migrated_conn):
+    with pytest.raises(apsw.SQLError, match="no such column"):
+        compile_in(migrated_conn, "SELECT no_such_column FROM workflow_runs WHERE run_id = :id")
+
+
+def test_queries__the_compile_check_counts_every_statement(migrated_conn):
+    assert len(compile_in(migrated_conn, "SELECT 1; SELECT :x")) == 2
+
+
+def test_queries__the_compile_check_runs_nothing(migrated_conn):
+    compile_in(migrated_conn, "INSERT INTO audit_head (id, seq, hash) VALUES (1, :seq, :hash)")
+    assert migrated_conn.execute("SELECT count(*) FROM audit_head").fetchall() == [(0,)]
+
+
+def test_queries__every_query_has_a_one_line_description():
+    text = resources.files("edge.store").joinpath("sql/sqlite/queries.sql").read_text()
+    lines = text.splitlines()
+    headers = [i for i, ln in enumerate(lines) if ln.startswith("-- name:")]
+    assert len(headers) == len(load_queries("sqlite"))
+    for i in headers:
+        description = lines[i + 1]
+        assert description.startswith("-- ") and len(description) > 4, lines[i]
+        assert not lines[i + 2].startswith("--"), f"{lines[i]}: description is one line"
+
+
+def test_parse_queries__strips_headers_and_descriptions_and_keeps_the_body_whole():
+    text = (
+        "-- name: first\n-- The first.\nSELECT 1;\n\n"
+        "-- name: second\n-- The second, two lines of SQL.\nSELECT 2\nFROM t;\n"
+    )
+    assert parse_queries(text) == {"first": "SELECT 1;", "second": "SELECT 2\nFROM t;"}
+
+
+def test_parse_queries__rejects_a_duplicate_name():
+    text = "-- name: q\n-- One.\nSELECT 1;\n\n-- name: q\n-- Again.\nSELECT 2;\n"
+    with pytest.raises(ValueError, match="query 'q' is defined twice"):
+        parse_queries(text)
