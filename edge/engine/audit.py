@@ -18,12 +18,13 @@ from edge.engine.records import AuditEvent, AuditRow
 GENESIS = "0" * 64
 
 
+_canonical = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
+
+
 def link(prev_hash: str, seq: int, event: AuditEvent) -> str:
-    body = json.dumps(
-        [seq, event.run_id, event.event, event.step, event.detail, repr(float(event.at))],
-        sort_keys=True,
-        separators=(",", ":"),
-        ensure_ascii=False,
+    """The hash of one audit row: its predecessor's hash and its canonical JSON content."""
+    body = _canonical(
+        [seq, event.run_id, event.event, event.step, event.detail, repr(float(event.at))]
     )
     return hashlib.sha256(f"{prev_hash}|{body}".encode()).hexdigest()
 

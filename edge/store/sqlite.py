@@ -37,8 +37,8 @@ DEFAULT_BUSY_TIMEOUT_MS = 5_000
 _QUERIES = load_queries("sqlite")
 
 
-def _dumps(obj: Any) -> str:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+#: Built once: ``json.dumps`` with options constructs a new encoder on every call.
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
 def _loads(text: str | None) -> Any:
