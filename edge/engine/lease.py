@@ -20,13 +20,18 @@ from edge.errors import TillflowError
 log = logging.getLogger(__name__)
 
 
-def _start_ticks(pid: int) -> str:
+def _stat(pid: int) -> list[str]:
+    """Fields 3.. of /proc/PID/stat (after the command name, which may hold spaces)."""
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
-            # Field 22 (starttime); the command name in field 2 may hold spaces.
-            return fh.read().rsplit(")", 1)[1].split()[19]
+            return fh.read().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
-        return "?"
+        return []
+
+
+def _start_ticks(pid: int) -> str:
+    fields = _stat(pid)
+    return fields[19] if len(fields) > 19 else "?"  # field 22: starttime
 
 
 def make_owner() -> str:
@@ -49,7 +54,11 @@ def owner_is_dead(owner: str) -> bool:
         return True
     except PermissionError:
         return False
-    return ticks != "?" and _start_ticks(pid) not in (ticks, "?")
+    fields = _stat(pid)
+    if fields and fields[0] in ("Z", "X"):
+        return True  # a zombie nobody reaped yet: it will never renew its lease
+    current = fields[19] if len(fields) > 19 else "?"
+    return ticks != "?" and current not in (ticks, "?")
 
 
 class Heartbeat:

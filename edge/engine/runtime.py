@@ -101,6 +101,8 @@ class Engine:
         self._hot: dict[str, RunRecord] = {}
         #: The validated state-model instance of a run's current revision.
         self._views: dict[str, tuple[int, BaseModel]] = {}
+        #: Runs a thread of this engine is advancing right now: one thread per run.
+        self._driving: set[str] = set()
         self._heartbeat = Heartbeat(store, self.owner, self.clock, lease_s)
         self._lock = threading.Lock()
 
@@ -131,6 +133,10 @@ class Engine:
             self.executor.submit(run_id)
             for child in commit.new_runs:  # FIRE_AND_FORGET steps settled at the start
                 self.executor.submit(child.run_id)
+        else:
+            # A retry of a request whose run a crash left in flight: drive it if nobody
+            # live holds it (advance checks), instead of waiting for recover().
+            self.executor.submit(run_id)
         return run_id
 
     def _new_run(
@@ -186,8 +192,17 @@ class Engine:
     def advance(self, run_id: str) -> float | None:
         """Advance a run as far as it can go now. Returns when it is next due if it is
         sleeping through a retry backoff; None when it finished, waits, or is not ours."""
-        run = self._acquire(run_id)
+        with self._lock:
+            if run_id in self._driving:  # another thread of this engine is on it
+                return None
+            self._driving.add(run_id)
+        try:
+            run = self._acquire(run_id)
+        except BaseException:
+            self._driving.discard(run_id)
+            raise
         if run is None:
+            self._driving.discard(run_id)
             return None
         self._heartbeat.hold(run_id)
         try:
@@ -213,6 +228,7 @@ class Engine:
             return None
         finally:
             self._heartbeat.release(run_id)
+            self._driving.discard(run_id)
 
     def _acquire(self, run_id: str) -> RunRecord | None:
         hot = self._hot.get(run_id)

@@ -199,3 +199,23 @@ def test_audit__the_log_refuses_updates_and_deletes(audited, store):
     with pytest.raises(apsw.ConstraintError, match="append-only"):
         conn.execute("DELETE FROM workflow_audit_log WHERE seq = 1")
     conn.close()
+
+
+def test_start__a_retried_request_drives_the_run_a_crash_left_in_flight(
+    engine, register, store, clock
+):
+    register(LONG)
+    keyed = engine.start("long", {"x": 1}, idempotency_key="pos-42")
+    _surgery(  # as if the terminal died after step one
+        store,
+        keyed,
+        status=Status.RUNNING,
+        cursor={"frames": [["two", None]], "attempt": 1},
+        state={"x": 1, "total": 1},
+        lease_owner=_dead_owner(),
+        lease_expires_at=clock.now() + 3600,
+    )
+    restarted = Engine(store, InlineExecutor(), clock=clock)
+    assert restarted.start("long", {"x": 1}, idempotency_key="pos-42") == keyed
+    run = restarted.get(keyed)
+    assert run.status is Status.COMPLETED and run.state["total"] == 2
