@@ -7,6 +7,11 @@ from collections.abc import Iterator
 
 import pytest
 import tf_steps
+from hypothesis import settings
+
+# No example database: the suite writes nothing into the working directory.
+settings.register_profile("tillflow", database=None)
+settings.load_profile("tillflow")
 
 
 @pytest.fixture(autouse=True)
