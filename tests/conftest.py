@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator
 
 import pytest
 import tf_steps
 from hypothesis import settings
+from hypothesis.configuration import set_hypothesis_home_dir
 
-# No example database: the suite writes nothing into the working directory.
+# The suite writes nothing into the working directory: no example database, and
+# hypothesis's own caches go to a temporary directory.
+set_hypothesis_home_dir(tempfile.mkdtemp(prefix="tillflow-hypothesis-"))
 settings.register_profile("tillflow", database=None)
 settings.load_profile("tillflow")
 
