@@ -7,11 +7,12 @@ The public API is this module's ``__all__`` (pinned by a test); everything else 
 from edge.engine.audit import ChainReport
 from edge.engine.clock import Clock, FakeClock, SystemClock
 from edge.engine.context import StepContext
-from edge.engine.executor import InlineExecutor
+from edge.engine.executor import InlineExecutor, PollingExecutor
 from edge.engine.loader import Workflow, load_file, load_text
 from edge.engine.ports import Executor, Store
 from edge.engine.records import RunRecord, Status
 from edge.engine.runtime import Engine, RunView
+from edge.engine.worker import Worker
 
 __all__ = [
     "ChainReport",
@@ -20,12 +21,14 @@ __all__ = [
     "Executor",
     "FakeClock",
     "InlineExecutor",
+    "PollingExecutor",
     "RunRecord",
     "RunView",
     "Status",
     "StepContext",
     "Store",
     "SystemClock",
+    "Worker",
     "Workflow",
     "load_file",
     "load_text",

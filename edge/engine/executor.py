@@ -53,3 +53,14 @@ class InlineExecutor:
                     heapq.heappush(queue, (next_due, next(self._seq), rid))
         finally:
             self._local.queue = None
+
+
+class PollingExecutor:
+    """Leaves runs in the store for ``Worker``s to claim (the cloud's choice without a
+    broker, and the tests' way to run many worker processes on one database)."""
+
+    def __init__(self) -> None:
+        self.submitted = 0
+
+    def submit(self, run_id: str, not_before: float | None = None) -> None:
+        self.submitted += 1  # durable already: a worker's claim_due will find it

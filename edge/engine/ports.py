@@ -63,6 +63,15 @@ class Store(Protocol):
         """Take the lease on a run if its revision is unchanged; revision + 1.
         Returns the claimed run, or None if someone else changed it first."""
 
+    def claim_due(
+        self, owner: str, now: float, lease_expires_at: float, limit: int
+    ) -> list[RunRecord]:
+        """Claim up to ``limit`` runs that are due now and not held by a live lease:
+        RUNNING/COMPENSATING runs whose ``next_attempt_at`` is null or past and whose
+        lease is free, expired or ``owner``'s; WAITING runs whose timeout passed. Each is
+        leased to ``owner`` (revision + 1) and returned. Concurrent callers never get the
+        same run (PostgreSQL: ``FOR UPDATE SKIP LOCKED``)."""
+
     def renew_lease(self, run_id: str, owner: str, lease_expires_at: float) -> bool:
         """Extend a lease this owner holds; False if it no longer holds it."""
 

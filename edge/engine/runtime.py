@@ -122,7 +122,9 @@ class Engine:
     ) -> str:
         """Start a run and hand it to the executor; the same key returns the same run."""
         wf = self.registry.latest(workflow_type)
-        run, commit = self._new_run(wf, dict(input or {}), idempotency_key, lease=True)
+        # Lease at birth only if this thread will advance it now; else leave it claimable.
+        inline = isinstance(self.executor, InlineExecutor)
+        run, commit = self._new_run(wf, dict(input or {}), idempotency_key, lease=inline)
         run_id, created = self.store.start(commit)
         if created:
             log.info(
@@ -189,15 +191,16 @@ class Engine:
 
     # --- driving -------------------------------------------------------------------------
 
-    def advance(self, run_id: str) -> float | None:
+    def advance(self, run_id: str, claimed: RunRecord | None = None) -> float | None:
         """Advance a run as far as it can go now. Returns when it is next due if it is
-        sleeping through a retry backoff; None when it finished, waits, or is not ours."""
+        sleeping through a retry backoff; None when it finished, waits, or is not ours.
+        ``claimed``: the run as a claim by this engine just returned it (saves a read)."""
         with self._lock:
             if run_id in self._driving:  # another thread of this engine is on it
                 return None
             self._driving.add(run_id)
         try:
-            run = self._acquire(run_id)
+            run = claimed if claimed is not None else self._acquire(run_id)
         except BaseException:
             self._driving.discard(run_id)
             raise

@@ -26,6 +26,7 @@ from edge.engine.records import (
     StepRecord,
 )
 from edge.errors import LeaseLost, MigrationError, StorageFull, StoreError
+from edge.store import rows as rowmap
 from edge.store.queries import load_migrations, load_queries
 
 Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
@@ -240,7 +241,10 @@ class SqliteStore:
         if insert:
             self._insert_run(c.run)
         else:
-            self._q("update_run", {**_run_params(c.run), "expected_revision": c.expected_revision})
+            self._q(
+                "update_run",
+                {**rowmap.run_params(c.run, _dumps), "expected_revision": c.expected_revision},
+            )
             if self._conn.changes() != 1:
                 raise LeaseLost(
                     f"run {c.run.run_id} changed under us (expected revision "
@@ -251,7 +255,7 @@ class SqliteStore:
         for child in c.new_runs:
             self._insert_run(child)
         for step in c.steps:
-            self._q("insert_step", _step_params(step))
+            self._q("insert_step", rowmap.step_params(step, _dumps))
             step.seq = self._conn.last_insert_rowid()
         if c.audit:
             head = self._q("audit_head").fetchone()
@@ -259,39 +263,17 @@ class SqliteStore:
             for ev in c.audit:
                 seq += 1
                 digest = link(prev, seq, ev)
-                self._q(
-                    "insert_audit",
-                    {
-                        "seq": seq,
-                        "run_id": ev.run_id,
-                        "event": ev.event,
-                        "step": ev.step,
-                        "detail": _dumps(ev.detail),
-                        "at": ev.at,
-                        "prev_hash": prev,
-                        "hash": digest,
-                    },
-                )
+                self._q("insert_audit", rowmap.audit_params(seq, ev, prev, digest, _dumps))
                 prev = digest
             self._q("set_audit_head", {"seq": seq, "hash": prev})
         for msg in c.outbox:
-            self._q(
-                "insert_outbox",
-                {
-                    "message_id": msg.message_id,
-                    "run_id": msg.run_id,
-                    "step": msg.step,
-                    "topic": msg.topic,
-                    "payload": _dumps(msg.payload),
-                    "created_at": msg.created_at,
-                },
-            )
+            self._q("insert_outbox", rowmap.outbox_params(msg, _dumps))
             msg.seq = self._conn.last_insert_rowid()
         for parent in c.wake:
             self._q("wake_run", {"run_id": parent, "at": c.run.updated_at})
 
     def _insert_run(self, run: RunRecord) -> None:
-        params = _run_params(run)
+        params = rowmap.run_params(run, _dumps)
         self._q("insert_run", params)
         # The state usually starts as the input: encode it once.
         text = params["state"] if run.input == run.state else _dumps(run.input)
@@ -314,6 +296,15 @@ class SqliteStore:
                 return None
         return self.get_run(run_id)
 
+    def claim_due(
+        self, owner: str, now: float, lease_expires_at: float, limit: int
+    ) -> list[RunRecord]:
+        params = {"owner": owner, "now": now, "lease_expires_at": lease_expires_at, "limit": limit}
+        with self._tx("claim_due"):
+            ids = [row[0] for row in self._q("claim_due", params)]
+        runs = [self.get_run(run_id) for run_id in ids]
+        return [r for r in runs if r is not None]
+
     def renew_lease(self, run_id: str, owner: str, lease_expires_at: float) -> bool:
         with self._tx("renew_lease"):
             self._q(
@@ -323,18 +314,20 @@ class SqliteStore:
             return bool(self._conn.changes() == 1)
 
     def get_run(self, run_id: str) -> RunRecord | None:
-        rows = self._rows("get_run", {"run_id": run_id})
-        return _run_from_row(rows[0]) if rows else None
+        found = self._rows("get_run", {"run_id": run_id})
+        return rowmap.run_from_row(found[0], _loads) if found else None
 
     def list_runs(
         self, statuses: Sequence[Status] | None = None, limit: int = 100
     ) -> list[RunRecord]:
         if not statuses:
-            return [_run_from_row(r) for r in self._rows("list_runs", {"limit": limit})]
+            return [
+                rowmap.run_from_row(r, _loads) for r in self._rows("list_runs", {"limit": limit})
+            ]
         out: list[RunRecord] = []
         for status in statuses:
             out += [
-                _run_from_row(r)
+                rowmap.run_from_row(r, _loads)
                 for r in self._rows("list_runs_by_status", {"status": str(status), "limit": limit})
             ]
         out.sort(key=lambda r: r.created_at, reverse=True)
@@ -342,63 +335,33 @@ class SqliteStore:
 
     def recoverable(self, now: float, limit: int = 1000) -> list[RunRecord]:
         return [
-            _run_from_row(r) for r in self._rows("recoverable_runs", {"now": now, "limit": limit})
+            rowmap.run_from_row(r, _loads)
+            for r in self._rows("recoverable_runs", {"now": now, "limit": limit})
         ]
 
     def step_history(self, run_id: str) -> list[StepRecord]:
         return [
-            StepRecord(
-                run_id=r["run_id"],
-                step=r["step"],
-                step_name=r["step_name"],
-                kind=r["kind"],
-                status=r["status"],
-                attempt=r["attempt"],
-                started_at=r["started_at"],
-                finished_at=r["finished_at"],
-                output=_loads(r["output"]),
-                error=_loads(r["error"]),
-                ref_seq=r["ref_seq"],
-                seq=r["seq"],
-            )
-            for r in self._rows("step_history", {"run_id": run_id})
+            rowmap.step_from_row(r, _loads) for r in self._rows("step_history", {"run_id": run_id})
         ]
 
     # --- audit and outbox ------------------------------------------------------------
 
     def audit_rows(self, run_id: str | None = None) -> Iterator[AuditRow]:
-        rows = (
+        found = (
             self._rows("audit_rows_for_run", {"run_id": run_id})
             if run_id
             else self._rows("audit_rows")
         )
-        for r in rows:
-            yield AuditRow(
-                seq=r["seq"],
-                run_id=r["run_id"],
-                event=r["event"],
-                step=r["step"],
-                detail=_loads(r["detail"]),
-                at=r["at"],
-                prev_hash=r["prev_hash"],
-                hash=r["hash"],
-            )
+        for r in found:
+            yield rowmap.audit_from_row(r, _loads)
 
     def audit_head(self) -> tuple[int, str] | None:
-        rows = self._rows("audit_head")
-        return (int(rows[0]["seq"]), str(rows[0]["hash"])) if rows else None
+        head = self._rows("audit_head")
+        return (int(head[0]["seq"]), str(head[0]["hash"])) if head else None
 
     def outbox(self, after_seq: int = 0, limit: int = 100) -> list[OutboxMessage]:
         return [
-            OutboxMessage(
-                message_id=r["message_id"],
-                run_id=r["run_id"],
-                step=r["step"],
-                topic=r["topic"],
-                payload=_loads(r["payload"]),
-                created_at=r["created_at"],
-                seq=r["seq"],
-            )
+            rowmap.outbox_from_row(r, _loads)
             for r in self._rows("outbox_after", {"after_seq": after_seq, "limit": limit})
         ]
 
@@ -411,64 +374,3 @@ class SqliteStore:
     def close(self) -> None:
         with self._lock:
             self._conn.close()
-
-
-def _run_params(run: RunRecord) -> dict[str, Any]:
-    return {
-        "run_id": run.run_id,
-        "workflow_type": run.workflow_type,
-        "definition_hash": run.definition_hash,
-        "fingerprints": _dumps(run.fingerprints),
-        "status": str(run.status),
-        "state": _dumps(run.state),
-        "cursor": _dumps(run.cursor),
-        "revision": run.revision,
-        "idempotency_key": run.idempotency_key,
-        "parent_run_id": run.parent_run_id,
-        "parent_step": run.parent_step,
-        "lease_owner": run.lease_owner,
-        "lease_expires_at": run.lease_expires_at,
-        "next_attempt_at": run.next_attempt_at,
-        "error": None if run.error is None else _dumps(run.error),
-        "created_at": run.created_at,
-        "updated_at": run.updated_at,
-    }
-
-
-def _run_from_row(r: dict[str, Any]) -> RunRecord:
-    return RunRecord(
-        run_id=r["run_id"],
-        workflow_type=r["workflow_type"],
-        definition_hash=r["definition_hash"],
-        fingerprints=_loads(r["fingerprints"]),
-        status=Status(r["status"]),
-        state=_loads(r["state"]),
-        input=_loads(r["input"]) or {},
-        cursor=_loads(r["cursor"]),
-        revision=r["revision"],
-        idempotency_key=r["idempotency_key"],
-        parent_run_id=r["parent_run_id"],
-        parent_step=r["parent_step"],
-        lease_owner=r["lease_owner"],
-        lease_expires_at=r["lease_expires_at"],
-        next_attempt_at=r["next_attempt_at"],
-        error=_loads(r["error"]),
-        created_at=r["created_at"],
-        updated_at=r["updated_at"],
-    )
-
-
-def _step_params(s: StepRecord) -> dict[str, Any]:
-    return {
-        "run_id": s.run_id,
-        "step": s.step,
-        "step_name": s.step_name,
-        "kind": s.kind,
-        "status": s.status,
-        "attempt": s.attempt,
-        "started_at": s.started_at,
-        "finished_at": s.finished_at,
-        "output": None if s.output is None else _dumps(s.output),
-        "error": None if s.error is None else _dumps(s.error),
-        "ref_seq": s.ref_seq,
-    }

@@ -73,6 +73,19 @@ UPDATE workflow_runs SET lease_owner = :owner, lease_expires_at = :lease_expires
     revision = revision + 1
 WHERE run_id = :run_id AND revision = :expected_revision;
 
+-- name: claim_due
+-- Lease the oldest due runs nobody live holds (one writer: no skip-locking needed).
+UPDATE workflow_runs SET lease_owner = :owner, lease_expires_at = :lease_expires_at,
+    revision = revision + 1
+WHERE run_id IN (
+    SELECT run_id FROM workflow_runs
+    WHERE ((status IN ('RUNNING', 'COMPENSATING')
+            AND (next_attempt_at IS NULL OR next_attempt_at <= :now))
+        OR (status = 'WAITING' AND next_attempt_at IS NOT NULL AND next_attempt_at <= :now))
+      AND (lease_owner IS NULL OR lease_expires_at <= :now OR lease_owner = :owner)
+    ORDER BY created_at, rowid LIMIT :limit)
+RETURNING run_id;
+
 -- name: renew_lease
 -- Extend a lease we still hold.
 UPDATE workflow_runs SET lease_expires_at = :lease_expires_at
