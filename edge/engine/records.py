@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -116,3 +117,6 @@ class Commit:
     new_runs: list[RunRecord] = field(default_factory=list)
     #: Parents to wake (WAITING on a child that just finished): made RUNNING and due now.
     wake: list[str] = field(default_factory=list)
+    #: Identifies this commit, so a store that lost its connection during COMMIT can
+    #: tell whether it landed (and must not be applied again).
+    token: str = field(default_factory=lambda: uuid.uuid4().hex)

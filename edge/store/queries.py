@@ -29,8 +29,8 @@ def parse_queries(text: str) -> dict[str, str]:
     return out
 
 
-def load_queries(dialect: str) -> dict[str, str]:
-    text = resources.files("edge.store").joinpath(f"sql/{dialect}/queries.sql").read_text()
+def load_queries(dialect: str, package: str = "edge.store") -> dict[str, str]:
+    text = resources.files(package).joinpath(f"sql/{dialect}/queries.sql").read_text()
     return parse_queries(text)
 
 

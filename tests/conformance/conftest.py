@@ -1,31 +1,131 @@
 """One conformance suite over every store: each test gets a fresh database.
 
-Add a backend by adding a param to ``store_factory``; a gap in a backend is a named
-marker (``pytest.mark.skip_<backend>``) so gaps can be counted.
+SQLite: a file in ``tmp_path``. PostgreSQL: a database cloned from a template that is
+migrated once per session (``TILLFLOW_TEST_DATABASE_URL``, default the local server's
+``test`` database, names the server). Under ``CI=true`` the PostgreSQL leg must run;
+elsewhere it is skipped, with a reason, when no server answers.
 """
 
 from __future__ import annotations
 
+import os
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import apsw
+import psycopg
 import pytest
+from psycopg import conninfo
 
+from cloud.store.postgres import PostgresStore
 from edge.engine import Engine, FakeClock, InlineExecutor, Store, Workflow
 from edge.engine.loader import load_text
 from edge.store.sqlite import SqliteStore
 
 StoreFactory = Callable[[], Store]
 
+PG_URL = os.environ.get("TILLFLOW_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
+BACKENDS = ["sqlite", "postgresql"]
 
-@pytest.fixture(params=["sqlite"])
-def store_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreFactory]:
+
+def _with_dbname(url: str, dbname: str) -> str:
+    return conninfo.make_conninfo(url, dbname=dbname)
+
+
+@pytest.fixture(scope="session")
+def pg_template() -> Iterator[str]:
+    """A migrated template database, made once per session."""
+    try:
+        admin = psycopg.connect(PG_URL, autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError as exc:
+        reason = (
+            f"PostgreSQL not reachable at {PG_URL} ({exc}); set TILLFLOW_TEST_DATABASE_URL="
+            "postgresql://USER@HOST:PORT/DB to run the PostgreSQL leg"
+        )
+        if os.environ.get("CI") == "true":
+            pytest.fail("under CI=true the PostgreSQL leg must run: " + reason)
+        pytest.skip(reason)
+    name = f"tillflow_tpl_{os.getpid()}"
+    admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.execute(f'CREATE DATABASE "{name}"')
+    PostgresStore(_with_dbname(PG_URL, name)).close()
+    try:
+        yield name
+    finally:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+@pytest.fixture
+def pg_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh PostgreSQL database for one test, cloned from the template."""
+    template = request.getfixturevalue("pg_template")
+    name = f"tillflow_t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_URL, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    try:
+        yield _with_dbname(PG_URL, name)
+    finally:
+        with psycopg.connect(PG_URL, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+class Backend:
+    """What a test needs to know about the database under the store: raw SQL access."""
+
+    def __init__(self, name: str, target: str) -> None:
+        self.name = name
+        self.target = target  # file path (sqlite) or URL (postgresql)
+
+    def open(self) -> Store:
+        if self.name == "sqlite":
+            return SqliteStore(self.target)
+        return PostgresStore(self.target, pool_size=2)
+
+    def execute(self, sql: str) -> None:
+        """Run SQL as someone with direct access to the database would."""
+        if self.name == "sqlite":
+            conn = apsw.Connection(self.target)
+            try:
+                conn.execute(sql)
+            finally:
+                conn.close()
+        else:
+            with psycopg.connect(self.target, autocommit=True) as conn:
+                conn.execute(sql.encode())
+
+    def tamper(self, sql: str) -> None:
+        """Edit the audit log past its append-only triggers, as an attacker would."""
+        if self.name == "sqlite":
+            self.execute(
+                "DROP TRIGGER IF EXISTS workflow_audit_log_no_update;"
+                "DROP TRIGGER IF EXISTS workflow_audit_log_no_delete;" + sql
+            )
+        else:
+            self.execute("ALTER TABLE workflow_audit_log DISABLE TRIGGER USER;" + sql)
+
+    @property
+    def refusal(self) -> type[Exception]:
+        """What the driver raises when the append-only triggers refuse a write."""
+        return apsw.ConstraintError if self.name == "sqlite" else psycopg.errors.RaiseException
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    if request.param == "sqlite":
+        return Backend("sqlite", str(tmp_path / "conformance.db"))
+    return Backend("postgresql", request.getfixturevalue("pg_url"))
+
+
+@pytest.fixture
+def store_factory(backend: Backend) -> Iterator[StoreFactory]:
     """Opens a (new) connection to this test's database; call again to 'restart'."""
     opened: list[Any] = []
 
     def open_store() -> Store:
-        s = SqliteStore(tmp_path / "conformance.db")
+        s = backend.open()
         opened.append(s)
         return s
 

@@ -5,9 +5,7 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
-from pathlib import Path
 
-import apsw
 import pytest
 import tf_steps
 
@@ -149,15 +147,6 @@ def test_recover__ignores_finished_and_waiting_runs(engine, register):
 # --- audit chain ---------------------------------------------------------------------
 
 
-def _tamper(store, sql: str) -> None:
-    """Edit the audit log as an attacker with file access would (sqlite)."""
-    conn = apsw.Connection(str(Path(store.path)))
-    conn.execute("DROP TRIGGER IF EXISTS workflow_audit_log_no_update")
-    conn.execute("DROP TRIGGER IF EXISTS workflow_audit_log_no_delete")
-    conn.execute(sql)
-    conn.close()
-
-
 @pytest.fixture
 def audited(engine, register):
     register(LONG)
@@ -168,37 +157,35 @@ def audited(engine, register):
     return engine
 
 
-def test_audit__an_edited_row_is_detected_at_its_seq(audited, store):
-    _tamper(store, "UPDATE workflow_audit_log SET detail = '{\"attempt\": 9}' WHERE seq = 5")
+def test_audit__an_edited_row_is_detected_at_its_seq(audited, backend):
+    backend.tamper("UPDATE workflow_audit_log SET detail = '{\"attempt\": 9}' WHERE seq = 5")
     report = audited.verify_audit()
     assert not report.ok and report.broken_at == 5 and "edited" in report.reason
 
 
-def test_audit__a_deleted_row_is_detected(audited, store):
-    _tamper(store, "DELETE FROM workflow_audit_log WHERE seq = 7")
+def test_audit__a_deleted_row_is_detected(audited, backend):
+    backend.tamper("DELETE FROM workflow_audit_log WHERE seq = 7")
     report = audited.verify_audit()
     assert not report.ok and report.broken_at == 7 and "missing" in report.reason
 
 
-def test_audit__a_removed_tail_is_detected_by_the_head(audited, store):
-    _tamper(store, "DELETE FROM workflow_audit_log WHERE seq = 12")
+def test_audit__a_removed_tail_is_detected_by_the_head(audited, backend):
+    backend.tamper("DELETE FROM workflow_audit_log WHERE seq = 12")
     report = audited.verify_audit()
     assert not report.ok and report.broken_at == 12
 
 
-def test_audit__a_rechained_forgery_still_disagrees_with_the_head(audited, store):
-    _tamper(store, "DELETE FROM workflow_audit_log WHERE seq >= 11")
-    _tamper(store, "UPDATE audit_head SET seq = 99")
+def test_audit__a_rechained_forgery_still_disagrees_with_the_head(audited, backend):
+    backend.tamper("DELETE FROM workflow_audit_log WHERE seq >= 11")
+    backend.execute("UPDATE audit_head SET seq = 99")
     assert not audited.verify_audit().ok
 
 
-def test_audit__the_log_refuses_updates_and_deletes(audited, store):
-    conn = apsw.Connection(str(Path(store.path)))
-    with pytest.raises(apsw.ConstraintError, match="append-only"):
-        conn.execute("UPDATE workflow_audit_log SET event = 'x' WHERE seq = 1")
-    with pytest.raises(apsw.ConstraintError, match="append-only"):
-        conn.execute("DELETE FROM workflow_audit_log WHERE seq = 1")
-    conn.close()
+def test_audit__the_log_refuses_updates_and_deletes(audited, backend):
+    with pytest.raises(backend.refusal, match="append-only"):
+        backend.execute("UPDATE workflow_audit_log SET event = 'x' WHERE seq = 1")
+    with pytest.raises(backend.refusal, match="append-only"):
+        backend.execute("DELETE FROM workflow_audit_log WHERE seq = 1")
 
 
 def test_start__a_retried_request_drives_the_run_a_crash_left_in_flight(

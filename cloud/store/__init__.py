@@ -1,0 +1,1 @@
+"""The control plane's persistence: the engine's Store on PostgreSQL."""

@@ -1,0 +1,421 @@
+"""The PostgreSQL store (psycopg 3 + psycopg-pool): the engine's Store for the cloud.
+
+Same contract as the SQLite store (``edge.engine.ports.Store``), same named queries in
+PostgreSQL's dialect. What differs, and lives only here:
+
+- many workers: ``claim_due`` skips rows other workers are claiming (SKIP LOCKED);
+- transient failures (lost connection, serialization failure, deadlock) are retried
+  with backoff, each time in a fresh transaction;
+- a connection that drops during COMMIT leaves the outcome unknown: the retry reads
+  the run's ``commit_token`` back and, if the first try landed, does not apply it again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
+
+import psycopg
+import psycopg.errors
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from edge.engine.audit import GENESIS, link
+from edge.engine.records import AuditRow, Commit, OutboxMessage, RunRecord, Status, StepRecord
+from edge.errors import LeaseLost, MigrationError, StorageFull, StoreError
+from edge.store import rows as rowmap
+from edge.store.queries import load_migrations, load_queries
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Conn = psycopg.Connection[dict[str, Any]]
+
+_QUERIES = load_queries("postgresql", package="cloud.store")
+
+#: Tries of one operation when the failure is transient (connection lost, serialization
+#: failure, deadlock), and the first wait between them (doubling): ~3 s in all.
+DEFAULT_RETRIES = 6
+DEFAULT_BACKOFF_S = 0.05
+#: Connections per store: a worker process advances one run at a time, plus the
+#: heartbeat thread, plus one for a concurrent reader.
+DEFAULT_POOL_SIZE = 4
+#: Any 64-bit number of ours: serialises migrations across processes.
+_MIGRATION_LOCK = 0x7417_F10E
+
+_TRANSIENT: tuple[type[BaseException], ...] = (
+    psycopg.OperationalError,  # connection lost or refused, admin shutdown
+    psycopg.errors.SerializationFailure,
+    psycopg.errors.DeadlockDetected,
+    PoolTimeout,
+)
+
+
+def _dec(value: Any) -> Any:
+    return value  # psycopg already decodes jsonb
+
+
+class _AlreadyApplied(Exception):
+    """A retried commit finds that its first try landed."""
+
+
+class PostgresStore:
+    dialect = "postgresql"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        pool_size: int = DEFAULT_POOL_SIZE,
+        retries: int = DEFAULT_RETRIES,
+        backoff_s: float = DEFAULT_BACKOFF_S,
+        sleep: Callable[[float], None] = time.sleep,
+        migrate: bool = True,
+        fault: Callable[[str], None] | None = None,
+    ) -> None:
+        """``fault`` is a fault-injection seam for tests: called with "before_commit"
+        (inside the transaction) and "after_commit" (after it committed) on each write."""
+        self.url = url
+        self.path = _redact(url)
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self._sleep = sleep
+        self._fault = fault or (lambda point: None)
+        self.pool: ConnectionPool[Conn] = ConnectionPool(
+            url,
+            min_size=1,
+            max_size=pool_size,
+            kwargs={"autocommit": True, "row_factory": dict_row},
+            open=False,
+            name="tillflow",
+        )
+        try:
+            self.pool.open(wait=True, timeout=10)
+        except PoolTimeout as exc:
+            self.pool.close()
+            raise StoreError(
+                f"cannot connect to PostgreSQL at {self.path}",
+                operation="open",
+                path=self.path,
+                hint="is the server running, and does the URL name an existing database?",
+                retryable=True,
+            ) from exc
+        try:
+            if migrate:
+                self.migrate()
+        except BaseException:
+            self.pool.close()
+            raise
+
+    # --- plumbing ------------------------------------------------------------------
+
+    def _run(self, operation: str, fn: Callable[[Conn, int], T], *, write: bool = True) -> T:
+        """Run ``fn(conn, attempt)`` in one transaction, retrying transient failures."""
+        for attempt in range(self.retries + 1):
+            try:
+                with self.pool.connection() as conn, self._translate(operation):
+                    with conn.transaction():
+                        result = fn(conn, attempt)
+                        if write:
+                            self._fault("before_commit")
+                    if write:
+                        self._fault("after_commit")
+                    return result
+            except StoreError as exc:
+                if not exc.retryable or attempt == self.retries:
+                    raise
+                delay = self.backoff_s * 2**attempt
+                log.warning(
+                    "%s failed (%s); retry %d in %.2fs",
+                    operation,
+                    exc.message,
+                    attempt + 1,
+                    delay,
+                    extra={"action": "store_retry", "operation": operation},
+                )
+                self._sleep(delay)
+        raise AssertionError("unreachable")
+
+    @contextlib.contextmanager
+    def _translate(self, operation: str) -> Iterator[None]:
+        try:
+            yield
+        except psycopg.errors.DiskFull as exc:
+            raise StorageFull(
+                "the database server is out of disk; new work is declined",
+                operation=operation,
+                path=self.path,
+            ) from exc
+        except _TRANSIENT as exc:
+            raise StoreError(
+                f"{type(exc).__name__}: {exc}".strip(),
+                operation=operation,
+                path=self.path,
+                retryable=True,
+            ) from exc
+        except psycopg.Error as exc:
+            raise StoreError(
+                f"{type(exc).__name__}: {exc}".strip(), operation=operation, path=self.path
+            ) from exc
+
+    @staticmethod
+    def _q(conn: Conn, name: str, params: Mapping[str, Any] | None = None) -> psycopg.Cursor[Any]:
+        return conn.execute(_QUERIES[name], params or {})
+
+    def _rows(self, name: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+        return self._run(name, lambda conn, _: self._q(conn, name, params).fetchall(), write=False)
+
+    def _scalar(self, name: str, params: Mapping[str, Any] | None = None) -> Any:
+        def read(conn: Conn, _: int) -> Any:
+            row = self._q(conn, name, params).fetchone()
+            return None if row is None else next(iter(row.values()))
+
+        return self._run(name, read, write=False)
+
+    # --- schema --------------------------------------------------------------------
+
+    def migrate(self) -> int:
+        migrations = load_migrations(self.dialect, package="cloud.store")
+
+        def apply_pending(conn: Conn, _: int) -> int:
+            # One transaction, under an advisory lock: concurrent workers starting at
+            # once migrate exactly once; DDL is transactional in PostgreSQL.
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+            self._q(conn, "create_migrations_table")
+            row = self._q(conn, "schema_version").fetchone()
+            current = int(next(iter(row.values()))) if row else 0
+            if current > len(migrations):
+                raise MigrationError(
+                    f"database schema version {current} is newer than this build knows "
+                    f"({len(migrations)})",
+                    operation="migrate",
+                    path=self.path,
+                    hint="upgrade tillflow, or point it at the matching database",
+                )
+            for mig in migrations[current:]:
+                try:
+                    with conn.transaction():
+                        conn.execute(mig.sql.encode())  # bytes: sent as-is, no placeholders
+                        self._q(
+                            conn,
+                            "record_migration",
+                            {"version": mig.version, "name": mig.name, "at": time.time()},
+                        )
+                except psycopg.Error as exc:
+                    raise MigrationError(
+                        f"migration {mig.version:04d}_{mig.name} failed: {exc}",
+                        operation="migrate",
+                        path=self.path,
+                    ) from exc
+            return len(migrations) if current < len(migrations) else current
+
+        return self._run("migrate", apply_pending)
+
+    def schema_version(self) -> int:
+        if not self._scalar("has_migrations_table"):
+            return 0
+        return int(self._scalar("schema_version"))
+
+    # --- definitions ---------------------------------------------------------------
+
+    def save_definition(
+        self, content_hash: str, workflow_type: str, version: str, snapshot: str, at: float
+    ) -> None:
+        params = {
+            "content_hash": content_hash,
+            "workflow_type": workflow_type,
+            "version": version,
+            "snapshot": snapshot,
+            "at": at,
+        }
+        self._run("save_definition", lambda conn, _: self._q(conn, "save_definition", params))
+
+    def load_definition(self, content_hash: str) -> str | None:
+        value = self._scalar("load_definition", {"content_hash": content_hash})
+        return None if value is None else str(value)
+
+    def latest_definition(self, workflow_type: str) -> str | None:
+        value = self._scalar("latest_definition", {"workflow_type": workflow_type})
+        return None if value is None else str(value)
+
+    # --- runs ----------------------------------------------------------------------
+
+    def start(self, commit: Commit) -> tuple[str, bool]:
+        run = commit.run
+
+        def insert(conn: Conn, attempt: int) -> tuple[str, bool]:
+            if attempt and self._q(conn, "get_run", {"run_id": run.run_id}).fetchone():
+                return run.run_id, True  # the first try landed before the connection dropped
+            inserted = self._q(conn, "insert_run", self._run_params(run, commit.token)).fetchone()
+            if inserted is None:  # idempotency key taken: the existing run is the answer
+                row = self._q(
+                    conn, "run_by_idempotency_key", {"idempotency_key": run.idempotency_key}
+                ).fetchone()
+                assert row is not None
+                return str(row["run_id"]), False
+            self._apply(conn, commit, inserted_run=True)
+            return run.run_id, True
+
+        return self._run("start", insert)
+
+    def commit(self, commit: Commit) -> None:
+        try:
+            self._run("commit", lambda conn, attempt: self._apply(conn, commit, inserted_run=False))
+        except _AlreadyApplied:
+            log.info(
+                "commit of run %s had landed before the connection dropped",
+                commit.run.run_id,
+                extra={"action": "commit_already_applied", "run_id": commit.run.run_id},
+            )
+
+    def _run_params(self, run: RunRecord, token: str) -> dict[str, Any]:
+        return {**rowmap.run_params(run, Jsonb), "commit_token": token}
+
+    def _apply(self, conn: Conn, c: Commit, *, inserted_run: bool) -> None:
+        if inserted_run:
+            self._q(conn, "insert_run_input", {"run_id": c.run.run_id, "input": Jsonb(c.run.input)})
+        else:
+            params = {**self._run_params(c.run, c.token), "expected_revision": c.expected_revision}
+            if self._q(conn, "update_run", params).rowcount != 1:
+                now = self._q(conn, "get_run", {"run_id": c.run.run_id}).fetchone()
+                if now is not None and now["commit_token"] == c.token:
+                    raise _AlreadyApplied
+                raise LeaseLost(
+                    f"run {c.run.run_id} changed under us (expected revision "
+                    f"{c.expected_revision}); this outcome was not committed",
+                    operation="commit",
+                    path=self.path,
+                )
+        for child in c.new_runs:
+            if self._q(conn, "insert_run", self._run_params(child, c.token)).fetchone() is None:
+                raise StoreError(
+                    f"child run of {c.run.run_id} collides with an existing idempotency key "
+                    f"{child.idempotency_key}",
+                    operation="commit",
+                    path=self.path,
+                )
+            self._q(conn, "insert_run_input", {"run_id": child.run_id, "input": Jsonb(child.input)})
+        for step in c.steps:
+            step.seq = self._q(conn, "insert_step", rowmap.step_params(step, Jsonb)).fetchone()[
+                "seq"
+            ]  # type: ignore[index]
+        for msg in c.outbox:
+            msg.seq = self._q(conn, "insert_outbox", rowmap.outbox_params(msg, Jsonb)).fetchone()[
+                "seq"
+            ]  # type: ignore[index]
+        for parent in c.wake:
+            self._q(conn, "wake_run", {"run_id": parent, "at": c.run.updated_at})
+        if c.audit:
+            # Last, so the chain's one lock is held only for these few statements + COMMIT.
+            head = self._q(conn, "audit_head").fetchone()
+            seq, prev = (int(head["seq"]), str(head["hash"])) if head else (0, GENESIS)
+            for ev in c.audit:
+                seq += 1
+                digest = link(prev, seq, ev)
+                self._q(conn, "insert_audit", rowmap.audit_params(seq, ev, prev, digest, Jsonb))
+                prev = digest
+            self._q(conn, "set_audit_head", {"seq": seq, "hash": prev})
+
+    def claim(
+        self, run_id: str, expected_revision: int, owner: str, lease_expires_at: float
+    ) -> RunRecord | None:
+        params = {
+            "run_id": run_id,
+            "expected_revision": expected_revision,
+            "owner": owner,
+            "lease_expires_at": lease_expires_at,
+        }
+
+        def take(conn: Conn, _: int) -> RunRecord | None:
+            if self._q(conn, "claim_run", params).rowcount != 1:
+                return None
+            row = self._q(conn, "get_run", {"run_id": run_id}).fetchone()
+            return rowmap.run_from_row(row, _dec) if row else None
+
+        return self._run("claim", take)
+
+    def claim_due(
+        self, owner: str, now: float, lease_expires_at: float, limit: int
+    ) -> list[RunRecord]:
+        params = {"owner": owner, "now": now, "lease_expires_at": lease_expires_at, "limit": limit}
+        return [
+            rowmap.run_from_row(r, _dec)
+            for r in self._run(
+                "claim_due", lambda conn, _: self._q(conn, "claim_due", params).fetchall()
+            )
+        ]
+
+    def renew_lease(self, run_id: str, owner: str, lease_expires_at: float) -> bool:
+        params = {"run_id": run_id, "owner": owner, "lease_expires_at": lease_expires_at}
+        return self._run(
+            "renew_lease", lambda conn, _: self._q(conn, "renew_lease", params).rowcount == 1
+        )
+
+    def get_run(self, run_id: str) -> RunRecord | None:
+        found = self._rows("get_run", {"run_id": run_id})
+        return rowmap.run_from_row(found[0], _dec) if found else None
+
+    def list_runs(
+        self, statuses: Sequence[Status] | None = None, limit: int = 100
+    ) -> list[RunRecord]:
+        if not statuses:
+            return self._runs("list_runs", {"limit": limit})
+        out: list[RunRecord] = []
+        for status in statuses:
+            out += self._runs("list_runs_by_status", {"status": str(status), "limit": limit})
+        out.sort(key=lambda r: r.created_at, reverse=True)
+        return out[:limit]
+
+    def recoverable(self, now: float, limit: int = 1000) -> list[RunRecord]:
+        return self._runs("recoverable_runs", {"now": now, "limit": limit})
+
+    def _runs(self, query: str, params: Mapping[str, Any]) -> list[RunRecord]:
+        return [rowmap.run_from_row(r, _dec) for r in self._rows(query, params)]
+
+    def step_history(self, run_id: str) -> list[StepRecord]:
+        return [
+            rowmap.step_from_row(r, _dec) for r in self._rows("step_history", {"run_id": run_id})
+        ]
+
+    # --- audit and outbox ------------------------------------------------------------
+
+    def audit_rows(self, run_id: str | None = None) -> Iterator[AuditRow]:
+        found = (
+            self._rows("audit_rows_for_run", {"run_id": run_id})
+            if run_id
+            else self._rows("audit_rows")
+        )
+        for r in found:
+            yield rowmap.audit_from_row(r, _dec)
+
+    def audit_head(self) -> tuple[int, str] | None:
+        head = self._rows("audit_head")
+        if not head or int(head[0]["seq"]) == 0:
+            return None  # the same answer as an empty SQLite chain
+        return int(head[0]["seq"]), str(head[0]["hash"])
+
+    def outbox(self, after_seq: int = 0, limit: int = 100) -> list[OutboxMessage]:
+        found = self._rows("outbox_after", {"after_seq": after_seq, "limit": limit})
+        return [rowmap.outbox_from_row(r, _dec) for r in found]
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+def _redact(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    try:
+        info = psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return "<unparseable database URL>"
+    info.pop("password", None)
+    return " ".join(f"{k}={v}" for k, v in sorted(info.items()))
+
+
+def open_store(url: str, **options: Any) -> PostgresStore:
+    """Entry point ``tillflow.stores: postgresql`` (the CLI opens stores by URL scheme)."""
+    return PostgresStore(url, **options)

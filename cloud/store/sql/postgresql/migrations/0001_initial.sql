@@ -1,0 +1,115 @@
+-- Tillflow PostgreSQL schema, version 1: the same tables as the SQLite store, in
+-- PostgreSQL's types (jsonb for documents; times are epoch seconds, as on SQLite).
+
+CREATE TABLE workflow_definitions (
+    content_hash   text PRIMARY KEY,
+    workflow_type  text NOT NULL,
+    version        text NOT NULL,
+    snapshot       text NOT NULL,
+    registered_at  double precision NOT NULL,
+    registered_seq bigint GENERATED ALWAYS AS IDENTITY
+);
+
+CREATE INDEX workflow_definitions_by_type
+    ON workflow_definitions (workflow_type, registered_at, registered_seq);
+
+CREATE TABLE workflow_runs (
+    run_id           text PRIMARY KEY,
+    workflow_type    text NOT NULL,
+    definition_hash  text NOT NULL REFERENCES workflow_definitions (content_hash),
+    fingerprints     jsonb NOT NULL,
+    status           text NOT NULL CHECK (status IN ('RUNNING', 'WAITING', 'COMPLETED',
+                         'FAILED', 'COMPENSATING', 'ROLLED_BACK', 'CANCELLED')),
+    state            jsonb NOT NULL,
+    cursor           jsonb NOT NULL,
+    revision         bigint NOT NULL,
+    idempotency_key  text UNIQUE,
+    parent_run_id    text REFERENCES workflow_runs (run_id),
+    parent_step      text,
+    lease_owner      text,
+    lease_expires_at double precision,
+    next_attempt_at  double precision,
+    error            jsonb,
+    created_at       double precision NOT NULL,
+    updated_at       double precision NOT NULL,
+    -- Which commit wrote this revision: after a connection drops during COMMIT, the
+    -- store reads it back to tell "landed" from "lost" and never applies an outcome twice.
+    commit_token     text
+);
+
+-- A run's input never changes; kept apart so the per-step UPDATE does not copy it.
+CREATE TABLE workflow_run_inputs (
+    run_id text PRIMARY KEY REFERENCES workflow_runs (run_id),
+    input  jsonb NOT NULL
+);
+
+CREATE INDEX workflow_runs_in_flight ON workflow_runs (created_at)
+    WHERE status IN ('RUNNING', 'COMPENSATING', 'WAITING');
+CREATE INDEX workflow_runs_by_status ON workflow_runs (status, created_at);
+CREATE INDEX workflow_runs_by_parent ON workflow_runs (parent_run_id);
+
+CREATE TABLE workflow_steps (
+    seq         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    run_id      text NOT NULL REFERENCES workflow_runs (run_id),
+    step        text NOT NULL,
+    step_name   text NOT NULL,
+    kind        text NOT NULL,
+    status      text NOT NULL,
+    attempt     integer NOT NULL,
+    started_at  double precision NOT NULL,
+    finished_at double precision NOT NULL,
+    output      jsonb,
+    error       jsonb,
+    ref_seq     bigint
+);
+
+CREATE INDEX workflow_steps_by_run ON workflow_steps (run_id, seq);
+
+-- Append-only, hash-chained per database (see edge/engine/audit.py), as on SQLite.
+CREATE TABLE workflow_audit_log (
+    seq       bigint PRIMARY KEY,
+    run_id    text,
+    event     text NOT NULL,
+    step      text,
+    detail    jsonb NOT NULL,
+    at        double precision NOT NULL,
+    prev_hash text NOT NULL,
+    hash      text NOT NULL
+);
+
+CREATE INDEX workflow_audit_log_by_run ON workflow_audit_log (run_id, seq);
+
+CREATE FUNCTION workflow_audit_log_append_only() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'workflow_audit_log is append-only';
+END
+$$;
+
+CREATE TRIGGER workflow_audit_log_no_update BEFORE UPDATE ON workflow_audit_log
+    FOR EACH ROW EXECUTE FUNCTION workflow_audit_log_append_only();
+CREATE TRIGGER workflow_audit_log_no_delete BEFORE DELETE ON workflow_audit_log
+    FOR EACH ROW EXECUTE FUNCTION workflow_audit_log_append_only();
+CREATE TRIGGER workflow_audit_log_no_truncate BEFORE TRUNCATE ON workflow_audit_log
+    FOR EACH STATEMENT EXECUTE FUNCTION workflow_audit_log_append_only();
+
+-- The chain's last link. Appenders lock this one row (FOR UPDATE), last in their
+-- transaction: that orders the chain across workers and holds the lock only briefly.
+CREATE TABLE audit_head (
+    id   integer PRIMARY KEY CHECK (id = 1),
+    seq  bigint NOT NULL,
+    hash text NOT NULL
+);
+
+INSERT INTO audit_head (id, seq, hash)
+VALUES (1, 0, '0000000000000000000000000000000000000000000000000000000000000000');
+
+CREATE TABLE outbox (
+    seq        bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    message_id text NOT NULL UNIQUE,
+    run_id     text,
+    step       text,
+    topic      text NOT NULL,
+    payload    jsonb NOT NULL,
+    created_at double precision NOT NULL
+);

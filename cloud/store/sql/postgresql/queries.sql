@@ -1,0 +1,167 @@
+-- Named queries of the PostgreSQL store: the same names as the SQLite store's (a test
+-- checks the sets), in PostgreSQL's dialect and psycopg's %(name)s parameters.
+
+-- name: create_migrations_table
+-- Bookkeeping for applied migrations; created before the first one runs.
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version    integer PRIMARY KEY,
+    name       text NOT NULL,
+    applied_at double precision NOT NULL
+);
+
+-- name: has_migrations_table
+-- Whether migrations were ever applied here (status must not create anything).
+SELECT count(*) FROM pg_tables WHERE schemaname = current_schema() AND tablename = 'schema_migrations';
+
+-- name: schema_version
+-- The highest applied migration.
+SELECT coalesce(max(version), 0) FROM schema_migrations;
+
+-- name: record_migration
+-- Mark one migration applied.
+INSERT INTO schema_migrations (version, name, applied_at) VALUES (%(version)s, %(name)s, %(at)s);
+
+-- name: save_definition
+-- Register a definition snapshot; the same content hash twice is a no-op.
+INSERT INTO workflow_definitions (content_hash, workflow_type, version, snapshot, registered_at)
+VALUES (%(content_hash)s, %(workflow_type)s, %(version)s, %(snapshot)s, %(at)s)
+ON CONFLICT (content_hash) DO NOTHING;
+
+-- name: load_definition
+-- One snapshot by content hash.
+SELECT snapshot FROM workflow_definitions WHERE content_hash = %(content_hash)s;
+
+-- name: latest_definition
+-- The newest snapshot registered for a workflow type.
+SELECT snapshot FROM workflow_definitions WHERE workflow_type = %(workflow_type)s
+ORDER BY registered_at DESC, registered_seq DESC LIMIT 1;
+
+-- name: run_by_idempotency_key
+-- The run started with an idempotency key, if any.
+SELECT run_id FROM workflow_runs WHERE idempotency_key = %(idempotency_key)s;
+
+-- name: insert_run
+-- A new run row; an existing idempotency key inserts nothing (returns no row).
+INSERT INTO workflow_runs (run_id, workflow_type, definition_hash, fingerprints, status, state,
+    cursor, revision, idempotency_key, parent_run_id, parent_step, lease_owner,
+    lease_expires_at, next_attempt_at, error, created_at, updated_at, commit_token)
+VALUES (%(run_id)s, %(workflow_type)s, %(definition_hash)s, %(fingerprints)s, %(status)s,
+    %(state)s, %(cursor)s, %(revision)s, %(idempotency_key)s, %(parent_run_id)s,
+    %(parent_step)s, %(lease_owner)s, %(lease_expires_at)s, %(next_attempt_at)s, %(error)s,
+    %(created_at)s, %(updated_at)s, %(commit_token)s)
+ON CONFLICT (idempotency_key) DO NOTHING
+RETURNING run_id;
+
+-- name: insert_run_input
+-- A new run's input, written once.
+INSERT INTO workflow_run_inputs (run_id, input) VALUES (%(run_id)s, %(input)s);
+
+-- name: update_run
+-- Replace a run's mutable columns if nobody else changed it since we read it.
+UPDATE workflow_runs SET status = %(status)s, state = %(state)s, cursor = %(cursor)s,
+    revision = %(revision)s, lease_owner = %(lease_owner)s,
+    lease_expires_at = %(lease_expires_at)s, next_attempt_at = %(next_attempt_at)s,
+    error = %(error)s, fingerprints = %(fingerprints)s, updated_at = %(updated_at)s,
+    commit_token = %(commit_token)s
+WHERE run_id = %(run_id)s AND revision = %(expected_revision)s;
+
+-- name: wake_run
+-- A child finished: make its WAITING parent runnable now.
+UPDATE workflow_runs SET status = 'RUNNING', next_attempt_at = %(at)s, lease_owner = NULL,
+    lease_expires_at = NULL, revision = revision + 1, updated_at = %(at)s
+WHERE run_id = %(run_id)s AND status = 'WAITING';
+
+-- name: claim_run
+-- Take the lease on a run whose revision is unchanged.
+UPDATE workflow_runs SET lease_owner = %(owner)s, lease_expires_at = %(lease_expires_at)s,
+    revision = revision + 1
+WHERE run_id = %(run_id)s AND revision = %(expected_revision)s;
+
+-- name: claim_due
+-- Lease the oldest due runs nobody live holds; rows another worker is claiming are skipped.
+WITH due AS (
+    SELECT run_id FROM workflow_runs
+    WHERE ((status IN ('RUNNING', 'COMPENSATING')
+            AND (next_attempt_at IS NULL OR next_attempt_at <= %(now)s))
+        OR (status = 'WAITING' AND next_attempt_at IS NOT NULL AND next_attempt_at <= %(now)s))
+      AND (lease_owner IS NULL OR lease_expires_at <= %(now)s OR lease_owner = %(owner)s)
+    ORDER BY created_at LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+), claimed AS (
+    UPDATE workflow_runs r SET lease_owner = %(owner)s,
+        lease_expires_at = %(lease_expires_at)s, revision = r.revision + 1
+    FROM due WHERE r.run_id = due.run_id
+    RETURNING r.*
+)
+SELECT c.*, i.input FROM claimed c LEFT JOIN workflow_run_inputs i USING (run_id)
+ORDER BY c.created_at;
+
+-- name: renew_lease
+-- Extend a lease we still hold.
+UPDATE workflow_runs SET lease_expires_at = %(lease_expires_at)s
+WHERE run_id = %(run_id)s AND lease_owner = %(owner)s;
+
+-- name: get_run
+-- One run.
+SELECT r.*, i.input FROM workflow_runs r LEFT JOIN workflow_run_inputs i USING (run_id)
+WHERE r.run_id = %(run_id)s;
+
+-- name: list_runs
+-- Most recent runs first.
+SELECT r.*, i.input FROM workflow_runs r LEFT JOIN workflow_run_inputs i USING (run_id)
+ORDER BY r.created_at DESC, r.run_id DESC LIMIT %(limit)s;
+
+-- name: list_runs_by_status
+-- Most recent runs with one status first.
+SELECT r.*, i.input FROM workflow_runs r LEFT JOIN workflow_run_inputs i USING (run_id)
+WHERE r.status = %(status)s ORDER BY r.created_at DESC, r.run_id DESC LIMIT %(limit)s;
+
+-- name: recoverable_runs
+-- Runs a worker may need to pick up, oldest first.
+SELECT r.*, i.input FROM workflow_runs r LEFT JOIN workflow_run_inputs i USING (run_id)
+WHERE r.status IN ('RUNNING', 'COMPENSATING')
+   OR (r.status = 'WAITING' AND r.next_attempt_at IS NOT NULL AND r.next_attempt_at <= %(now)s)
+ORDER BY r.created_at, r.run_id LIMIT %(limit)s;
+
+-- name: insert_step
+-- One step outcome; returns its seq.
+INSERT INTO workflow_steps (run_id, step, step_name, kind, status, attempt, started_at,
+    finished_at, output, error, ref_seq)
+VALUES (%(run_id)s, %(step)s, %(step_name)s, %(kind)s, %(status)s, %(attempt)s,
+    %(started_at)s, %(finished_at)s, %(output)s, %(error)s, %(ref_seq)s)
+RETURNING seq;
+
+-- name: step_history
+-- A run's step rows in order.
+SELECT * FROM workflow_steps WHERE run_id = %(run_id)s ORDER BY seq;
+
+-- name: audit_head
+-- The chain's last link, locked until the appending transaction ends.
+SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE;
+
+-- name: set_audit_head
+-- Move the chain's last link.
+UPDATE audit_head SET seq = %(seq)s, hash = %(hash)s WHERE id = 1;
+
+-- name: insert_audit
+-- Append one audit row.
+INSERT INTO workflow_audit_log (seq, run_id, event, step, detail, at, prev_hash, hash)
+VALUES (%(seq)s, %(run_id)s, %(event)s, %(step)s, %(detail)s, %(at)s, %(prev_hash)s, %(hash)s);
+
+-- name: audit_rows
+-- The whole chain in order.
+SELECT * FROM workflow_audit_log ORDER BY seq;
+
+-- name: audit_rows_for_run
+-- One run's audit rows in order.
+SELECT * FROM workflow_audit_log WHERE run_id = %(run_id)s ORDER BY seq;
+
+-- name: insert_outbox
+-- Queue one message; returns its seq.
+INSERT INTO outbox (message_id, run_id, step, topic, payload, created_at)
+VALUES (%(message_id)s, %(run_id)s, %(step)s, %(topic)s, %(payload)s, %(created_at)s)
+RETURNING seq;
+
+-- name: outbox_after
+-- Queued messages after a sequence number, in order.
+SELECT * FROM outbox WHERE seq > %(after_seq)s ORDER BY seq LIMIT %(limit)s;
