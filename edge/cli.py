@@ -12,17 +12,30 @@ import dataclasses
 import datetime as dt
 import json
 import logging
+import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from edge.engine import Engine, InlineExecutor, RunRecord, Status, SystemClock
+from edge.engine import (
+    Engine,
+    Executor,
+    InlineExecutor,
+    PollingExecutor,
+    RunRecord,
+    Status,
+    Store,
+    SystemClock,
+    Worker,
+)
 from edge.engine.graph import to_mermaid
 from edge.engine.imports import add_search_paths
 from edge.engine.loader import Workflow, load_file
 from edge.errors import ConfigError, DefinitionError, Problem, TillflowError
-from edge.store.sqlite import SqliteStore
+from edge.store import DATABASE_URL_ENV, open_store
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_RUN_FAILED, EXIT_PROBLEMS = 0, 1, 2, 3, 4
 _UNHAPPY = {Status.FAILED, Status.ROLLED_BACK, Status.CANCELLED}
@@ -41,8 +54,13 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", help="print machine-readable JSON")
     common.add_argument("-v", "--verbose", action="store_true", help="log engine activity")
     db = argparse.ArgumentParser(add_help=False)
-    db.add_argument(
-        "--db", required=True, metavar="DB", help="SQLite database file (created if missing)"
+    where = db.add_mutually_exclusive_group()
+    where.add_argument("--db", metavar="FILE", help="SQLite database file (created if missing)")
+    where.add_argument(
+        "--database-url",
+        metavar="URL",
+        help="a database URL: postgresql://USER@HOST:PORT/DB, or sqlite:///PATH "
+        f"(default: ${DATABASE_URL_ENV})",
     )
     db.add_argument(
         "--synchronous",
@@ -98,6 +116,14 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("list", parents=[common, db], help="list runs, newest first")
     s.add_argument("--status", choices=[str(x) for x in Status], help="only runs with this status")
     s.add_argument("--limit", type=int, default=50)
+
+    s = sub.add_parser(
+        "worker",
+        parents=[common, db],
+        help="claim and advance due runs until SIGTERM/SIGINT (many may share a database)",
+    )
+    s.add_argument("--batch", type=int, default=8, help="runs claimed per poll (default 8)")
+    s.add_argument("--poll-s", type=float, default=0.2, help="idle wait between polls (s)")
 
     sub.add_parser(
         "recover", parents=[common, db], help="resume and drive every in-flight run after a crash"
@@ -176,10 +202,26 @@ def _input(text: str) -> dict[str, Any]:
     return data
 
 
-def _engine(args: argparse.Namespace) -> Engine:
-    store = SqliteStore(args.db, synchronous=args.synchronous)
-    engine = Engine(store, InlineExecutor(sleep=True), clock=SystemClock())
-    args.opened += [engine, store]
+def _database_url(args: argparse.Namespace) -> str:
+    url = args.db or args.database_url or os.environ.get(DATABASE_URL_ENV)
+    if not url:
+        raise ConfigError(
+            "no database given",
+            hint=f"pass --db FILE or --database-url URL, or set {DATABASE_URL_ENV}",
+        )
+    return str(url)
+
+
+def _store(args: argparse.Namespace, *, migrate: bool = True) -> Store:
+    store = open_store(_database_url(args), synchronous=args.synchronous, migrate=migrate)
+    args.opened.append(store)
+    return store
+
+
+def _engine(args: argparse.Namespace, executor: Executor | None = None) -> Engine:
+    store = _store(args)
+    engine = Engine(store, executor or InlineExecutor(sleep=True), clock=SystemClock())
+    args.opened.insert(0, engine)
     return engine
 
 
@@ -367,10 +409,22 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_db(args: argparse.Namespace) -> int:
-    store = SqliteStore(args.db, synchronous=args.synchronous, migrate=args.db_command == "migrate")
-    args.opened.append(store)
+    store = _store(args, migrate=args.db_command == "migrate")
     version = store.schema_version()
-    _emit(args, {"db": args.db, "schema_version": version}, f"{args.db}: schema version {version}")
+    where = getattr(store, "path", _database_url(args))
+    _emit(args, {"db": where, "schema_version": version}, f"{where}: schema version {version}")
+    return EXIT_OK
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    engine = _engine(args, PollingExecutor())
+    worker = Worker(engine, batch=args.batch, poll_s=args.poll_s)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"worker {engine.owner} polling; SIGTERM or Ctrl-C stops it", file=sys.stderr, flush=True)
+    stats = worker.run(stop)
+    _emit(args, dataclasses.asdict(stats), f"worker stopped: {stats.claimed} run(s) advanced")
     return EXIT_OK
 
 
@@ -385,6 +439,7 @@ _COMMANDS = {
     "cancel": cmd_cancel,
     "audit": cmd_audit,
     "db": cmd_db,
+    "worker": cmd_worker,
 }
 
 __all__ = ["main"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -179,9 +180,14 @@ class SqliteStore:
         for mig in migrations[current:]:
             try:
                 with self._tx(f"migrate {mig.version:04d}_{mig.name}") as conn:
+                    # Re-read under the write lock: another process (the daemon beside
+                    # the CLI) may have applied it since.
+                    if int(self._q("schema_version").get) >= mig.version:
+                        continue
                     conn.execute(mig.sql)
                     self._q(
-                        "record_migration", {"version": mig.version, "name": mig.name, "at": 0.0}
+                        "record_migration",
+                        {"version": mig.version, "name": mig.name, "at": time.time()},
                     )
             except StoreError as exc:
                 raise MigrationError(

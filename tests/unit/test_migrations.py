@@ -245,3 +245,35 @@ def test_parse_queries__rejects_a_duplicate_name():
     text = "-- name: q\n-- One.\nSELECT 1;\n\n-- name: q\n-- Again.\nSELECT 2;\n"
     with pytest.raises(ValueError, match="query 'q' is defined twice"):
         parse_queries(text)
+
+
+def test_migrate__two_processes_opening_a_new_database_at_once_migrate_it_once(tmp_path):
+    """The daemon and the CLI may open a fresh terminal database at the same moment."""
+    import subprocess
+    import sys
+
+    db = tmp_path / "race.db"
+    script = (
+        "import sys; from edge.store.sqlite import SqliteStore; "
+        "sys.stdin.readline(); SqliteStore(sys.argv[1]).close(); print('ok')"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(db)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    for p in procs:  # release all four together
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    results = [p.communicate(timeout=30) for p in procs]
+    assert [(p.returncode, out.strip()) for p, (out, _) in zip(procs, results, strict=True)] == [
+        (0, "ok")
+    ] * 4, [err for _, err in results]
+    conn = apsw.Connection(str(db))
+    assert conn.execute("SELECT count(*) FROM schema_migrations").get == 1
+    conn.close()
