@@ -113,12 +113,26 @@ class PostgresStore:
 
     # --- plumbing ------------------------------------------------------------------
 
-    def _run(self, operation: str, fn: Callable[[Conn, int], T], *, write: bool = True) -> T:
-        """Run ``fn(conn, attempt)`` in one transaction, retrying transient failures."""
+    def _run(
+        self,
+        operation: str,
+        fn: Callable[[Conn, int], T],
+        *,
+        write: bool = True,
+        pipeline: bool = False,
+    ) -> T:
+        """Run ``fn(conn, attempt)`` in one transaction, retrying transient failures.
+
+        ``pipeline``: BEGIN, the statements and COMMIT are sent without waiting for each
+        answer (psycopg pipeline mode); ``fn`` syncs where it needs results.
+        """
         for attempt in range(self.retries + 1):
             try:
                 with self.pool.connection() as conn, self._translate(operation):
-                    with conn.transaction():
+                    with (
+                        conn.pipeline() if pipeline else contextlib.nullcontext(),
+                        conn.transaction(),
+                    ):
                         result = fn(conn, attempt)
                         if write:
                             self._fault("before_commit")
@@ -260,11 +274,15 @@ class PostgresStore:
             self._apply(conn, commit, inserted_run=True)
             return run.run_id, True
 
-        return self._run("start", insert)
+        return self._run("start", insert, pipeline=True)
 
     def commit(self, commit: Commit) -> None:
         try:
-            self._run("commit", lambda conn, attempt: self._apply(conn, commit, inserted_run=False))
+            self._run(
+                "commit",
+                lambda conn, attempt: self._apply(conn, commit, inserted_run=False),
+                pipeline=True,
+            )
         except _AlreadyApplied:
             log.info(
                 "commit of run %s had landed before the connection dropped",
@@ -276,42 +294,57 @@ class PostgresStore:
         return {**rowmap.run_params(run, Jsonb), "commit_token": token}
 
     def _apply(self, conn: Conn, c: Commit, *, inserted_run: bool) -> None:
-        if inserted_run:
-            self._q(conn, "insert_run_input", {"run_id": c.run.run_id, "input": Jsonb(c.run.input)})
-        else:
-            params = {**self._run_params(c.run, c.token), "expected_revision": c.expected_revision}
-            if self._q(conn, "update_run", params).rowcount != 1:
-                now = self._q(conn, "get_run", {"run_id": c.run.run_id}).fetchone()
-                if now is not None and now["commit_token"] == c.token:
-                    raise _AlreadyApplied
-                raise LeaseLost(
-                    f"run {c.run.run_id} changed under us (expected revision "
-                    f"{c.expected_revision}); this outcome was not committed",
-                    operation="commit",
-                    path=self.path,
+        """Write one outcome in two batches: everything up to the audit head's lock, one
+        sync to read what came back, then the audit rows (COMMIT follows in the caller)."""
+        with conn.pipeline():  # leaving it syncs: one round trip for this whole batch
+            update = None
+            if inserted_run:
+                self._q(
+                    conn, "insert_run_input", {"run_id": c.run.run_id, "input": Jsonb(c.run.input)}
                 )
-        for child in c.new_runs:
-            if self._q(conn, "insert_run", self._run_params(child, c.token)).fetchone() is None:
+            else:
+                params = {
+                    **self._run_params(c.run, c.token),
+                    "expected_revision": c.expected_revision,
+                }
+                update = self._q(conn, "update_run", params)
+            children = [
+                self._q(conn, "insert_run", self._run_params(ch, c.token)) for ch in c.new_runs
+            ]
+            for ch in c.new_runs:
+                self._q(conn, "insert_run_input", {"run_id": ch.run_id, "input": Jsonb(ch.input)})
+            steps = [self._q(conn, "insert_step", rowmap.step_params(s, Jsonb)) for s in c.steps]
+            outbox = [
+                self._q(conn, "insert_outbox", rowmap.outbox_params(m, Jsonb)) for m in c.outbox
+            ]
+            for parent in c.wake:
+                self._q(conn, "wake_run", {"run_id": parent, "at": c.run.updated_at})
+            # Last, so the chain's one lock is held only for the second batch + COMMIT.
+            head_cur = self._q(conn, "audit_head") if c.audit else None
+        if update is not None and update.rowcount != 1:
+            now = self._q(conn, "get_run", {"run_id": c.run.run_id}).fetchone()
+            if now is not None and now["commit_token"] == c.token:
+                raise _AlreadyApplied
+            raise LeaseLost(
+                f"run {c.run.run_id} changed under us (expected revision "
+                f"{c.expected_revision}); this outcome was not committed",
+                operation="commit",
+                path=self.path,
+            )
+        for child, cur in zip(c.new_runs, children, strict=True):
+            if cur.fetchone() is None:
                 raise StoreError(
                     f"child run of {c.run.run_id} collides with an existing idempotency key "
                     f"{child.idempotency_key}",
                     operation="commit",
                     path=self.path,
                 )
-            self._q(conn, "insert_run_input", {"run_id": child.run_id, "input": Jsonb(child.input)})
-        for step in c.steps:
-            step.seq = self._q(conn, "insert_step", rowmap.step_params(step, Jsonb)).fetchone()[
-                "seq"
-            ]  # type: ignore[index]
-        for msg in c.outbox:
-            msg.seq = self._q(conn, "insert_outbox", rowmap.outbox_params(msg, Jsonb)).fetchone()[
-                "seq"
-            ]  # type: ignore[index]
-        for parent in c.wake:
-            self._q(conn, "wake_run", {"run_id": parent, "at": c.run.updated_at})
-        if c.audit:
-            # Last, so the chain's one lock is held only for these few statements + COMMIT.
-            head = self._q(conn, "audit_head").fetchone()
+        for step, cur in zip(c.steps, steps, strict=True):
+            step.seq = _returned_seq(cur)
+        for msg, cur in zip(c.outbox, outbox, strict=True):
+            msg.seq = _returned_seq(cur)
+        if head_cur is not None:
+            head = head_cur.fetchone()
             seq, prev = (int(head["seq"]), str(head["hash"])) if head else (0, GENESIS)
             for ev in c.audit:
                 seq += 1
@@ -404,6 +437,12 @@ class PostgresStore:
 
     def close(self) -> None:
         self.pool.close()
+
+
+def _returned_seq(cur: psycopg.Cursor[Any]) -> int:
+    row = cur.fetchone()
+    assert row is not None  # INSERT ... RETURNING seq returns one row
+    return int(row["seq"])
 
 
 def _redact(url: str) -> str:
