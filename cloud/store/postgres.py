@@ -280,7 +280,9 @@ class PostgresStore:
         try:
             self._run(
                 "commit",
-                lambda conn, attempt: self._apply(conn, commit, inserted_run=False),
+                lambda conn, attempt: self._apply(
+                    conn, commit, inserted_run=False, retry=attempt > 0
+                ),
                 pipeline=True,
             )
         except _AlreadyApplied:
@@ -293,9 +295,16 @@ class PostgresStore:
     def _run_params(self, run: RunRecord, token: str) -> dict[str, Any]:
         return {**rowmap.run_params(run, Jsonb), "commit_token": token}
 
-    def _apply(self, conn: Conn, c: Commit, *, inserted_run: bool) -> None:
+    def _apply(self, conn: Conn, c: Commit, *, inserted_run: bool, retry: bool = False) -> None:
         """Write one outcome in two batches: everything up to the audit head's lock, one
-        sync to read what came back, then the audit rows (COMMIT follows in the caller)."""
+        sync to read what came back, then the audit rows (COMMIT follows in the caller).
+
+        ``retry``: an earlier try may have landed unheard; ask first, before the batch's
+        inserts could collide with what it wrote."""
+        if retry and not inserted_run:
+            now = self._q(conn, "get_run", {"run_id": c.run.run_id}).fetchone()
+            if now is not None and now["commit_token"] == c.token:
+                raise _AlreadyApplied
         with conn.pipeline():  # leaving it syncs: one round trip for this whole batch
             update = None
             if inserted_run:

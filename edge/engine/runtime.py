@@ -569,12 +569,19 @@ class Engine:
             return
         raise InvalidRunState(f"run {run_id} kept changing; cancel again")
 
-    def recover(self) -> list[str]:
+    def recover(self, *, unleased: bool = True) -> list[str]:
         """Resume every run whose holder is gone (lease expired, or its process died on
-        this host) and every WAITING run whose timeout passed. Returns their ids."""
+        this host) and every WAITING run whose timeout passed. Returns their ids.
+
+        ``unleased``: also take runs nobody ever claimed (children, woken parents, runs
+        started for workers). A terminal wants them (nothing else will run them); a
+        cloud worker leaves them to ``claim_due``, which shares them out in batches.
+        """
         now = self.clock.now()
         picked = []
         for run in self.store.recoverable(now):
+            if run.lease_owner is None and not unleased:
+                continue
             held = (
                 run.lease_owner is not None
                 and run.lease_owner != self.owner

@@ -22,8 +22,9 @@ log = logging.getLogger(__name__)
 DEFAULT_BATCH = 8
 #: Seconds an idle worker waits before polling again.
 DEFAULT_POLL_S = 0.2
-#: Polls between two ``recover()`` passes (finding runs of dead workers).
-RECOVER_EVERY = 25
+#: Seconds between two ``recover()`` passes (finding runs of dead workers), busy or not:
+#: a dead peer's runs must not wait for the queue to drain or their leases to expire.
+RECOVER_EVERY_S = 5.0
 
 
 @dataclass
@@ -41,6 +42,7 @@ class Worker:
         self.batch = batch
         self.poll_s = poll_s
         self.stats = WorkerStats()
+        self._next_recover = engine.clock.now() + RECOVER_EVERY_S
 
     def run_once(self) -> int:
         """Claim and advance one batch; returns how many runs it advanced."""
@@ -51,15 +53,18 @@ class Worker:
         for run in claimed:
             e.advance(run.run_id, claimed=run)
         self.stats.claimed += len(claimed)
-        if not claimed and self.stats.polls % RECOVER_EVERY == 1:
-            self.stats.recovered += len(self.recover())
+        if e.clock.now() >= self._next_recover:
+            self.recover()
         return len(claimed)
 
     def recover(self) -> list[str]:
-        """Take over runs whose holders died; advance them here."""
-        ids = self.engine.recover()
+        """Take over runs whose holders died; advance them here. Unclaimed runs are left
+        to ``claim_due``, so a worker starting against a backlog takes one batch."""
+        ids = self.engine.recover(unleased=False)
         for run_id in ids:
             self.engine.advance(run_id)
+        self.stats.recovered += len(ids)
+        self._next_recover = self.engine.clock.now() + RECOVER_EVERY_S
         return ids
 
     def run(self, stop: threading.Event) -> WorkerStats:

@@ -4,6 +4,7 @@ so the terminal never imports the cloud."""
 
 from __future__ import annotations
 
+import re
 from importlib.metadata import entry_points
 from typing import Any
 from urllib.parse import urlsplit
@@ -18,6 +19,11 @@ DATABASE_URL_ENV = "TILLFLOW_DATABASE_URL"
 def open_store(url: str, *, synchronous: str = "FULL", **options: Any) -> Store:
     """Open the store ``url`` names, migrating it. ``synchronous`` applies to SQLite."""
     scheme = urlsplit(url).scheme.lower() if "://" in url else ""
+    if not scheme and re.match(r"^\s*\w+\s*=", url):
+        raise ConfigError(
+            f"'{url}' looks like a libpq connection string, not a database URL",
+            hint="write it as postgresql://USER@HOST:PORT/DBNAME",
+        )
     if scheme in ("", "sqlite", "file"):
         from edge.store.sqlite import SqliteStore
 

@@ -519,3 +519,13 @@ def test_recover__with_nothing_in_flight_recovers_nothing(capsys, db):
     start_payment(capsys, db)
     assert main(["recover", "--db", db]) == 0
     assert capsys.readouterr().out == "recovered 0 run(s)\n"
+
+
+def test_cli__a_libpq_connection_string_is_refused_not_taken_for_a_file(
+    tmp_path, capsys, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    code = main(["db", "status", "--database-url", "host=127.0.0.1 dbname=test"])
+    assert code == 1
+    assert "libpq connection string" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # no file named like the string was created
