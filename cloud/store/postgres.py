@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
 import psycopg
@@ -25,9 +25,10 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from edge.engine.audit import GENESIS, link
-from edge.engine.records import AuditRow, Commit, OutboxMessage, RunRecord, Status, StepRecord
+from edge.engine.records import Commit, RunRecord
 from edge.errors import LeaseLost, MigrationError, StorageFull, StoreError
 from edge.store import rows as rowmap
+from edge.store.base import RowReads
 from edge.store.queries import load_migrations, load_queries
 
 log = logging.getLogger(__name__)
@@ -55,15 +56,11 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
 )
 
 
-def _dec(value: Any) -> Any:
-    return value  # psycopg already decodes jsonb
-
-
 class _AlreadyApplied(Exception):
     """A retried commit finds that its first try landed."""
 
 
-class PostgresStore:
+class PostgresStore(RowReads):
     dialect = "postgresql"
 
     def __init__(
@@ -229,11 +226,6 @@ class PostgresStore:
 
         return self._run("migrate", apply_pending)
 
-    def schema_version(self) -> int:
-        if not self._scalar("has_migrations_table"):
-            return 0
-        return int(self._scalar("schema_version"))
-
     # --- definitions ---------------------------------------------------------------
 
     def save_definition(
@@ -247,14 +239,6 @@ class PostgresStore:
             "at": at,
         }
         self._run("save_definition", lambda conn, _: self._q(conn, "save_definition", params))
-
-    def load_definition(self, content_hash: str) -> str | None:
-        value = self._scalar("load_definition", {"content_hash": content_hash})
-        return None if value is None else str(value)
-
-    def latest_definition(self, workflow_type: str) -> str | None:
-        value = self._scalar("latest_definition", {"workflow_type": workflow_type})
-        return None if value is None else str(value)
 
     # --- runs ----------------------------------------------------------------------
 
@@ -376,7 +360,7 @@ class PostgresStore:
             if self._q(conn, "claim_run", params).rowcount != 1:
                 return None
             row = self._q(conn, "get_run", {"run_id": run_id}).fetchone()
-            return rowmap.run_from_row(row, _dec) if row else None
+            return rowmap.run_from_row(row, self._decode) if row else None
 
         return self._run("claim", take)
 
@@ -385,7 +369,7 @@ class PostgresStore:
     ) -> list[RunRecord]:
         params = {"owner": owner, "now": now, "lease_expires_at": lease_expires_at, "limit": limit}
         return [
-            rowmap.run_from_row(r, _dec)
+            rowmap.run_from_row(r, self._decode)
             for r in self._run(
                 "claim_due", lambda conn, _: self._q(conn, "claim_due", params).fetchall()
             )
@@ -396,53 +380,6 @@ class PostgresStore:
         return self._run(
             "renew_lease", lambda conn, _: self._q(conn, "renew_lease", params).rowcount == 1
         )
-
-    def get_run(self, run_id: str) -> RunRecord | None:
-        found = self._rows("get_run", {"run_id": run_id})
-        return rowmap.run_from_row(found[0], _dec) if found else None
-
-    def list_runs(
-        self, statuses: Sequence[Status] | None = None, limit: int = 100
-    ) -> list[RunRecord]:
-        if not statuses:
-            return self._runs("list_runs", {"limit": limit})
-        out: list[RunRecord] = []
-        for status in statuses:
-            out += self._runs("list_runs_by_status", {"status": str(status), "limit": limit})
-        out.sort(key=lambda r: r.created_at, reverse=True)
-        return out[:limit]
-
-    def recoverable(self, now: float, limit: int = 1000) -> list[RunRecord]:
-        return self._runs("recoverable_runs", {"now": now, "limit": limit})
-
-    def _runs(self, query: str, params: Mapping[str, Any]) -> list[RunRecord]:
-        return [rowmap.run_from_row(r, _dec) for r in self._rows(query, params)]
-
-    def step_history(self, run_id: str) -> list[StepRecord]:
-        return [
-            rowmap.step_from_row(r, _dec) for r in self._rows("step_history", {"run_id": run_id})
-        ]
-
-    # --- audit and outbox ------------------------------------------------------------
-
-    def audit_rows(self, run_id: str | None = None) -> Iterator[AuditRow]:
-        found = (
-            self._rows("audit_rows_for_run", {"run_id": run_id})
-            if run_id
-            else self._rows("audit_rows")
-        )
-        for r in found:
-            yield rowmap.audit_from_row(r, _dec)
-
-    def audit_head(self) -> tuple[int, str] | None:
-        head = self._rows("audit_head")
-        if not head or int(head[0]["seq"]) == 0:
-            return None  # the same answer as an empty SQLite chain
-        return int(head[0]["seq"]), str(head[0]["hash"])
-
-    def outbox(self, after_seq: int = 0, limit: int = 100) -> list[OutboxMessage]:
-        found = self._rows("outbox_after", {"after_seq": after_seq, "limit": limit})
-        return [rowmap.outbox_from_row(r, _dec) for r in found]
 
     def close(self) -> None:
         self.pool.close()

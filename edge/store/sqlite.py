@@ -11,7 +11,7 @@ import contextlib
 import json
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,15 +19,12 @@ import apsw
 
 from edge.engine.audit import GENESIS, link
 from edge.engine.records import (
-    AuditRow,
     Commit,
-    OutboxMessage,
     RunRecord,
-    Status,
-    StepRecord,
 )
 from edge.errors import LeaseLost, MigrationError, StorageFull, StoreError
 from edge.store import rows as rowmap
+from edge.store.base import RowReads
 from edge.store.queries import load_migrations, load_queries
 
 Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
@@ -74,10 +71,14 @@ def _set_busy_timeout(conn: apsw.Connection, ms: int) -> None:
     conn.set_busy_timeout(ms)
 
 
-class SqliteStore:
+class SqliteStore(RowReads):
     """Store on one SQLite file. Thread-safe: one lock serialises all use of the connection."""
 
     dialect = "sqlite"
+
+    @staticmethod
+    def _decode(value: Any) -> Any:
+        return _loads(value)
 
     def __init__(
         self,
@@ -197,11 +198,6 @@ class SqliteStore:
                 ) from exc
         return self.schema_version()
 
-    def schema_version(self) -> int:
-        if not self._scalar("has_migrations_table"):
-            return 0  # a database nothing was ever migrated into
-        return int(self._scalar("schema_version"))
-
     # --- definitions ---------------------------------------------------------------
 
     def save_definition(
@@ -218,14 +214,6 @@ class SqliteStore:
                     "at": at,
                 },
             )
-
-    def load_definition(self, content_hash: str) -> str | None:
-        value = self._scalar("load_definition", {"content_hash": content_hash})
-        return None if value is None else str(value)
-
-    def latest_definition(self, workflow_type: str) -> str | None:
-        value = self._scalar("latest_definition", {"workflow_type": workflow_type})
-        return None if value is None else str(value)
 
     # --- runs ----------------------------------------------------------------------
 
@@ -318,58 +306,6 @@ class SqliteStore:
                 {"run_id": run_id, "owner": owner, "lease_expires_at": lease_expires_at},
             )
             return bool(self._conn.changes() == 1)
-
-    def get_run(self, run_id: str) -> RunRecord | None:
-        found = self._rows("get_run", {"run_id": run_id})
-        return rowmap.run_from_row(found[0], _loads) if found else None
-
-    def list_runs(
-        self, statuses: Sequence[Status] | None = None, limit: int = 100
-    ) -> list[RunRecord]:
-        if not statuses:
-            return [
-                rowmap.run_from_row(r, _loads) for r in self._rows("list_runs", {"limit": limit})
-            ]
-        out: list[RunRecord] = []
-        for status in statuses:
-            out += [
-                rowmap.run_from_row(r, _loads)
-                for r in self._rows("list_runs_by_status", {"status": str(status), "limit": limit})
-            ]
-        out.sort(key=lambda r: r.created_at, reverse=True)
-        return out[:limit]
-
-    def recoverable(self, now: float, limit: int = 1000) -> list[RunRecord]:
-        return [
-            rowmap.run_from_row(r, _loads)
-            for r in self._rows("recoverable_runs", {"now": now, "limit": limit})
-        ]
-
-    def step_history(self, run_id: str) -> list[StepRecord]:
-        return [
-            rowmap.step_from_row(r, _loads) for r in self._rows("step_history", {"run_id": run_id})
-        ]
-
-    # --- audit and outbox ------------------------------------------------------------
-
-    def audit_rows(self, run_id: str | None = None) -> Iterator[AuditRow]:
-        found = (
-            self._rows("audit_rows_for_run", {"run_id": run_id})
-            if run_id
-            else self._rows("audit_rows")
-        )
-        for r in found:
-            yield rowmap.audit_from_row(r, _loads)
-
-    def audit_head(self) -> tuple[int, str] | None:
-        head = self._rows("audit_head")
-        return (int(head[0]["seq"]), str(head[0]["hash"])) if head else None
-
-    def outbox(self, after_seq: int = 0, limit: int = 100) -> list[OutboxMessage]:
-        return [
-            rowmap.outbox_from_row(r, _loads)
-            for r in self._rows("outbox_after", {"after_seq": after_seq, "limit": limit})
-        ]
 
     # --- maintenance -----------------------------------------------------------------
 

@@ -1,0 +1,84 @@
+"""What every store does the same way above its driver: reads mapped to records.
+
+A dialect module (``SqliteStore``, ``PostgresStore``) supplies ``_rows`` and ``_scalar``
+(run one named query) and ``_decode`` (its JSON decoder); the rest is written once here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+from edge.engine.records import AuditRow, OutboxMessage, RunRecord, Status, StepRecord
+from edge.store import rows as rowmap
+
+
+class RowReads:
+    """Read side of the Store protocol, over a dialect's named queries."""
+
+    @staticmethod
+    def _decode(value: Any) -> Any:
+        return value
+
+    def _rows(self, name: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def _scalar(self, name: str, params: Mapping[str, Any] | None = None) -> Any:
+        raise NotImplementedError
+
+    def schema_version(self) -> int:
+        if not self._scalar("has_migrations_table"):
+            return 0  # a database nothing was ever migrated into
+        return int(self._scalar("schema_version"))
+
+    def load_definition(self, content_hash: str) -> str | None:
+        value = self._scalar("load_definition", {"content_hash": content_hash})
+        return None if value is None else str(value)
+
+    def latest_definition(self, workflow_type: str) -> str | None:
+        value = self._scalar("latest_definition", {"workflow_type": workflow_type})
+        return None if value is None else str(value)
+
+    def get_run(self, run_id: str) -> RunRecord | None:
+        found = self._runs("get_run", {"run_id": run_id})
+        return found[0] if found else None
+
+    def list_runs(
+        self, statuses: Sequence[Status] | None = None, limit: int = 100
+    ) -> list[RunRecord]:
+        if not statuses:
+            return self._runs("list_runs", {"limit": limit})
+        out: list[RunRecord] = []
+        for status in statuses:
+            out += self._runs("list_runs_by_status", {"status": str(status), "limit": limit})
+        out.sort(key=lambda r: r.created_at, reverse=True)
+        return out[:limit]
+
+    def recoverable(self, now: float, limit: int = 1000) -> list[RunRecord]:
+        return self._runs("recoverable_runs", {"now": now, "limit": limit})
+
+    def _runs(self, query: str, params: Mapping[str, Any]) -> list[RunRecord]:
+        return [rowmap.run_from_row(r, self._decode) for r in self._rows(query, params)]
+
+    def step_history(self, run_id: str) -> list[StepRecord]:
+        found = self._rows("step_history", {"run_id": run_id})
+        return [rowmap.step_from_row(r, self._decode) for r in found]
+
+    def audit_rows(self, run_id: str | None = None) -> Iterator[AuditRow]:
+        found = (
+            self._rows("audit_rows_for_run", {"run_id": run_id})
+            if run_id
+            else self._rows("audit_rows")
+        )
+        for r in found:
+            yield rowmap.audit_from_row(r, self._decode)
+
+    def audit_head(self) -> tuple[int, str] | None:
+        head = self._rows("audit_head")
+        if not head or int(head[0]["seq"]) == 0:
+            return None  # an empty chain, however the dialect seeds its head
+        return int(head[0]["seq"]), str(head[0]["hash"])
+
+    def outbox(self, after_seq: int = 0, limit: int = 100) -> list[OutboxMessage]:
+        found = self._rows("outbox_after", {"after_seq": after_seq, "limit": limit})
+        return [rowmap.outbox_from_row(r, self._decode) for r in found]
