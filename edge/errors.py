@@ -15,6 +15,7 @@
     │   ├── StepTimeout
     │   └── MergeConflict      PARALLEL results collided with ``on_conflict: error``
     ├── CodeChanged            a step's code changed under a running run (on_code_change: fail)
+    ├── LimitExceeded          a step's guarded counter would pass its cap (``reason`` says which)
     └── StoreError             the database refused or failed (translated from the driver)
         ├── MigrationError
         ├── LeaseLost          another worker advanced the run; this outcome was not committed
@@ -125,6 +126,19 @@ class MergeConflict(StepError):
 
 class CodeChanged(TillflowError):
     code = "code_changed"
+
+
+class LimitExceeded(TillflowError):
+    """A guard of a step's commit would take a counter past its cap; nothing was committed.
+
+    ``reason`` is machine-readable (e.g. ``offline_amount_cap``), for a decline to carry.
+    """
+
+    code = "limit_exceeded"
+
+    def __init__(self, message: str, *, reason: str = "limit_exceeded") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class StoreError(TillflowError):

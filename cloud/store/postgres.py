@@ -28,7 +28,7 @@ from edge.engine.audit import GENESIS, link
 from edge.engine.records import Commit, RunRecord
 from edge.errors import LeaseLost, MigrationError, StorageFull, StoreError
 from edge.store import rows as rowmap
-from edge.store.base import RowReads
+from edge.store.base import RowReads, guard_params, guard_refused
 from edge.store.queries import load_migrations, load_queries
 
 log = logging.getLogger(__name__)
@@ -301,6 +301,11 @@ class PostgresStore(RowReads):
                     "expected_revision": c.expected_revision,
                 }
                 update = self._q(conn, "update_run", params)
+            guards = []
+            for g in c.guards:
+                params = guard_params(g, c.run.updated_at)
+                self._q(conn, "ensure_counter", params)
+                guards.append(self._q(conn, "apply_counter", params))
             children = [
                 self._q(conn, "insert_run", self._run_params(ch, c.token)) for ch in c.new_runs
             ]
@@ -324,6 +329,9 @@ class PostgresStore(RowReads):
                 operation="commit",
                 path=self.path,
             )
+        for guard, cur in zip(c.guards, guards, strict=True):
+            if cur.rowcount != 1:
+                raise guard_refused(guard)
         for child, cur in zip(c.new_runs, children, strict=True):
             if cur.fetchone() is None:
                 raise StoreError(
@@ -379,6 +387,11 @@ class PostgresStore(RowReads):
         params = {"run_id": run_id, "owner": owner, "lease_expires_at": lease_expires_at}
         return self._run(
             "renew_lease", lambda conn, _: self._q(conn, "renew_lease", params).rowcount == 1
+        )
+
+    def ack_outbox_through(self, seq: int) -> int:
+        return self._run(
+            "ack_outbox", lambda conn, _: self._q(conn, "ack_outbox", {"seq": seq}).rowcount
         )
 
     def close(self) -> None:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from edge.engine.clock import Clock
-from edge.engine.records import OutboxMessage
+from edge.engine.records import Guard, OutboxMessage
 
 
 def idempotency_key(run_id: str, step: str, attempt: int) -> str:
@@ -31,7 +32,29 @@ class StepContext:
     index: int | None = None
     #: For a compensation: what the compensated step returned.
     output: Any = None
+    #: What the runtime hands to steps (ports to hardware, policy, keys): Engine(services=...).
+    services: Mapping[str, Any] = field(default_factory=dict, repr=False)
     _emitted: list[OutboxMessage] = field(default_factory=list, repr=False)
+    _guards: list[Guard] = field(default_factory=list, repr=False)
+
+    def guard(
+        self,
+        name: str,
+        *,
+        amount: int = 0,
+        count: int = 0,
+        max_amount: int | None = None,
+        max_count: int | None = None,
+        reason: str = "limit_exceeded",
+    ) -> None:
+        """Change counter ``name`` with this step's outcome, only within the caps.
+
+        Checked inside the commit's transaction, so two concurrent steps cannot both slip
+        under a cap. If it would pass one, nothing commits and the step runs again (same
+        attempt, same idempotency key) against the new totals; a step that keeps being
+        refused fails with LimitExceeded(``reason``).
+        """
+        self._guards.append(Guard(name, amount, count, max_amount, max_count, reason))
 
     def emit(self, topic: str, payload: Any) -> str:
         """Queue a message for the cloud; it commits with this step's outcome, or not at all.

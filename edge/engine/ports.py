@@ -15,6 +15,7 @@ from edge.engine.records import (
     AuditRow,
     Commit,
     OutboxMessage,
+    OutboxStats,
     RunRecord,
     Status,
     StepRecord,
@@ -54,7 +55,8 @@ class Store(Protocol):
         """Apply one step outcome atomically: replace the run row if its revision is
         still ``commit.expected_revision`` (else raise LeaseLost and change nothing);
         append steps (assigning ``seq``), audit rows (chained with ``audit.link``),
-        outbox messages (assigning a monotonic ``seq``); insert ``new_runs``; wake
+        outbox messages (assigning a monotonic ``seq``); apply ``guards`` (any that
+        would pass its cap raises LimitExceeded and nothing commits); insert ``new_runs``; wake
         ``wake`` parents (WAITING -> RUNNING, due now, lease cleared, revision + 1)."""
 
     def claim(
@@ -97,6 +99,15 @@ class Store(Protocol):
         """(seq, hash) of the last appended audit row, kept in the same transaction."""
 
     def outbox(self, after_seq: int = 0, limit: int = 100) -> list[OutboxMessage]: ...
+
+    def outbox_stats(self) -> OutboxStats:
+        """Depth, payload bytes, oldest message time and last seq of the outbox."""
+
+    def ack_outbox_through(self, seq: int) -> int:
+        """Delete messages up to and including ``seq`` (the cloud has them); returns how many."""
+
+    def counters(self) -> dict[str, tuple[int, int]]:
+        """Every guarded counter: name -> (amount, count)."""
 
     def close(self) -> None: ...
 

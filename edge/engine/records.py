@@ -101,6 +101,28 @@ class OutboxMessage:
     seq: int | None = None  # assigned by the store: device-monotonic
 
 
+@dataclass(frozen=True)
+class Guard:
+    """Change counter ``name`` by (``amount``, ``count``) in the step's transaction, only if
+    it stays within ``max_amount``/``max_count`` (None: no cap) and never below zero.
+    Otherwise nothing commits and the step learns ``reason`` (LimitExceeded)."""
+
+    name: str
+    amount: int = 0
+    count: int = 0
+    max_amount: int | None = None
+    max_count: int | None = None
+    reason: str = "limit_exceeded"
+
+
+@dataclass(frozen=True)
+class OutboxStats:
+    depth: int
+    bytes: int
+    oldest: float | None  # created_at of the oldest unacknowledged message
+    last_seq: int
+
+
 @dataclass
 class Commit:
     """Everything one step outcome changes; a store applies it in ONE transaction.
@@ -114,6 +136,8 @@ class Commit:
     steps: list[StepRecord] = field(default_factory=list)
     audit: list[AuditEvent] = field(default_factory=list)
     outbox: list[OutboxMessage] = field(default_factory=list)
+    #: Counter changes with caps, checked in the same transaction (see Guard).
+    guards: list[Guard] = field(default_factory=list)
     new_runs: list[RunRecord] = field(default_factory=list)
     #: Parents to wake (WAITING on a child that just finished): made RUNNING and due now.
     wake: list[str] = field(default_factory=list)

@@ -13,7 +13,7 @@ import logging
 import random
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,7 @@ from edge.errors import (
     InputError,
     InvalidRunState,
     LeaseLost,
+    LimitExceeded,
     RunNotFound,
     StepError,
     TillflowError,
@@ -56,6 +57,11 @@ log = logging.getLogger(__name__)
 #: Seconds a worker's claim on a run lasts without a heartbeat. Long enough that a busy
 #: step never loses it; a crashed holder on THIS host is detected at once regardless.
 DEFAULT_LEASE_S = 30.0
+
+#: Times a step is run again after its guard was refused before it fails: a step that
+#: reads the counters first decides differently on the second run; a third refusal
+#: means it ignores them.
+GUARD_RERUNS = 3
 
 
 @dataclass
@@ -82,6 +88,7 @@ class Engine:
         lease_s: float = DEFAULT_LEASE_S,
         http_client: httpx.Client | None = None,
         new_id: Callable[[], str] | None = None,
+        services: Mapping[str, Any] | None = None,
     ) -> None:
         self.store = store
         self.clock: Clock = clock or SystemClock()
@@ -90,6 +97,8 @@ class Engine:
         self.lease_s = lease_s
         self._http = http_client
         self._new_id = new_id or (lambda: uuid.uuid4().hex)
+        #: Handed to every step as ``ctx.services`` (the terminal's ports, policy, keys).
+        self.services: Mapping[str, Any] = dict(services or {})
         if executor is None:
             executor = InlineExecutor()
         if isinstance(executor, InlineExecutor):
@@ -101,6 +110,8 @@ class Engine:
         self._hot: dict[str, RunRecord] = {}
         #: The validated state-model instance of a run's current revision.
         self._views: dict[str, tuple[int, BaseModel]] = {}
+        #: Guard refusals in a row per run (see _guard_refused).
+        self._refusals: dict[str, int] = {}
         #: Runs a thread of this engine is advancing right now: one thread per run.
         self._driving: set[str] = set()
         self._heartbeat = Heartbeat(store, self.owner, self.clock, lease_s)
@@ -315,6 +326,7 @@ class Engine:
             input=run.input,
             item=item,
             index=index,
+            services=self.services,
         )
         functions = [getattr(step, "function", None)] + [
             t.function for t in getattr(step, "tasks", [])
@@ -343,16 +355,52 @@ class Engine:
         end = self.clock.now()
         c.run.state = new_state
         c.outbox.extend(ctx._emitted)
+        c.guards.extend(ctx._guards)
         c.steps.append(
             StepRecord(run.run_id, path, step.name, "step", "COMPLETED", attempt, now, end, output)
         )
         c.audit.append(AuditEvent(run.run_id, "step_completed", end, path, {"attempt": attempt}))
         c.run.cursor = {"frames": frames, "attempt": 1}
         self._settle(c, wf, self.registry.navigator(wf).after(frames, new_state, run.input))
-        committed = self.commit(c)
+        try:
+            committed = self.commit(c)
+        except LimitExceeded as exc:
+            return self._guard_refused(wf, run, step.name, path, attempt, exc, now)
+        self._refusals.pop(run.run_id, None)
         if instance is not None and committed.run_id in self._hot:
             self._views[committed.run_id] = (committed.revision, instance)
         return committed
+
+    def _guard_refused(
+        self,
+        wf: Workflow,
+        run: RunRecord,
+        name: str,
+        path: str,
+        attempt: int,
+        exc: LimitExceeded,
+        started: float,
+    ) -> RunRecord:
+        """A guard of the step's outcome would pass its cap; nothing was committed.
+
+        Run the step again against the new totals (it is expected to decide differently,
+        e.g. decline); a step refused ``GUARD_RERUNS`` times in a row fails with the reason.
+        """
+        refused = self._refusals.get(run.run_id, 0) + 1
+        if refused < GUARD_RERUNS:
+            self._refusals[run.run_id] = refused
+            log.info(
+                "step %s refused by guard (%s); running it again",
+                path,
+                exc.reason,
+                extra={"action": "guard_refused", "run_id": run.run_id, "step": path},
+            )
+            return run
+        self._refusals.pop(run.run_id, None)
+        c = self.draft(run)
+        outcomes.fail_step(c, wf, name, path, attempt, exc, started, self.clock.now())
+        c.run.error = {**(c.run.error or {}), "reason": exc.reason}
+        return self.commit(c)
 
     def _state_view(self, wf: Workflow, run: RunRecord) -> Any:
         cached = self._views.pop(run.run_id, None)

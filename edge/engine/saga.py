@@ -54,6 +54,7 @@ def compensate_next(engine: Engine, wf: Workflow, run: RunRecord) -> RunRecord:
         clock=engine.clock,
         input=run.input,
         output=row.output,
+        services=engine.services,
     )
     fn = wf.functions[step.compensate]
     try:
@@ -105,6 +106,7 @@ def compensate_next(engine: Engine, wf: Workflow, run: RunRecord) -> RunRecord:
     end = engine.clock.now()
     c.run.state = new_state
     c.outbox.extend(ctx._emitted)
+    c.guards.extend(ctx._guards)
     c.run.cursor["attempt"] = 1
     c.steps.append(
         StepRecord(

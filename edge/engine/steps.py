@@ -190,6 +190,7 @@ def run_parallel(
         merged = merge(merged, out, deep=step.merge == "deep", on_conflict=step.on_conflict)
     for c in contexts.values():
         ctx._emitted.extend(c._emitted)
+        ctx._guards.extend(c._guards)
     return {"state": merged, "errors": errors}
 
 

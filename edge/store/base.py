@@ -9,7 +9,16 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from edge.engine.records import AuditRow, OutboxMessage, RunRecord, Status, StepRecord
+from edge.engine.records import (
+    AuditRow,
+    Guard,
+    OutboxMessage,
+    OutboxStats,
+    RunRecord,
+    Status,
+    StepRecord,
+)
+from edge.errors import LimitExceeded
 from edge.store import rows as rowmap
 
 
@@ -82,3 +91,39 @@ class RowReads:
     def outbox(self, after_seq: int = 0, limit: int = 100) -> list[OutboxMessage]:
         found = self._rows("outbox_after", {"after_seq": after_seq, "limit": limit})
         return [rowmap.outbox_from_row(r, self._decode) for r in found]
+
+    def outbox_stats(self) -> OutboxStats:
+        row = self._rows("outbox_stats")[0]
+        return OutboxStats(
+            depth=int(row["depth"]),
+            bytes=int(row["bytes"]),
+            oldest=row["oldest"],
+            last_seq=int(row["last_seq"]),
+        )
+
+    def counters(self) -> dict[str, tuple[int, int]]:
+        return {r["name"]: (int(r["amount"]), int(r["count"])) for r in self._rows("counters")}
+
+
+def guard_params(guard: Guard, at: float) -> dict[str, object]:
+    return {
+        "name": guard.name,
+        "amount": guard.amount,
+        "count": guard.count,
+        "max_amount": guard.max_amount,
+        "max_count": guard.max_count,
+        "at": at,
+    }
+
+
+def guard_refused(guard: Guard) -> LimitExceeded:
+    caps = ", ".join(
+        f"{what} cap {cap}"
+        for what, cap in (("amount", guard.max_amount), ("count", guard.max_count))
+        if cap is not None
+    )
+    return LimitExceeded(
+        f"counter '{guard.name}' would pass its {caps or 'floor of zero'} "
+        f"(change {guard.amount:+d} / {guard.count:+d}); nothing was committed",
+        reason=guard.reason,
+    )

@@ -24,7 +24,7 @@ from edge.engine.records import (
 )
 from edge.errors import LeaseLost, MigrationError, StorageFull, StoreError
 from edge.store import rows as rowmap
-from edge.store.base import RowReads
+from edge.store.base import RowReads, guard_params, guard_refused
 from edge.store.queries import load_migrations, load_queries
 
 Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
@@ -246,6 +246,12 @@ class SqliteStore(RowReads):
                     operation="commit",
                     path=self.path,
                 )
+        for guard in c.guards:  # first: a refused guard leaves nothing to undo
+            params = guard_params(guard, c.run.updated_at)
+            self._q("ensure_counter", params)
+            self._q("apply_counter", params)
+            if self._conn.changes() != 1:
+                raise guard_refused(guard)
         for child in c.new_runs:
             self._insert_run(child)
         for step in c.steps:
@@ -306,6 +312,11 @@ class SqliteStore(RowReads):
                 {"run_id": run_id, "owner": owner, "lease_expires_at": lease_expires_at},
             )
             return bool(self._conn.changes() == 1)
+
+    def ack_outbox_through(self, seq: int) -> int:
+        with self._tx("ack_outbox"):
+            self._q("ack_outbox", {"seq": seq})
+            return int(self._conn.changes())
 
     # --- maintenance -----------------------------------------------------------------
 

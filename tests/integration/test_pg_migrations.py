@@ -104,6 +104,7 @@ def test_migrations__applied_in_order_give_the_same_schema_as_schema_sql(
         "workflow_audit_log",
         "audit_head",
         "outbox",
+        "counters",
     }
     assert all(from_migrations.values()), "a catalog query found nothing"
     for part in CATALOG:
@@ -190,7 +191,10 @@ _TEXT = {
     "name", "step", "step_name", "kind", "event", "hash", "prev_hash", "message_id", "topic",
     "version",  # text in workflow_definitions, integer in schema_migrations: left untyped
 }  # fmt: skip
-_INT = {"revision", "expected_revision", "attempt", "seq", "ref_seq", "limit", "after_seq"}
+_INT = {
+    "revision", "expected_revision", "attempt", "seq", "ref_seq", "limit", "after_seq",
+    "amount", "count", "max_amount", "max_count",
+}  # fmt: skip
 _FLOAT = {
     "at", "now", "created_at", "updated_at", "lease_expires_at", "next_attempt_at",
     "started_at", "finished_at",

@@ -122,3 +122,21 @@ def typed_add(state: PaymentState, ctx: StepContext) -> dict[str, Any]:
 
 class Approval(BaseModel):
     approver: str
+
+
+def approve_within_cap(state: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    """Approves offline if the exposure counter has room, else declines; guards the approval
+    so a concurrent approval cannot slip under the cap between the check and the commit."""
+    _effect("approve", ctx)
+    cap = int(state.get("cap", 100))
+    exposure = ctx.services["store"].counters().get("offline", (0, 0))[0]
+    if KNOBS.get("ignore_counters"):
+        exposure = 0  # a step that never looks: its guard is all that stands in the way
+    if exposure + state["amount"] > cap:
+        return {"decision": "declined", "reason": "offline_amount_cap"}
+    if KNOBS.get("barrier"):
+        KNOBS["barrier"].wait(5)  # both racers have read the counter before either commits
+    ctx.guard(
+        "offline", amount=state["amount"], count=1, max_amount=cap, reason="offline_amount_cap"
+    )
+    return {"decision": "approved"}

@@ -486,12 +486,12 @@ def test_db__status_of_a_fresh_database_is_0_and_creates_no_tables(capsys, db):
         conn.close()
 
 
-def test_db__migrate_brings_a_fresh_database_to_version_1(capsys, db):
+def test_db__migrate_brings_a_fresh_database_to_the_latest_version(capsys, db):
     assert main(["db", "migrate", "--db", db]) == 0
-    assert capsys.readouterr().out == f"{db}: schema version 1\n"
+    assert capsys.readouterr().out == f"{db}: schema version 2\n"
     code, status = run_json(capsys, "db", "status", "--db", db)
     assert code == 0
-    assert status == {"db": db, "schema_version": 1}
+    assert status == {"db": db, "schema_version": 2}
 
 
 # --- help -------------------------------------------------------------------------------------

@@ -53,6 +53,7 @@ ERROR_TREE = {
     "StoreError": ("TillflowError", "store_error", False),
     "MigrationError": ("StoreError", "migration_failed", False),
     "LeaseLost": ("StoreError", "lease_lost", False),
+    "LimitExceeded": ("TillflowError", "limit_exceeded", False),
     "StorageFull": ("StoreError", "storage_full", False),
 }
 

@@ -165,3 +165,30 @@ RETURNING seq;
 -- name: outbox_after
 -- Queued messages after a sequence number, in order.
 SELECT * FROM outbox WHERE seq > %(after_seq)s ORDER BY seq LIMIT %(limit)s;
+
+-- name: ensure_counter
+-- Create a guarded counter at zero if it does not exist yet.
+INSERT INTO counters (name, amount, count, updated_at) VALUES (%(name)s, 0, 0, %(at)s)
+ON CONFLICT (name) DO NOTHING;
+
+-- name: apply_counter
+-- Change a counter only if it stays within its caps (and never below zero).
+UPDATE counters SET amount = amount + %(amount)s, count = count + %(count)s, updated_at = %(at)s
+WHERE name = %(name)s
+  AND (%(max_amount)s::bigint IS NULL OR amount + %(amount)s <= %(max_amount)s::bigint)
+  AND (%(max_count)s::bigint IS NULL OR count + %(count)s <= %(max_count)s::bigint)
+  AND amount + %(amount)s >= 0 AND count + %(count)s >= 0;
+
+-- name: counters
+-- Every guarded counter.
+SELECT name, amount, count FROM counters ORDER BY name;
+
+-- name: outbox_stats
+-- Depth, payload bytes and the oldest message's time of the outbox.
+SELECT count(*) AS depth, coalesce(sum(octet_length(payload::text)), 0) AS bytes,
+    min(created_at) AS oldest, coalesce(max(seq), 0) AS last_seq
+FROM outbox;
+
+-- name: ack_outbox
+-- Drop what the cloud acknowledged, up to and including a sequence number.
+DELETE FROM outbox WHERE seq <= %(seq)s;

@@ -113,3 +113,10 @@ CREATE TABLE outbox (
     payload    jsonb NOT NULL,
     created_at double precision NOT NULL
 );
+
+CREATE TABLE counters (
+    name       text PRIMARY KEY,
+    amount     bigint NOT NULL DEFAULT 0,
+    count      bigint NOT NULL DEFAULT 0,
+    updated_at double precision NOT NULL
+);

@@ -154,3 +154,30 @@ VALUES (:message_id, :run_id, :step, :topic, :payload, :created_at);
 -- name: outbox_after
 -- Queued messages after a sequence number, in order.
 SELECT * FROM outbox WHERE seq > :after_seq ORDER BY seq LIMIT :limit;
+
+-- name: ensure_counter
+-- Create a guarded counter at zero if it does not exist yet.
+INSERT INTO counters (name, amount, count, updated_at) VALUES (:name, 0, 0, :at)
+ON CONFLICT (name) DO NOTHING;
+
+-- name: apply_counter
+-- Change a counter only if it stays within its caps (and never below zero).
+UPDATE counters SET amount = amount + :amount, count = count + :count, updated_at = :at
+WHERE name = :name
+  AND (:max_amount IS NULL OR amount + :amount <= :max_amount)
+  AND (:max_count IS NULL OR count + :count <= :max_count)
+  AND amount + :amount >= 0 AND count + :count >= 0;
+
+-- name: counters
+-- Every guarded counter.
+SELECT name, amount, count FROM counters ORDER BY name;
+
+-- name: outbox_stats
+-- Depth, payload bytes and the oldest message's time of the outbox.
+SELECT count(*) AS depth, coalesce(sum(length(payload)), 0) AS bytes,
+    min(created_at) AS oldest, coalesce(max(seq), 0) AS last_seq
+FROM outbox;
+
+-- name: ack_outbox
+-- Drop what the cloud acknowledged, up to and including a sequence number.
+DELETE FROM outbox WHERE seq <= :seq;

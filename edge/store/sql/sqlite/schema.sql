@@ -101,3 +101,10 @@ CREATE TABLE outbox (
     payload    TEXT NOT NULL,
     created_at REAL NOT NULL
 ) STRICT;
+
+CREATE TABLE counters (
+    name       TEXT PRIMARY KEY,
+    amount     INTEGER NOT NULL DEFAULT 0,
+    count      INTEGER NOT NULL DEFAULT 0,
+    updated_at REAL NOT NULL
+) STRICT;
