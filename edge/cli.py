@@ -36,6 +36,7 @@ from edge.engine.imports import add_search_paths
 from edge.engine.loader import Workflow, load_file
 from edge.errors import ConfigError, DefinitionError, Problem, TillflowError
 from edge.store import DATABASE_URL_ENV, open_store
+from edge.terminal import cli as terminal_cli
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_RUN_FAILED, EXIT_PROBLEMS = 0, 1, 2, 3, 4
 _UNHAPPY = {Status.FAILED, Status.ROLLED_BACK, Status.CANCELLED}
@@ -144,6 +145,8 @@ def _parser() -> argparse.ArgumentParser:
         help="check the audit hash chain; report the first broken link",
     )
 
+    terminal_cli.add_commands(sub, common, db)
+
     s = sub.add_parser("db", parents=[common], help="database schema commands")
     dbsub = s.add_subparsers(dest="db_command", required=True, metavar="SUBCOMMAND")
     dbsub.add_parser("migrate", parents=[common, db], help="apply pending migrations")
@@ -162,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.opened = []
     try:
         return int(_COMMANDS[args.command](args))
-    except DefinitionError as exc:
+    except (DefinitionError, ConfigError) as exc:  # several problems: show them all
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except TillflowError as exc:
@@ -275,7 +278,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
                         "version": wf.version,
                     }
                 )
-            except DefinitionError as exc:
+            except (DefinitionError, ConfigError) as exc:  # several problems: show them all
                 problems += len(exc.problems)
                 results.append(
                     {
@@ -416,6 +419,10 @@ def cmd_db(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_edge(args: argparse.Namespace) -> int:
+    return terminal_cli.run(args, _store)
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     engine = _engine(args, PollingExecutor())
     worker = Worker(engine, batch=args.batch, poll_s=args.poll_s)
@@ -440,6 +447,7 @@ _COMMANDS = {
     "audit": cmd_audit,
     "db": cmd_db,
     "worker": cmd_worker,
+    "edge": cmd_edge,
 }
 
 __all__ = ["main"]

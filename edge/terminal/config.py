@@ -1,0 +1,171 @@
+"""The terminal daemon's configuration: one pydantic model, from YAML, with environment
+overrides. Read once at the entry point (``tillflow edge run --config FILE``).
+
+Overrides: ``TILLFLOW_<FIELD>``, nested fields joined by ``__``, values parsed as YAML
+scalars — e.g. ``TILLFLOW_DEVICE_ID=T-0042``, ``TILLFLOW_RISK__FLOOR_LIMIT_MINOR=5000``.
+Every option is documented in the README (a test checks each one appears there).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from edge.errors import ConfigError
+
+ENV_PREFIX = "TILLFLOW_"
+#: Variables with the prefix that are not config overrides (read elsewhere).
+_NOT_OVERRIDES = {
+    "TILLFLOW_DATABASE_URL",
+    "TILLFLOW_TEST_DATABASE_URL",
+    "TILLFLOW_BENCH_DATABASE_URL",
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RiskLimits(_Strict):
+    """Offline approval limits; each decline names the limit it hit."""
+
+    floor_limit_minor: int = Field(
+        2_500, ge=0, description="largest single payment approved offline (minor units)"
+    )
+    offline_amount_cap_minor: int = Field(
+        50_000, ge=0, description="total of unsent offline approvals allowed (minor units)"
+    )
+    offline_count_cap: int = Field(20, ge=0, description="number of unsent offline approvals")
+    max_offline_age_s: int = Field(
+        86_400, ge=0, description="past this age of the oldest unsent offline payment, no more"
+    )
+    velocity_window_s: int = Field(600, ge=1, description="window of the per-card velocity check")
+    velocity_max: int = Field(3, ge=1, description="payments with one card within the window")
+    online_random_percent: float = Field(
+        5.0, ge=0, le=100, description="share of payments sent online when the link is up"
+    )
+
+
+class CardReaderConfig(_Strict):
+    kind: Literal["simulated"] = Field("simulated", description="card reader driver")
+    timeout_s: float = Field(30.0, gt=0, description="how long to wait for a card")
+
+
+class PrinterConfig(_Strict):
+    kind: Literal["simulated"] = Field("simulated", description="receipt printer driver")
+
+
+class AcquirerConfig(_Strict):
+    url: str = Field("http://127.0.0.1:8790", description="acquirer host (HTTP+JSON)")
+    timeout_s: float = Field(10.0, gt=0, description="per-request timeout")
+
+
+class Peripherals(_Strict):
+    card_reader: CardReaderConfig = CardReaderConfig()
+    printer: PrinterConfig = PrinterConfig()
+    acquirer: AcquirerConfig = AcquirerConfig()
+
+
+class Schedule(_Strict):
+    name: str = Field(description="trigger name (unique)")
+    cron: str = Field(description="five-field cron expression in the terminal's local time")
+    workflow: str = Field(description="workflow_type to start")
+    input: dict[str, Any] = Field(default_factory=dict, description="run input")
+
+
+class EdgeConfig(_Strict):
+    device_id: str = Field(min_length=1, max_length=64, description="this terminal's id")
+    data_dir: Path = Field(Path("/var/lib/tillflow"), description="database, keys, policies")
+    socket_path: Path = Field(
+        Path("/run/tillflow/edge.sock"), description="Unix socket of the local API for the POS app"
+    )
+    synchronous: Literal["FULL", "NORMAL"] = Field(
+        "FULL", description="SQLite durability; FULL survives power loss"
+    )
+    db_budget_mb: int = Field(256, ge=8, description="database size budget (MiB)")
+    policy_file: Path | None = Field(None, description="fraud policy to activate on start")
+    log_format: Literal["json", "text"] = Field("text", description="json under systemd")
+    risk: RiskLimits = RiskLimits()
+    peripherals: Peripherals = Peripherals()
+    schedules: list[Schedule] = Field(default_factory=list, description="cron-like triggers")
+
+    @property
+    def database_path(self) -> Path:
+        return self.data_dir / "terminal.db"
+
+
+def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> EdgeConfig:
+    """Read ``path``, apply ``TILLFLOW_*`` overrides from ``environ``, validate. Errors name
+    the file (or variable) and every bad field."""
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the config must be a YAML mapping")
+    sources = {}
+    for var, keys, value in _overrides(environ):
+        _set(data, keys, value)
+        sources[keys] = var
+    try:
+        return EdgeConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = tuple(str(x) for x in err["loc"])
+            where = sources.get(loc, f"{p}")
+            problems.append(f"{where}: {'.'.join(loc) or '(top)'}: {err['msg']}")
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems)) from exc
+
+
+def _overrides(environ: Mapping[str, str] | None) -> Iterator[tuple[str, tuple[str, ...], Any]]:
+    import os
+
+    env = os.environ if environ is None else environ
+    for var in sorted(env):
+        if not var.startswith(ENV_PREFIX) or var in _NOT_OVERRIDES:
+            continue
+        keys = tuple(k.lower() for k in var[len(ENV_PREFIX) :].split("__"))
+        try:
+            value = yaml.safe_load(env[var])
+        except yaml.YAMLError:
+            value = env[var]
+        yield var, keys, value
+
+
+def _set(data: dict[str, Any], keys: tuple[str, ...], value: Any) -> None:
+    cur = data
+    for key in keys[:-1]:
+        nxt = cur.get(key)
+        if not isinstance(nxt, dict):
+            nxt = cur[key] = {}
+        cur = nxt
+    cur[keys[-1]] = value
+
+
+def options() -> list[tuple[str, str, str]]:
+    """(dotted name, default, description) of every option, for docs and ``config check``."""
+    out: list[tuple[str, str, str]] = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, f"{prefix}{name}.")
+                continue
+            if field.is_required():
+                default = "required"
+            else:
+                value = field.get_default(call_default_factory=True)
+                default = str(value) if isinstance(value, Path) else repr(value)
+            out.append((f"{prefix}{name}", default, field.description or ""))
+
+    walk(EdgeConfig, "")
+    return out
