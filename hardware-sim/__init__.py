@@ -1,1 +1,17 @@
-"""Simulated terminal hardware (filled by later issues)."""
+"""Simulated terminal hardware, for tests, CI and the fleet simulator.
+
+Each simulator implements one port of ``edge.terminal.ports`` (or the engine's ``Clock``)
+and lives in its own module; import the one you need (this package imports nothing):
+
+* ``hwsim.card_reader`` -- ``SimCardReader``: a queue of presented cards (``TEST_CARDS``
+  by name), timeouts and injected read failures.
+* ``hwsim.printer`` -- ``SimPrinter``: keeps what it printed; paper out, jams.
+* ``hwsim.acquirer`` -- ``SimAcquirer``: a real HTTP server on loopback speaking the
+  ``HttpAcquirer`` protocol; approve / decline / timeout / slow / error modes, BIN and
+  amount rules, idempotent by key, and a ledger (masked PANs only) to assert
+  exactly-once effects.
+* ``hwsim.network`` -- ``SimNetworkLink``: down windows on a clock, manual switches,
+  seeded loss.
+* ``hwsim.clock`` -- ``VirtualClock``: a ``FakeClock`` that fires scheduled callbacks as
+  time advances.
+"""
