@@ -1,0 +1,103 @@
+"""Offline risk limits: may this payment be approved without the acquirer?
+
+Two halves, used together by the approve-offline step:
+- ``check_offline`` decides from what the step can read (counters, outbox age) and
+  returns a machine-readable reason for any decline;
+- ``apply_guards`` re-states the same caps as guards on the step's commit, so the
+  database enforces them in the approving transaction: two payments racing for the last
+  room under a cap cannot both get it (the loser's step re-runs and declines).
+
+Velocity uses fixed windows (``velocity:<pan hash>:<window number>``): a card may be
+used ``velocity_max`` times per window; cheaper than a sliding window and exact at the
+window's edges, where a sliding one would not matter for an offline floor limit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from edge.terminal.config import RiskLimits
+
+#: Counter of unsent offline approvals: (amount in minor units, count).
+OFFLINE = "offline"
+
+# Machine-readable decline reasons (the API returns them as they are).
+FLOOR_LIMIT = "floor_limit"
+OFFLINE_AMOUNT_CAP = "offline_amount_cap"
+OFFLINE_COUNT_CAP = "offline_count_cap"
+OFFLINE_AGE = "offline_age"
+VELOCITY = "velocity"
+
+
+class Guarding(Protocol):
+    def guard(
+        self,
+        name: str,
+        *,
+        amount: int = 0,
+        count: int = 0,
+        max_amount: int | None = None,
+        max_count: int | None = None,
+        reason: str = "limit_exceeded",
+    ) -> None: ...
+
+
+@dataclass(frozen=True)
+class OfflineDecision:
+    approved: bool
+    reason: str | None = None
+
+
+def velocity_counter(pan_hash: str, now: float, window_s: int) -> str:
+    return f"velocity:{pan_hash}:{int(now // window_s)}"
+
+
+def check_offline(
+    limits: RiskLimits,
+    *,
+    amount_minor: int,
+    pan_hash: str,
+    now: float,
+    counters: dict[str, tuple[int, int]],
+    oldest_unsent: float | None,
+) -> OfflineDecision:
+    """Decide an offline approval from the current totals; the first limit hit names it."""
+    if amount_minor > limits.floor_limit_minor:
+        return OfflineDecision(False, FLOOR_LIMIT)
+    if oldest_unsent is not None and now - oldest_unsent > limits.max_offline_age_s:
+        return OfflineDecision(False, OFFLINE_AGE)
+    amount, count = counters.get(OFFLINE, (0, 0))
+    if amount + amount_minor > limits.offline_amount_cap_minor:
+        return OfflineDecision(False, OFFLINE_AMOUNT_CAP)
+    if count + 1 > limits.offline_count_cap:
+        return OfflineDecision(False, OFFLINE_COUNT_CAP)
+    used = counters.get(velocity_counter(pan_hash, now, limits.velocity_window_s), (0, 0))[1]
+    if used + 1 > limits.velocity_max:
+        return OfflineDecision(False, VELOCITY)
+    return OfflineDecision(True)
+
+
+def apply_guards(
+    ctx: Guarding, limits: RiskLimits, *, amount_minor: int, pan_hash: str, now: float
+) -> None:
+    """The caps of ``check_offline`` as guards on the approving step's commit."""
+    ctx.guard(
+        OFFLINE,
+        amount=amount_minor,
+        count=1,
+        max_amount=limits.offline_amount_cap_minor,
+        reason=OFFLINE_AMOUNT_CAP,
+    )
+    ctx.guard(OFFLINE, max_count=limits.offline_count_cap, reason=OFFLINE_COUNT_CAP)
+    ctx.guard(
+        velocity_counter(pan_hash, now, limits.velocity_window_s),
+        count=1,
+        max_count=limits.velocity_max,
+        reason=VELOCITY,
+    )
+
+
+def release(ctx: Guarding, *, amount_minor: int) -> None:
+    """Give back offline room: the cloud acknowledged the payment, or it was reversed."""
+    ctx.guard(OFFLINE, amount=-amount_minor, count=-1, reason="offline_release")
