@@ -1,0 +1,424 @@
+"""A simulated acquirer: a real HTTP server on loopback speaking the HttpAcquirer protocol.
+
+``SimAcquirer`` listens on ``127.0.0.1`` on a free port (``.url``), serves the wire format
+defined in ``edge.terminal.acquirer_http`` and keeps a **ledger**: one ``LedgerEntry`` per
+idempotency key, holding the operation, amount and *masked* PAN (never the clear one).
+Tests assert exactly-once effects on it.
+
+Behaviour, chosen with ``set_mode`` (read once per request):
+
+* ``approve`` — authorise, subject to the rules below;
+* ``decline`` — decline every authorisation and refund with ``decline_reason``;
+* ``timeout`` — record the effect, then never answer (the reply is "lost"): the client
+  times out not knowing the outcome, and a retry under the same key finds it done;
+  ``stop()`` releases the waiting handler so nothing hangs;
+* ``slow`` — like ``approve``, answering after ``latency_s``;
+* ``error`` — answer ``error_status`` (500) with no effect.
+
+Authorisations are declined, in this order, when the key was already reversed
+(``reversed``: the reversal overtook it), the PAN fails Luhn (``invalid_card``), the card
+has expired by ``clock`` (``expired_card``, only if a clock is given), its BIN matches a
+``decline_bin`` rule, or the amount is above a ``decline_over`` limit.
+
+Idempotency: a repeated key returns the first answer and changes nothing (``replays``
+counts repeats); the same key for a different request is refused with 422. Reversals:
+of an approved authorisation, release it (approved, ``effect=True``); of one already
+reversed, declined, or never seen, approve with a ``reason`` and no effect (and a later
+authorisation under a never-seen key is declined); of a refund or reversal, decline
+``not_reversible``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+from typing import Literal, TypeVar, get_args
+
+from pydantic import ValidationError
+
+from edge.engine.clock import Clock
+from edge.terminal.acquirer_http import (
+    AUTHORIZE_PATH,
+    IDEMPOTENCY_HEADER,
+    REFUND_PATH,
+    REVERSE_PATH,
+    AuthorizeBody,
+    ReverseBody,
+    encode_result,
+)
+from edge.terminal.carddata import luhn_valid, mask_pan
+from edge.terminal.ports import AuthResponse
+
+__all__ = ["LedgerEntry", "Mode", "Operation", "SimAcquirer"]
+
+Mode = Literal["approve", "decline", "timeout", "slow", "error"]
+Operation = Literal["authorize", "refund", "reverse"]
+
+_MODES: tuple[str, ...] = get_args(Mode)
+_PATHS: dict[str, Operation] = {
+    AUTHORIZE_PATH: "authorize",
+    REFUND_PATH: "refund",
+    REVERSE_PATH: "reverse",
+}
+#: How long a "timeout" reply stays lost if nobody calls stop(): far past any client
+#: timeout, short enough that a forgotten server does not keep threads for good.
+LOST_REPLY_S = 30.0
+_MAX_BODY = 64 * 1024
+_M = TypeVar("_M", AuthorizeBody, ReverseBody)
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """What the acquirer did under one idempotency key."""
+
+    key: str
+    operation: Operation
+    amount_minor: int
+    currency: str
+    masked_pan: str
+    terminal_id: str
+    response: AuthResponse
+    effect: bool  # money moved: an approved auth/refund, or a reversal that released one
+    reverses: str | None = None  # a reversal's original key
+    replays: int = 0  # later requests with this key, answered from here
+
+
+@dataclass(frozen=True)
+class _Rule:
+    kind: Literal["bin", "over"]
+    bin_prefix: str
+    limit_minor: int
+    reason: str
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, error: str) -> None:
+        super().__init__(error)
+        self.status = status
+        self.error = error
+
+
+class SimAcquirer:
+    def __init__(
+        self,
+        mode: Mode = "approve",
+        *,
+        latency_s: float = 0.0,
+        decline_reason: str = "do_not_honor",
+        error_status: int = 500,
+        clock: Clock | None = None,
+    ) -> None:
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._released = threading.Event()
+        self._mode: Mode = "approve"
+        self.latency_s = 0.0
+        self.decline_reason = decline_reason
+        self.error_status = error_status
+        self.set_mode(mode, latency_s=latency_s)
+        self._rules: list[_Rule] = []
+        self._ledger: dict[str, LedgerEntry] = {}
+        self._reversed: dict[str, str] = {}  # original key -> reversal key
+        self._received: list[tuple[str, str | None]] = []
+        self._serial = itertools.count(1)
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # --- configuration ------------------------------------------------------------------
+
+    @property
+    def mode(self) -> Mode:
+        return self._mode
+
+    def set_mode(
+        self, mode: Mode, *, reason: str | None = None, latency_s: float | None = None
+    ) -> None:
+        if mode not in _MODES:
+            raise ValueError(f"mode must be one of {', '.join(_MODES)}; got {mode!r}")
+        if latency_s is not None:
+            if latency_s < 0:
+                raise ValueError(f"latency_s must not be negative, got {latency_s}")
+            self.latency_s = latency_s
+        if reason is not None:
+            self.decline_reason = reason
+        self._mode = mode
+
+    def decline_bin(self, prefix: str, reason: str = "do_not_honor") -> None:
+        """Decline authorisations of PANs starting with ``prefix`` (a BIN, 1-8 digits)."""
+        if not (prefix.isdigit() and 1 <= len(prefix) <= 8):
+            raise ValueError("a BIN prefix is 1 to 8 digits")
+        self._rules.append(_Rule("bin", prefix, 0, reason))
+
+    def decline_over(self, limit_minor: int, reason: str = "exceeds_limit") -> None:
+        """Decline authorisations of more than ``limit_minor``."""
+        self._rules.append(_Rule("over", "", limit_minor, reason))
+
+    # --- what happened ------------------------------------------------------------------
+
+    @property
+    def ledger(self) -> dict[str, LedgerEntry]:
+        """A snapshot: idempotency key -> entry, in arrival order."""
+        with self._lock:
+            return dict(self._ledger)
+
+    @property
+    def received(self) -> list[tuple[str, str | None]]:
+        """Every HTTP request that reached the server: (path, idempotency key)."""
+        with self._lock:
+            return list(self._received)
+
+    def effects(self, operation: Operation | None = None) -> list[LedgerEntry]:
+        """Entries that moved money, optionally of one operation."""
+        return [
+            e
+            for e in self.ledger.values()
+            if e.effect and (operation is None or e.operation == operation)
+        ]
+
+    def net_minor(self, currency: str | None = None) -> int:
+        """Authorised and not reversed, minus refunded."""
+        with self._lock:
+            total = 0
+            for e in self._ledger.values():
+                if not e.effect or (currency is not None and e.currency != currency):
+                    continue
+                if e.operation == "authorize" and e.key not in self._reversed:
+                    total += e.amount_minor
+                elif e.operation == "refund":
+                    total -= e.amount_minor
+            return total
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        if self._server is None:
+            raise RuntimeError("SimAcquirer is not started; call start() or use `with`")
+        host, port = self._server.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def start(self) -> SimAcquirer:
+        if self._server is not None or self._released.is_set():
+            raise RuntimeError("a SimAcquirer starts once; make a new one")
+        server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        server.daemon_threads = True
+        server.sim = self  # type: ignore[attr-defined]
+        self._server = server
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Release waiting handlers, stop serving, close the socket. Idempotent."""
+        self._released.set()
+        if self._server is not None and self._thread is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._thread.join()
+            self._thread = None
+
+    def __enter__(self) -> SimAcquirer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # --- serving ------------------------------------------------------------------------
+
+    def _serve(self, handler: _Handler) -> None:
+        key = handler.headers.get(IDEMPOTENCY_HEADER)
+        with self._lock:
+            self._received.append((handler.path, key))
+        mode, latency_s = self._mode, self.latency_s  # one request, one configuration
+        try:
+            operation = _PATHS.get(handler.path)
+            if operation is None:
+                raise _Refused(404, "not_found")
+            if not key:
+                raise _Refused(400, "missing_idempotency_key")
+            body = _read_body(handler)
+            if mode == "error":
+                raise _Refused(self.error_status, "internal_error")
+            response = self._apply(operation, key, body, mode)
+        except _Refused as refused:
+            payload = json.dumps({"error": refused.error}).encode()
+            _reply(handler, refused.status, payload, close=True)  # the body may be unread
+            return
+        if mode == "timeout":
+            self._released.wait(LOST_REPLY_S)
+            handler.close_connection = True  # the reply is lost: close without one
+            return
+        if mode == "slow" and self._released.wait(latency_s):
+            handler.close_connection = True  # stopped while waiting
+            return
+        _reply(handler, 200, encode_result(response))
+
+    def _apply(self, operation: Operation, key: str, body: bytes, mode: Mode) -> AuthResponse:
+        """Decide and record, atomically per key; a repeat returns the recorded answer."""
+        if operation == "reverse":
+            original_key = _parse(ReverseBody, body).original_key
+            fingerprint: tuple[object, ...] = (operation, original_key)
+        else:
+            auth = _parse(AuthorizeBody, body)
+            pan = auth.pan.get_secret_value()
+            masked = mask_pan(pan)
+            fingerprint = (operation, auth.amount_minor, auth.currency, masked, auth.terminal_id)
+        with self._lock:
+            seen = self._ledger.get(key)
+            if seen is not None:
+                if _fingerprint(seen) != fingerprint:
+                    raise _Refused(422, "idempotency_key_reused")
+                self._ledger[key] = replace(seen, replays=seen.replays + 1)
+                return seen.response
+            if operation == "reverse":
+                entry = self._reverse(key, original_key)
+            else:
+                reason = self._decline_reason(operation, key, pan, auth, mode)
+                approved = reason is None
+                entry = LedgerEntry(
+                    key=key,
+                    operation=operation,
+                    amount_minor=auth.amount_minor,
+                    currency=auth.currency,
+                    masked_pan=masked,
+                    terminal_id=auth.terminal_id,
+                    response=self._response(approved, reason),
+                    effect=approved,
+                )
+            self._ledger[key] = entry
+            return entry.response
+
+    def _decline_reason(
+        self, operation: Operation, key: str, pan: str, auth: AuthorizeBody, mode: Mode
+    ) -> str | None:
+        if mode == "decline":
+            return self.decline_reason
+        if not luhn_valid(pan):
+            return "invalid_card"
+        if operation != "authorize":
+            return None
+        if key in self._reversed:
+            return "reversed"
+        if self.clock is not None and _expired(auth.expiry, self.clock.now()):
+            return "expired_card"
+        for rule in self._rules:
+            if rule.kind == "bin" and pan.startswith(rule.bin_prefix):
+                return rule.reason
+            if rule.kind == "over" and auth.amount_minor > rule.limit_minor:
+                return rule.reason
+        return None
+
+    def _reverse(self, key: str, original_key: str) -> LedgerEntry:
+        original = self._ledger.get(original_key)
+        effect = False
+        if original is None:
+            # Remember it: if the authorisation arrives late, it must not take effect.
+            self._reversed.setdefault(original_key, key)
+            approved, reason = True, "original_not_found"
+        elif original.operation != "authorize":
+            approved, reason = False, "not_reversible"
+        elif not original.response.approved:
+            approved, reason = True, "original_declined"
+        elif original_key in self._reversed:
+            approved, reason = True, "already_reversed"
+        else:
+            self._reversed[original_key] = key
+            approved, reason, effect = True, None, True
+        return LedgerEntry(
+            key=key,
+            operation="reverse",
+            amount_minor=original.amount_minor if original else 0,
+            currency=original.currency if original else "",
+            masked_pan=original.masked_pan if original else "",
+            terminal_id=original.terminal_id if original else "",
+            response=self._response(approved, reason, auth_code=False),
+            effect=effect,
+            reverses=original_key,
+        )
+
+    def _response(
+        self, approved: bool, reason: str | None, *, auth_code: bool = True
+    ) -> AuthResponse:
+        n = next(self._serial)
+        return AuthResponse(
+            approved=approved,
+            auth_code=f"{n:06d}" if approved and auth_code else None,
+            reason=reason,
+            acquirer_ref=f"SIM{n:09d}",
+        )
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as the client pools connections
+    timeout = 10  # an idle keep-alive connection frees its thread after this
+    disable_nagle_algorithm = True  # headers and body go out in two writes; don't wait 40 ms
+
+    def do_POST(self) -> None:
+        self.server.sim._serve(self)  # type: ignore[attr-defined]
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass  # the ledger and ``received`` are the record; stderr stays quiet
+
+
+def _read_body(handler: BaseHTTPRequestHandler) -> bytes:
+    try:
+        length = int(handler.headers.get("Content-Length", ""))
+    except ValueError:
+        raise _Refused(411, "length_required") from None
+    if not 0 <= length <= _MAX_BODY:
+        raise _Refused(413, "body_too_large")
+    return handler.rfile.read(length)
+
+
+def _parse(model: type[_M], body: bytes) -> _M:
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        # Name the fields only: the error text would quote the body, PAN included.
+        fields = sorted({".".join(str(p) for p in e["loc"]) or "<body>" for e in exc.errors()})
+        raise _Refused(400, "invalid_body: " + ",".join(fields)) from None
+
+
+def _fingerprint(entry: LedgerEntry) -> tuple[object, ...]:
+    if entry.operation == "reverse":
+        return (entry.operation, entry.reverses)
+    return (
+        entry.operation,
+        entry.amount_minor,
+        entry.currency,
+        entry.masked_pan,
+        entry.terminal_id,
+    )
+
+
+def _expired(expiry: str, now: float) -> bool:
+    """A card is good through the last day of its expiry month (UTC)."""
+    today = datetime.fromtimestamp(now, UTC)
+    return (today.year, today.month) > (2000 + int(expiry[:2]), int(expiry[2:]))
+
+
+def _reply(
+    handler: BaseHTTPRequestHandler, status: int, payload: bytes, *, close: bool = False
+) -> None:
+    try:
+        handler.send_response(status)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(payload)))
+        if close:
+            handler.send_header("Connection", "close")  # also sets close_connection
+        handler.end_headers()
+        handler.wfile.write(payload)
+    except (BrokenPipeError, ConnectionResetError):
+        handler.close_connection = True  # the client gave up first (its timeout)
