@@ -1,0 +1,140 @@
+"""The terminal's payment workflow end to end on a real store, with simulated hardware and
+a real HTTP acquirer on loopback; then every byte of the database is scanned for card data."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from carddata_scan import card_secrets, describe, scan, sqlite_files
+from hwsim.acquirer import SimAcquirer
+from hwsim.card_reader import SimCardReader, make_card
+from hwsim.network import SimNetworkLink
+from hwsim.printer import SimPrinter
+
+import edge.terminal
+from edge.engine import Engine, FakeClock, InlineExecutor, Status
+from edge.engine.loader import load_file
+from edge.terminal.acquirer_http import HttpAcquirer
+from edge.terminal.carddata import DataKey
+from edge.terminal.config import RiskLimits
+
+WORKFLOW = Path(edge.terminal.__file__).with_name("workflows") / "payment.yaml"
+LIMITS = RiskLimits(
+    floor_limit_minor=2_000, offline_amount_cap_minor=3_000, offline_count_cap=5,
+    online_random_percent=0,
+)  # fmt: skip
+
+
+class Terminal:
+    def __init__(self, store: Any, tmp: Path, acquirer: SimAcquirer) -> None:
+        self.clock = FakeClock(2_000_000_000.0)  # 2033: TEST_CARDS expire 3912
+        self.reader = SimCardReader()
+        self.printer = SimPrinter()
+        self.link = SimNetworkLink(self.clock)
+        self.acquirer = acquirer
+        self.store = store
+        self.http = HttpAcquirer(acquirer.url, link=self.link, timeout_s=2)
+        self.engine = Engine(
+            store,
+            InlineExecutor(),
+            clock=self.clock,
+            services={
+                "card_reader": self.reader,
+                "printer": self.printer,
+                "acquirer": self.http,
+                "link": self.link,
+                "data_key": DataKey.load_or_create(tmp / "keys"),
+                "policy": None,
+                "limits": LIMITS,
+                "store": store,
+                "device_id": "T-0001",
+                "rng": random.Random(7),
+            },
+        )
+        self.engine.register(load_file(WORKFLOW))
+
+    def pay(self, amount: int, card: str = "visa", key: str | None = None) -> Any:
+        self.reader.insert(make_card(card, cvv="9731"))
+        run_id = self.engine.start(
+            "payment", {"amount_minor": amount, "currency": "EUR"}, idempotency_key=key
+        )
+        return self.engine.get(run_id)
+
+
+@pytest.fixture
+def acquirer() -> Iterator[SimAcquirer]:
+    with SimAcquirer() as acq:
+        yield acq
+
+
+@pytest.fixture
+def terminal(store, tmp_path, acquirer) -> Iterator[Terminal]:
+    t = Terminal(store, tmp_path, acquirer)
+    yield t
+    t.engine.close()
+    t.http.close()
+
+
+def test_payment__online_approval_records_the_sale_once(terminal, acquirer):
+    run = terminal.pay(2_500, key="pos-1")  # over the floor limit: online
+    assert run.status is Status.COMPLETED
+    assert (run.state["channel"], run.state["decision"]) == ("online", "approved")
+    assert len(acquirer.effects("authorize")) == 1
+    [msg] = terminal.store.outbox()
+    assert msg.payload["decision"] == "approved" and msg.payload["masked_pan"].startswith("411111")
+    assert terminal.printer.printed[0][1] == "CARD 411111******1111"
+    assert terminal.pay(2_500, key="pos-1").run_id == run.run_id  # the POS retries: no 2nd sale
+    assert len(acquirer.effects("authorize")) == 1
+
+
+def test_payment__offline_within_limits_then_declined_over_the_cap(terminal, acquirer):
+    terminal.link.down()
+    first = terminal.pay(1_500)
+    assert (first.state["channel"], first.state["decision"]) == ("offline", "approved")
+    second = terminal.pay(1_600, card="mastercard")  # 1500 + 1600 > 3000
+    assert second.status is Status.COMPLETED
+    assert (second.state["decision"], second.state["reason"]) == ("declined", "offline_amount_cap")
+    over_floor = terminal.pay(2_500)
+    assert (over_floor.state["decision"], over_floor.state["reason"]) == ("declined", "floor_limit")
+    assert terminal.store.counters()["offline"] == (1_500, 1)
+    assert acquirer.effects() == []  # the link was down: nothing reached the acquirer
+
+
+def test_payment__invalid_and_expired_cards_are_declined_with_reasons(terminal):
+    assert terminal.pay(100, card="bad_luhn").state["reason"] == "card_invalid"
+    assert terminal.pay(100, card="expired").state["reason"] == "card_expired"
+
+
+def test_payment__a_jammed_printer_after_approval_reverses_the_authorisation(terminal, acquirer):
+    terminal.printer.state = "jam"
+    run = terminal.pay(2_500)
+    assert run.status is Status.ROLLED_BACK
+    assert run.state["decision"] == "reversed"
+    assert len(acquirer.effects("authorize")) == 1 and len(acquirer.effects("reverse")) == 1
+    assert acquirer.net_minor("EUR") == 0
+
+
+def test_payment__paper_out_waits_for_the_operator_then_prints(terminal):
+    terminal.printer.state = "paper_out"
+    run = terminal.pay(2_500)
+    assert run.status is Status.WAITING
+    terminal.printer.refill()
+    terminal.engine.resume(run.run_id, {})
+    done = terminal.engine.get(run.run_id)
+    assert done.status is Status.COMPLETED and done.state["printer"] == "printed"
+
+
+def test_payment__no_card_data_in_clear_anywhere_in_the_database(terminal, backend):
+    if backend.name != "sqlite":
+        pytest.skip("the byte scan reads the SQLite files (the terminal's store)")
+    terminal.pay(2_500)
+    terminal.link.down()
+    terminal.pay(1_000, card="mastercard")
+    secrets = {**card_secrets(make_card("visa", cvv="9731")),
+               **card_secrets(make_card("mastercard", cvv="9731"))}  # fmt: skip
+    findings = scan(sqlite_files(Path(backend.target)), secrets)
+    assert findings == [], describe(findings)
