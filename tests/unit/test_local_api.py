@@ -1,0 +1,131 @@
+"""The POS app's local API over a Unix socket, on a terminal with simulated hardware."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from hwsim.acquirer import SimAcquirer
+from hwsim.card_reader import SimCardReader, make_card
+from hwsim.network import SimNetworkLink
+from hwsim.printer import SimPrinter
+
+from edge.engine import FakeClock
+from edge.terminal.acquirer_http import HttpAcquirer
+from edge.terminal.api import LocalApiServer
+from edge.terminal.config import EdgeConfig, RiskLimits
+from edge.terminal.runtime import Peripherals, Terminal
+
+
+@pytest.fixture
+def sock_dir() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="tf-api-"))  # AF_UNIX paths must stay short
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def pos(tmp_path, sock_dir) -> Iterator[tuple[httpx.Client, Terminal, SimCardReader, SimPrinter]]:
+    clock = FakeClock(2_000_000_000.0)
+    reader, printer, link = SimCardReader(), SimPrinter(), SimNetworkLink(clock)
+    with SimAcquirer() as acquirer, HttpAcquirer(acquirer.url, link=link, timeout_s=2) as http:
+        cfg = EdgeConfig(
+            device_id="T-API",
+            data_dir=tmp_path / "data",
+            socket_path=sock_dir / "edge.sock",
+            risk=RiskLimits(online_random_percent=0),
+        )
+        terminal = Terminal(cfg, Peripherals(reader, printer, http, link), clock=clock)
+        server = LocalApiServer(cfg.socket_path, terminal).start()
+        client = httpx.Client(
+            transport=httpx.HTTPTransport(uds=str(cfg.socket_path)), base_url="http://pos"
+        )
+        try:
+            yield client, terminal, reader, printer
+        finally:
+            client.close()
+            server.stop()
+            terminal.close()
+
+
+def test_api__a_payment_is_approved_and_a_retry_returns_the_same_run(pos):
+    client, terminal, reader, _ = pos
+    reader.insert(make_card("visa"))
+    body = {"amount_minor": 1250, "currency": "EUR", "idempotency_key": "sale-1"}
+    first = client.post("/v1/payments", json=body)
+    assert first.status_code == 200, first.text
+    run = first.json()
+    assert (run["status"], run["decision"]) == ("COMPLETED", "approved")
+    assert run["masked_pan"] == "411111******1111" and "pan_token" not in first.text
+    again = client.post("/v1/payments", json=body)  # no card inserted: a new run would fail
+    assert again.json()["run_id"] == run["run_id"]
+    assert client.get(f"/v1/runs/{run['run_id']}").json()["decision"] == "approved"
+    assert terminal.store.outbox_stats().depth == 1
+
+
+GOOD = {"amount_minor": 100, "currency": "EUR", "idempotency_key": "k"}
+
+
+def _with(**changes):
+    body = {**GOOD, **changes}
+    return {k: v for k, v in body.items() if v is not None}
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code", "field"),
+    [
+        (_with(idempotency_key=None), 422, "missing_field", "idempotency_key"),
+        (_with(amount_minor=-5), 422, "invalid_field", "amount_minor"),
+        (_with(currency="euro"), 422, "invalid_field", "currency"),
+        (_with(amount_minor="100"), 422, "invalid_field", "amount_minor"),
+        (_with(cvv="123"), 422, "unknown_field", "cvv"),
+    ],
+)
+def test_api__malformed_payments_get_a_machine_readable_4xx(pos, body, status, code, field):
+    client, terminal, _, _ = pos
+    r = client.post("/v1/payments", json=body)
+    assert r.status_code == status
+    assert r.json()["error"]["code"] == code and r.json()["error"]["field"] == field
+    assert terminal.engine.list_runs() == []
+
+
+def test_api__not_json_unknown_route_and_unknown_run(pos):
+    client, _, _, _ = pos
+    r = client.post(
+        "/v1/payments", content=b"{not json", headers={"Content-Type": "application/json"}
+    )
+    assert (r.status_code, r.json()["error"]["code"]) == (400, "malformed_json")
+    assert client.get("/v1/nothing").json()["error"]["code"] == "not_found"
+    assert client.get("/v1/runs/nope").status_code == 404
+    assert client.get("/v1/payments").status_code == 405
+
+
+def test_api__paper_out_waits_and_input_resumes_it(pos):
+    client, _, reader, printer = pos
+    reader.insert(make_card("visa"))
+    printer.state = "paper_out"
+    run = client.post(
+        "/v1/payments", json={"amount_minor": 900, "currency": "EUR", "idempotency_key": "p"}
+    ).json()
+    assert (run["status"], run["waiting_for"]) == ("WAITING", "await_paper")
+    printer.refill()
+    done = client.post(f"/v1/runs/{run['run_id']}/input", json={})
+    assert done.status_code == 200 and done.json()["status"] == "COMPLETED"
+    again = client.post(f"/v1/runs/{run['run_id']}/input", json={})
+    assert (again.status_code, again.json()["error"]["code"]) == (409, "not_waiting")
+
+
+def test_api__health_reports_outbox_exposure_and_budget(pos):
+    client, _, reader, _ = pos
+    reader.insert(make_card("visa"))
+    client.post(
+        "/v1/payments", json={"amount_minor": 900, "currency": "EUR", "idempotency_key": "h"}
+    )
+    health = client.get("/v1/health").json()
+    assert health["device_id"] == "T-API" and health["outbox_depth"] == 1
+    assert health["db_bytes"] > 0 and health["db_budget_bytes"] == 256 * 1024 * 1024
+    assert health["link_up"] is True and health["last_error"] is None
