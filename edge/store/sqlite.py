@@ -318,6 +318,11 @@ class SqliteStore(RowReads):
             self._q("ack_outbox", {"seq": seq})
             return int(self._conn.changes())
 
+    def checkpoint(self) -> None:
+        """Fold the WAL into the database and truncate it (graceful stop)."""
+        with self._lock, self._translate("checkpoint"):
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
     # --- maintenance -----------------------------------------------------------------
 
     def integrity_check(self) -> str:

@@ -199,7 +199,9 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class LocalApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    daemon_threads = True
+    # Graceful stop: server_close() waits for requests in flight to finish their step.
+    daemon_threads = False
+    block_on_close = True
     allow_reuse_address = True
 
     def __init__(self, path: Path, terminal: Terminal) -> None:

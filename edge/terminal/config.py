@@ -50,13 +50,23 @@ class RiskLimits(_Strict):
     )
 
 
+#: Where the terminal's device service (or ``hwsim.devices``) listens by default.
+DEFAULT_DEVICES_URL = "http://127.0.0.1:8791"
+
+
 class CardReaderConfig(_Strict):
-    kind: Literal["simulated"] = Field("simulated", description="card reader driver")
+    url: str = Field(DEFAULT_DEVICES_URL, description="card reader endpoint (HTTP)")
     timeout_s: float = Field(30.0, gt=0, description="how long to wait for a card")
 
 
 class PrinterConfig(_Strict):
-    kind: Literal["simulated"] = Field("simulated", description="receipt printer driver")
+    url: str = Field(DEFAULT_DEVICES_URL, description="receipt printer endpoint (HTTP)")
+
+
+class LinkConfig(_Strict):
+    url: str = Field(
+        f"{DEFAULT_DEVICES_URL}/link", description="GET answering 2xx while the network is up"
+    )
 
 
 class AcquirerConfig(_Strict):
@@ -68,6 +78,7 @@ class Peripherals(_Strict):
     card_reader: CardReaderConfig = CardReaderConfig()
     printer: PrinterConfig = PrinterConfig()
     acquirer: AcquirerConfig = AcquirerConfig()
+    link: LinkConfig = LinkConfig()
 
 
 class Schedule(_Strict):
