@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 from edge.terminal.config import load_config, options
@@ -21,6 +22,12 @@ def add_commands(sub: Any, common: argparse.ArgumentParser, db: argparse.Argumen
         help="validate a config file (with TILLFLOW_* overrides applied); print the result",
     )
     check.add_argument("file", metavar="FILE")
+    run = cmds.add_parser(
+        "run",
+        parents=[common],
+        help="run the terminal daemon (local API, recovery, systemd notify) until SIGTERM",
+    )
+    run.add_argument("--config", required=True, metavar="FILE", help="terminal config (YAML)")
     outbox = cmds.add_parser(
         "outbox", parents=[common, db], help="outbox depth, oldest age and the next messages"
     )
@@ -28,6 +35,10 @@ def add_commands(sub: Any, common: argparse.ArgumentParser, db: argparse.Argumen
 
 
 def run(args: argparse.Namespace, open_store: Any) -> int:
+    if args.edge_command == "run":
+        from edge.terminal.daemon import Daemon
+
+        return Daemon(Path(args.config)).run()
     if args.edge_command == "config":
         cfg = load_config(args.file)
         if args.json:

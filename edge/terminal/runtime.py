@@ -119,3 +119,8 @@ class Terminal:
     def close(self) -> None:
         self.engine.close()
         self.store.close()
+        for port in (self.peripherals.card_reader, self.peripherals.printer,
+                     self.peripherals.acquirer, self.peripherals.link):  # fmt: skip
+            close = getattr(port, "close", None)
+            if callable(close):
+                close()

@@ -1,0 +1,185 @@
+"""``tillflow edge run --config FILE``: the terminal daemon's life.
+
+Start: load config, open (migrate) the store, ``recover()`` runs a crash left in
+flight, open the POS socket, then tell systemd READY=1 and keep its watchdog fed while
+the main loop turns. SIGTERM: STOPPING=1, stop accepting, let requests in flight finish
+their step, checkpoint the WAL, exit 0. SIGHUP: reload config and policy; runs go on.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from edge.engine import Clock, SystemClock
+from edge.errors import ConfigError
+from edge.terminal.api import LocalApiServer
+from edge.terminal.carddata import RedactingFilter
+from edge.terminal.config import EdgeConfig, load_config
+from edge.terminal.runtime import Peripherals, Terminal
+from edge.terminal.scheduler import FileSchedulerState, Scheduler
+from edge.terminal.sdnotify import Notifier, Watchdog
+
+log = logging.getLogger(__name__)
+
+#: Seconds the main loop waits between turns when nothing is due: short enough to keep
+#: the watchdog fed (it pings every WatchdogSec/2 = 15 s) and to run due retries promptly.
+LOOP_S = 1.0
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line (journald keeps them as they are)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key in ("action", "run_id", "step", "device_id", "status"):
+            if hasattr(record, key):
+                entry[key] = getattr(record, key)
+        if record.exc_text:
+            entry["exc"] = record.exc_text
+        return json.dumps(entry, default=str)
+
+
+def configure_logging(fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RedactingFilter())  # no PAN reaches a log line, whatever the caller
+    handler.setFormatter(
+        JsonFormatter()
+        if fmt == "json"
+        else logging.Formatter("%(levelname)s %(name)s: %(message)s")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+
+
+def http_peripherals(cfg: EdgeConfig) -> Peripherals:
+    """The drivers a config names: device endpoints over HTTP, and the acquirer host."""
+    from edge.terminal.acquirer_http import HttpAcquirer
+    from edge.terminal.devices_http import HttpCardReader, HttpNetworkLink, HttpPrinter
+
+    p = cfg.peripherals
+    link = HttpNetworkLink(p.link.url)
+    return Peripherals(
+        card_reader=HttpCardReader(p.card_reader.url),
+        printer=HttpPrinter(p.printer.url),
+        acquirer=HttpAcquirer(p.acquirer.url, link=link, timeout_s=p.acquirer.timeout_s),
+        link=link,
+    )
+
+
+class Daemon:
+    def __init__(
+        self,
+        config_path: Path,
+        *,
+        notifier: Notifier | None = None,
+        peripherals: Callable[[EdgeConfig], Peripherals] = http_peripherals,
+        clock: Clock | None = None,
+    ) -> None:
+        self.config_path = config_path
+        self.notifier = notifier or Notifier.from_environment()
+        self.make_peripherals = peripherals
+        self.clock = clock or SystemClock()
+        self.stop = threading.Event()
+        self.reload = threading.Event()
+
+    def run(self) -> int:
+        cfg = load_config(self.config_path)
+        configure_logging(cfg.log_format)
+        self.notifier.status("starting: opening the database")
+        terminal = Terminal(cfg, self.make_peripherals(cfg), clock=self.clock)
+        try:
+            scheduler = self._scheduler(cfg, terminal)
+            recovered = terminal.start()
+            fired = scheduler.on_start()  # a trigger missed while we were down runs once
+            server = LocalApiServer(cfg.socket_path, terminal).start()
+        except BaseException:
+            terminal.close()
+            raise
+        watchdog = Watchdog(self.notifier)
+        self._signals()
+        self.notifier.ready(
+            status=f"serving on {cfg.socket_path}; recovered {len(recovered)} run(s); "
+            f"caught up {len(fired)} schedule(s)"
+        )
+        log.info(
+            "terminal %s ready on %s",
+            cfg.device_id,
+            cfg.socket_path,
+            extra={"action": "ready", "device_id": cfg.device_id},
+        )
+        watchdog.start()
+        try:
+            while not self.stop.is_set():
+                watchdog.alive()
+                if self.reload.is_set():
+                    self.reload.clear()
+                    self._reload(terminal)
+                terminal.engine.recover()  # retries whose backoff ended, WAIT timeouts
+                scheduler.tick()
+                due = scheduler.next_due()
+                wait = LOOP_S if due is None else min(LOOP_S, max(0.0, due - self.clock.now()))
+                self.stop.wait(wait)
+        finally:
+            self.notifier.stopping(status="finishing requests in flight")
+            watchdog.stop()
+            server.stop()  # stops accepting; waits for request threads to finish their step
+            terminal.store.checkpoint()
+            terminal.close()
+            log.info("terminal %s stopped", cfg.device_id, extra={"action": "stopped"})
+        return 0
+
+    def _scheduler(self, cfg: EdgeConfig, terminal: Terminal) -> Scheduler:
+        known = {wf.workflow_type for wf in terminal.workflows}
+        for s in cfg.schedules:
+            if s.workflow not in known:
+                raise ConfigError(
+                    f"{self.config_path}: schedule '{s.name}' starts unknown workflow "
+                    f"'{s.workflow}'",
+                    hint=f"one of: {', '.join(sorted(known))}",
+                )
+        engine = terminal.engine
+        return Scheduler(
+            cfg.schedules,
+            lambda workflow, run_input, key: engine.start(workflow, run_input, idempotency_key=key),
+            self.clock,
+            tz=dt.datetime.now().astimezone().tzinfo or dt.UTC,
+            state=FileSchedulerState(cfg.data_dir / "schedules.json"),
+        )
+
+    def _signals(self) -> None:
+        signal.signal(signal.SIGTERM, lambda *_: self.stop.set())
+        signal.signal(signal.SIGINT, lambda *_: self.stop.set())
+        signal.signal(signal.SIGHUP, lambda *_: self.reload.set())
+
+    def _reload(self, terminal: Terminal) -> None:
+        self.notifier.reloading()
+        try:
+            cfg = load_config(self.config_path)
+        except Exception as exc:  # a bad edit must not take the terminal down
+            terminal.last_error = f"reload failed: {exc}"
+            log.error(
+                "reload failed, keeping the running config: %s", exc, extra={"action": "reload"}
+            )
+            self.notifier.reloaded(status="reload failed; old config kept")
+            return
+        terminal.cfg = cfg
+        services = terminal.engine.services
+        assert isinstance(services, dict)
+        services["limits"] = cfg.risk
+        services["policy"] = terminal.policy = terminal._load_policy()
+        log.info("config and policy reloaded", extra={"action": "reload"})
+        self.notifier.reloaded(status="config reloaded")

@@ -1,0 +1,129 @@
+"""The terminal daemon as a real process: READY over NOTIFY_SOCKET, a payment through the
+POS socket, SIGTERM -> STOPPING and exit 0 with the WAL checkpointed; kill -9 and restart."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import apsw
+import httpx
+import pytest
+from hwsim.acquirer import SimAcquirer
+from hwsim.devices import SimDeviceServer
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="tfd-"))  # AF_UNIX paths must stay short
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def world(tmp_path, short_dir) -> Iterator[dict]:
+    with SimDeviceServer() as devices, SimAcquirer() as acquirer:
+        cfg = tmp_path / "edge.yaml"
+        cfg.write_text(
+            f"device_id: T-D1\n"
+            f"data_dir: {tmp_path / 'data'}\n"
+            f"socket_path: {short_dir / 'edge.sock'}\n"
+            f"log_format: json\n"
+            f"risk: {{online_random_percent: 0}}\n"
+            f"peripherals:\n"
+            f"  card_reader: {{url: '{devices.url}', timeout_s: 5}}\n"
+            f"  printer: {{url: '{devices.url}'}}\n"
+            f"  link: {{url: '{devices.url}/link'}}\n"
+            f"  acquirer: {{url: '{acquirer.url}', timeout_s: 3}}\n"
+        )
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify.bind(str(short_dir / "notify"))
+        notify.settimeout(30)
+        yield {
+            "cfg": cfg,
+            "devices": devices,
+            "acquirer": acquirer,
+            "notify": notify,
+            "sock": short_dir / "edge.sock",
+            "db": tmp_path / "data" / "terminal.db",
+            "notify_path": str(short_dir / "notify"),
+            "log": tmp_path / "daemon.log",
+        }
+        notify.close()
+
+
+def start(world) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "NOTIFY_SOCKET": world["notify_path"], "PYTHONPATH": str(REPO)}
+    with open(world["log"], "ab") as log:  # the child keeps its own descriptor
+        return subprocess.Popen(
+            [sys.executable, "-m", "edge.cli", "edge", "run", "--config", str(world["cfg"])],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+
+
+def wait_for(notify: socket.socket, field: str) -> str:
+    while True:
+        msg = notify.recv(4096).decode()  # bounded by the socket's timeout
+        if field in msg.splitlines():
+            return msg
+
+
+def pay(world, key: str, amount: int = 900) -> dict:
+    httpx.post(f"{world['devices'].url}/control/insert", json={"card": "visa"}).raise_for_status()
+    with httpx.Client(transport=httpx.HTTPTransport(uds=str(world["sock"])), timeout=20) as c:
+        r = c.post(
+            "http://pos/v1/payments",
+            json={"amount_minor": amount, "currency": "EUR", "idempotency_key": key},
+        )
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_daemon__ready_serves_a_payment_and_stops_gracefully_on_sigterm(world):
+    proc = start(world)
+    try:
+        ready = wait_for(world["notify"], "READY=1")
+        assert "STATUS=serving on" in ready
+        run = pay(world, "d-1")
+        assert (run["status"], run["decision"]) == ("COMPLETED", "approved")
+        proc.send_signal(signal.SIGTERM)
+        wait_for(world["notify"], "STOPPING=1")
+        assert proc.wait(20) == 0, world["log"].read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    wal = Path(str(world["db"]) + "-wal")
+    assert not wal.exists() or wal.stat().st_size == 0  # checkpointed
+    assert not world["sock"].exists()
+
+
+def test_daemon__restarts_after_kill_9_with_its_payments_intact(world):
+    proc = start(world)
+    try:
+        wait_for(world["notify"], "READY=1")
+        first = pay(world, "k-1")
+        proc.kill()  # SIGKILL: no goodbye
+        proc.wait(10)
+        proc = start(world)  # a stale socket file is left behind: the daemon replaces it
+        wait_for(world["notify"], "READY=1")
+        again = pay(world, "k-1")  # the POS retries after the restart: the same payment
+        assert again["run_id"] == first["run_id"]
+        assert len(world["acquirer"].effects("authorize")) <= 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+    conn = apsw.Connection(str(world["db"]))
+    assert conn.execute("PRAGMA integrity_check").get == "ok"
+    conn.close()
