@@ -45,6 +45,10 @@ class PaymentRequest(_Request):
     idempotency_key: str = Field(min_length=1, max_length=128)
 
 
+class RefundRequest(PaymentRequest):
+    original_run_id: str | None = Field(None, min_length=1, max_length=64)
+
+
 class VoidRequest(_Request):
     payment_run_id: str = Field(min_length=1, max_length=64)
     idempotency_key: str = Field(min_length=1, max_length=128)
@@ -141,7 +145,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _start(self, workflow: str, req: _Request, key: str) -> tuple[int, dict[str, Any]]:
         engine = self.server.terminal.engine
-        data = req.model_dump(exclude={"idempotency_key"})
+        data = req.model_dump(exclude={"idempotency_key"}, exclude_none=True)
         # The same key answers with the run it started, whatever the body says now.
         run_id = engine.start(workflow, data, idempotency_key=f"pos:{workflow}:{key}")
         return 200, run_view(engine.get(run_id))
@@ -151,7 +155,7 @@ class _Handler(BaseHTTPRequestHandler):
         return self._start("payment", req, req.idempotency_key)
 
     def _refund(self) -> tuple[int, dict[str, Any]]:
-        req = self._body(PaymentRequest)
+        req = self._body(RefundRequest)
         return self._start("refund", req, req.idempotency_key)
 
     def _void(self) -> tuple[int, dict[str, Any]]:

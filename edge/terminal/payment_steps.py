@@ -16,6 +16,7 @@ import datetime as dt
 from typing import Any
 
 from edge.engine import StepContext
+from edge.engine.context import idempotency_key
 from edge.errors import StepError
 from edge.terminal import risk
 from edge.terminal.carddata import Sensitive, luhn_valid
@@ -76,15 +77,23 @@ def screen(state: State, ctx: StepContext) -> State:
     return {"channel": channel, "policy_reasons": reasons}
 
 
+def authorization_key(ctx: StepContext) -> str:
+    """One key for every attempt of this authorisation: a retry after a timeout may follow
+    a request that did reach the acquirer, and must be recognised as the same payment
+    (a new key per attempt could charge the card twice)."""
+    return idempotency_key(ctx.run_id, ctx.step, 1)
+
+
 def authorize_online(state: State, ctx: StepContext) -> State:
     s, card = ctx.services, state["card"]
     pan = s["data_key"].decrypt_pan(card["pan_token"])
+    key = authorization_key(ctx)
     req = AuthRequest(
         pan=Sensitive(pan),
         expiry=card["expiry"],
         amount_minor=state["amount_minor"],
         currency=state["currency"],
-        idempotency_key=ctx.idempotency_key,  # a replay after a crash is the same request
+        idempotency_key=key,
         terminal_id=str(s["device_id"]),
     )
     try:
@@ -97,7 +106,7 @@ def authorize_online(state: State, ctx: StepContext) -> State:
         "decision": "approved",
         "auth_code": answer.auth_code,
         "acquirer_ref": answer.acquirer_ref,
-        "auth_key": ctx.idempotency_key,
+        "auth_key": key,
     }
 
 
@@ -168,4 +177,4 @@ def record(state: State, ctx: StepContext) -> State:
             "pan_token": card.get("pan_token"),
         },
     )
-    return {"recorded": True}
+    return {"recorded": True, "device_id": ctx.services["device_id"]}

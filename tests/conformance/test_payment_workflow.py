@@ -134,7 +134,39 @@ def test_payment__no_card_data_in_clear_anywhere_in_the_database(terminal, backe
     terminal.pay(2_500)
     terminal.link.down()
     terminal.pay(1_000, card="mastercard")
-    secrets = {**card_secrets(make_card("visa", cvv="9731")),
-               **card_secrets(make_card("mastercard", cvv="9731"))}  # fmt: skip
+    secrets = {
+        f"{name} {kind}": value
+        for name in ("visa", "mastercard")
+        for kind, value in card_secrets(make_card(name, cvv="9731")).items()
+    }
+    assert len(secrets) >= 4  # both cards' PAN and CVV: nothing shadowed
     findings = scan(sqlite_files(Path(backend.target)), secrets)
     assert findings == [], describe(findings)
+
+
+def test_payment__a_retry_after_a_lost_answer_is_the_same_request_to_the_acquirer(
+    terminal, acquirer
+):
+    """The first request reaches the acquirer but its answer is lost (timeout); the retry
+    must carry the same key, so the acquirer charges once."""
+    acquirer.set_mode("timeout")
+
+    class HealsAfterOneTimeout:
+        """Lets the first request time out at the acquirer, then lets it answer."""
+
+        calls = 0
+
+        def authorize(self, req):
+            self.calls += 1
+            if self.calls == 2:
+                acquirer.set_mode("approve")
+            return terminal.http.authorize(req)
+
+        def reverse(self, original_key, key):
+            return terminal.http.reverse(original_key, key)
+
+    terminal.engine.services["acquirer"] = HealsAfterOneTimeout()
+    run = terminal.pay(2_500)
+    assert run.status is Status.COMPLETED and run.state["decision"] == "approved"
+    keys = {key for path, key in acquirer.received if path == "/authorize"}
+    assert len(acquirer.effects("authorize")) == 1 and len(keys) == 1
