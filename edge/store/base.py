@@ -21,6 +21,9 @@ from edge.engine.records import (
 from edge.errors import LimitExceeded
 from edge.store import rows as rowmap
 
+#: The counter that bounds the outbox (count = messages, amount = payload bytes).
+OUTBOX_COUNTER = "outbox"
+
 
 class RowReads:
     """Read side of the Store protocol, over a dialect's named queries."""

@@ -12,6 +12,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,11 +21,12 @@ import apsw
 from edge.engine.audit import GENESIS, link
 from edge.engine.records import (
     Commit,
+    Guard,
     RunRecord,
 )
 from edge.errors import LeaseLost, MigrationError, StorageFull, StoreError
 from edge.store import rows as rowmap
-from edge.store.base import RowReads, guard_params, guard_refused
+from edge.store.base import OUTBOX_COUNTER, RowReads, guard_params, guard_refused
 from edge.store.queries import load_migrations, load_queries
 
 Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
@@ -87,8 +89,23 @@ class SqliteStore(RowReads):
         synchronous: Synchronous = "FULL",
         busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
         migrate: bool = True,
+        outbox_max_messages: int | None = None,
+        outbox_max_bytes: int | None = None,
     ) -> None:
+        """``outbox_max_*``: bound the outbox (the terminal's store-and-forward queue). A
+        step whose messages would pass a bound is refused in its own transaction
+        (LimitExceeded, reason ``outbox_full``); acknowledging messages makes room."""
         self.path = str(path)
+        self.outbox_bound = (
+            Guard(
+                OUTBOX_COUNTER,
+                max_amount=outbox_max_bytes,
+                max_count=outbox_max_messages,
+                reason="outbox_full",
+            )
+            if outbox_max_messages is not None or outbox_max_bytes is not None
+            else None
+        )
         self._lock = threading.RLock()
         try:
             self._conn = apsw.Connection(self.path)
@@ -246,7 +263,11 @@ class SqliteStore(RowReads):
                     operation="commit",
                     path=self.path,
                 )
-        for guard in c.guards:  # first: a refused guard leaves nothing to undo
+        guards = list(c.guards)
+        if self.outbox_bound is not None and c.outbox:
+            size = sum(len(_dumps(m.payload)) for m in c.outbox)
+            guards.append(replace(self.outbox_bound, amount=size, count=len(c.outbox)))
+        for guard in guards:  # first: a refused guard leaves nothing to undo
             params = guard_params(guard, c.run.updated_at)
             self._q("ensure_counter", params)
             self._q("apply_counter", params)
@@ -314,9 +335,16 @@ class SqliteStore(RowReads):
             return bool(self._conn.changes() == 1)
 
     def ack_outbox_through(self, seq: int) -> int:
-        with self._tx("ack_outbox"):
+        with self._tx("ack_outbox") as conn:
+            gone = self._q("outbox_through", {"seq": seq}).fetchone() or (0, 0)
             self._q("ack_outbox", {"seq": seq})
-            return int(self._conn.changes())
+            deleted = int(conn.changes())
+            if self.outbox_bound is not None and deleted:
+                release = Guard(OUTBOX_COUNTER, amount=-int(gone[1]), count=-int(gone[0]))
+                params = guard_params(release, time.time())
+                self._q("ensure_counter", params)
+                self._q("apply_counter", params)
+            return deleted
 
     def checkpoint(self) -> None:
         """Fold the WAL into the database and truncate it (graceful stop)."""

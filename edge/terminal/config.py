@@ -98,6 +98,12 @@ class EdgeConfig(_Strict):
         "FULL", description="SQLite durability; FULL survives power loss"
     )
     db_budget_mb: int = Field(256, ge=8, description="database size budget (MiB)")
+    outbox_max_messages: int = Field(
+        10_000, ge=1, description="unsent messages kept; past it, new payments are declined"
+    )
+    outbox_max_mb: int = Field(
+        16, ge=1, description="unsent message bytes kept (MiB); past it, payments are declined"
+    )
     policy_file: Path | None = Field(None, description="fraud policy to activate on start")
     log_format: Literal["json", "text"] = Field("text", description="json under systemd")
     risk: RiskLimits = RiskLimits()

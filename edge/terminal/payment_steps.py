@@ -47,6 +47,11 @@ def screen(state: State, ctx: StepContext) -> State:
     if state.get("decision") == "declined":
         return {}
     s, card = ctx.services, state["card"]
+    room = s.get("outbox_max_messages")
+    if room is not None and s["store"].outbox_stats().depth >= room:
+        # A sale the cloud cannot be told about is not taken (the store would refuse
+        # its record anyway, after the customer was charged).
+        return _declined("outbox_full")
     policy = s.get("policy")
     reasons: list[str] = []
     wants_online = False
@@ -160,6 +165,8 @@ def print_receipt(state: State, ctx: StepContext) -> State:
 
 def record(state: State, ctx: StepContext) -> State:
     """The transaction message for the cloud, in this step's transaction."""
+    if state.get("reason") == "outbox_full":
+        return {"recorded": False}  # no room: the audit log still has the decline
     card = state.get("card") or {}
     ctx.emit(
         "payment",

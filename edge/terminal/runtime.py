@@ -46,7 +46,12 @@ class Terminal:
         self.cfg = cfg
         self.clock = clock or SystemClock()
         cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.store = SqliteStore(cfg.database_path, synchronous=cfg.synchronous)
+        self.store = SqliteStore(
+            cfg.database_path,
+            synchronous=cfg.synchronous,
+            outbox_max_messages=cfg.outbox_max_messages,
+            outbox_max_bytes=cfg.outbox_max_mb * 1024 * 1024,
+        )
         self.data_key = DataKey.load_or_create(cfg.data_dir / "keys")
         self.policy = self._load_policy()
         self.peripherals = peripherals
@@ -68,6 +73,7 @@ class Terminal:
                 "store": self.store,
                 "device_id": cfg.device_id,
                 "card_timeout_s": cfg.peripherals.card_reader.timeout_s,
+                "outbox_max_messages": cfg.outbox_max_messages,
                 "rng": rng or random.Random(),
             },
         )
@@ -108,6 +114,8 @@ class Terminal:
             "db_bytes": db_bytes,
             "db_budget_bytes": self.cfg.db_budget_mb * 1024 * 1024,
             "outbox_depth": stats.depth,
+            "outbox_bytes": stats.bytes,
+            "outbox_max_messages": self.cfg.outbox_max_messages,
             "outbox_oldest_age_s": None if stats.oldest is None else round(now - stats.oldest, 3),
             "offline_exposure_minor": amount,
             "offline_count": count,

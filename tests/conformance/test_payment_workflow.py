@@ -170,3 +170,10 @@ def test_payment__a_retry_after_a_lost_answer_is_the_same_request_to_the_acquire
     assert run.status is Status.COMPLETED and run.state["decision"] == "approved"
     keys = {key for path, key in acquirer.received if path == "/authorize"}
     assert len(acquirer.effects("authorize")) == 1 and len(keys) == 1
+
+
+def test_payment__declined_when_the_outbox_is_full(terminal):
+    terminal.engine.services["outbox_max_messages"] = 1
+    assert terminal.pay(2_500).state["decision"] == "approved"
+    full = terminal.pay(2_500, card="mastercard")
+    assert (full.state["decision"], full.state["reason"]) == ("declined", "outbox_full")

@@ -129,3 +129,30 @@ def test_api__health_reports_outbox_exposure_and_budget(pos):
     assert health["device_id"] == "T-API" and health["outbox_depth"] == 1
     assert health["db_bytes"] > 0 and health["db_budget_bytes"] == 256 * 1024 * 1024
     assert health["link_up"] is True and health["last_error"] is None
+
+
+def test_api__a_full_outbox_declines_new_payments_with_its_reason(tmp_path, sock_dir):
+    clock = FakeClock(2_000_000_000.0)
+    reader, printer, link = SimCardReader(), SimPrinter(), SimNetworkLink(clock)
+    with SimAcquirer() as acquirer, HttpAcquirer(acquirer.url, link=link, timeout_s=2) as http:
+        cfg = EdgeConfig(
+            device_id="T-FULL",
+            data_dir=tmp_path / "data",
+            socket_path=sock_dir / "edge.sock",
+            outbox_max_messages=1,
+            risk=RiskLimits(online_random_percent=0),
+        )
+        terminal = Terminal(cfg, Peripherals(reader, printer, http, link), clock=clock)
+        server = LocalApiServer(cfg.socket_path, terminal).start()
+        transport = httpx.HTTPTransport(uds=str(cfg.socket_path))
+        try:
+            with httpx.Client(transport=transport, base_url="http://pos") as client:
+                for key in ("a", "b"):
+                    reader.insert(make_card("visa"))
+                    body = {"amount_minor": 900, "currency": "EUR", "idempotency_key": key}
+                    last = client.post("/v1/payments", json=body).json()
+                assert (last["status"], last["reason"]) == ("COMPLETED", "outbox_full")
+                assert client.get("/v1/health").json()["outbox_depth"] == 1
+        finally:
+            server.stop()
+            terminal.close()

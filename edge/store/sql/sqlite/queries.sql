@@ -181,3 +181,8 @@ FROM outbox;
 -- name: ack_outbox
 -- Drop what the cloud acknowledged, up to and including a sequence number.
 DELETE FROM outbox WHERE seq <= :seq;
+
+-- name: outbox_through
+-- How many messages, and their payload bytes, an acknowledgement up to a seq removes.
+SELECT count(*) AS depth, coalesce(sum(length(payload)), 0) AS bytes FROM outbox
+WHERE seq <= :seq;
