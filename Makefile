@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m edge.examples.demo
+	$(PY) -m hwsim.demo
 
 # pytest exits 5 when it collected no test: that is a failure here, as any non-zero.
 test: $(STAMP)

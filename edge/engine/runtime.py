@@ -630,6 +630,8 @@ class Engine:
         for run in self.store.recoverable(now):
             if run.lease_owner is None and not unleased:
                 continue
+            if run.run_id in self._driving:
+                continue  # a thread of this engine is on it right now
             held = (
                 run.lease_owner is not None
                 and run.lease_owner != self.owner
@@ -651,9 +653,12 @@ class Engine:
             self._forget(run.run_id)
             picked.append(run.run_id)
             self.executor.submit(run.run_id, claimed.next_attempt_at)
-        log.info(
-            "recovered %d run(s)", len(picked), extra={"action": "recover", "count": len(picked)}
-        )
+        if picked:  # the daemon calls this every second: quiet when there is nothing
+            log.info(
+                "recovered %d run(s)",
+                len(picked),
+                extra={"action": "recover", "count": len(picked)},
+            )
         return picked
 
     def _get(self, run_id: str) -> RunRecord:

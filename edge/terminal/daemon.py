@@ -63,6 +63,7 @@ def configure_logging(fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per device call
 
 
 def http_peripherals(cfg: EdgeConfig) -> Peripherals:

@@ -119,7 +119,27 @@ def reverse_online(state: State, ctx: StepContext) -> State:
     if state.get("decision") != "approved" or "auth_key" not in state:
         return {}
     answer = ctx.services["acquirer"].reverse(state["auth_key"], ctx.idempotency_key)
+    _record_reversal(state, ctx, "online")
     return {"reversed": bool(answer.approved), "decision": "reversed"}
+
+
+def _record_reversal(state: State, ctx: StepContext, channel: str) -> None:
+    """The cloud hears of an undone payment too (the acquirer saw it authorised)."""
+    card = state.get("card") or {}
+    ctx.emit(
+        "payment",
+        {
+            "device_id": ctx.services["device_id"],
+            "run_id": ctx.run_id,
+            "amount_minor": state["amount_minor"],
+            "currency": state["currency"],
+            "decision": "reversed",
+            "channel": channel,
+            "offline": channel == "offline",
+            "auth_code": state.get("auth_code"),
+            "masked_pan": card.get("masked"),
+        },
+    )
 
 
 def approve_offline(state: State, ctx: StepContext) -> State:
@@ -144,6 +164,7 @@ def approve_offline(state: State, ctx: StepContext) -> State:
 def release_offline(state: State, ctx: StepContext) -> State:
     if state.get("decision") == "approved" and state.get("offline"):
         risk.release(ctx, amount_minor=state["amount_minor"])
+        _record_reversal(state, ctx, "offline")
         return {"decision": "reversed"}
     return {}
 

@@ -116,6 +116,8 @@ def test_payment__a_jammed_printer_after_approval_reverses_the_authorisation(ter
     assert run.state["decision"] == "reversed"
     assert len(acquirer.effects("authorize")) == 1 and len(acquirer.effects("reverse")) == 1
     assert acquirer.net_minor("EUR") == 0
+    [msg] = terminal.store.outbox()  # the cloud hears the authorisation was undone
+    assert (msg.payload["decision"], msg.payload["channel"]) == ("reversed", "online")
 
 
 def test_payment__paper_out_waits_for_the_operator_then_prints(terminal):
