@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 from pydantic import BaseModel, ValidationError
 
-from edge.engine import outcomes, saga
+from edge.engine import outcomes, saga, waits
 from edge.engine import steps as stepexec
 from edge.engine.audit import ChainReport, verify_chain
 from edge.engine.clock import Clock, SystemClock
@@ -40,7 +40,6 @@ from edge.engine.outcomes import NO_RETRY
 from edge.engine.ports import Executor, Store
 from edge.engine.records import AuditEvent, AuditRow, Commit, RunRecord, Status, StepRecord
 from edge.engine.registry import Registry
-from edge.engine.templating import render
 from edge.errors import (
     ExpressionError,
     InputError,
@@ -228,7 +227,7 @@ class Engine:
                 if run.status is Status.WAITING:
                     if run.next_attempt_at is None or run.next_attempt_at > now:
                         return None
-                    run = self._wait_timed_out(wf, run)
+                    run = waits.wait_timed_out(self, wf, run)
                     continue
                 if run.next_attempt_at is not None and run.next_attempt_at > now:
                     return run.next_attempt_at
@@ -313,9 +312,9 @@ class Engine:
         c = self.draft(run)
         now = self.clock.now()
         if isinstance(step, WaitStep):
-            return self.commit(self._enter_wait(c, step, path, now))
+            return self.commit(waits.enter_wait(c, step, path, now))
         if isinstance(step, SubWorkflowStep) and not run.cursor.get("child"):
-            return self.commit(self._spawn_child(c, wf, step, path, attempt, now))
+            return self.commit(waits.spawn_child(self, c, wf, step, path, attempt, now))
         item, index = self.registry.navigator(wf).item_at(frames, run.state, run.input)
         ctx = StepContext(
             run_id=run.run_id,
@@ -443,7 +442,7 @@ class Engine:
             key = idempotency_key(run.run_id, path, 1)
             try:
                 child_wf = self.registry.latest(top.workflow)
-                child_input = self._child_input(top.input, run)
+                child_input = waits.child_input(top.input, run)
                 child, child_commit = self._new_run(
                     child_wf, child_input, key, lease=False, parent=(run.run_id, None)
                 )
@@ -470,64 +469,6 @@ class Engine:
             settled = self.registry.navigator(wf).after(settled.frames, run.state, run.input)
 
     # --- WAIT and sub-workflows ----------------------------------------------------------
-
-    def _enter_wait(self, c: Commit, step: WaitStep, path: str, now: float) -> Commit:
-        c.run.status = Status.WAITING
-        c.run.lease_owner = c.run.lease_expires_at = None
-        c.run.next_attempt_at = now + step.timeout_s if step.timeout_s else None
-        c.audit.append(
-            AuditEvent(c.run.run_id, "waiting", now, path, {"timeout_s": step.timeout_s})
-        )
-        return c
-
-    def _spawn_child(
-        self, c: Commit, wf: Workflow, step: SubWorkflowStep, path: str, attempt: int, now: float
-    ) -> Commit:
-        key = idempotency_key(c.run.run_id, path, attempt)
-        try:
-            child_wf = self.registry.latest(step.workflow)
-            child, child_commit = self._new_run(
-                child_wf,
-                self._child_input(step.input, c.run),
-                key,
-                lease=False,
-                parent=(c.run.run_id, path),
-            )
-        except (TillflowError, ExpressionError) as exc:
-            if not outcomes.schedule_retry(
-                c,
-                "step",
-                step.name,
-                path,
-                attempt,
-                step.retry,
-                exc,
-                now,
-                now,
-                self.rng,
-                self.lease_s,
-            ):
-                outcomes.fail_step(c, wf, step.name, path, attempt, exc, now, now)
-            return c
-        c.new_runs.append(child)
-        c.audit.extend(child_commit.audit)
-        c.run.cursor["child"] = child.run_id
-        if not child.status.terminal:  # a child that settled at birth needs no waiting
-            c.run.status = Status.WAITING
-            c.run.lease_owner = c.run.lease_expires_at = None
-        c.audit.append(
-            AuditEvent(c.run.run_id, "child_started", now, path, {"child_run_id": child.run_id})
-        )
-        return c
-
-    @staticmethod
-    def _child_input(template: dict[str, Any], run: RunRecord) -> dict[str, Any]:
-        """A child's input: the step's ``input`` rendered from state, else a copy of the state."""
-        if not template:
-            return dict(run.state)
-        rendered = render(template, run.state, run.input)
-        assert isinstance(rendered, dict)  # rendering a dict gives a dict
-        return rendered
 
     def resume(self, run_id: str, input: dict[str, Any] | None = None) -> None:
         """Answer a WAIT step with ``input`` and continue the run."""
@@ -559,25 +500,6 @@ class Engine:
         except LeaseLost as exc:
             raise InvalidRunState(f"run {run_id} changed while resuming (resumed twice?)") from exc
         self.executor.submit(run_id, c.run.next_attempt_at)
-
-    def _wait_timed_out(self, wf: Workflow, run: RunRecord) -> RunRecord:
-        frames = run.cursor["frames"]
-        step = wf.steps[frames[-1][0]]
-        path = step_path(frames)
-        c = self.draft(run)
-        c.run.status = Status.RUNNING
-        now = self.clock.now()
-        c.steps.append(StepRecord(run.run_id, path, step.name, "timeout", "TIMED_OUT", 1, now, now))
-        c.audit.append(AuditEvent(run.run_id, "wait_timed_out", now, path))
-        target = step.on_timeout if isinstance(step, WaitStep) else None
-        if target:
-            self._settle(
-                c, wf, self.registry.navigator(wf).jump(frames, target, run.state, run.input)
-            )
-        else:
-            exc = StepError("timed out waiting for input", retryable=False)
-            outcomes.fail_step(c, wf, step.name, path, 1, exc, now, now)
-        return self.commit(c)
 
     # --- cancel, recover, inspect --------------------------------------------------------
 
