@@ -35,10 +35,10 @@ import json
 import threading
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
+from http.server import BaseHTTPRequestHandler
 from typing import Literal, TypeVar, get_args
 
+from hwsim._server import LoopbackServer
 from pydantic import ValidationError
 
 from edge.engine.clock import Clock
@@ -103,7 +103,7 @@ class _Refused(Exception):
         self.error = error
 
 
-class SimAcquirer:
+class SimAcquirer(LoopbackServer):
     def __init__(
         self,
         mode: Mode = "approve",
@@ -126,8 +126,7 @@ class SimAcquirer:
         self._reversed: dict[str, str] = {}  # original key -> reversal key
         self._received: list[tuple[str, str | None]] = []
         self._serial = itertools.count(1)
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        super().__init__(_Handler)
 
     # --- configuration ------------------------------------------------------------------
 
@@ -193,47 +192,14 @@ class SimAcquirer:
                     total -= e.amount_minor
             return total
 
-    # --- lifecycle ----------------------------------------------------------------------
+    # --- lifecycle (the rest is LoopbackServer's) ---------------------------------------
 
-    @property
-    def url(self) -> str:
-        if self._server is None:
-            raise RuntimeError("SimAcquirer is not started; call start() or use `with`")
-        host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
+    def _stopped(self) -> bool:
+        return self._released.is_set()
 
-    def start(self) -> SimAcquirer:
-        if self._server is not None or self._released.is_set():
-            raise RuntimeError("a SimAcquirer starts once; make a new one")
-        server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-        server.daemon_threads = True
-        server.sim = self  # type: ignore[attr-defined]
-        self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Release waiting handlers, stop serving, close the socket. Idempotent."""
+    def _release(self) -> None:
+        """Release waiting handlers (stop() then stops serving and closes the socket)."""
         self._released.set()
-        if self._server is not None and self._thread is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._thread.join()
-            self._thread = None
-
-    def __enter__(self) -> SimAcquirer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # --- serving ------------------------------------------------------------------------
 

@@ -39,10 +39,10 @@ import json
 import threading
 import time
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
+from http.server import BaseHTTPRequestHandler
 from typing import Any, get_args
 
+from hwsim._server import LoopbackServer
 from hwsim.card_reader import EntryMode, SimCardReader
 from hwsim.network import SimNetworkLink
 from hwsim.printer import PrinterState, SimPrinter
@@ -78,7 +78,7 @@ class _Refused(Exception):
         self.message = message
 
 
-class SimDeviceServer:
+class SimDeviceServer(LoopbackServer):
     def __init__(
         self,
         reader: SimCardReader | None = None,
@@ -97,8 +97,7 @@ class SimDeviceServer:
         self._cond = threading.Condition()
         self._stopping = False
         self._received: list[tuple[str, str]] = []
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        super().__init__(_Handler)
         self._routes: dict[tuple[str, str], Callable[[dict[str, Any]], tuple[int, object]]] = {
             ("POST", PRINT_PATH): self._print,
             ("GET", LINK_PATH): self._link,
@@ -155,49 +154,19 @@ class SimDeviceServer:
         with self._cond:
             return list(self._received)
 
-    # --- lifecycle ----------------------------------------------------------------------
+    # --- lifecycle (the rest is LoopbackServer's) ---------------------------------------
 
-    @property
-    def url(self) -> str:
-        if self._server is None:
-            raise RuntimeError("SimDeviceServer is not started; call start() or use `with`")
-        host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
+    def _port(self) -> int:
+        return self.port
 
-    def start(self) -> SimDeviceServer:
-        if self._server is not None or self._stopping:
-            raise RuntimeError("a SimDeviceServer starts once; make a new one")
-        server = ThreadingHTTPServer(("127.0.0.1", self.port), _Handler)
-        server.daemon_threads = True
-        server.sim = self  # type: ignore[attr-defined]
-        self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self._thread.start()
-        return self
+    def _stopped(self) -> bool:
+        return self._stopping
 
-    def stop(self) -> None:
-        """Release waiting reads, stop serving, close the socket. Idempotent."""
+    def _release(self) -> None:
+        """Release waiting reads (stop() then stops serving and closes the socket)."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-        if self._server is not None and self._thread is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._thread.join()
-            self._thread = None
-
-    def __enter__(self) -> SimDeviceServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # --- serving ------------------------------------------------------------------------
 
