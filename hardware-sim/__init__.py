@@ -14,4 +14,9 @@ and lives in its own module; import the one you need (this package imports nothi
   seeded loss.
 * ``hwsim.clock`` -- ``VirtualClock``: a ``FakeClock`` that fires scheduled callbacks as
   time advances.
+* ``hwsim.devices`` -- ``SimDeviceServer``: card reader, printer and link as HTTP
+  endpoints (what the daemon talks to), with control endpoints for the simulated POS.
+* ``hwsim.powerloss`` -- ``PowerLossVFS``: an apsw VFS that drops every write since each
+  file's last sync at a simulated power cut (optionally tearing the last one).
+* ``hwsim.demo`` -- ``make demo``: a simulated terminal through a network outage.
 """
