@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import json
 import logging
-import re
-from types import TracebackType
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from edge.errors import ConfigError
+from edge.terminal._http import DIGIT_RUNS, HttpDriver, describe
 from edge.terminal.ports import (
     AcquirerError,
     AcquirerUnavailable,
@@ -149,22 +148,19 @@ def _auth_body(req: AuthRequest) -> bytes:
     ).encode()
 
 
-_DIGIT_RUNS = re.compile(r"\d{12,19}")
-
-
 def _error_code(response: httpx.Response) -> str:
     """The server's ``error`` code, scrubbed of anything that could be a PAN."""
     try:
         code = ErrorBody.model_validate_json(response.content).error
     except ValidationError:
         code = response.reason_phrase or "no error code"
-    return _DIGIT_RUNS.sub("<redacted>", code)[:80]
+    return DIGIT_RUNS.sub("<redacted>", code)[:80]
 
 
 # --- the driver ------------------------------------------------------------------------------
 
 
-class HttpAcquirer:
+class HttpAcquirer(HttpDriver):
     """``Acquirer`` over HTTP. Pass ``client`` to share a connection pool or to inject
     an ``httpx.MockTransport``; otherwise one is created (ignoring proxy environment
     variables) and closed by ``close()``. ``link``, if given, is asked first: when it
@@ -177,24 +173,12 @@ class HttpAcquirer:
         link: NetworkLink | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> None:
-        try:
-            url = httpx.URL(base_url)
-        except httpx.InvalidURL as exc:
-            raise ConfigError(f"acquirer URL {base_url!r} is not a URL: {exc}") from exc
-        if url.scheme not in ("http", "https") or not url.host:
-            raise ConfigError(
-                f"acquirer URL {base_url!r} must be http(s)://host[:port]",
-                hint="e.g. https://acquirer.example:8443",
-            )
         if timeout_s <= 0:
             raise ConfigError(f"acquirer timeout must be positive, got {timeout_s}")
+        url = self._connect("acquirer", base_url, client)
         self._base = str(url).rstrip("/")
         self._timeout = httpx.Timeout(timeout_s)
         self._timeout_s = timeout_s
-        self._owns_client = client is None
-        # trust_env=False: a proxy picked up from the environment would be configuration
-        # nobody wrote down, and would see the card data.
-        self._client = client if client is not None else httpx.Client(trust_env=False)
         self._link = link
 
     # --- Acquirer -------------------------------------------------------------------------
@@ -208,23 +192,6 @@ class HttpAcquirer:
     def reverse(self, original_key: str, idempotency_key: str) -> AuthResponse:
         body = ReverseBody(original_key=original_key).model_dump_json().encode()
         return self._post("reverse", REVERSE_PATH, idempotency_key, body)
-
-    # --- lifecycle ------------------------------------------------------------------------
-
-    def close(self) -> None:
-        if self._owns_client:
-            self._client.close()
-
-    def __enter__(self) -> HttpAcquirer:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # --- the one place httpx is called and its errors translated ---------------------------
 
@@ -243,7 +210,7 @@ class HttpAcquirer:
             )
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             raise AcquirerUnavailable(
-                f"acquirer {operation} not sent: cannot connect to {self._base} ({_describe(exc)})",
+                f"acquirer {operation} not sent: cannot connect to {self._base} ({describe(exc)})",
                 outcome_unknown=False,
             ) from exc
         except httpx.TimeoutException as exc:
@@ -253,12 +220,12 @@ class HttpAcquirer:
             ) from exc
         except (httpx.NetworkError, httpx.RemoteProtocolError) as exc:
             raise AcquirerUnavailable(
-                f"acquirer {operation}: connection lost ({_describe(exc)}); outcome unknown",
+                f"acquirer {operation}: connection lost ({describe(exc)}); outcome unknown",
                 outcome_unknown=True,
             ) from exc
         except httpx.HTTPError as exc:  # misconfiguration: protocol, proxy, redirects
             raise AcquirerError(
-                f"acquirer {operation} to {self._base} failed: {_describe(exc)}",
+                f"acquirer {operation} to {self._base} failed: {describe(exc)}",
                 hint="check the acquirer URL in the terminal configuration",
             ) from exc
         if response.status_code != 200:
@@ -277,9 +244,3 @@ class HttpAcquirer:
             extra={"action": f"acquirer.{operation}", "idempotency_key": key},
         )
         return result
-
-
-def _describe(exc: BaseException) -> str:
-    # httpx messages carry the URL at most, never the body; scrub digit runs anyway.
-    text = str(exc) or type(exc).__name__
-    return _DIGIT_RUNS.sub("<redacted>", f"{type(exc).__name__}: {text}")[:200]

@@ -36,13 +36,13 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from types import TracebackType
-from typing import Any, Self, cast, get_args
+from typing import Any, cast, get_args
 
 import httpx
 from pydantic import ValidationError
 
 from edge.errors import ConfigError
+from edge.terminal._http import DIGIT_RUNS, HttpDriver, describe
 from edge.terminal.carddata import CardRead
 from edge.terminal.ports import (
     CardReadError,
@@ -83,7 +83,6 @@ DEFAULT_LINK_CACHE_S = 1.0
 _CARD_FIELDS = ("pan", "expiry", "cvv", "track2", "pin_block", "entry_mode")
 _REASONS: tuple[str, ...] = get_args(CardReadReason)
 _CODE_SHAPE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,39}")
-_DIGIT_RUNS = re.compile(r"\d{12,19}")
 
 
 class PrinterUnavailable(PrinterJam):
@@ -115,34 +114,10 @@ class PrinterUnavailable(PrinterJam):
 # --- shared helpers --------------------------------------------------------------------------
 
 
-def _endpoint(kind: str, value: str) -> httpx.URL:
-    try:
-        url = httpx.URL(value)
-    except (httpx.InvalidURL, TypeError) as exc:
-        raise ConfigError(f"{kind} URL {value!r} is not a URL: {exc}") from exc
-    if url.scheme not in ("http", "https") or not url.host:
-        raise ConfigError(
-            f"{kind} URL {value!r} must be http(s)://host[:port][/path]",
-            hint="e.g. http://127.0.0.1:8791",
-        )
-    return url
-
-
-def _shown(url: httpx.URL) -> str:
-    """The URL for messages and logs: without user:password, if it had one."""
-    return str(url.copy_with(userinfo=b"")) if url.userinfo else str(url)
-
-
 def _positive(name: str, value: float) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
         raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
     return float(value)
-
-
-def _describe(exc: BaseException) -> str:
-    # httpx messages carry the URL at most; scrub digit runs anyway.
-    text = str(exc) or type(exc).__name__
-    return _DIGIT_RUNS.sub("<redacted>", f"{type(exc).__name__}: {text}")[:200]
 
 
 def _json_object(content: bytes) -> dict[str, Any] | None:
@@ -163,47 +138,15 @@ def _error_field(payload: dict[str, Any] | None, field: str) -> str | None:
     error = payload["error"]
     value = error.get(field, error.get("code")) if isinstance(error, dict) else error
     # A short identifier only: a service must not get a card number into our messages.
-    if isinstance(value, str) and _CODE_SHAPE.fullmatch(value) and not _DIGIT_RUNS.search(value):
+    if isinstance(value, str) and _CODE_SHAPE.fullmatch(value) and not DIGIT_RUNS.search(value):
         return value
     return "?"
-
-
-def _own_client(client: httpx.Client | None) -> httpx.Client:
-    # trust_env=False: a proxy picked up from the environment would be configuration
-    # nobody wrote down, and would see the card data.
-    return client if client is not None else httpx.Client(trust_env=False)
-
-
-class _Driver:
-    """Lifecycle shared by the drivers: close the client if we made it; ``with`` support."""
-
-    _client: httpx.Client
-    _owns_client: bool
-    _shown_url: str
-
-    def close(self) -> None:
-        if self._owns_client:
-            self._client.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self._shown_url!r})"
 
 
 # --- card reader -----------------------------------------------------------------------------
 
 
-class HttpCardReader(_Driver):
+class HttpCardReader(HttpDriver):
     """``CardReader`` over HTTP. ``base_url`` is the reader service (``/card/read`` is
     appended). ``timeout_s`` is the transport's allowance: for connecting, and for the
     answer to arrive after the ``read(timeout_s)`` long-poll ends. Pass ``client`` to
@@ -216,12 +159,9 @@ class HttpCardReader(_Driver):
         client: httpx.Client | None = None,
         timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
     ) -> None:
-        url = _endpoint("card reader", base_url)
         self._grace_s = _positive("card reader timeout_s", timeout_s)
+        url = self._connect("card reader", base_url, client)
         self._url = str(url).rstrip("/") + CARD_READ_PATH
-        self._shown_url = _shown(url)
-        self._owns_client = client is None
-        self._client = _own_client(client)
 
     def read(self, timeout_s: float) -> CardRead:
         if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) or timeout_s < 0:
@@ -236,10 +176,10 @@ class HttpCardReader(_Driver):
             )
         except httpx.TimeoutException as exc:
             raise self._unreadable(
-                f"no answer within {timeout_s + self._grace_s:g}s ({_describe(exc)})"
+                f"no answer within {timeout_s + self._grace_s:g}s ({describe(exc)})"
             ) from exc
         except httpx.HTTPError as exc:
-            raise self._unreadable(f"cannot be reached ({_describe(exc)})") from exc
+            raise self._unreadable(f"cannot be reached ({describe(exc)})") from exc
         status, ok = response.status_code, response.is_success
         payload = _json_object(response.content)
         del response  # the body holds the clear card data; keep it out of tracebacks
@@ -290,7 +230,7 @@ class HttpCardReader(_Driver):
 # --- printer ---------------------------------------------------------------------------------
 
 
-class HttpPrinter(_Driver):
+class HttpPrinter(HttpDriver):
     """``Printer`` over HTTP. ``base_url`` is the printer service (``/printer/print`` is
     appended). Pass ``client`` to share a pool or inject a transport."""
 
@@ -300,12 +240,9 @@ class HttpPrinter(_Driver):
         client: httpx.Client | None = None,
         timeout_s: float = DEFAULT_PRINT_TIMEOUT_S,
     ) -> None:
-        url = _endpoint("printer", base_url)
         self._timeout_s = _positive("printer timeout_s", timeout_s)
+        url = self._connect("printer", base_url, client)
         self._url = str(url).rstrip("/") + PRINT_PATH
-        self._shown_url = _shown(url)
-        self._owns_client = client is None
-        self._client = _own_client(client)
 
     def print_receipt(self, lines: list[str]) -> None:
         if isinstance(lines, str) or not all(isinstance(line, str) for line in lines):
@@ -320,7 +257,7 @@ class HttpPrinter(_Driver):
             )
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             raise PrinterUnavailable(
-                f"{where} cannot be reached ({_describe(exc)}); nothing printed",
+                f"{where} cannot be reached ({describe(exc)}); nothing printed",
                 outcome_unknown=False,
             ) from exc
         except httpx.TimeoutException as exc:
@@ -330,7 +267,7 @@ class HttpPrinter(_Driver):
             ) from exc
         except httpx.HTTPError as exc:
             raise PrinterUnavailable(
-                f"{where}: connection lost ({_describe(exc)}); the receipt may have printed",
+                f"{where}: connection lost ({describe(exc)}); the receipt may have printed",
                 outcome_unknown=True,
             ) from exc
         code = _error_field(_json_object(response.content), "code")
@@ -358,7 +295,7 @@ class HttpPrinter(_Driver):
 # --- network link ----------------------------------------------------------------------------
 
 
-class HttpNetworkLink(_Driver):
+class HttpNetworkLink(HttpDriver):
     """``NetworkLink`` by HTTP: up while ``GET url`` answers 2xx within ``timeout_s``
     (the simulator's ``/link``, or an acquirer's health URL).
 
@@ -377,15 +314,11 @@ class HttpNetworkLink(_Driver):
         *,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        parsed = _endpoint("network link", url)
         self._timeout_s = _positive("network link timeout_s", timeout_s)
         if isinstance(cache_s, bool) or not isinstance(cache_s, int | float) or cache_s < 0:
             raise ConfigError(f"network link cache_s must be >= 0 seconds, got {cache_s!r}")
         self._cache_s = float(cache_s)
-        self._url = str(parsed)
-        self._shown_url = _shown(parsed)
-        self._owns_client = client is None
-        self._client = _own_client(client)
+        self._url = str(self._connect("network link", url, client))
         self._clock = clock
         self._lock = threading.Lock()
         self._checked_at: float | None = None
@@ -420,5 +353,5 @@ class HttpNetworkLink(_Driver):
         try:
             response = self._client.get(self._url, timeout=self._timeout_s)
         except Exception as exc:  # never raises: any failure means "down"
-            return False, _describe(exc)
+            return False, describe(exc)
         return response.is_success, f"HTTP {response.status_code}"
