@@ -91,10 +91,14 @@ class SqliteStore(RowReads):
         migrate: bool = True,
         outbox_max_messages: int | None = None,
         outbox_max_bytes: int | None = None,
+        vfs: str | None = None,
     ) -> None:
         """``outbox_max_*``: bound the outbox (the terminal's store-and-forward queue). A
         step whose messages would pass a bound is refused in its own transaction
-        (LimitExceeded, reason ``outbox_full``); acknowledging messages makes room."""
+        (LimitExceeded, reason ``outbox_full``); acknowledging messages makes room.
+
+        ``vfs``: the name of a registered apsw VFS to open the file through (the crash
+        tests use ``hwsim.powerloss``); the platform default when None."""
         self.path = str(path)
         self.outbox_bound = (
             Guard(
@@ -108,7 +112,11 @@ class SqliteStore(RowReads):
         )
         self._lock = threading.RLock()
         try:
-            self._conn = apsw.Connection(self.path)
+            self._conn = (
+                apsw.Connection(self.path)
+                if vfs is None
+                else apsw.Connection(self.path, vfs=vfs)
+            )
         except apsw.Error as exc:
             raise StoreError(
                 f"cannot open database: {exc}",

@@ -42,7 +42,9 @@ class Terminal:
         *,
         clock: Clock | None = None,
         rng: random.Random | None = None,
+        vfs: str | None = None,
     ) -> None:
+        """``vfs``: open the database through this registered apsw VFS (crash tests)."""
         self.cfg = cfg
         self.clock = clock or SystemClock()
         cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -51,6 +53,7 @@ class Terminal:
             synchronous=cfg.synchronous,
             outbox_max_messages=cfg.outbox_max_messages,
             outbox_max_bytes=cfg.outbox_max_mb * 1024 * 1024,
+            vfs=vfs,
         )
         self.data_key = DataKey.load_or_create(cfg.data_dir / "keys")
         self.policy = self._load_policy()

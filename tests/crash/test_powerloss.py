@@ -204,8 +204,7 @@ def test_torn_write_mid_transaction_is_rejected_by_wal_checksums(tmp_path, make_
 
 
 def test_sqlite_store_opens_after_a_cut_at_any_event(tmp_path):
-    """SqliteStore takes no ``vfs``: it opens through ours while ours is the default.
-    Cut at every event of open + migrate + a few definitions; the store then reopens on
+    """SqliteStore opens through ours by name (``vfs=``). Cut at every event of open + migrate + a few definitions; the store then reopens on
     the real VFS, migrates to the end, and keeps every definition saved before the cut."""
     total = None
     n = 0
@@ -217,14 +216,14 @@ def test_sqlite_store_opens_after_a_cut_at_any_event(tmp_path):
             if event == n:
                 state["vfs"].cut_power(tear=True, rng=random.Random(n))
 
-        vfs = PowerLossVFS(f"powerloss-store-{n}", on_event=cut_at, makedefault=True)
+        vfs = PowerLossVFS(f"powerloss-store-{n}", on_event=cut_at)
         state["vfs"] = vfs
         db = tmp_path / f"store-{n}.db"
         saved: list[str] = []
         try:
             store = None
             try:
-                store = SqliteStore(db)
+                store = SqliteStore(db, vfs=vfs.vfs_name)
                 for i in range(3):
                     store.save_definition(f"h{i}", "wf", "1", "snapshot" * 100, 0.0)
                     saved.append(f"h{i}")
@@ -246,6 +245,7 @@ def test_sqlite_store_opens_after_a_cut_at_any_event(tmp_path):
         finally:
             store.close()
     assert total is not None and total > 10
+    assert vfs.writes[str(db) + "-wal"] > 0  # the store really wrote through our VFS
 
 
 def test_cut_after_close_undoes_unsynced_writes_of_closed_files(tmp_path, make_vfs):
