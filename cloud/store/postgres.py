@@ -25,10 +25,10 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from edge.engine.audit import GENESIS, link
-from edge.engine.records import Commit, RunRecord
+from edge.engine.records import Commit, Compaction, RunRecord
 from edge.errors import LeaseLost, MigrationError, StorageFull, StoreError
 from edge.store import rows as rowmap
-from edge.store.base import RowReads, guard_params, guard_refused
+from edge.store.base import RowReads, ack_audit_params, compact_in, guard_params, guard_refused
 from edge.store.queries import load_migrations, load_queries
 
 log = logging.getLogger(__name__)
@@ -393,6 +393,32 @@ class PostgresStore(RowReads):
         return self._run(
             "ack_outbox", lambda conn, _: self._q(conn, "ack_outbox", {"seq": seq}).rowcount
         )
+
+    def ack_audit_through(self, seq: int) -> None:
+        self._run("ack_audit", lambda conn, _: self._q(conn, "ack_audit", ack_audit_params(seq)))
+
+    def compact(
+        self,
+        *,
+        before: float,
+        counter_prefix: str | None = None,
+        counters_before: float | None = None,
+    ) -> Compaction:
+        def run(conn: Conn, _: int) -> Compaction:
+            def q(name: str, params: Mapping[str, Any]) -> tuple[list[dict[str, Any]], int]:
+                cur = self._q(conn, name, params)
+                found = cur.fetchall() if cur.description else []
+                return found, cur.rowcount
+
+            return compact_in(
+                q,
+                run_ids=list,
+                before=before,
+                counter_prefix=counter_prefix,
+                counters_before=counters_before,
+            )
+
+        return self._run("compact", run)
 
     def close(self) -> None:
         self.pool.close()

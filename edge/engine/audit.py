@@ -42,8 +42,15 @@ class ChainReport:
         return f"audit chain BROKEN at seq {self.broken_at}: {self.reason}"
 
 
-def verify_chain(rows: Iterable[AuditRow], head: tuple[int, str] | None) -> ChainReport:
-    prev_seq, prev_hash, n = 0, GENESIS, 0
+def verify_chain(
+    rows: Iterable[AuditRow],
+    head: tuple[int, str] | None,
+    base: tuple[int, str] | None = None,
+) -> ChainReport:
+    """``base``: (seq, hash) of the last row retention removed; the kept rows must
+    continue from it. The rows before it are the cloud's to keep and verify."""
+    prev_seq, prev_hash = base if base else (0, GENESIS)
+    n = 0
     for row in rows:
         n += 1
         if row.seq != prev_seq + 1:

@@ -12,8 +12,10 @@ from collections.abc import Iterator, Sequence
 from typing import Protocol
 
 from edge.engine.records import (
+    AuditRetention,
     AuditRow,
     Commit,
+    Compaction,
     OutboxMessage,
     OutboxStats,
     RunRecord,
@@ -97,6 +99,24 @@ class Store(Protocol):
 
     def audit_head(self) -> tuple[int, str] | None:
         """(seq, hash) of the last appended audit row, kept in the same transaction."""
+
+    def audit_retention(self) -> AuditRetention | None:
+        """Where retention has compacted the chain to; None if nothing was acknowledged."""
+
+    def ack_audit_through(self, seq: int) -> None:
+        """The cloud holds the audit log up to ``seq``: rows up to it may be compacted."""
+
+    def compact(
+        self,
+        *,
+        before: float,
+        counter_prefix: str | None = None,
+        counters_before: float | None = None,
+    ) -> Compaction:
+        """Retention, in one transaction: remove finished runs last changed before
+        ``before`` (with their steps and input; a parent stays while a descendant is
+        kept), acknowledged audit rows written before ``before`` (moving the chain's
+        base), and counters named ``counter_prefix…`` unchanged since ``counters_before``."""
 
     def outbox(self, after_seq: int = 0, limit: int = 100) -> list[OutboxMessage]: ...
 

@@ -123,6 +123,25 @@ class OutboxStats:
     last_seq: int
 
 
+@dataclass(frozen=True)
+class AuditRetention:
+    """Where the kept audit chain starts, and how far the cloud has acknowledged it."""
+
+    base_seq: int  # the last row compacted away (0: none); the chain resumes after it
+    base_hash: str  # that row's hash: the first kept row's prev_hash
+    acked_seq: int
+
+
+@dataclass(frozen=True)
+class Compaction:
+    """What one retention pass removed."""
+
+    runs: int = 0
+    steps: int = 0
+    audit_rows: int = 0
+    counters: int = 0
+
+
 @dataclass
 class Commit:
     """Everything one step outcome changes; a store applies it in ONE transaction.

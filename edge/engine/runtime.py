@@ -602,7 +602,9 @@ class Engine:
         return self.store.list_runs([status] if status else None, limit)
 
     def verify_audit(self) -> ChainReport:
-        return verify_chain(self.store.audit_rows(), self.store.audit_head())
+        kept = self.store.audit_retention()
+        base = (kept.base_seq, kept.base_hash) if kept and kept.base_seq else None
+        return verify_chain(self.store.audit_rows(), self.store.audit_head(), base)
 
     def close(self) -> None:
         """Stop the heartbeat; the store stays open (its owner closes it)."""

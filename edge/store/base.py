@@ -6,11 +6,14 @@ A dialect module (``SqliteStore``, ``PostgresStore``) supplies ``_rows`` and ``_
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+from edge.engine.audit import GENESIS
 from edge.engine.records import (
+    AuditRetention,
     AuditRow,
+    Compaction,
     Guard,
     OutboxMessage,
     OutboxStats,
@@ -91,6 +94,13 @@ class RowReads:
             return None  # an empty chain, however the dialect seeds its head
         return int(head[0]["seq"]), str(head[0]["hash"])
 
+    def audit_retention(self) -> AuditRetention | None:
+        found = self._rows("audit_retention")
+        if not found:
+            return None
+        r = found[0]
+        return AuditRetention(int(r["base_seq"]), str(r["base_hash"]), int(r["acked_seq"]))
+
     def outbox(self, after_seq: int = 0, limit: int = 100) -> list[OutboxMessage]:
         found = self._rows("outbox_after", {"after_seq": after_seq, "limit": limit})
         return [rowmap.outbox_from_row(r, self._decode) for r in found]
@@ -130,3 +140,48 @@ def guard_refused(guard: Guard) -> LimitExceeded:
         f"(change {guard.amount:+d} / {guard.count:+d}); nothing was committed",
         reason=guard.reason,
     )
+
+
+#: Runs one named query inside the caller's transaction: (rows as dicts, rows changed).
+TxQuery = Callable[[str, Mapping[str, Any]], tuple[list[dict[str, Any]], int]]
+
+
+def compact_in(
+    q: TxQuery,
+    *,
+    run_ids: Callable[[list[str]], Any],
+    before: float,
+    counter_prefix: str | None,
+    counters_before: float | None,
+) -> Compaction:
+    """Retention, as one transaction's statements (the store supplies the transaction).
+
+    ``run_ids`` encodes a list of run ids the way the dialect's ``IN`` takes it. The audit
+    base moves before the rows behind it are deleted, so the delete trigger -- which
+    refuses any row past the base -- lets exactly those go and no other.
+    """
+    found, _ = q("compactable_runs", {"before": before})
+    runs = steps = 0
+    if found:
+        ids = run_ids([str(r["run_id"]) for r in found])
+        steps = q("delete_steps_of_runs", {"run_ids": ids})[1]
+        q("delete_inputs_of_runs", {"run_ids": ids})
+        runs = q("delete_runs", {"run_ids": ids})[1]
+    audit = 0
+    retention, _ = q("audit_retention", {})
+    if retention:
+        base, acked = int(retention[0]["base_seq"]), int(retention[0]["acked_seq"])
+        point, _ = q("audit_compact_point", {"acked_seq": acked, "before": before})
+        if point and int(point[0]["seq"]) > base:
+            seq = int(point[0]["seq"])
+            q("set_audit_base", {"seq": seq, "hash": str(point[0]["hash"])})
+            audit = q("delete_audit_through", {"seq": seq})[1]
+    counters = 0
+    if counter_prefix is not None and counters_before is not None:
+        params = {"prefix": counter_prefix, "before": counters_before}
+        counters = q("delete_idle_counters", params)[1]
+    return Compaction(runs=runs, steps=steps, audit_rows=audit, counters=counters)
+
+
+def ack_audit_params(seq: int) -> dict[str, Any]:
+    return {"seq": seq, "genesis": GENESIS}

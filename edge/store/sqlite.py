@@ -9,33 +9,77 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import apsw
 
 from edge.engine.audit import GENESIS, link
 from edge.engine.records import (
     Commit,
+    Compaction,
     Guard,
     RunRecord,
 )
 from edge.errors import LeaseLost, MigrationError, StorageFull, StoreError
 from edge.store import rows as rowmap
-from edge.store.base import OUTBOX_COUNTER, RowReads, guard_params, guard_refused
+from edge.store.base import (
+    OUTBOX_COUNTER,
+    RowReads,
+    ack_audit_params,
+    compact_in,
+    guard_params,
+    guard_refused,
+)
 from edge.store.queries import load_migrations, load_queries
 
 Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
+CheckpointMode = Literal["PASSIVE", "FULL", "RESTART", "TRUNCATE"]
+
+#: The WAL is cut back to this size whenever a checkpoint resets it (journal_size_limit).
+DEFAULT_WAL_LIMIT_BYTES = 4 * 1024 * 1024
 
 #: Milliseconds a writer waits for the lock before giving up: long enough to ride out a
 #: checkpoint or a second process (the CLI beside the daemon), short enough to surface.
 DEFAULT_BUSY_TIMEOUT_MS = 5_000
 
 _QUERIES = load_queries("sqlite")
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    busy: bool  # a reader's snapshot kept part of the WAL from being folded in or reset
+    wal_frames: int
+    checkpointed: int
+
+
+@dataclass(frozen=True)
+class Storage:
+    page_size: int
+    pages: int  # the database file, in pages
+    free_pages: int  # pages in the file that hold nothing (reused, or reclaimed)
+    max_pages: int  # the hard budget: past it a write fails with SQLITE_FULL
+    wal_bytes: int
+    wal_limit_bytes: int
+
+    @property
+    def used_bytes(self) -> int:
+        return (self.pages - self.free_pages) * self.page_size
+
+    @property
+    def file_bytes(self) -> int:
+        return self.pages * self.page_size
+
+    @property
+    def budget_bytes(self) -> int:
+        return self.max_pages * self.page_size
 
 
 #: Built once: ``json.dumps`` with options constructs a new encoder on every call.
@@ -61,6 +105,40 @@ def _set_synchronous(conn: apsw.Connection, level: Synchronous) -> None:
     # FULL (default): a committed payment survives power loss. NORMAL in WAL mode may
     # lose the last commits on power loss but never corrupts. https://www.sqlite.org/pragma.html#pragma_synchronous
     conn.execute(f"PRAGMA synchronous={level}")
+
+
+def _pragma(conn: apsw.Connection, text: str) -> int:
+    value = conn.execute(f"PRAGMA {text}").fetchall()[0][0]
+    assert isinstance(value, int), (text, value)
+    return value
+
+
+def _use_incremental_vacuum(conn: apsw.Connection) -> None:
+    # Retention frees pages; INCREMENTAL lets ``reclaim()`` give them back to the file
+    # system (a terminal's flash is small) without a full VACUUM's copy of the database.
+    # The mode is fixed when the first table is created; a database made before it was
+    # set is converted once, by a VACUUM. https://www.sqlite.org/pragma.html#pragma_auto_vacuum
+    if _pragma(conn, "auto_vacuum") == 2:
+        return
+    conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+    if _pragma(conn, "page_count") > 0:
+        try:
+            conn.execute("VACUUM")
+        except apsw.Error as exc:  # e.g. no room for the copy: the database still works
+            log.warning("could not convert the database to incremental vacuum: %s", exc)
+
+
+def _limit_wal(conn: apsw.Connection, limit_bytes: int) -> None:
+    # After a checkpoint resets the WAL, truncate the file back to this size, so one
+    # burst of writes does not keep its space forever. https://www.sqlite.org/pragma.html#pragma_journal_size_limit
+    conn.execute(f"PRAGMA journal_size_limit={int(limit_bytes)}")
+
+
+def _set_page_budget(conn: apsw.Connection, max_bytes: int) -> None:
+    # A hard cap on the database file: a write past it fails with SQLITE_FULL
+    # (StorageFull) and its transaction rolls back whole, like a full disk would.
+    size = _pragma(conn, "page_size")
+    conn.execute(f"PRAGMA max_page_count={max(1, int(max_bytes) // size)}")
 
 
 def _enforce_foreign_keys(conn: apsw.Connection) -> None:
@@ -92,13 +170,20 @@ class SqliteStore(RowReads):
         outbox_max_messages: int | None = None,
         outbox_max_bytes: int | None = None,
         vfs: str | None = None,
+        max_bytes: int | None = None,
+        wal_limit_bytes: int = DEFAULT_WAL_LIMIT_BYTES,
     ) -> None:
         """``outbox_max_*``: bound the outbox (the terminal's store-and-forward queue). A
         step whose messages would pass a bound is refused in its own transaction
         (LimitExceeded, reason ``outbox_full``); acknowledging messages makes room.
 
         ``vfs``: the name of a registered apsw VFS to open the file through (the crash
-        tests use ``hwsim.powerloss``); the platform default when None."""
+        tests use ``hwsim.powerloss``); the platform default when None.
+
+        ``max_bytes``: the database file's hard budget (``max_page_count``); a write past
+        it raises StorageFull and commits nothing. ``wal_limit_bytes``: the size a
+        checkpoint truncates the WAL back to."""
+        self.wal_limit_bytes = wal_limit_bytes
         self.path = str(path)
         self.outbox_bound = (
             Guard(
@@ -113,9 +198,7 @@ class SqliteStore(RowReads):
         self._lock = threading.RLock()
         try:
             self._conn = (
-                apsw.Connection(self.path)
-                if vfs is None
-                else apsw.Connection(self.path, vfs=vfs)
+                apsw.Connection(self.path) if vfs is None else apsw.Connection(self.path, vfs=vfs)
             )
         except apsw.Error as exc:
             raise StoreError(
@@ -127,11 +210,16 @@ class SqliteStore(RowReads):
         try:
             with self._translate("open"):
                 _set_busy_timeout(self._conn, busy_timeout_ms)
+                _use_incremental_vacuum(self._conn)
                 _use_wal(self._conn)
+                _limit_wal(self._conn, wal_limit_bytes)
                 _set_synchronous(self._conn, synchronous)
                 _enforce_foreign_keys(self._conn)
             if migrate:
                 self.migrate()
+            if max_bytes is not None:
+                with self._translate("open"):
+                    _set_page_budget(self._conn, max_bytes)
         except BaseException:
             self._conn.close()
             raise
@@ -354,10 +442,72 @@ class SqliteStore(RowReads):
                 self._q("apply_counter", params)
             return deleted
 
-    def checkpoint(self) -> None:
-        """Fold the WAL into the database and truncate it (graceful stop)."""
+    def ack_audit_through(self, seq: int) -> None:
+        with self._tx("ack_audit"):
+            self._q("ack_audit", ack_audit_params(seq))
+
+    def compact(
+        self,
+        *,
+        before: float,
+        counter_prefix: str | None = None,
+        counters_before: float | None = None,
+    ) -> Compaction:
+        def q(name: str, params: Mapping[str, Any]) -> tuple[list[dict[str, Any]], int]:
+            cur = self._q(name, params)
+            try:
+                cols = [d[0] for d in cur.get_description()]
+                found = [dict(zip(cols, row, strict=True)) for row in cur]
+            except apsw.ExecutionCompleteError:
+                found = []
+            return found, int(self._conn.changes())
+
+        with self._tx("compact"):
+            return compact_in(
+                q,
+                run_ids=_dumps,
+                before=before,
+                counter_prefix=counter_prefix,
+                counters_before=counters_before,
+            )
+
+    def checkpoint(self, mode: CheckpointMode = "TRUNCATE") -> Checkpoint:
+        """Fold the WAL into the database. TRUNCATE (graceful stop, maintenance) also
+        empties the WAL file -- unless a reader still holds an older snapshot, which the
+        result says (``busy``); PASSIVE never waits for anyone."""
         with self._lock, self._translate("checkpoint"):
-            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            row = self._conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchall()[0]
+            busy, frames, done = cast(tuple[int, int, int], row)
+            return Checkpoint(busy=bool(busy), wal_frames=frames, checkpointed=done)
+
+    # --- size ----------------------------------------------------------------------
+
+    def storage(self) -> Storage:
+        """Pages in use, free pages, the page budget and the WAL's size on disk."""
+        with self._lock, self._translate("storage"):
+            size = _pragma(self._conn, "page_size")
+            pages = _pragma(self._conn, "page_count")
+            free = _pragma(self._conn, "freelist_count")
+            budget = _pragma(self._conn, "max_page_count")
+        wal = Path(self.path + "-wal")
+        return Storage(
+            page_size=size,
+            pages=pages,
+            free_pages=free,
+            max_pages=budget,
+            wal_bytes=wal.stat().st_size if wal.exists() else 0,
+            wal_limit_bytes=self.wal_limit_bytes,
+        )
+
+    def reclaim(self, pages: int | None = None) -> int:
+        """Give free pages back to the file system (``auto_vacuum=INCREMENTAL``): all of
+        them, or at most ``pages``. Returns how many pages the file shrank by."""
+        with self._lock, self._translate("reclaim"):
+            before = _pragma(self._conn, "page_count")
+            arg = "" if pages is None else f"({int(pages)})"
+            self._conn.execute(f"PRAGMA incremental_vacuum{arg}").fetchall()
+            after = _pragma(self._conn, "page_count")
+            return before - after
 
     # --- maintenance -----------------------------------------------------------------
 

@@ -103,6 +103,7 @@ def test_migrations__applied_in_order_give_the_same_schema_as_schema_sql(
         "workflow_steps",
         "workflow_audit_log",
         "audit_head",
+        "audit_retention",
         "outbox",
         "counters",
     }
@@ -189,15 +190,16 @@ _TEXT = {
     "run_id", "workflow_type", "definition_hash", "idempotency_key", "parent_run_id",
     "parent_step", "lease_owner", "owner", "commit_token", "content_hash", "snapshot",
     "name", "step", "step_name", "kind", "event", "hash", "prev_hash", "message_id", "topic",
+    "genesis", "prefix",
     "version",  # text in workflow_definitions, integer in schema_migrations: left untyped
 }  # fmt: skip
 _INT = {
     "revision", "expected_revision", "attempt", "seq", "ref_seq", "limit", "after_seq",
-    "amount", "count", "max_amount", "max_count",
+    "amount", "count", "max_amount", "max_count", "acked_seq",
 }  # fmt: skip
 _FLOAT = {
     "at", "now", "created_at", "updated_at", "lease_expires_at", "next_attempt_at",
-    "started_at", "finished_at",
+    "started_at", "finished_at", "before",
 }  # fmt: skip
 _JSON = {"fingerprints", "state", "cursor", "error", "input", "output", "detail", "payload"}
 
@@ -214,6 +216,8 @@ def _dummy(name: str) -> Any:
         return 1.0
     if name in _JSON:
         return Jsonb({"k": 1})
+    if name == "run_ids":
+        return ["r1", "r2"]
     raise AssertionError(f"no dummy value for query parameter '{name}': add it to this test")
 
 

@@ -140,3 +140,9 @@ def approve_within_cap(state: dict[str, Any], ctx: StepContext) -> dict[str, Any
         "offline", amount=state["amount"], count=1, max_amount=cap, reason="offline_amount_cap"
     )
     return {"decision": "approved"}
+
+
+def bump_counter(state: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    """Add one to the counter the input names (a guard without caps)."""
+    ctx.guard(str(state["counter"]), count=1)
+    return {}

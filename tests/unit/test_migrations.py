@@ -145,9 +145,9 @@ def test_load_migrations__orders_by_number_not_by_listing(fake_package):
 
 def test_migrate__a_fresh_database_ends_at_the_latest_version(migrated, migrated_conn):
     latest = len(load_migrations("sqlite"))
-    assert migrated.schema_version() == latest == 2
+    assert migrated.schema_version() == latest == 3
     rows = migrated_conn.execute("SELECT version, name FROM schema_migrations").fetchall()
-    assert rows == [(1, "initial"), (2, "counters")]
+    assert rows == [(1, "initial"), (2, "counters"), (3, "retention")]
 
 
 def test_migrate__reopening_a_migrated_database_is_a_no_op(migrated, migrated_conn):
@@ -155,11 +155,11 @@ def test_migrate__reopening_a_migrated_database_is_a_no_op(migrated, migrated_co
     migrated.close()
     again = SqliteStore(migrated.path)
     try:
-        assert again.schema_version() == 2
-        assert again.migrate() == 2
+        assert again.schema_version() == 3
+        assert again.migrate() == 3
     finally:
         again.close()
-    assert migrated_conn.execute("SELECT count(*) FROM schema_migrations").fetchall() == [(2,)]
+    assert migrated_conn.execute("SELECT count(*) FROM schema_migrations").fetchall() == [(3,)]
     assert schema_of(migrated_conn) == before
 
 
@@ -188,7 +188,8 @@ def test_migrate__a_database_newer_than_this_build_raises_migration_error(migrat
     assert err.code == "migration_failed"
     assert err.operation == "migrate"
     assert err.path == migrated.path
-    assert "version 99 is newer than this build knows (2)" in err.message
+    known = len(load_migrations("sqlite"))
+    assert f"version 99 is newer than this build knows ({known})" in err.message
     assert err.hint and "upgrade tillflow" in err.hint
     max_version = migrated_conn.execute("SELECT max(version) FROM schema_migrations").fetchall()
     assert max_version == [(99,)]  # refused, not rewritten

@@ -197,3 +197,61 @@ DELETE FROM outbox WHERE seq <= %(seq)s;
 -- How many messages, and their payload bytes, an acknowledgement up to a seq removes.
 SELECT count(*) AS depth, coalesce(sum(octet_length(payload::text)), 0) AS bytes FROM outbox
 WHERE seq <= %(seq)s;
+
+-- name: audit_retention
+-- The retention base (the last compacted row) and how far the cloud acknowledged.
+SELECT base_seq, base_hash, acked_seq FROM audit_retention WHERE id = 1;
+
+-- name: ack_audit
+-- The cloud holds the audit log up to a seq (never moves back).
+INSERT INTO audit_retention (id, base_seq, base_hash, acked_seq)
+VALUES (1, 0, %(genesis)s, %(seq)s)
+ON CONFLICT (id) DO UPDATE
+SET acked_seq = greatest(audit_retention.acked_seq, excluded.acked_seq);
+
+-- name: audit_compact_point
+-- The newest acknowledged row written before a time: compaction removes up to here.
+SELECT seq, hash FROM workflow_audit_log
+WHERE seq <= %(acked_seq)s AND at < %(before)s
+ORDER BY seq DESC LIMIT 1;
+
+-- name: set_audit_base
+-- Move the retention base forward (first, so the delete trigger lets the rows go).
+UPDATE audit_retention SET base_seq = %(seq)s, base_hash = %(hash)s
+WHERE id = 1 AND base_seq < %(seq)s;
+
+-- name: delete_audit_through
+-- Remove compacted audit rows, up to and including the base.
+DELETE FROM workflow_audit_log WHERE seq <= %(seq)s;
+
+-- name: compactable_runs
+-- Finished runs changed before a time, but not the ancestors of any run that stays.
+WITH RECURSIVE kept_parent (run_id) AS (
+    SELECT parent_run_id FROM workflow_runs
+    WHERE parent_run_id IS NOT NULL
+      AND NOT (status IN ('COMPLETED', 'FAILED', 'ROLLED_BACK', 'CANCELLED')
+               AND updated_at < %(before)s)
+    UNION
+    SELECT r.parent_run_id FROM workflow_runs r JOIN kept_parent k ON r.run_id = k.run_id
+    WHERE r.parent_run_id IS NOT NULL
+)
+SELECT run_id FROM workflow_runs
+WHERE status IN ('COMPLETED', 'FAILED', 'ROLLED_BACK', 'CANCELLED')
+  AND updated_at < %(before)s
+  AND run_id NOT IN (SELECT run_id FROM kept_parent);
+
+-- name: delete_steps_of_runs
+-- Step rows of compacted runs (run ids as an array).
+DELETE FROM workflow_steps WHERE run_id = ANY(%(run_ids)s);
+
+-- name: delete_inputs_of_runs
+-- Inputs of compacted runs (run ids as an array).
+DELETE FROM workflow_run_inputs WHERE run_id = ANY(%(run_ids)s);
+
+-- name: delete_runs
+-- Compacted runs themselves (run ids as an array).
+DELETE FROM workflow_runs WHERE run_id = ANY(%(run_ids)s);
+
+-- name: delete_idle_counters
+-- Counters under a name prefix nobody has changed since a time (ended windows).
+DELETE FROM counters WHERE name LIKE %(prefix)s || '%%' AND updated_at < %(before)s;

@@ -47,6 +47,7 @@ CREATE INDEX workflow_runs_in_flight ON workflow_runs (created_at)
     WHERE status IN ('RUNNING', 'COMPENSATING', 'WAITING');
 CREATE INDEX workflow_runs_by_status ON workflow_runs (status, created_at);
 CREATE INDEX workflow_runs_by_parent ON workflow_runs (parent_run_id);
+CREATE INDEX workflow_runs_by_updated ON workflow_runs (updated_at);
 
 CREATE TABLE workflow_steps (
     seq         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -88,10 +89,30 @@ $$;
 
 CREATE TRIGGER workflow_audit_log_no_update BEFORE UPDATE ON workflow_audit_log
     FOR EACH ROW EXECUTE FUNCTION workflow_audit_log_append_only();
+-- Rows behind the retention base (compacted after the cloud acknowledged them) may go.
+CREATE FUNCTION workflow_audit_log_delete_behind_base() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF OLD.seq > coalesce((SELECT base_seq FROM audit_retention WHERE id = 1), 0) THEN
+        RAISE EXCEPTION 'workflow_audit_log is append-only';
+    END IF;
+    RETURN OLD;
+END
+$$;
+
 CREATE TRIGGER workflow_audit_log_no_delete BEFORE DELETE ON workflow_audit_log
-    FOR EACH ROW EXECUTE FUNCTION workflow_audit_log_append_only();
+    FOR EACH ROW EXECUTE FUNCTION workflow_audit_log_delete_behind_base();
 CREATE TRIGGER workflow_audit_log_no_truncate BEFORE TRUNCATE ON workflow_audit_log
     FOR EACH STATEMENT EXECUTE FUNCTION workflow_audit_log_append_only();
+
+-- Retention: the last compacted row (the kept chain starts from its hash) and how far
+-- the cloud has acknowledged the log.
+CREATE TABLE audit_retention (
+    id        integer PRIMARY KEY CHECK (id = 1),
+    base_seq  bigint NOT NULL,
+    base_hash text NOT NULL,
+    acked_seq bigint NOT NULL
+);
 
 -- The chain's last link. Appenders lock this one row (FOR UPDATE), last in their
 -- transaction: that orders the chain across workers and holds the lock only briefly.

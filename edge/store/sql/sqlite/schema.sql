@@ -42,6 +42,7 @@ CREATE TABLE workflow_run_inputs (
 
 CREATE INDEX workflow_runs_by_status ON workflow_runs (status, next_attempt_at);
 CREATE INDEX workflow_runs_by_parent ON workflow_runs (parent_run_id);
+CREATE INDEX workflow_runs_by_updated ON workflow_runs (updated_at);
 
 -- seq is global (the rowid): increasing within a run, and assigned without a lookup.
 CREATE TABLE workflow_steps (
@@ -81,10 +82,21 @@ BEGIN
     SELECT RAISE(ABORT, 'workflow_audit_log is append-only');
 END;
 
+-- Rows behind the retention base (compacted after the cloud acknowledged them) may go.
 CREATE TRIGGER workflow_audit_log_no_delete BEFORE DELETE ON workflow_audit_log
+WHEN OLD.seq > coalesce((SELECT base_seq FROM audit_retention WHERE id = 1), 0)
 BEGIN
     SELECT RAISE(ABORT, 'workflow_audit_log is append-only');
 END;
+
+-- Retention: the last compacted row (the kept chain starts from its hash) and how far
+-- the cloud has acknowledged the log.
+CREATE TABLE audit_retention (
+    id        INTEGER PRIMARY KEY CHECK (id = 1),
+    base_seq  INTEGER NOT NULL,
+    base_hash TEXT NOT NULL,
+    acked_seq INTEGER NOT NULL
+) STRICT;
 
 CREATE TABLE audit_head (
     id   INTEGER PRIMARY KEY CHECK (id = 1),
