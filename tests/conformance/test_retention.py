@@ -94,7 +94,7 @@ def test_compact__acknowledged_audit_rows_go_and_the_kept_chain_still_verifies(
     store.ack_audit_through(6)
     done = store.compact(before=clock.now() - DAY)
     assert done.audit_rows == 6
-    assert [r.seq for r in store.audit_rows()][0] == 7
+    assert next(r.seq for r in store.audit_rows()) == 7
     kept = store.audit_retention()
     assert kept is not None and (kept.base_seq, kept.acked_seq) == (6, 6)
     engine.start("two", {"x": 1})  # the chain goes on from the kept rows
