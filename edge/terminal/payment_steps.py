@@ -123,6 +123,23 @@ def reverse_online(state: State, ctx: StepContext) -> State:
     return {"reversed": bool(answer.approved), "decision": "reversed"}
 
 
+def reverse_unanswered(state: State, ctx: StepContext) -> State:
+    """Compensation of ``screen``: an online authorisation that never got its answer
+    (the step failed for good: link down, or an answer lost to a crash or a timeout
+    before the retries ran out) may still have been approved by the acquirer. Reverse
+    it under its key: harmless for a key the acquirer never saw (it also refuses that
+    key later), and the only thing that releases the customer's money if it did."""
+    if state.get("channel") != "online" or "auth_key" in state:
+        return {}  # offline, or answered (an approval is reverse_online's to undo)
+    key = idempotency_key(ctx.run_id, "authorize_online", 1)  # authorization_key's
+    try:
+        answer = ctx.services["acquirer"].reverse(key, ctx.idempotency_key)
+    except AcquirerUnavailable as exc:
+        raise StepError(f"acquirer unavailable for the reversal: {exc.message}") from exc
+    _record_reversal(state, ctx, "online")
+    return {"reversed": bool(answer.approved), "decision": "reversed", "auth_key": key}
+
+
 def _record_reversal(state: State, ctx: StepContext, channel: str) -> None:
     """The cloud hears of an undone payment too (the acquirer saw it authorised)."""
     card = state.get("card") or {}

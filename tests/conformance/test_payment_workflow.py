@@ -179,3 +179,61 @@ def test_payment__declined_when_the_outbox_is_full(terminal):
     assert terminal.pay(2_500).state["decision"] == "approved"
     full = terminal.pay(2_500, card="mastercard")
     assert (full.state["decision"], full.state["reason"]) == ("declined", "outbox_full")
+
+
+def test_payment__an_authorisation_whose_answer_was_lost_is_reversed_when_the_run_gives_up(
+    terminal, acquirer
+):
+    """The first request reaches the acquirer (approved) but its answer is lost -- a
+    timeout, or the daemon killed before it read the answer -- and the link then stays
+    down through every retry. The run gives up; the authorisation it may have left at
+    the acquirer must be reversed, or the customer is charged for a failed payment.
+    (Found by the kill -9 torture, hwsim.killtorture: the acquirer's lost reply.)"""
+    from edge.terminal.ports import AcquirerUnavailable
+
+    class LosesTheAnswerThenTheLink:
+        calls = 0
+
+        def authorize(self, req):
+            self.calls += 1
+            try:
+                if self.calls == 1:
+                    terminal.http.authorize(req)  # approved and recorded at the acquirer...
+                    terminal.link.down()  # ...and the answer never comes back
+                    raise AcquirerUnavailable("connection lost", outcome_unknown=True)
+                return terminal.http.authorize(req)  # link down: not sent
+            finally:
+                if self.calls == 3:
+                    terminal.link.up()  # back after the last attempt
+
+        def reverse(self, original_key, key):
+            return terminal.http.reverse(original_key, key)
+
+    terminal.engine.services["acquirer"] = LosesTheAnswerThenTheLink()
+    run = terminal.pay(2_500)
+    assert run.status is Status.ROLLED_BACK
+    assert len(acquirer.effects("authorize")) == 1  # the lost one
+    assert len(acquirer.effects("reverse")) == 1
+    assert acquirer.net_minor("EUR") == 0  # not charged for a payment that failed
+    [msg] = terminal.store.outbox()  # the cloud hears of the reversal
+    assert (msg.payload["decision"], msg.payload["channel"]) == ("reversed", "online")
+
+
+def test_payment__a_payment_that_never_reached_the_acquirer_still_rolls_back(terminal, acquirer):
+    """The same give-up with nothing sent: the reversal is of a key the acquirer never
+    saw (no effect; it also refuses that key from now on), and the run rolls back."""
+
+    class LinkDropsAfterScreening:
+        def authorize(self, req):
+            terminal.link.down()
+            return terminal.http.authorize(req)  # not sent
+
+        def reverse(self, original_key, key):
+            terminal.link.up()  # back in time for the reversal
+            return terminal.http.reverse(original_key, key)
+
+    terminal.engine.services["acquirer"] = LinkDropsAfterScreening()
+    run = terminal.pay(2_500)
+    assert run.status is Status.ROLLED_BACK
+    assert acquirer.effects() == []
+    assert acquirer.net_minor("EUR") == 0
