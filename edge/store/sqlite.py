@@ -255,9 +255,17 @@ class SqliteStore(RowReads):
             try:
                 yield self._conn
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                # SQLITE_FULL (and some I/O errors) may have rolled the transaction back
+                # already; a second ROLLBACK would fail and hide the real error.
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
                 raise
-            self._conn.execute("COMMIT")
+            try:
+                self._conn.execute("COMMIT")
+            except BaseException:
+                if self._conn.in_transaction:  # a failed COMMIT leaves it open
+                    self._conn.execute("ROLLBACK")
+                raise
 
     def _q(self, name: str, params: Mapping[str, Any] | None = None) -> apsw.Cursor:
         return self._conn.execute(_QUERIES[name], params or {})
