@@ -23,6 +23,10 @@ delete is treated as durable). The ``-shm`` wal-index is not opened through ``xO
 (the unix VFS maps it itself), so its writes are not logged; SQLite rebuilds it from
 the WAL when the first connection opens the database again, so nothing is lost.
 
+Disk full: set ``free_bytes`` (e.g. to 0 from ``on_event`` at a chosen event) and a
+write that would grow a file beyond it fails with ``SQLITE_FULL``, as a full flash
+would; ``full_errors`` counts them. Set it back to None to "free the disk".
+
 ``on_event(kind, path, n)`` is called after each write, truncate and sync has reached
 the real file (``kind`` is ``"write"``, ``"truncate"`` or ``"sync"``; ``n`` counts the
 events of all files, from 1): a test sweeping crash points calls ``vfs.cut_power()``
@@ -80,6 +84,7 @@ class PowerLossFile(apsw.VFSFile):
             return
         with self._vfs._lock:
             size = super().xFileSize()
+            self._vfs._allocate(self.path, max(0, offset + len(data) - size))
             end = min(offset + len(data), size)
             old = super().xRead(end - offset, offset) if end > offset else b""
             super().xWrite(data, offset)
@@ -94,6 +99,7 @@ class PowerLossFile(apsw.VFSFile):
             size = super().xFileSize()
             old = super().xRead(size - newsize, newsize) if newsize < size else b""
             super().xTruncate(newsize)
+            self._vfs._release(max(0, size - newsize))
             self._vfs._record(self.path, "truncate", _Undo("truncate", newsize, old, size))
 
     def xSync(self, flags: int) -> None:
@@ -137,6 +143,11 @@ class PowerLossVFS(apsw.VFS):
         self.syncs: Counter[str] = Counter()
         self.events = 0
         self.cut = False
+        #: Bytes the "disk" has left for files to grow into; None: unlimited. A write
+        #: that would grow a file past it fails with SQLITE_FULL (apsw.FullError) and
+        #: changes nothing; overwriting within a file's size, or truncating, is free.
+        self.free_bytes: int | None = None
+        self.full_errors = 0
         self._lock = threading.RLock()
         self._pending: dict[str, list[_Undo]] = {}
         self._open_files: dict[str | None, set[PowerLossFile]] = {}
@@ -165,6 +176,18 @@ class PowerLossVFS(apsw.VFS):
         self._pending.setdefault(path, []).append(undo)
         (self.writes if kind == "write" else self.truncates)[path] += 1
         self._event(kind, path)
+
+    def _allocate(self, path: str, growth: int) -> None:
+        if self.free_bytes is None or growth == 0:
+            return
+        if growth > self.free_bytes:
+            self.full_errors += 1
+            raise apsw.FullError(f"disk full (simulated): {path} needs {growth} more bytes")
+        self.free_bytes -= growth
+
+    def _release(self, freed: int) -> None:
+        if self.free_bytes is not None:
+            self.free_bytes += freed
 
     def _synced(self, path: str) -> None:
         self._pending.pop(path, None)

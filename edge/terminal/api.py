@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edge.engine import RunRecord, Status
-from edge.errors import InputError, InvalidRunState, NotFound, TillflowError
+from edge.errors import InputError, InvalidRunState, NotFound, StorageFull, TillflowError
 from edge.terminal.runtime import Terminal
 
 log = logging.getLogger(__name__)
@@ -117,6 +117,12 @@ class _Handler(BaseHTTPRequestHandler):
             if exc.field:
                 err["field"] = exc.field
             self._send(exc.status, {"error": err})
+        except StorageFull as exc:
+            # Nothing of this request committed past the last step that fit; the same
+            # idempotency key, once there is room, continues or returns the same run.
+            self.server.terminal.last_error = f"{exc.code}: {exc.message}"
+            message = f"{exc.message}; retry with the same idempotency key once there is room"
+            self._send(507, {"error": {"code": exc.code, "message": message}})
         except TillflowError as exc:
             self.server.terminal.last_error = f"{exc.code}: {exc.message}"
             status = 503 if getattr(exc, "retryable", False) else 500

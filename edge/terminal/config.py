@@ -97,7 +97,21 @@ class EdgeConfig(_Strict):
     synchronous: Literal["FULL", "NORMAL"] = Field(
         "FULL", description="SQLite durability; FULL survives power loss"
     )
-    db_budget_mb: int = Field(256, ge=8, description="database size budget (MiB)")
+    db_budget_mb: float = Field(
+        256, ge=0.25, description="database file budget (MiB); past it writes fail (storage_full)"
+    )
+    storage_high_water_percent: int = Field(
+        80, ge=10, le=99, description="above this share of the budget, offline sales are declined"
+    )
+    retention_hours: float = Field(
+        168, ge=1, description="finished runs and acknowledged audit rows older are compacted"
+    )
+    wal_limit_mb: float = Field(
+        4, ge=0.25, description="WAL size checkpoints cut back to; health warns above it"
+    )
+    maintenance_interval_s: float = Field(
+        300, ge=1, description="seconds between retention, vacuum and checkpoint passes"
+    )
     outbox_max_messages: int = Field(
         10_000, ge=1, description="unsent messages kept; past it, new payments are declined"
     )

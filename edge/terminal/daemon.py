@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from edge.engine import Clock, SystemClock
-from edge.errors import ConfigError
+from edge.errors import ConfigError, TillflowError
 from edge.terminal.api import LocalApiServer
 from edge.terminal.carddata import RedactingFilter
 from edge.terminal.config import EdgeConfig, load_config
@@ -123,14 +123,19 @@ class Daemon:
             extra={"action": "ready", "device_id": cfg.device_id},
         )
         watchdog.start()
+        next_maintenance = self.clock.now()  # once at start, then every interval
         try:
             while not self.stop.is_set():
                 watchdog.alive()
                 if self.reload.is_set():
                     self.reload.clear()
                     self._reload(terminal)
-                terminal.engine.recover()  # retries whose backoff ended, WAIT timeouts
-                scheduler.tick()
+                if self.clock.now() >= next_maintenance:
+                    next_maintenance = self.clock.now() + terminal.cfg.maintenance_interval_s
+                    self._turn(terminal, "maintenance", terminal.maintain)
+                # Retries whose backoff ended, WAIT timeouts, runs a full disk interrupted.
+                self._turn(terminal, "recover", terminal.engine.recover)
+                self._turn(terminal, "schedule", scheduler.tick)
                 due = scheduler.next_due()
                 wait = LOOP_S if due is None else min(LOOP_S, max(0.0, due - self.clock.now()))
                 self.stop.wait(wait)
@@ -142,6 +147,16 @@ class Daemon:
             terminal.close()
             log.info("terminal %s stopped", cfg.device_id, extra={"action": "stopped"})
         return 0
+
+    @staticmethod
+    def _turn(terminal: Terminal, what: str, fn: Callable[[], object]) -> None:
+        """One part of a loop turn. A store error (a full disk, a busy database) is the
+        terminal's state, not a reason to die: health reports it, the next turn retries."""
+        try:
+            fn()
+        except TillflowError as exc:
+            terminal.last_error = f"{exc.code}: {exc.message}"
+            log.error("%s failed: %s", what, exc.message, extra={"action": what})
 
     def _scheduler(self, cfg: EdgeConfig, terminal: Terminal) -> Scheduler:
         known = {wf.workflow_type for wf in terminal.workflows}

@@ -162,6 +162,11 @@ def _record_reversal(state: State, ctx: StepContext, channel: str) -> None:
 def approve_offline(state: State, ctx: StepContext) -> State:
     s, card = ctx.services, state["card"]
     store, limits, now = s["store"], s["limits"], ctx.clock.now()
+    storage_high = s.get("storage_high")
+    if storage_high is not None and storage_high():
+        # The room left in the budget is for online sales, acknowledgements and
+        # compaction: an offline sale adds to what must wait here for the cloud.
+        return _declined(risk.STORAGE_FULL)
     decision = risk.check_offline(
         limits,
         amount_minor=state["amount_minor"],

@@ -28,6 +28,7 @@ OFFLINE_AMOUNT_CAP = "offline_amount_cap"
 OFFLINE_COUNT_CAP = "offline_count_cap"
 OFFLINE_AGE = "offline_age"
 VELOCITY = "velocity"
+STORAGE_FULL = "storage_full"
 
 
 class Guarding(Protocol):

@@ -7,6 +7,7 @@ simulator.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -16,6 +17,7 @@ from typing import Any
 
 from edge.engine import Clock, Engine, InlineExecutor, SystemClock
 from edge.engine.loader import load_file
+from edge.errors import StorageFull
 from edge.store.sqlite import SqliteStore
 from edge.terminal.carddata import DataKey
 from edge.terminal.config import EdgeConfig
@@ -24,6 +26,7 @@ from edge.terminal.ports import Acquirer, CardReader, NetworkLink, Printer
 log = logging.getLogger(__name__)
 
 WORKFLOWS = Path(__file__).with_name("workflows")
+MIB = 1024 * 1024
 
 
 @dataclass
@@ -54,7 +57,10 @@ class Terminal:
             outbox_max_messages=cfg.outbox_max_messages,
             outbox_max_bytes=cfg.outbox_max_mb * 1024 * 1024,
             vfs=vfs,
+            max_bytes=int(cfg.db_budget_mb * MIB),
+            wal_limit_bytes=int(cfg.wal_limit_mb * MIB),
         )
+        self.last_maintenance: dict[str, Any] | None = None
         self.data_key = DataKey.load_or_create(cfg.data_dir / "keys")
         self.policy = self._load_policy()
         self.peripherals = peripherals
@@ -77,6 +83,7 @@ class Terminal:
                 "device_id": cfg.device_id,
                 "card_timeout_s": cfg.peripherals.card_reader.timeout_s,
                 "outbox_max_messages": cfg.outbox_max_messages,
+                "storage_high": self.storage_high,
                 "rng": rng or random.Random(),
             },
         )
@@ -103,6 +110,71 @@ class Terminal:
             log.info("recovered %d run(s)", len(recovered), extra={"action": "recovered"})
         return recovered
 
+    # --- storage (invariant 7: the database stays within its budget) ---------------
+
+    def storage_high(self) -> bool:
+        """Above the high-water mark: offline sales are declined (``storage_full``) so the
+        room left goes to online sales, acknowledgements and compaction."""
+        used = self.store.storage().used_bytes
+        return used >= self.cfg.db_budget_mb * MIB * self.cfg.storage_high_water_percent / 100
+
+    def storage(self) -> dict[str, Any]:
+        st = self.store.storage()
+        budget = int(self.cfg.db_budget_mb * MIB)
+        used_percent = round(100 * st.used_bytes / budget, 1)
+        state = "ok"
+        if used_percent >= self.cfg.storage_high_water_percent:
+            state = "high_water"
+        if st.used_bytes + st.page_size > budget:
+            state = "full"
+        last = self.last_maintenance or {}
+        return {
+            "state": state,
+            "used_bytes": st.used_bytes,
+            "file_bytes": st.file_bytes,
+            "budget_bytes": budget,
+            "used_percent": used_percent,
+            "high_water_percent": self.cfg.storage_high_water_percent,
+            "wal_bytes": st.wal_bytes,
+            "wal_limit_bytes": st.wal_limit_bytes,
+            # A reader holding an old snapshot keeps the WAL from being reset: say so.
+            "wal_over_limit": st.wal_bytes > st.wal_limit_bytes,
+            "checkpoint_blocked": bool(last.get("checkpoint_busy", False)),
+            "last_maintenance_at": last.get("at"),
+        }
+
+    def maintain(self) -> dict[str, Any]:
+        """One maintenance pass: retention, then give freed pages back, then fold the WAL
+        in. Run by the daemon every ``maintenance_interval_s``; safe to run any time."""
+        now = self.clock.now()
+        done: dict[str, Any] = {"at": now}
+        try:
+            compacted = self.store.compact(
+                before=now - self.cfg.retention_hours * 3600,
+                counter_prefix="velocity:",
+                counters_before=now - 2 * self.cfg.risk.velocity_window_s,
+            )
+            done["compacted"] = dataclasses.asdict(compacted)
+            done["reclaimed_pages"] = self.store.reclaim()
+        except StorageFull as exc:  # no room even to delete: report, keep serving
+            self.last_error = f"{exc.code}: {exc.message}"
+            done["error"] = exc.code
+        # TRUNCATE resets the WAL to empty unless a reader holds an older snapshot; then
+        # it folds in what it can, and the next pass (or the stop) catches up.
+        ckpt = self.store.checkpoint("TRUNCATE")
+        done["checkpoint_busy"] = ckpt.busy
+        done["wal_frames_left"] = ckpt.wal_frames - ckpt.checkpointed
+        if ckpt.busy:
+            log.warning(
+                "checkpoint blocked by a reader; WAL %d frames, %d folded in",
+                ckpt.wal_frames,
+                ckpt.checkpointed,
+                extra={"action": "checkpoint_blocked"},
+            )
+        self.last_maintenance = done
+        log.info("maintenance: %s", done, extra={"action": "maintenance"})
+        return done
+
     def health(self) -> dict[str, Any]:
         stats = self.store.outbox_stats()
         now = self.clock.now()
@@ -115,7 +187,8 @@ class Terminal:
         return {
             "device_id": self.cfg.device_id,
             "db_bytes": db_bytes,
-            "db_budget_bytes": self.cfg.db_budget_mb * 1024 * 1024,
+            "db_budget_bytes": int(self.cfg.db_budget_mb * MIB),
+            "storage": self.storage(),
             "outbox_depth": stats.depth,
             "outbox_bytes": stats.bytes,
             "outbox_max_messages": self.cfg.outbox_max_messages,

@@ -78,7 +78,7 @@ def test_cli__edge_config_check_prints_the_options_or_the_problems(tmp_path, cap
     out = capsys.readouterr().out
     assert out.startswith("ok ") and "risk.floor_limit_minor" in out
     bad = tmp_path / "bad.yaml"
-    bad.write_text("device_id: T-1\ndb_budget_mb: 1\n")
+    bad.write_text("device_id: T-1\ndb_budget_mb: 0.1\n")
     assert main(["edge", "config", "check", str(bad)]) == 1
     assert "db_budget_mb" in capsys.readouterr().err
 
