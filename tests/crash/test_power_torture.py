@@ -1,0 +1,169 @@
+"""Random power cuts under payment load (``hwsim.cuttorture.run``): CI runs 600 of them.
+
+Each cut lands at a seeded random write, truncate or sync of the terminal's database
+(half of them tearing the last unsynced write); the terminal reboots, recovers, the POS
+retries what it got no answer to, and ``check_invariants`` finds nothing wrong. The last
+tests prove the checker can fail: state surgery on a recovered database is reported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import apsw
+import httpx
+import pytest
+from hwsim import cuttorture
+from hwsim.acquirer import SimAcquirer
+
+#: Cuts per seed, and the seeds: 600 cuts in all (the issue asks for at least 500).
+CUTS = 200
+SEEDS = (11, 12, 13)
+
+
+@pytest.fixture(scope="module")
+def powerloss_ok(tmp_path_factory: pytest.TempPathFactory) -> bool:
+    return cuttorture.powerloss_restores_large_truncates(tmp_path_factory.mktemp("probe"))
+
+
+def _real_violations(tally: dict[str, object], powerloss_ok: bool) -> list[str]:
+    violations = list(tally["violations"])  # type: ignore[call-overload]
+    if powerloss_ok:
+        return violations
+    # Until hwsim.powerloss restores big truncates, a cut there leaves a half-restored
+    # WAL: that cut's findings are the tool's, not the terminal's.
+    tool = {v.split(": ", 1)[0] for v in violations if "hwsim.powerloss failed" in v}
+    return [v for v in violations if v.split(": ", 1)[0] not in tool]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_power_cuts__under_payment_load_break_no_invariant(tmp_path, seed, powerloss_ok):
+    tally = cuttorture.run(CUTS, seed=seed, workdir=tmp_path)
+    assert tally["cuts"] >= CUTS
+    assert _real_violations(tally, powerloss_ok) == [], tally
+    # The load really was mixed, and the cuts really landed in recovery too.
+    assert tally["torn"] > CUTS // 4
+    assert tally["approved"] > CUTS // 2 and tally["declined"] > 0 and tally["reversed"] > 0
+    assert tally["refunds_sent"] > 0 and tally["retried"] > 0
+    assert tally["recovered_runs"] > 0 and tally["cuts_in_recovery"] > 0
+    assert tally["checks"] > CUTS // 2
+
+
+def test_power_cuts__the_tally_names_what_make_torture_prints(tmp_path, powerloss_ok):
+    tally = cuttorture.run(3, seed=5, workdir=tmp_path)
+    for key in ("kind", "n", "seed", "cuts", "torn", "payments_sent", "approved",
+                "declined", "recovered_runs", "violations", "seconds"):  # fmt: skip
+        assert key in tally
+    assert (tally["kind"], tally["n"], tally["seed"]) == ("power", 3, 5)
+    assert _real_violations(tally, powerloss_ok) == []
+    assert list(tmp_path.iterdir()) == [] or tally["violations"]  # clean lives are removed
+
+
+# --- the checker can fail ------------------------------------------------------------------
+
+
+class Recovered:
+    """A terminal that took an online and an offline payment and a refund, cut nowhere:
+    the checker's subject before and after surgery."""
+
+    def __init__(self, root: Path, acquirer: SimAcquirer, client: httpx.Client) -> None:
+        self.client = client
+        self.acquirer = acquirer
+        self.rig = cuttorture._Rig(root / "terminal", acquirer, client)
+        self.rig.boot(powerloss=False)
+        self.pos = cuttorture._Pos(self.rig)
+        paid = self.pos.submit(cuttorture.Txn("p1", "payment", 2_500))
+        assert paid is not None and paid.approved
+        self.paid = paid
+        offline = self.pos.submit(cuttorture.Txn("p2", "payment", 1_500, link_up=False))
+        assert offline is not None and offline.approved
+        refund = cuttorture.Txn("r1", "refund", 1_000, original=paid.run_id)
+        assert self.pos.submit(refund) is not None
+
+    def check(self) -> list[str]:
+        assert self.rig.terminal is not None
+        return cuttorture.check_invariants(
+            self.rig.terminal, seen=self.pos.seen, ledger=self.acquirer.ledger
+        )
+
+    def surgery(self, sql: str, *params: object) -> None:
+        """Edit the database behind the terminal's back, as a bug would."""
+        conn = apsw.Connection(str(self.rig.root / "terminal.db"))
+        try:
+            conn.execute(sql, params)
+        finally:
+            conn.close()
+
+
+@pytest.fixture
+def recovered(tmp_path) -> Iterator[Recovered]:
+    with httpx.Client(trust_env=False) as client, SimAcquirer() as acquirer:
+        subject = Recovered(tmp_path, acquirer, client)
+        try:
+            yield subject
+        finally:
+            subject.rig.close()
+
+
+def test_checker__a_clean_terminal_passes(recovered):
+    assert recovered.check() == []
+
+
+def test_checker__reports_an_approval_recorded_twice(recovered):
+    recovered.surgery(
+        "INSERT INTO outbox(message_id, run_id, step, topic, payload, created_at) "
+        "SELECT message_id || '-dup', run_id, step, topic, payload, created_at "
+        "FROM outbox WHERE run_id = ?",
+        recovered.paid.run_id,
+    )
+    found = recovered.check()
+    assert any(recovered.paid.run_id in v and "'approved', 'approved'" in v for v in found), found
+
+
+def test_checker__reports_an_approval_missing_from_the_outbox(recovered):
+    recovered.surgery("DELETE FROM outbox WHERE run_id = ?", recovered.paid.run_id)
+    found = recovered.check()
+    assert any("messages [] (want one approved)" in v for v in found), found
+
+
+def test_checker__reports_an_approved_payment_that_is_gone(recovered):
+    recovered.surgery(
+        "UPDATE workflow_runs SET state = json_set(state, '$.decision', 'declined') "
+        "WHERE run_id = ?",
+        recovered.paid.run_id,
+    )
+    found = recovered.check()
+    assert any("the POS was told approved" in v for v in found), found
+    assert any("but the card is charged" in v for v in found), found
+
+
+def test_checker__reports_an_edited_audit_chain(recovered):
+    recovered.surgery(
+        "DROP TRIGGER workflow_audit_log_no_update; "
+        "UPDATE workflow_audit_log SET detail = '{\"forged\": true}' WHERE seq = 2"
+    )
+    found = recovered.check()
+    assert any("audit chain BROKEN at seq 2" in v for v in found), found
+
+
+def test_checker__reports_a_charge_no_run_accounts_for(recovered, tmp_path):
+    other = cuttorture._Rig(tmp_path / "other", recovered.acquirer, recovered.client)
+    try:
+        other.boot(powerloss=False)
+        stray = cuttorture._Pos(other).submit(cuttorture.Txn("x", "payment", 4_000))
+        assert stray is not None and stray.approved
+    finally:
+        other.close()
+    found = recovered.check()
+    assert any("moved money for no run in the database" in v for v in found), found
+
+
+def test_checker__reports_a_run_left_in_flight_and_a_counter_out_of_step(recovered):
+    recovered.surgery("UPDATE counters SET amount = amount + 1 WHERE name = 'offline'")
+    recovered.surgery(
+        "UPDATE workflow_runs SET status = 'RUNNING' WHERE run_id = ?", recovered.paid.run_id
+    )
+    found = recovered.check()
+    assert any("is RUNNING after recovery" in v for v in found), found
+    assert any("offline counter" in v for v in found), found
