@@ -125,8 +125,8 @@ class Terminal:
         state = "ok"
         if used_percent >= self.cfg.storage_high_water_percent:
             state = "high_water"
-        if st.used_bytes + st.page_size > budget:
-            state = "full"
+        if st.file_bytes + st.page_size > budget:
+            state = "full"  # the file cannot grow: only its free pages are left
         last = self.last_maintenance or {}
         return {
             "state": state,
