@@ -121,6 +121,9 @@ class _Handler(BaseHTTPRequestHandler):
             # Nothing of this request committed past the last step that fit; the same
             # idempotency key, once there is room, continues or returns the same run.
             self.server.terminal.last_error = f"{exc.code}: {exc.message}"
+            log.warning(
+                "%s %s refused: %s", method, self.path, exc.message, extra={"action": exc.code}
+            )
             message = f"{exc.message}; retry with the same idempotency key once there is room"
             self._send(507, {"error": {"code": exc.code, "message": message}})
         except TillflowError as exc:

@@ -177,3 +177,50 @@ def test_daemon__logs_database_and_wal_hold_no_card_data(world):
     findings += scan(db_files, {"cvv as a JSON string": f'"{cvv}"', "cvv field": "cvv"})
     findings += scan([world["log"]], {"cvv": cvv})
     assert findings == [], describe(findings)
+
+
+def test_daemon__a_full_budget_answers_507_and_the_daemon_keeps_serving_health(world):
+    """Online sales until the database budget is full: the POS gets 507 storage_full, the
+    main loop goes on turning (recovering the interrupted run may fail for want of room;
+    that is recorded, not fatal), health answers, and SIGTERM still stops it cleanly."""
+    cfg = world["cfg"]
+    cfg.write_text(
+        cfg.read_text().replace("online_random_percent: 0", "online_random_percent: 100")
+        + "db_budget_mb: 0.5\nstorage_high_water_percent: 99\n"
+    )
+    proc = start(world)
+    try:
+        wait_for(world["notify"], "READY=1")
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(world["sock"])), timeout=20) as c:
+            refused = None
+            for i in range(2000):
+                httpx.post(
+                    f"{world['devices'].url}/control/insert", json={"card": "visa", "cvv": "123"}
+                ).raise_for_status()
+                r = c.post(
+                    "http://pos/v1/payments",
+                    json={"amount_minor": 900, "currency": "EUR", "idempotency_key": f"f-{i}"},
+                )
+                if r.status_code != 200:
+                    refused = r
+                    break
+            assert refused is not None and refused.status_code == 507, refused
+            assert refused.json()["error"]["code"] == "storage_full"
+            for _ in range(2):  # two reloads: at least one whole loop turn after the 507
+                proc.send_signal(signal.SIGHUP)
+                wait_for(world["notify"], "READY=1")
+            assert proc.poll() is None, world["log"].read_text()
+            assert '"action": "storage_full"' in world["log"].read_text()  # operators see it
+            health = c.get("http://pos/v1/health")
+            assert health.status_code == 200
+            assert health.json()["storage"]["state"] == "full"
+            assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0, world["log"].read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    conn = apsw.Connection(str(world["db"]))
+    assert conn.execute("PRAGMA integrity_check").get == "ok"
+    conn.close()
