@@ -385,6 +385,10 @@ def load_payment(state: VoidState, ctx: StepContext) -> State:
             return _declined(OFFLINE_PAYMENT_UPLOADED, **facts)
     elif not facts["auth_key"]:
         return _declined(PAYMENT_NOT_REVERSIBLE, **facts)
+    elif not ctx.services["link"].is_up():
+        # Decided here, before anything is sent: once reverse_payment has run, a replay
+        # of it (after a crash) cannot tell whether its reversal reached the acquirer.
+        return _declined(OFFLINE_VOID_NOT_ALLOWED, **facts)
     ctx.guard(_void_counter(pid), count=1, max_count=1, reason=ALREADY_VOIDED)
     ctx.guard(_refund_counter(pid), max_amount=0, reason=PAYMENT_REFUNDED)
     return {**facts, "void_claimed": True}
@@ -409,8 +413,10 @@ def reverse_payment(state: VoidState, ctx: StepContext) -> State:
     """Reverse the online authorisation. Reversals are idempotent by the original key at
     the acquirer, so a retry under a new attempt key cannot reverse twice."""
     s = ctx.services
-    if not s["link"].is_up():
-        return {**_declined(OFFLINE_VOID_NOT_ALLOWED), **_give_back_void_claim(state, ctx)}
+    # No decline for a link that went down since load_payment: this may be a replay of
+    # a reversal whose answer was lost (the daemon killed, a timeout), which the
+    # acquirer may have applied. A decline would tell the POS "not voided" of a payment
+    # the acquirer released. Retry instead: reversals are idempotent by original key.
     try:
         answer = s["acquirer"].reverse(state.auth_key, ctx.idempotency_key)
     except AcquirerUnavailable as exc:

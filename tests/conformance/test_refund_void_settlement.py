@@ -395,3 +395,31 @@ def test_refund_void_settlement__no_card_data_in_clear_anywhere_in_the_database(
     }
     findings = scan(sqlite_files(Path(backend.target)), secrets)
     assert findings == [], describe(findings)
+
+
+def test_void__a_reversal_whose_answer_was_lost_is_retried_not_declined_when_the_link_drops(
+    till, acquirer
+):
+    """The reversal reaches the acquirer (the payment is released) but its answer is
+    lost, and the link is down when the step runs again. A decline would tell the POS
+    the payment stands while the acquirer released it; the void must retry under the
+    same original key and end approved. (Found by the kill -9 torture, hwsim.killtorture:
+    a kill at the acquirer's reply, a restart inside a link-down window.)"""
+    payment = till.pay(2_500)
+
+    class LostReversal:
+        calls = 0
+
+        def reverse(self, original_key: str, key: str) -> Any:
+            self.calls += 1
+            answer = till.http.reverse(original_key, key)
+            if self.calls == 1:  # applied; the answer is lost and the link drops for 2 s
+                elapsed = till.clock.now() - till.link.origin
+                till.link.schedule.append((elapsed, elapsed + 2.0))
+                raise AcquirerUnavailable("acquirer reverse: timed out", outcome_unknown=True)
+            return answer
+
+    voided = till.void(payment.run_id, till.engine_with(acquirer=LostReversal()))
+    assert (voided.status, voided.state["decision"]) == (Status.COMPLETED, "approved")
+    assert acquirer.net_minor("EUR") == 0
+    assert till.void(payment.run_id).state["reason"] == "already_voided"
