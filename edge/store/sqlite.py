@@ -12,7 +12,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -24,6 +24,7 @@ from edge.engine.records import (
     Commit,
     Compaction,
     Guard,
+    OutboxMessage,
     RunRecord,
 )
 from edge.errors import LeaseLost, MigrationError, StorageFull, StoreError
@@ -438,16 +439,36 @@ class SqliteStore(RowReads):
             )
             return bool(self._conn.changes() == 1)
 
-    def ack_outbox_through(self, seq: int) -> int:
+    def ack_outbox_through(
+        self,
+        seq: int,
+        release: Callable[[list[OutboxMessage]], Sequence[Guard]] | None = None,
+    ) -> int:
+        """``release``: given the messages this acknowledgement removes, the counter
+        changes that go with them (e.g. offline exposure the cloud now knows about),
+        applied in the same transaction, so a crash cannot release twice or never."""
         with self._tx("ack_outbox") as conn:
             gone = self._q("outbox_through", {"seq": seq}).fetchone() or (0, 0)
+            guards: list[Guard] = []
+            if release is not None and gone[0]:
+                found = self._q("outbox_after", {"after_seq": 0, "limit": int(gone[0])})
+                cols = [d[0] for d in found.get_description()]
+                acked = [
+                    rowmap.outbox_from_row(dict(zip(cols, row, strict=True)), _loads)
+                    for row in found
+                ]
+                guards += release([m for m in acked if m.seq is not None and m.seq <= seq])
             self._q("ack_outbox", {"seq": seq})
             deleted = int(conn.changes())
             if self.outbox_bound is not None and deleted:
-                release = Guard(OUTBOX_COUNTER, amount=-int(gone[1]), count=-int(gone[0]))
-                params = guard_params(release, time.time())
+                guards.append(Guard(OUTBOX_COUNTER, amount=-int(gone[1]), count=-int(gone[0])))
+            now = time.time()
+            for guard in guards:
+                params = guard_params(guard, now)
                 self._q("ensure_counter", params)
                 self._q("apply_counter", params)
+                if self._conn.changes() != 1:  # an ack must always go through
+                    log.warning("counter %r would fall below zero; left as it is", guard.name)
             return deleted
 
     def ack_audit_through(self, seq: int) -> None:

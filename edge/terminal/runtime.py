@@ -17,7 +17,9 @@ from typing import Any
 
 from edge.engine import Clock, Engine, InlineExecutor, SystemClock
 from edge.engine.loader import load_file
+from edge.engine.records import Guard, OutboxMessage
 from edge.errors import StorageFull
+from edge.terminal import risk
 from edge.store.sqlite import SqliteStore
 from edge.terminal.carddata import DataKey
 from edge.terminal.config import EdgeConfig
@@ -109,6 +111,29 @@ class Terminal:
         if recovered:
             log.info("recovered %d run(s)", len(recovered), extra={"action": "recovered"})
         return recovered
+
+    def acknowledge(self, outbox_through: int, audit_through: int | None = None) -> int:
+        """The cloud holds the outbox up to ``outbox_through`` (and the audit log up to
+        ``audit_through``): drop those messages and, in the same transaction, release the
+        offline exposure of the offline approvals among them. Returns messages dropped."""
+
+        def sent_offline(messages: list[OutboxMessage]) -> list[Guard]:
+            approved = [
+                m.payload
+                for m in messages
+                if m.topic == "payment"
+                and m.payload.get("offline")
+                and m.payload.get("decision") == "approved"
+            ]
+            if not approved:
+                return []
+            amount = sum(int(p["amount_minor"]) for p in approved)
+            return [Guard(risk.OFFLINE, amount=-amount, count=-len(approved))]
+
+        dropped = self.store.ack_outbox_through(outbox_through, release=sent_offline)
+        if audit_through is not None:
+            self.store.ack_audit_through(audit_through)
+        return dropped
 
     # --- storage (invariant 7: the database stays within its budget) ---------------
 

@@ -26,6 +26,12 @@ from edge.terminal.config import EdgeConfig, RiskLimits
 from edge.terminal.runtime import Peripherals, Terminal
 
 HOUR = 3600.0
+ROOMY = RiskLimits(  # risk limits out of the way: storage is what is under test
+    online_random_percent=0,
+    offline_count_cap=100_000,
+    offline_amount_cap_minor=10**9,
+    velocity_max=100_000,
+)
 
 
 @dataclass
@@ -68,13 +74,7 @@ def make_pos(tmp_path, sock_dir) -> Iterator[Callable[..., Pos]]:
             device_id="T-ST",
             data_dir=tmp_path / "data",
             socket_path=sock_dir / "edge.sock",
-            risk=RiskLimits(
-                online_random_percent=0,
-                offline_count_cap=100_000,
-                offline_amount_cap_minor=10**9,
-                velocity_max=100_000,
-            ),
-            **options,
+            **{"risk": ROOMY, **options},
         )
         terminal = Terminal(cfg, Peripherals(reader, printer, http, link), clock=clock)
         server = LocalApiServer(cfg.socket_path, terminal).start()
@@ -117,7 +117,7 @@ def test_above_the_high_water_mark_offline_sales_are_declined_online_ones_approv
     online = pos.pay("online", amount=9_000).json()  # over the floor limit: online
     assert online["decision"] == "approved" and pos.acquirer.ledger
     stats = pos.terminal.store.outbox_stats()
-    assert pos.terminal.store.ack_outbox_through(stats.last_seq) == stats.depth  # acks work
+    assert pos.terminal.acknowledge(stats.last_seq) == stats.depth  # acks work
 
 
 def test_a_full_budget_answers_507_keeps_health_and_loses_nothing(make_pos):
@@ -184,3 +184,27 @@ def test_a_long_reader_shows_in_health_and_maintenance_catches_up(make_pos):
     storage = pos.health()["storage"]
     assert not storage["wal_over_limit"] and not storage["checkpoint_blocked"]
     assert storage["wal_bytes"] <= storage["wal_limit_bytes"]
+
+
+def test_acknowledging_offline_sales_releases_their_exposure_in_the_same_transaction(make_pos):
+    pos = make_pos(risk=RiskLimits(online_random_percent=0, offline_count_cap=3))
+    pos.link.down()
+    for i in range(3):
+        assert pos.pay(f"off-{i}").json()["decision"] == "approved"
+        pos.clock.advance(700)  # past the velocity window
+    capped = pos.pay("off-capped").json()
+    assert (capped["decision"], capped["reason"]) == ("declined", "offline_count_cap")
+    assert pos.terminal.store.counters()["offline"] == (2700, 3)
+    store = pos.terminal.store
+    head = store.audit_head()
+    assert head is not None
+    stats = store.outbox_stats()
+    assert pos.terminal.acknowledge(stats.last_seq, audit_through=head[0]) == stats.depth
+    assert store.counters()["offline"] == (0, 0)
+    assert store.outbox_stats().depth == 0
+    kept = store.audit_retention()
+    assert kept is not None and kept.acked_seq == head[0]
+    pos.clock.advance(700)
+    assert pos.pay("off-after-ack").json()["decision"] == "approved"
+    assert pos.terminal.acknowledge(0) == 0  # an old ack again changes nothing
+    assert store.counters()["offline"] == (900, 1)
