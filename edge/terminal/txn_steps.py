@@ -210,8 +210,14 @@ def read_card(state: RefundState, ctx: StepContext) -> State:
 def check_original(state: RefundState, ctx: StepContext) -> State:
     """When the refund names a payment: same card, same currency, not voided, and the
     refunds against it stay within its amount, claimed on ``refund:<id>`` in this commit
-    (the claim is given back if the refund does not go through)."""
-    if state.decision == "declined" or state.original_run_id is None:
+    (the claim is given back if the refund does not go through). Refunds are online
+    only: with the link down the refund is declined here, before anything is sent (a
+    replay of authorize_refund cannot tell whether its request reached the acquirer)."""
+    if state.decision == "declined":
+        return {}
+    if not ctx.services["link"].is_up():
+        return _declined(OFFLINE_REFUND_NOT_ALLOWED)
+    if state.original_run_id is None:
         return {}
     original = state.original_run_id
     payment, reason = payment_of_this_terminal(ctx, original)
@@ -263,8 +269,6 @@ def authorize_refund(state: RefundState, ctx: StepContext) -> State:
     no second key can ever refund twice. An outcome the terminal cannot know (a timeout
     after sending) is recorded as ``unknown`` with its key, for the cloud to reconcile."""
     s = ctx.services
-    if not s["link"].is_up():
-        return {**_declined(OFFLINE_REFUND_NOT_ALLOWED), **_give_back_refund_claim(state, ctx)}
     card = state.card or {}
     req = AuthRequest(
         pan=Sensitive(s["data_key"].decrypt_pan(card["pan_token"])),
@@ -277,10 +281,10 @@ def authorize_refund(state: RefundState, ctx: StepContext) -> State:
     key = {"refund_key": ctx.idempotency_key}
     try:
         answer = s["acquirer"].refund(req)
-    except AcquirerUnavailable as exc:
-        if exc.outcome_unknown:
-            return {"decision": "unknown", "reason": REFUND_OUTCOME_UNKNOWN, **key}
-        return {**_declined(ACQUIRER_UNAVAILABLE), **_give_back_refund_claim(state, ctx)}
+    except AcquirerUnavailable:
+        # Even "not sent" (link down, no connection) is unknown here: this may be a
+        # replay after a crash whose first request reached the acquirer and refunded.
+        return {"decision": "unknown", "reason": REFUND_OUTCOME_UNKNOWN, **key}
     except AcquirerError as exc:  # an error answer: the acquirer did not refund
         return {
             **_declined(ACQUIRER_ERROR, acquirer_reason=exc.message),

@@ -423,3 +423,25 @@ def test_void__a_reversal_whose_answer_was_lost_is_retried_not_declined_when_the
     assert (voided.status, voided.state["decision"]) == (Status.COMPLETED, "approved")
     assert acquirer.net_minor("EUR") == 0
     assert till.void(payment.run_id).state["reason"] == "already_voided"
+
+
+def test_refund__not_sent_after_a_request_that_may_have_arrived_is_unknown_not_declined(
+    till, acquirer
+):
+    """A replay of authorize_refund after a crash finds the link down ("not sent") while
+    the first execution's request did reach the acquirer and refunded. The step cannot
+    tell the two apart, so it must record the outcome unknown under its key (for the
+    cloud to settle), never declined. (The void's kill -9 torture finding, in refunds.)"""
+
+    class RefundedThenLinkDown:
+        def refund(self, req: Any) -> Any:
+            till.http.refund(req)  # the crashed first execution's request
+            raise AcquirerUnavailable("acquirer refund not sent: link down", outcome_unknown=False)
+
+    eng = till.engine_with(acquirer=RefundedThenLinkDown())
+    till.reader.insert(make_card("visa", cvv="9731"))
+    run = eng.get(eng.start("refund", {"amount_minor": 700, "currency": "EUR"}))
+    assert (run.state["decision"], run.state["reason"]) == ("unknown", "refund_outcome_unknown")
+    assert run.state["refund_key"] in {e.key for e in acquirer.effects("refund")}
+    [msg] = till.messages("refund")
+    assert msg.payload["decision"] == "unknown" and msg.payload["refund_key"]
