@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test check lint typecheck bench clean
+.PHONY: demo test check lint typecheck bench torture clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,13 @@ check: lint typecheck
 
 bench: $(STAMP)
 	$(PY) bench/engine.py
+
+# N kill -9 cycles of the daemon and N power cuts, then the per-event sweeps; prints the
+# tally as JSON, exits 1 on any invariant violation. `make torture N=5000 SEED=7`.
+N ?= 1000
+SEED ?= 1
+torture: $(STAMP)
+	$(PY) -m hwsim.torture --kills $(N) --cuts $(N) --seed $(SEED) --sweeps
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info
