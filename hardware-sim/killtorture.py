@@ -1,0 +1,1115 @@
+"""kill -9 torture: the terminal daemon under payment load, killed at random moments.
+
+``run(n, seed=..., workdir=...)`` keeps ONE terminal (one data directory, a terminal's
+life) beside the simulators (``SimDeviceServer``, ``SimAcquirer``) and a simulated POS
+app, and SIGKILLs the daemon ``n`` times, restarting it after each kill as systemd
+would. The POS behaves like a real one: it pays, refunds and voids one transaction at a
+time; a request a kill cut off is sent again with the SAME idempotency key once the
+daemon is back, until it gets an answer, and an answer that is not final yet is polled
+until it is. The link goes down in windows, so payments are approved online and
+offline; amounts over the floor limit while offline, and over the acquirer's limit while
+online, are declined.
+
+Where a kill lands (seeded; ``TRIGGERS``): during start-up, between "opening the
+database" and READY (migration, recovery of what the last kill left); right after READY
+(the POS's retry in flight); at a random moment under load; and at three moments that
+chance rarely hits: the card reader has just handed a card over, the acquirer has just
+recorded an effect and not yet answered (the lost reply), the printer has just printed.
+Those three kill from inside the simulator, before it answers.
+
+After every kill, with the daemon dead, ``Checker`` looks at the database as the crash
+left it (a read-only connection: the daemon must be the one to recover the WAL) and at
+the acquirer's ledger and what the POS saw; at the end, after a graceful stop, once more
+with every run required to be finished. The invariants (DESIGN.md 2, issue 5):
+
+* ``PRAGMA integrity_check`` is ok, and the audit chain verifies;
+* one run per idempotency key, every run the POS was answered with exists, and what the
+  POS saw as final (approved, declined) is what the database says;
+* every approved payment, refund and void has exactly one message in the outbox, and no
+  run has two messages of one kind;
+* money: every charge at the acquirer belongs to a payment run; no run is charged twice
+  (whatever keys it used); a finished online approval holds exactly one charge unless
+  voided, anything else none; an offline approval never reached the acquirer; a refund
+  refunded at most once, and exactly once if approved;
+* the offline exposure counter equals the unsent offline approvals the runs record;
+* at the end, every run is in a terminal state.
+
+``python -m hwsim.killtorture -n 1000 --seed 7`` prints the tally as JSON (exit 1 when
+a violation was found).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import apsw
+import httpx
+from hwsim.acquirer import LedgerEntry, Mode, Operation, SimAcquirer
+from hwsim.card_reader import SimCardReader
+from hwsim.devices import SimDeviceServer
+from hwsim.printer import SimPrinter
+
+from edge.engine.audit import GENESIS, link
+from edge.engine.context import idempotency_key
+from edge.engine.records import AuditEvent
+
+__all__ = ["TRIGGERS", "Checker", "PosBook", "PosOutcome", "main", "run"]
+
+Log = Callable[[str], None]
+
+#: Where kills land, with their weights (see the module docstring).
+TRIGGERS: dict[str, int] = {
+    "boot": 12,
+    "ready": 10,
+    "load": 30,
+    "card": 14,
+    "acquirer": 22,
+    "print": 12,
+}
+
+# Risk limits: small payments may be approved offline; the offline caps are out of reach
+# (nothing acknowledges the outbox here, so real caps would decline everything in time).
+FLOOR_LIMIT = 2_500
+#: The acquirer declines authorisations above this: online declines.
+ACQUIRER_LIMIT = 9_000
+#: The test card the acquirer declines by BIN.
+HOT_BIN = "40000566"
+CURRENCY = "EUR"
+
+# Bounded waits, in seconds. Reached only when something is broken.
+READY_TIMEOUT_S = 30.0
+REQUEST_TIMEOUT_S = 20.0
+#: A run the POS holds that is not final yet (a retry backoff: at most 3 x 5 s, plus the
+#: daemon's 1 s loop) must end within this.
+RUN_TIMEOUT_S = 30.0
+#: How long the POS waits for the daemon to come back after a kill.
+GATE_TIMEOUT_S = 60.0
+#: A hooked trigger (card, acquirer, print) that does not fire within this is replaced
+#: by a plain kill (e.g. the link is down, so nothing reaches the acquirer).
+HOOK_TIMEOUT_S = 0.6
+#: Mean pause between two transactions: a busy till, not a benchmark (the database, and
+#: so each check's cost, grows with the transactions).
+THINK_S = 0.02
+#: How often the POS polls a run that is not final, and the settling phase the database.
+POLL_S = 0.05
+#: Start-up: the window between "opening the database" and READY, until measured.
+BOOT_WINDOW_S = 0.15
+#: AF_UNIX paths must stay under ~108 bytes.
+MAX_SOCKET_PATH = 100
+
+TERMINAL_STATUSES = frozenset({"COMPLETED", "FAILED", "ROLLED_BACK", "CANCELLED"})
+_CARDS = {"visa": 30, "mastercard": 30, "amex": 25, "hot_listed": 8, "bad_luhn": 4, "expired": 3}
+
+
+# --- what the POS saw --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PosOutcome:
+    """A final answer the POS got: the run, its status and decision."""
+
+    kind: str  # payment | refund | void
+    run_id: str
+    status: str
+    decision: str | None
+    channel: str | None = None
+
+
+@dataclass
+class PosBook:
+    """What the simulated POS sent and was told, by its idempotency key."""
+
+    sent: dict[str, str] = field(default_factory=dict)  # key -> kind
+    run_ids: dict[str, str] = field(default_factory=dict)  # key -> first run id answered
+    outcomes: dict[str, PosOutcome] = field(default_factory=dict)  # key -> final answer
+    anomalies: list[str] = field(default_factory=list)
+    retried: int = 0  # transactions that needed a retry after a kill
+    retries: int = 0  # requests sent again after a kill
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def snapshot(self) -> PosBook:
+        with self.lock:
+            return PosBook(
+                dict(self.sent),
+                dict(self.run_ids),
+                dict(self.outcomes),
+                list(self.anomalies),
+                self.retried,
+                self.retries,
+            )
+
+
+# --- the invariants -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Run:
+    run_id: str
+    workflow: str
+    status: str
+    key: str | None
+    decision: str | None
+    channel: str | None
+    offline: bool
+    amount: int
+    payment_run_id: str | None
+    reversed: bool
+    released: bool
+
+    @property
+    def finished(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+
+_RUNS_SQL = """
+SELECT run_id, workflow_type, status, idempotency_key,
+       json_extract(state, '$.decision'), json_extract(state, '$.channel'),
+       json_extract(state, '$.offline'), json_extract(state, '$.amount_minor'),
+       json_extract(state, '$.payment_run_id'), json_extract(state, '$.reversed'),
+       json_extract(state, '$.released')
+FROM workflow_runs
+"""
+_OUTBOX_SQL = "SELECT run_id, topic, json_extract(payload, '$.decision') FROM outbox"
+_AUDIT_SQL = """
+SELECT seq, run_id, event, step, detail, at, prev_hash, hash
+FROM workflow_audit_log WHERE seq >= ? ORDER BY seq
+"""
+
+#: Attempts whose acquirer keys are traced back to their run: a retried step presents a
+#: new key per attempt, so a second charge under another attempt's key is still found.
+_TRACED_ATTEMPTS = 5
+#: The step of each workflow that calls the acquirer under its own key.
+_ACQUIRER_STEPS = {"payment": "authorize_online", "refund": "authorize_refund"}
+
+
+class Checker:
+    """The invariants of one terminal database, the acquirer's ledger and a POS's book.
+
+    ``check`` opens the database read-only (a crashed daemon's WAL stays for the next
+    daemon to recover) and returns the violations found, each a sentence. The audit
+    chain is verified incrementally, from the last row verified by this checker (the
+    rows a crash could touch); ``final=True`` verifies it whole through the engine, and
+    also requires every run to be finished.
+    """
+
+    def __init__(self, db: Path) -> None:
+        self.db = db
+        self._audit_seq = 0
+        self._audit_hash = GENESIS
+        self._keys: dict[str, tuple[str, str]] = {}  # acquirer key -> (run id, workflow)
+        self._traced: set[str] = set()
+
+    def check(
+        self, ledger: Mapping[str, LedgerEntry], book: PosBook, *, final: bool = False
+    ) -> list[str]:
+        if not self.db.exists():  # killed before it first opened the database
+            return [f"no database at {self.db}"] if book.run_ids else []
+        try:
+            return self._check(ledger, book, final=final)
+        except apsw.Error as exc:
+            return [f"the database does not open or read: {type(exc).__name__}: {exc}"]
+
+    def _check(self, ledger: Mapping[str, LedgerEntry], book: PosBook, *, final: bool) -> list[str]:
+        problems: list[str] = []
+        conn = apsw.Connection(str(self.db), flags=apsw.SQLITE_OPEN_READONLY)
+        try:
+            conn.set_busy_timeout(5_000)
+            conn.execute("BEGIN")  # one snapshot for every read below
+            integrity = [str(r[0]) for r in conn.execute("PRAGMA integrity_check")]
+            if integrity != ["ok"]:
+                problems.append(f"PRAGMA integrity_check: {'; '.join(integrity[:3])}")
+                return problems  # nothing else read from a corrupt file is worth checking
+            runs = {row[0]: _run(row) for row in conn.execute(_RUNS_SQL)}
+            messages = Counter((str(r[0]), str(r[1]), r[2]) for r in conn.execute(_OUTBOX_SQL))
+            counters = {
+                str(r[0]): (int(r[1]), int(r[2]))
+                for r in conn.execute("SELECT name, amount, count FROM counters")
+            }
+            problems += self._audit(conn)
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+        problems += _pos(runs, book)
+        problems += _outbox(runs, messages)
+        problems += self._money(runs, ledger)
+        problems += _offline_exposure(runs, counters)
+        if final:
+            problems += self._full_audit()
+            problems += [
+                f"{r.workflow} run {r.run_id} is still {r.status} after recovery and a "
+                "graceful stop"
+                for r in runs.values()
+                if not r.finished
+            ]
+        return problems
+
+    # --- audit -----------------------------------------------------------------------------
+
+    def _audit(self, conn: apsw.Connection) -> list[str]:
+        """Verify the rows after the last one verified (and that one again: a crash must
+        not have changed it), then that the head points at the last row."""
+        prev_seq, prev_hash = self._audit_seq, self._audit_hash
+        for seq, run_id, event, step, detail, at, row_prev, row_hash in conn.execute(
+            _AUDIT_SQL, (max(prev_seq, 1),)
+        ):
+            if seq == self._audit_seq:
+                if row_hash != self._audit_hash:
+                    return [f"audit row {seq} changed after it was verified"]
+                continue
+            if seq != prev_seq + 1:
+                return [f"audit chain: row {prev_seq + 1} is missing"]
+            if row_prev != prev_hash:
+                return [f"audit chain: row {seq}'s prev_hash does not match row {prev_seq}"]
+            ev = AuditEvent(run_id, event, at, step, json.loads(detail))
+            if link(prev_hash, seq, ev) != row_hash:
+                return [f"audit chain: row {seq} does not match its hash (edited)"]
+            prev_seq, prev_hash = seq, row_hash
+        head = conn.execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
+        head_seq, head_hash = (int(head[0]), str(head[1])) if head else (0, GENESIS)
+        if (head_seq, head_hash) != (prev_seq, prev_hash):
+            return [f"audit chain: the head says row {head_seq} but the log ends at {prev_seq}"]
+        self._audit_seq, self._audit_hash = prev_seq, prev_hash
+        return []
+
+    def _full_audit(self) -> list[str]:
+        """The whole chain, the way ``tillflow audit verify`` checks it."""
+        from edge.engine import Engine
+        from edge.store.sqlite import SqliteStore
+
+        store = SqliteStore(self.db, migrate=False)
+        try:
+            engine = Engine(store)
+            report = engine.verify_audit()
+            engine.close()
+        finally:
+            store.close()
+        return [] if report.ok else [f"tillflow audit verify: {report}"]
+
+    # --- money -----------------------------------------------------------------------------
+
+    def _trace(self, runs: Mapping[str, _Run]) -> None:
+        """Learn the acquirer keys of runs not seen before."""
+        for r in runs.values():
+            step = _ACQUIRER_STEPS.get(r.workflow)
+            if step is None or r.run_id in self._traced:
+                continue
+            self._traced.add(r.run_id)
+            for attempt in range(1, _TRACED_ATTEMPTS + 1):
+                self._keys[idempotency_key(r.run_id, step, attempt)] = (r.run_id, r.workflow)
+
+    def _money(self, runs: Mapping[str, _Run], ledger: Mapping[str, LedgerEntry]) -> list[str]:
+        self._trace(runs)
+        problems: list[str] = []
+        released = {e.reverses for e in ledger.values() if e.operation == "reverse" and e.effect}
+        charges: Counter[str] = Counter()  # run -> charges not reversed
+        touched: Counter[str] = Counter()  # run -> authorisations sent at all
+        refunds: Counter[str] = Counter()
+        for key, entry in ledger.items():
+            if entry.operation == "reverse":
+                continue
+            owner = self._keys.get(key)
+            if owner is None:
+                if entry.effect:
+                    problems.append(
+                        f"acquirer {entry.operation} of {entry.amount_minor} under key {key} "
+                        "belongs to no run in the database"
+                    )
+                continue
+            run_id, workflow = owner
+            if entry.operation == "authorize" and workflow == "payment":
+                touched[run_id] += 1
+                if entry.effect and key not in released:
+                    charges[run_id] += 1
+            elif entry.operation == "refund" and workflow == "refund" and entry.effect:
+                refunds[run_id] += 1
+            elif entry.effect:
+                problems.append(f"acquirer {entry.operation} under key {key} from a {workflow}")
+        voided = {r.payment_run_id for r in runs.values() if r.workflow == "void" and r.reversed}
+        voiding = {
+            r.payment_run_id for r in runs.values() if r.workflow == "void" and not r.finished
+        }
+        for r in runs.values():
+            if r.workflow == "payment":
+                n = charges[r.run_id]
+                if n > 1:
+                    problems.append(f"payment {r.run_id} is charged {n} times (double charge)")
+                if not r.finished or r.run_id in voiding:
+                    continue
+                online = r.decision == "approved" and not r.offline
+                want = 1 if r.status == "COMPLETED" and online and r.run_id not in voided else 0
+                if n != want and n <= 1:
+                    problems.append(
+                        f"payment {r.run_id} ({r.status}, {r.decision}, "
+                        f"{'voided' if r.run_id in voided else 'not voided'}) holds {n} "
+                        f"charge(s) at the acquirer, expected {want}"
+                    )
+                if r.offline and touched[r.run_id]:
+                    problems.append(f"offline payment {r.run_id} reached the acquirer")
+            elif r.workflow == "refund":
+                n = refunds[r.run_id]
+                if n > 1:
+                    problems.append(f"refund {r.run_id} refunded {n} times")
+                elif r.finished and r.decision == "approved" and n != 1:
+                    problems.append(f"refund {r.run_id} was approved but never refunded")
+                elif r.finished and r.decision == "declined" and n:
+                    problems.append(f"refund {r.run_id} was declined but refunded")
+        return problems
+
+
+def _run(row: tuple[Any, ...]) -> _Run:
+    return _Run(
+        run_id=str(row[0]),
+        workflow=str(row[1]),
+        status=str(row[2]),
+        key=None if row[3] is None else str(row[3]),
+        decision=None if row[4] is None else str(row[4]),
+        channel=None if row[5] is None else str(row[5]),
+        offline=bool(row[6]),
+        amount=int(row[7] or 0),
+        payment_run_id=None if row[8] is None else str(row[8]),
+        reversed=bool(row[9]),
+        released=bool(row[10]),
+    )
+
+
+def _pos_key(run_key: str) -> str:
+    """The POS's key inside the run's (the API prefixes it: ``pos:<workflow>:<key>``)."""
+    return run_key.rsplit(":", 1)[-1]
+
+
+def _pos(runs: Mapping[str, _Run], book: PosBook) -> list[str]:
+    problems = list(book.anomalies)
+    by_key: dict[str, list[_Run]] = {}
+    for r in runs.values():
+        if r.key is not None:
+            by_key.setdefault(_pos_key(r.key), []).append(r)
+        elif r.workflow in ("payment", "refund", "void"):
+            problems.append(f"{r.workflow} run {r.run_id} has no idempotency key")
+    for key, found in by_key.items():
+        if len(found) > 1:
+            ids = ", ".join(sorted(r.run_id for r in found))
+            problems.append(f"key {key} has {len(found)} runs: {ids}")
+        if key not in book.sent:
+            problems.append(f"run {found[0].run_id} has key {key}, which the POS never sent")
+    for key, run_id in book.run_ids.items():
+        found = by_key.get(key, [])
+        if run_id not in {r.run_id for r in found}:
+            problems.append(
+                f"{book.sent.get(key)} {key}: the POS was answered with run {run_id}, which "
+                "the database does not hold under that key"
+            )
+    for key, seen in book.outcomes.items():
+        run = runs.get(seen.run_id)
+        if run is None:
+            continue  # reported above
+        if (run.status, run.decision) != (seen.status, seen.decision):
+            problems.append(
+                f"{seen.kind} {key}: the POS was told {seen.status}/{seen.decision}, the "
+                f"database says {run.status}/{run.decision}"
+            )
+    return problems
+
+
+def _outbox(runs: Mapping[str, _Run], messages: Counter[tuple[str, str, Any]]) -> list[str]:
+    problems = [
+        f"run {run_id} has {n} '{topic}' messages with decision {decision}"
+        for (run_id, topic, decision), n in messages.items()
+        if n > 1
+    ]
+    for r in runs.values():
+        approved = r.decision == "approved" and (
+            r.status == "COMPLETED" or (r.workflow == "refund" and r.status == "FAILED")
+        )
+        kept = messages[(r.run_id, r.workflow, "approved")]
+        if approved and r.workflow in ("payment", "refund", "void") and kept != 1:
+            problems.append(f"approved {r.workflow} {r.run_id} is missing from the outbox")
+    return problems
+
+
+def _offline_exposure(
+    runs: Mapping[str, _Run], counters: Mapping[str, tuple[int, int]]
+) -> list[str]:
+    amount = count = 0
+    for r in runs.values():
+        if r.workflow == "payment" and r.decision == "approved" and r.offline:
+            amount, count = amount + r.amount, count + 1
+        elif r.workflow == "void" and r.released:
+            amount, count = amount - r.amount, count - 1
+    held = counters.get("offline", (0, 0))
+    if held != (amount, count):
+        return [
+            f"offline exposure counter is {held[0]} in {held[1]}, the runs record "
+            f"{amount} in {count}"
+        ]
+    return []
+
+
+# --- the simulators, with kill hooks -------------------------------------------------------
+
+
+class _Triggers:
+    """One armed trigger at a time; the simulator that reaches it (after letting
+    ``skip`` such moments pass, so a life serves some load first) kills the daemon from
+    inside its handler, before it answers."""
+
+    def __init__(self, kill: Callable[[], None]) -> None:
+        self._kill = kill
+        self._lock = threading.Lock()
+        self._armed: str | None = None
+        self._skip = 0
+        self.fired = threading.Event()
+
+    def arm(self, name: str, skip: int = 0) -> None:
+        with self._lock:
+            self.fired.clear()
+            self._armed, self._skip = name, skip
+
+    def disarm(self) -> None:
+        with self._lock:
+            self._armed = None
+
+    def hit(self, name: str) -> None:
+        with self._lock:
+            if self._armed != name:
+                return
+            if self._skip > 0:
+                self._skip -= 1
+                return
+            self._armed = None
+            self._kill()
+            self.fired.set()
+
+
+class _Reader(SimCardReader):
+    def __init__(self, triggers: _Triggers) -> None:
+        super().__init__()
+        self._triggers = triggers
+
+    def read(self, timeout_s: float) -> Any:
+        card = super().read(timeout_s)
+        self._triggers.hit("card")  # the card is out of the queue, the daemon never gets it
+        return card
+
+
+class _Printer(SimPrinter):
+    def __init__(self, triggers: _Triggers) -> None:
+        super().__init__()
+        self._triggers = triggers
+
+    def print_receipt(self, lines: list[str]) -> None:
+        super().print_receipt(lines)
+        self._triggers.hit("print")  # printed; the step that printed never commits
+
+
+class _Acquirer(SimAcquirer):
+    """``SimAcquirer`` that reaches the ``acquirer`` trigger once it has decided and
+    recorded a request, before the reply goes out: the reply is lost with the daemon.
+    (``_apply`` is the simulator's one decide-and-record point.)"""
+
+    def __init__(self, triggers: _Triggers) -> None:
+        super().__init__()
+        self._triggers = triggers
+
+    def _apply(self, operation: Operation, key: str, body: bytes, mode: Mode) -> Any:
+        response = super()._apply(operation, key, body, mode)
+        self._triggers.hit("acquirer")
+        return response
+
+
+# --- the daemon process ------------------------------------------------------------------
+
+
+class DaemonDied(Exception):
+    """The daemon exited by itself."""
+
+
+class _Daemon:
+    """The daemon process and its notify socket."""
+
+    def __init__(self, config: Path, sock_dir: Path, log_path: Path) -> None:
+        self.config = config
+        self.log_path = log_path
+        self.notify_path = sock_dir / "notify"
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notify.bind(str(self.notify_path))
+        self.notify.settimeout(POLL_S)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._lock = threading.Lock()
+
+    def spawn(self) -> None:
+        self._drain()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TILLFLOW_")}
+        env["NOTIFY_SOCKET"] = str(self.notify_path)
+        cmd = [sys.executable, "-m", "edge.cli", "edge", "run", "--config", str(self.config)]
+        with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
+            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
+        with self._lock:
+            self.proc = proc
+
+    def wait_for(self, wanted: Callable[[str], bool], timeout_s: float) -> bool:
+        """True once a notify line satisfies ``wanted``; False after ``timeout_s``.
+        DaemonDied if the process ends first."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self.notify.settimeout(min(POLL_S, remaining))
+            try:
+                message = self.notify.recv(4096).decode()
+            except TimeoutError:
+                proc = self.proc
+                if proc is not None and proc.poll() is not None:
+                    raise DaemonDied(f"exit code {proc.returncode}") from None
+                continue
+            if any(wanted(line) for line in message.splitlines()):
+                return True
+
+    def _drain(self) -> None:
+        self.notify.settimeout(0)
+        with contextlib.suppress(BlockingIOError, TimeoutError):
+            while True:
+                self.notify.recv(4096)
+
+    def kill(self) -> None:
+        """SIGKILL (from any thread): no goodbye, no checkpoint. Reaped by ``reap``."""
+        with self._lock:
+            if self.proc is not None and self.proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.proc.pid, signal.SIGKILL)  # unreaped: the pid is still ours
+
+    def reap(self) -> int:
+        assert self.proc is not None
+        return self.proc.wait(READY_TIMEOUT_S)
+
+    def alive_for(self, seconds: float) -> bool:
+        """Wait ``seconds`` of the daemon's life; False if it ended meanwhile."""
+        assert self.proc is not None
+        try:
+            self.proc.wait(seconds)
+        except subprocess.TimeoutExpired:
+            return True
+        return False
+
+    def terminate(self) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(READY_TIMEOUT_S)
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(READY_TIMEOUT_S)
+        self.notify.close()
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return "(no daemon log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+
+class _Gate:
+    """Open while a daemon is serving: the POS waits here to retry after a kill."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._open = False
+
+    def open(self) -> None:
+        with self._cond:
+            self._open = True
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._open = False
+
+    def wait(self, timeout_s: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self._open, timeout_s)
+
+
+# --- the POS app -------------------------------------------------------------------------
+
+
+class _Pos(threading.Thread):
+    """One POS app: a transaction at a time, retried with the same key after a kill."""
+
+    def __init__(
+        self,
+        rng: random.Random,
+        sock: Path,
+        devices: SimDeviceServer,
+        gate: _Gate,
+        book: PosBook,
+    ) -> None:
+        super().__init__(name="pos", daemon=True)
+        self.rng = rng
+        self.sock = sock
+        self.devices = devices
+        self.gate = gate
+        self.book = book
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+        self._seq = 0
+        self._approved: list[str] = []  # payment run ids approved, not yet voided
+
+    def run(self) -> None:
+        transport = httpx.HTTPTransport(uds=str(self.sock))
+        try:
+            with httpx.Client(
+                transport=transport, base_url="http://pos", timeout=REQUEST_TIMEOUT_S
+            ) as client:
+                while not self.stop.is_set():
+                    self._transact(client, *self._next())
+                    self.stop.wait(self.rng.expovariate(1 / THINK_S))  # the next customer
+        except BaseException as exc:  # reported by the controller
+            self.error = exc
+
+    def top_up_card(self) -> None:
+        """The customer's card is on the reader whenever the daemon may read one."""
+        if self.devices.reader.queued == 0:
+            names, weights = zip(*_CARDS.items(), strict=True)
+            self.devices.insert_test_card(self.rng.choices(names, weights)[0])
+
+    def _next(self) -> tuple[str, str, dict[str, Any]]:
+        self._seq += 1
+        key = f"k{self._seq:07d}"
+        roll = self.rng.random()
+        if roll < 0.10 and self._approved:
+            payment = self._approved.pop(self.rng.randrange(len(self._approved)))
+            return "void", "/v1/voids", {"payment_run_id": payment, "idempotency_key": key}
+        if roll < 0.20:
+            amount = self.rng.randint(100, 5_000)
+            body = {"amount_minor": amount, "currency": CURRENCY, "idempotency_key": key}
+            return "refund", "/v1/refunds", body
+        size = self.rng.random()
+        if size < 0.55:
+            amount = self.rng.randint(100, FLOOR_LIMIT)
+        elif size < 0.9:
+            amount = self.rng.randint(FLOOR_LIMIT + 1, ACQUIRER_LIMIT)
+        else:
+            amount = self.rng.randint(ACQUIRER_LIMIT + 1, 20_000)
+        body = {"amount_minor": amount, "currency": CURRENCY, "idempotency_key": key}
+        return "payment", "/v1/payments", body
+
+    def _transact(self, client: httpx.Client, kind: str, path: str, body: dict[str, Any]) -> None:
+        key = str(body["idempotency_key"])
+        with self.book.lock:
+            self.book.sent[key] = kind
+        retried = False
+        deadline = time.monotonic() + RUN_TIMEOUT_S + GATE_TIMEOUT_S
+        view: dict[str, Any] | None = None
+        while view is None or view.get("status") not in TERMINAL_STATUSES:
+            if time.monotonic() > deadline:
+                self._anomaly(f"{kind} {key}: no final answer within the deadline; last {view}")
+                return
+            try:
+                if view is None:
+                    self.top_up_card()
+                    view = self._answer(client.post(path, json=body), kind, key)
+                else:
+                    self.stop.wait(POLL_S)  # not final yet (a retry backoff): poll
+                    view = self._answer(client.get(f"/v1/runs/{view['run_id']}"), kind, key)
+            except httpx.TransportError as exc:
+                # The daemon died under the request: ask again, same key, once it is back.
+                _close_sockets_of(exc)
+                view = None
+                with self.book.lock:
+                    self.book.retries += 1
+                    if not retried:
+                        self.book.retried += 1
+                retried = True
+                if not self.gate.wait(GATE_TIMEOUT_S):
+                    self._anomaly(f"{kind} {key}: the daemon did not come back")
+                    return
+                continue
+            if view is None:
+                return  # an error answer, recorded
+        outcome = PosOutcome(
+            kind,
+            str(view["run_id"]),
+            str(view["status"]),
+            view.get("decision"),
+            view.get("channel"),
+        )
+        with self.book.lock:
+            self.book.outcomes[key] = outcome
+        if kind == "payment" and outcome.status == "COMPLETED" and outcome.decision == "approved":
+            self._approved.append(outcome.run_id)
+
+    def _answer(self, response: httpx.Response, kind: str, key: str) -> dict[str, Any] | None:
+        if response.status_code != 200:
+            self._anomaly(f"{kind} {key}: HTTP {response.status_code}: {response.text[:300]}")
+            return None
+        view: dict[str, Any] = response.json()
+        run_id = str(view["run_id"])
+        with self.book.lock:
+            first = self.book.run_ids.setdefault(key, run_id)
+        if first != run_id:
+            self._anomaly(f"{kind} {key}: answered with run {run_id}, earlier with {first}")
+        return view
+
+    def _anomaly(self, text: str) -> None:
+        with self.book.lock:
+            self.book.anomalies.append(text)
+
+
+def _close_sockets_of(exc: BaseException) -> None:
+    """Close the sockets the failed request's frames hold. httpcore leaves the socket of
+    a failed Unix-socket connect (the daemon just killed) to the garbage collector, which
+    then warns (ResourceWarning); a POS that retries through hundreds of kills would
+    leave hundreds."""
+    seen: set[int] = set()
+    error: BaseException | None = exc
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        tb = error.__traceback__
+        while tb is not None:
+            for value in list(tb.tb_frame.f_locals.values()):
+                if isinstance(value, socket.socket):
+                    value.close()
+            tb = tb.tb_next
+        error = error.__cause__ or error.__context__
+
+
+class _Weather(threading.Thread):
+    """The network link: down for a second or so, between a few seconds up."""
+
+    def __init__(self, rng: random.Random, devices: SimDeviceServer) -> None:
+        super().__init__(name="weather", daemon=True)
+        self.rng = rng
+        self.devices = devices
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        up = True
+        while not self.stop.wait(self.rng.uniform(2.0, 5.0) if up else self.rng.uniform(0.5, 2.0)):
+            up = not up
+            self.devices.set_link(up)
+        self.devices.set_link(True)
+
+
+# --- the torture -------------------------------------------------------------------------
+
+
+def _config(work: Path, sock: Path, devices: str, acquirer: str) -> Path:
+    path = work / "edge.yaml"
+    path.write_text(
+        "# Written by hwsim.killtorture: one terminal's life, killed again and again.\n"
+        "device_id: T-KILL\n"
+        f"data_dir: {work / 'data'}\n"
+        f"socket_path: {sock}\n"
+        "log_format: json\n"
+        "synchronous: FULL\n"
+        # Nothing acknowledges the outbox here: bounds out of reach, or all would decline.
+        "outbox_max_messages: 10000000\n"
+        "outbox_max_mb: 4096\n"
+        "db_budget_mb: 65536\n"
+        "risk:\n"
+        f"  floor_limit_minor: {FLOOR_LIMIT}\n"
+        "  offline_amount_cap_minor: 1000000000000\n"
+        "  offline_count_cap: 1000000000\n"
+        "  max_offline_age_s: 1000000000\n"
+        "  velocity_max: 1000000000\n"
+        "  online_random_percent: 50\n"
+        "peripherals:\n"
+        # The card is always on the reader; a read that finds none is a bug: fail fast.
+        f"  card_reader: {{url: '{devices}', timeout_s: 2}}\n"
+        f"  printer: {{url: '{devices}'}}\n"
+        f"  link: {{url: '{devices}/link'}}\n"
+        f"  acquirer: {{url: '{acquirer}', timeout_s: 5}}\n",
+        encoding="utf-8",
+    )
+    return path
+
+
+@dataclass
+class _Tally:
+    kills: int = 0
+    triggers: Counter[str] = field(default_factory=Counter)
+    violations: list[str] = field(default_factory=list)
+    seen: set[str] = field(default_factory=set)
+    boot_s: float = 0.45  # spawn -> READY, measured
+    window_s: float = BOOT_WINDOW_S  # "opening the database" -> READY, measured
+    phases: dict[str, float] = field(  # seconds spent, by phase
+        default_factory=lambda: dict.fromkeys(("life", "kill", "check"), 0.0)
+    )
+
+    def violation(self, where: str, problems: Iterable[str]) -> None:
+        for problem in problems:
+            if problem not in self.seen:  # a standing violation is reported once
+                self.seen.add(problem)
+                self.violations.append(f"{where}: {problem}")
+
+
+class _Torture:
+    def __init__(self, n: int, seed: int, work: Path, sock_dir: Path, log: Log | None) -> None:
+        self.n = n
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.work = work
+        self.log = log or (lambda _: None)
+        self.tally = _Tally()
+        self.book = PosBook()
+        self.gate = _Gate()
+        self.daemon: _Daemon | None = None
+        self.weather: _Weather | None = None
+        self.triggers = _Triggers(self._kill)
+        self.devices = SimDeviceServer(_Reader(self.triggers), _Printer(self.triggers))
+        self.acquirer = _Acquirer(self.triggers)
+        self.acquirer.decline_over(ACQUIRER_LIMIT)
+        self.acquirer.decline_bin(HOT_BIN, "hot_listed")
+        self.sock_dir = sock_dir
+        self.checker = Checker(work / "data" / "terminal.db")
+
+    def _kill(self) -> None:
+        self.gate.close()  # before the kill: every error the POS sees comes after it
+        assert self.daemon is not None
+        self.daemon.kill()
+
+    def run(self) -> dict[str, Any]:
+        started = time.monotonic()
+        with self.devices, self.acquirer:
+            cfg = _config(
+                self.work, self.sock_dir / "edge.sock", self.devices.url, self.acquirer.url
+            )
+            self.daemon = _Daemon(cfg, self.sock_dir, self.work / "daemon.log")
+            pos = _Pos(
+                random.Random(self.seed + 1),
+                self.sock_dir / "edge.sock",
+                self.devices,
+                self.gate,
+                self.book,
+            )
+            weather = self.weather = _Weather(random.Random(self.seed + 2), self.devices)
+            try:
+                weather.start()
+                pos.start()
+                for i in range(1, self.n + 1):
+                    self._one_life(i, pos)
+                    if i % max(1, self.n // 10) == 0:
+                        self.log(
+                            f"kill {i}/{self.n}: {len(self.book.outcomes)} transactions, "
+                            f"{len(self.tally.violations)} violation(s), "
+                            f"{time.monotonic() - started:.0f}s"
+                        )
+                self._last_life(pos)
+            finally:
+                pos.stop.set()
+                weather.stop.set()
+                self.gate.open()  # release a POS waiting for a daemon that will not come
+                pos.join(REQUEST_TIMEOUT_S)
+                weather.join(REQUEST_TIMEOUT_S)
+                self.daemon.close()
+        if pos.error is not None:
+            self.tally.violation("POS", [f"the POS crashed: {pos.error!r}"])
+        return self._summary(time.monotonic() - started)
+
+    def _one_life(self, i: int, pos: _Pos) -> None:
+        """Start the daemon, kill it at this life's trigger, check the crashed state."""
+        assert self.daemon is not None
+        names, weights = zip(*TRIGGERS.items(), strict=True)
+        trigger = self.rng.choices(names, weights)[0]
+        pos.top_up_card()  # recovery may re-read the card the last kill took
+        spawned = time.monotonic()
+        self.daemon.spawn()
+        try:
+            trigger = self._until_trigger(trigger, spawned)
+        except DaemonDied as exc:
+            self.tally.violation(
+                f"life {i}", [f"the daemon exited by itself ({exc}): {self.daemon.log_tail()}"]
+            )
+        killed = time.monotonic()
+        self._kill()
+        code = self.daemon.reap()
+        self.triggers.disarm()
+        self.tally.kills += 1
+        self.tally.triggers[trigger] += 1
+        if code != -signal.SIGKILL:
+            self.tally.violation(
+                f"kill {i}",
+                [f"the daemon ended with {code}, not by the kill: {self.daemon.log_tail()}"],
+            )
+        reaped = time.monotonic()
+        problems = self.checker.check(self.acquirer.ledger, self.book.snapshot())
+        self.tally.violation(f"after kill {i} ({trigger})", problems)
+        done = time.monotonic()
+        self.tally.phases["life"] += killed - spawned
+        self.tally.phases["kill"] += reaped - killed
+        self.tally.phases["check"] += done - reaped
+
+    def _until_trigger(self, trigger: str, spawned: float) -> str:
+        """Wait for the moment ``trigger`` names; return the trigger that happened."""
+        assert self.daemon is not None
+        daemon = self.daemon
+        if trigger == "boot":
+            if not daemon.wait_for(lambda ln: ln.startswith("STATUS=starting"), READY_TIMEOUT_S):
+                raise DaemonDied("no start-up status")
+            opening = time.monotonic()
+            if not daemon.wait_for(
+                lambda ln: ln == "READY=1", self.rng.uniform(0, self.tally.window_s)
+            ):
+                return "boot"
+            self.tally.window_s = 0.8 * self.tally.window_s + 0.2 * (time.monotonic() - opening)
+            self.gate.open()
+            return "ready"  # READY came first: a kill right after it
+        if not daemon.wait_for(lambda ln: ln == "READY=1", READY_TIMEOUT_S):
+            raise DaemonDied(f"no READY within {READY_TIMEOUT_S:g}s")
+        self.tally.boot_s = 0.8 * self.tally.boot_s + 0.2 * (time.monotonic() - spawned)
+        self.gate.open()
+        if trigger == "ready":
+            delay = self.rng.uniform(0.0, 0.03)
+        elif trigger == "load":
+            delay = self.rng.uniform(0.03, 0.35)
+        else:
+            self.triggers.arm(trigger, skip=self.rng.randrange(4))
+            if self.triggers.fired.wait(HOOK_TIMEOUT_S):
+                return trigger
+            self.triggers.disarm()
+            if self.triggers.fired.is_set():
+                return trigger  # fired between the wait and the disarm
+            return "load"
+        if not daemon.alive_for(delay):
+            raise DaemonDied(f"exit code {daemon.proc.returncode if daemon.proc else None}")
+        return trigger
+
+    def _last_life(self, pos: _Pos) -> None:
+        """A last start: the POS finishes, every run ends, a graceful stop, final checks."""
+        assert self.daemon is not None
+        pos.top_up_card()
+        self.daemon.spawn()
+        try:
+            if not self.daemon.wait_for(lambda ln: ln == "READY=1", READY_TIMEOUT_S):
+                raise DaemonDied(f"no READY within {READY_TIMEOUT_S:g}s")
+        except DaemonDied as exc:
+            self.tally.violation("last start", [f"{exc}: {self.daemon.log_tail()}"])
+            return
+        self.gate.open()
+        pos.stop.set()
+        pos.join(RUN_TIMEOUT_S + GATE_TIMEOUT_S)
+        assert self.weather is not None
+        self.weather.stop.set()
+        self.weather.join(REQUEST_TIMEOUT_S)  # it leaves the link up: backoffs can finish
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while self._unfinished() and time.monotonic() < deadline:
+            time.sleep(POLL_S)  # the daemon's loop picks retries up when they are due
+        code = self.daemon.terminate()
+        if code != 0:
+            self.tally.violation(
+                "stop", [f"SIGTERM ended the daemon with {code}: {self.daemon.log_tail()}"]
+            )
+        problems = self.checker.check(self.acquirer.ledger, self.book.snapshot(), final=True)
+        self.tally.violation("at the end", problems)
+
+    def _unfinished(self) -> int:
+        conn = apsw.Connection(str(self.checker.db), flags=apsw.SQLITE_OPEN_READONLY)
+        try:
+            conn.set_busy_timeout(5_000)
+            statuses = ",".join(f"'{s}'" for s in sorted(TERMINAL_STATUSES))
+            row = conn.execute(
+                f"SELECT count(*) FROM workflow_runs WHERE status NOT IN ({statuses})"
+            ).fetchone()
+            return int(row[0]) if row else 0
+        finally:
+            conn.close()
+
+    def _summary(self, seconds: float) -> dict[str, Any]:
+        book = self.book.snapshot()
+        kinds: dict[str, Counter[str]] = {k: Counter() for k in ("payment", "refund", "void")}
+        for o in book.outcomes.values():
+            c = kinds[o.kind]
+            c[o.decision or o.status.lower()] += 1
+            if o.kind == "payment" and o.decision == "approved":
+                c[f"approved_{o.channel or 'offline'}"] += 1
+        sent = Counter(book.sent.values())
+        ledger = self.acquirer.ledger.values()
+        db = self.checker.db
+        return {
+            "kind": "kill",
+            "n": self.n,
+            "seed": self.seed,
+            "kills": self.tally.kills,
+            "kills_by_trigger": dict(sorted(self.tally.triggers.items())),
+            "payments_sent": sent["payment"],
+            "approved": kinds["payment"]["approved"],
+            "approved_online": kinds["payment"]["approved_online"],
+            "approved_offline": kinds["payment"]["approved_offline"],
+            "declined": kinds["payment"]["declined"],
+            "reversed": kinds["payment"]["reversed"],
+            "failed": kinds["payment"]["failed"] + kinds["payment"]["rolled_back"],
+            "refunds_sent": sent["refund"],
+            "refunds_approved": kinds["refund"]["approved"],
+            "voids_sent": sent["void"],
+            "voids_approved": kinds["void"]["approved"],
+            "retried_after_kill": book.retried,
+            "requests_resent": book.retries,
+            "acquirer_requests": len(self.acquirer.received),
+            "acquirer_charges": sum(1 for e in ledger if e.operation == "authorize" and e.effect),
+            "db_bytes": sum(p.stat().st_size for p in (db, Path(f"{db}-wal")) if p.exists()),
+            "daemon_start_s": round(self.tally.boot_s, 3),
+            "seconds_by_phase": {k: round(v, 1) for k, v in self.tally.phases.items()},
+            "violations": self.tally.violations,
+            "seconds": round(seconds, 1),
+        }
+
+
+def run(n: int, *, seed: int, workdir: Path, log: Log | None = None) -> dict[str, Any]:
+    """Kill the terminal daemon ``n`` times under payment load; return the tally.
+
+    ``workdir`` holds the terminal's data directory, its config and the daemon's log
+    (``daemon.log``, appended across lives). The sockets go beside it, or to a fresh
+    directory under the system's temp dir when its path is too long for AF_UNIX.
+    """
+    if n < 0:
+        raise ValueError(f"n must not be negative, got {n}")
+    workdir.mkdir(parents=True, exist_ok=True)
+    sock_dir = workdir
+    if len(str(workdir / "notify")) > MAX_SOCKET_PATH:
+        sock_dir = Path(tempfile.mkdtemp(prefix="tfk-", dir="/tmp"))
+    try:
+        return _Torture(n, seed, workdir, sock_dir, log).run()
+    finally:
+        if sock_dir != workdir:
+            shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m hwsim.killtorture",
+        description="kill -9 the terminal daemon N times under payment load; print the tally",
+    )
+    parser.add_argument("-n", type=int, default=200, help="kills (default 200)")
+    parser.add_argument("--seed", type=int, default=1, help="seed of the kills and the load")
+    parser.add_argument(
+        "--workdir", type=Path, help="where the terminal lives (default: a fresh temp dir, kept)"
+    )
+    args = parser.parse_args(argv)
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="tf-kill-"))
+    tally = run(args.n, seed=args.seed, workdir=workdir, log=lambda m: print(m, file=sys.stderr))
+    print(json.dumps({**tally, "workdir": str(workdir)}, indent=2))
+    return 1 if tally["violations"] else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,245 @@
+"""kill -9 torture of the terminal daemon (``hwsim.killtorture``), and proof that its
+checker fails when an invariant is broken.
+
+The torture runs the real daemon as a subprocess and SIGKILLs it 200 times under payment
+load (about two minutes); the checker tests build a small terminal database in-process
+and break it one way at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import re
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import apsw
+import pytest
+from hwsim import killtorture
+from hwsim.acquirer import LedgerEntry, SimAcquirer
+from hwsim.card_reader import SimCardReader, make_card
+from hwsim.killtorture import Checker, PosBook, PosOutcome
+from hwsim.network import SimNetworkLink
+from hwsim.printer import SimPrinter
+
+import edge.terminal
+from edge.engine import Engine, FakeClock, InlineExecutor
+from edge.engine.context import idempotency_key
+from edge.engine.loader import load_file
+from edge.store.sqlite import SqliteStore
+from edge.terminal.acquirer_http import HttpAcquirer
+from edge.terminal.carddata import DataKey
+from edge.terminal.config import RiskLimits
+from edge.terminal.ports import AuthResponse
+
+KILLS = 200
+
+
+def test_kill_torture__200_kills_under_payment_load_break_no_invariant(tmp_path: Path) -> None:
+    tally = killtorture.run(KILLS, seed=20_260_505, workdir=tmp_path / "terminal")
+    assert tally["violations"] == [], "\n".join(tally["violations"])
+    assert tally["kills"] == KILLS
+    # Every kind of kill happened: a hook that stopped firing would go unnoticed.
+    assert set(tally["kills_by_trigger"]) >= set(killtorture.TRIGGERS), tally
+    # The load was the mix it claims: online and offline approvals, declines, refunds,
+    # voids, and requests the POS had to send again after a kill.
+    for figure in (
+        "approved_online", "approved_offline", "declined",
+        "refunds_approved", "voids_approved", "retried_after_kill",
+    ):  # fmt: skip
+        assert tally[figure] > 0, (figure, tally)
+
+
+# --- the checker fails when it should ---------------------------------------------------
+
+WORKFLOWS = Path(edge.terminal.__file__).with_name("workflows")
+LIMITS = RiskLimits(floor_limit_minor=2_500, online_random_percent=0)
+
+
+@dataclass
+class World:
+    """A terminal database with a few transactions, the acquirer's ledger of them, and
+    what the POS was told."""
+
+    db: Path
+    ledger: dict[str, LedgerEntry]
+    book: PosBook
+    runs: dict[str, str]  # POS key -> run id
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    tmp = tmp_path_factory.mktemp("checked")
+    db = tmp / "terminal.db"
+    clock = FakeClock(2_000_000_000.0)  # 2033: the test cards expire 3912
+    reader, link = SimCardReader(), SimNetworkLink(clock)
+    with SimAcquirer() as acquirer:
+        acquirer.decline_over(9_000)
+        http = HttpAcquirer(acquirer.url, link=link, timeout_s=2)
+        store = SqliteStore(db)
+        engine = Engine(
+            store,
+            InlineExecutor(),
+            clock=clock,
+            services={
+                "card_reader": reader,
+                "printer": SimPrinter(),
+                "acquirer": http,
+                "link": link,
+                "data_key": DataKey.load_or_create(tmp / "keys"),
+                "policy": None,
+                "limits": LIMITS,
+                "store": store,
+                "device_id": "T-CHECK",
+                "rng": random.Random(7),
+            },
+        )
+        for name in ("payment", "refund", "void"):
+            engine.register(load_file(WORKFLOWS / f"{name}.yaml"))
+        book = PosBook()
+        runs: dict[str, str] = {}
+
+        def pos(key: str, workflow: str, data: dict[str, Any]) -> None:
+            reader.insert(make_card("visa"))
+            run_id = engine.start(workflow, data, idempotency_key=f"pos:{workflow}:{key}")
+            run = engine.get(run_id)
+            runs[key] = run_id
+            book.sent[key] = workflow
+            book.run_ids[key] = run_id
+            book.outcomes[key] = PosOutcome(
+                workflow, run_id, str(run.status), run.state.get("decision")
+            )
+
+        pos("online", "payment", {"amount_minor": 5_000, "currency": "EUR"})
+        pos("declined", "payment", {"amount_minor": 12_000, "currency": "EUR"})
+        pos("refund", "refund", {"amount_minor": 700, "currency": "EUR"})
+        pos("voided", "payment", {"amount_minor": 4_000, "currency": "EUR"})
+        pos("void", "void", {"payment_run_id": runs["voided"]})
+        link.down()
+        pos("offline", "payment", {"amount_minor": 1_000, "currency": "EUR"})
+        link.up()
+        engine.close()
+        store.checkpoint()
+        store.close()
+        http.close()
+        yield World(db, acquirer.ledger, book, runs)
+
+
+@pytest.fixture
+def copy(world: World, tmp_path: Path) -> World:
+    """A copy of the world's database to break; the ledger and book copied too."""
+    db = tmp_path / "terminal.db"
+    shutil.copyfile(world.db, db)
+    return dataclasses.replace(world, db=db, ledger=dict(world.ledger), book=world.book.snapshot())
+
+
+def test_checker__finds_nothing_wrong_with_an_honest_terminal(world: World) -> None:
+    outcomes = {k: (o.status, o.decision) for k, o in world.book.outcomes.items()}
+    assert outcomes == {
+        "online": ("COMPLETED", "approved"),
+        "declined": ("COMPLETED", "declined"),
+        "refund": ("COMPLETED", "approved"),
+        "voided": ("COMPLETED", "approved"),
+        "void": ("COMPLETED", "approved"),
+        "offline": ("COMPLETED", "approved"),
+    }
+    assert Checker(world.db).check(world.ledger, world.book, final=True) == []
+
+
+def _sql(*statements: str) -> Callable[[World], None]:
+    def tamper(w: World) -> None:
+        conn = apsw.Connection(str(w.db))
+        for statement in statements:
+            conn.execute(statement.format(**w.runs))
+        conn.close()
+
+    return tamper
+
+
+def _charge(w: World, key: str, amount: int = 5_000) -> None:
+    w.ledger[key] = LedgerEntry(
+        key=key,
+        operation="authorize",
+        amount_minor=amount,
+        currency="EUR",
+        masked_pan="411111******1111",
+        terminal_id="T-CHECK",
+        response=AuthResponse(
+            approved=True, auth_code="999999", reason=None, acquirer_ref="SIM999999999"
+        ),
+        effect=True,
+    )
+
+
+def _double_charge(w: World) -> None:
+    # A retry under a second attempt's key, charged again.
+    _charge(w, idempotency_key(w.runs["online"], "authorize_online", 2))
+
+
+def _uncharged(w: World) -> None:
+    del w.ledger[idempotency_key(w.runs["online"], "authorize_online", 1)]
+
+
+def _corrupt(w: World) -> None:
+    with w.db.open("r+b") as f:
+        f.seek(4096 * 3)
+        f.write(random.Random(1).randbytes(4096 * 4))
+
+
+#: How to break the world, and a pattern the checker's report must then match.
+BROKEN: dict[str, tuple[Callable[[World], None], str]] = {
+    "a double charge": (_double_charge, "charged 2 times"),
+    "a charge no run made": (lambda w: _charge(w, "f" * 32), "belongs to no run"),
+    "an approval without its charge": (_uncharged, r"holds 0 charge\(s\)"),
+    "an approved payment missing from the outbox": (
+        _sql("DELETE FROM outbox WHERE run_id = '{offline}'"),
+        "missing from the outbox",
+    ),
+    "an approval the POS saw, gone from under its key": (
+        _sql("UPDATE workflow_runs SET idempotency_key = NULL WHERE run_id = '{online}'"),
+        "does not hold",
+    ),
+    "a run the POS was told approved, now declined": (
+        _sql(
+            "UPDATE workflow_runs SET state = json_set(state, '$.decision', 'declined') "
+            "WHERE run_id = '{offline}'"
+        ),
+        "database says COMPLETED/declined",
+    ),
+    "an edited audit row": (
+        _sql(
+            "DROP TRIGGER workflow_audit_log_no_update",
+            "UPDATE workflow_audit_log SET detail = '{{}}' WHERE seq = 3",
+        ),
+        "audit",
+    ),
+    "a run left unfinished": (
+        _sql("UPDATE workflow_runs SET status = 'RUNNING' WHERE run_id = '{declined}'"),
+        "still RUNNING",
+    ),
+    "an offline exposure that drifted": (
+        _sql("UPDATE counters SET amount = amount + 1 WHERE name = 'offline'"),
+        "offline exposure counter",
+    ),
+    "two messages for one approval": (
+        _sql(
+            "INSERT INTO outbox (message_id, run_id, step, topic, payload, created_at) "
+            "SELECT message_id || '-again', run_id, step, topic, payload, created_at "
+            "FROM outbox WHERE run_id = '{online}'"
+        ),
+        "2 'payment' messages",
+    ),
+    "a corrupt file": (_corrupt, "integrity_check|does not open"),
+}
+
+
+@pytest.mark.parametrize("broken", list(BROKEN), ids=list(BROKEN))
+def test_checker__reports(broken: str, copy: World) -> None:
+    tamper, expected = BROKEN[broken]
+    tamper(copy)
+    problems = Checker(copy.db).check(copy.ledger, copy.book, final=True)
+    assert any(re.search(expected, p) for p in problems), problems
