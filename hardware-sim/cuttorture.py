@@ -71,7 +71,6 @@ __all__ = [
     "Seen",
     "Txn",
     "check_invariants",
-    "powerloss_restores_large_truncates",
     "run",
     "sweep",
 ]
@@ -584,34 +583,6 @@ def _check_seen(pos_key: str, answer: Seen, run: RunRecord | None, runs_with_key
     if (str(run.status), run.state.get("decision")) != (answer.status, answer.decision):
         v.append(f"{told}, but run {run.run_id} is now {run.status} ({run.state.get('decision')})")
     return v
-
-
-def powerloss_restores_large_truncates(workdir: Path) -> bool:
-    """Whether ``hwsim.powerloss`` can undo a truncate of more than 128 KiB at a cut.
-
-    The unix VFS writes at most 128 KiB per ``xWrite`` (SQLite never asks for more than
-    a page) and answers a longer one with ``SQLITE_FULL``, part written; a cut right
-    after a checkpoint truncated a bigger WAL then leaves it half restored. Until the
-    restore writes in pieces, findings at such a cut are the tool's, not the terminal's.
-    """
-    vfs = PowerLossVFS(f"cuttorture-probe-{next(_vfs_names)}")
-    try:
-        conn = apsw.Connection(str(Path(workdir) / "probe.db"), vfs=vfs.vfs_name)
-        try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("CREATE TABLE t(x BLOB)")
-            conn.execute("INSERT INTO t VALUES (randomblob(300000))")
-            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the truncate is unsynced
-            vfs.cut_power()
-        except apsw.Error:
-            return False
-        finally:
-            with contextlib.suppress(apsw.Error):  # a dead connection closes all the same
-                conn.close()
-        return True
-    finally:
-        vfs.unregister()
 
 
 # --- random cuts -------------------------------------------------------------------------

@@ -47,6 +47,8 @@ import apsw
 
 __all__ = ["PowerLossFile", "PowerLossVFS", "close_after_cut"]
 
+_RESTORE_CHUNK = 64 * 1024
+
 
 @dataclass(frozen=True, slots=True)
 class _Undo:
@@ -270,13 +272,16 @@ class _RawFile:
             self._own.xClose()
 
     def write(self, data: bytes, offset: int) -> None:
-        if not data:
-            return
-        if self._file is not None:
-            self._file._raw_write(data, offset)
-        else:
-            assert self._own is not None
-            self._own.xWrite(data, offset)
+        # In pieces: the unix VFS writes at most 128 KiB per xWrite and fails a longer
+        # one part-way (SQLITE_FULL), which would leave an undone WAL truncate half
+        # restored -- a corruption of the tool's making, not SQLite's.
+        for start in range(0, len(data), _RESTORE_CHUNK):
+            piece = data[start : start + _RESTORE_CHUNK]
+            if self._file is not None:
+                self._file._raw_write(piece, offset + start)
+            else:
+                assert self._own is not None
+                self._own.xWrite(piece, offset + start)
 
     def truncate(self, size: int) -> None:
         if self._file is not None:

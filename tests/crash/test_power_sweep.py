@@ -14,24 +14,10 @@ from hwsim import cuttorture
 MIN_EVENTS = {"payment": 100, "refund": 100, "saga": 120}
 
 
-@pytest.fixture(scope="module")
-def powerloss_ok(tmp_path_factory: pytest.TempPathFactory) -> bool:
-    return cuttorture.powerloss_restores_large_truncates(tmp_path_factory.mktemp("probe"))
-
-
-def _real(violations: list[str], powerloss_ok: bool) -> list[str]:
-    if powerloss_ok:
-        return violations
-    # Until hwsim.powerloss restores truncates over 128 KiB, a cut right after the
-    # checkpoint truncates the WAL leaves a half-restored WAL: that cut is the tool's.
-    tool = {v.split(": ", 2)[1] for v in violations if "hwsim.powerloss failed" in v}
-    return [v for v in violations if v.split(": ", 2)[1] not in tool]
-
-
 @pytest.mark.parametrize("scenario", sorted(cuttorture.SCENARIOS))
-def test_sweep__a_cut_at_every_event_breaks_no_invariant(tmp_path, scenario, powerloss_ok):
+def test_sweep__a_cut_at_every_event_breaks_no_invariant(tmp_path, scenario):
     result = cuttorture.sweep(scenario, workdir=tmp_path)
-    assert _real(result["violations"], powerloss_ok) == [], result
+    assert result["violations"] == [], result
     assert result["events"] >= MIN_EVENTS[scenario]
     assert result["swept"] == result["events"]
     kinds = " ".join(result["cut_at"])
@@ -47,9 +33,9 @@ def test_sweep__a_cut_at_every_event_breaks_no_invariant(tmp_path, scenario, pow
         pytest.param("saga", marks=pytest.mark.slow),
     ],
 )
-def test_sweep__a_torn_write_at_every_write_breaks_no_invariant(tmp_path, scenario, powerloss_ok):
+def test_sweep__a_torn_write_at_every_write_breaks_no_invariant(tmp_path, scenario):
     result = cuttorture.sweep(scenario, workdir=tmp_path, tear=True)
-    assert _real(result["violations"], powerloss_ok) == [], result
+    assert result["violations"] == [], result
     assert result["swept"] >= MIN_EVENTS[scenario] // 2
     assert set(result["cut_at"]) <= {"write db-wal", "write db"}
 
