@@ -204,7 +204,8 @@ def test_torn_write_mid_transaction_is_rejected_by_wal_checksums(tmp_path, make_
 
 
 def test_sqlite_store_opens_after_a_cut_at_any_event(tmp_path):
-    """SqliteStore opens through ours by name (``vfs=``). Cut at every event of open + migrate + a few definitions; the store then reopens on
+    """SqliteStore opens through ours by name (``vfs=``). Cut at every event of open +
+    migrate + a few definitions; the store then reopens on
     the real VFS, migrates to the end, and keeps every definition saved before the cut."""
     total = None
     n = 0
