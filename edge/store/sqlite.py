@@ -113,9 +113,7 @@ class SqliteStore(RowReads):
         self._lock = threading.RLock()
         try:
             self._conn = (
-                apsw.Connection(self.path)
-                if vfs is None
-                else apsw.Connection(self.path, vfs=vfs)
+                apsw.Connection(self.path) if vfs is None else apsw.Connection(self.path, vfs=vfs)
             )
         except apsw.Error as exc:
             raise StoreError(
