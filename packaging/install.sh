@@ -209,7 +209,7 @@ if [ "$PREVIOUS" = "$VERSION" ]; then
     exit 0
 fi
 
-rm -rf "$RELEASES/.$VERSION.partial" "$RELEASES/$VERSION"
+rm -rf "${RELEASES:?}/.$VERSION.partial" "${RELEASES:?}/$VERSION"
 cp -R "$BUNDLE/tillflow-edge" "$RELEASES/.$VERSION.partial"
 cp "$BUNDLE/VERSION" "$RELEASES/.$VERSION.partial/VERSION"
 mv "$RELEASES/.$VERSION.partial" "$RELEASES/$VERSION"
