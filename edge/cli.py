@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,9 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_RUN_FAILED, EXIT_PROBLEMS = 0, 1, 2, 3, 4
 _UNHAPPY = {Status.FAILED, Status.ROLLED_BACK, Status.CANCELLED}
 
 
-def _parser() -> argparse.ArgumentParser:
+def parent_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The options every command shares (``common``) and those of the commands that
+    open a database (``db``); ``tillflow-edge`` (edge.terminal.main) mounts them too."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--path",
@@ -69,7 +71,11 @@ def _parser() -> argparse.ArgumentParser:
         default="FULL",
         help="SQLite durability: FULL survives power loss (default), NORMAL is faster",
     )
+    return common, db
 
+
+def _parser() -> argparse.ArgumentParser:
+    common, db = parent_parsers()
     p = argparse.ArgumentParser(
         prog="tillflow",
         description="Durable YAML workflows on SQLite: validate, draw, run, resume, inspect, "
@@ -156,6 +162,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    return execute(args, _COMMANDS[args.command])
+
+
+def execute(args: argparse.Namespace, command: Callable[[argparse.Namespace], int]) -> int:
+    """Run one parsed command: logging, search paths, errors to exit codes, cleanup."""
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
@@ -164,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_search_paths(args.search_paths)
     args.opened = []
     try:
-        return int(_COMMANDS[args.command](args))
+        return int(command(args))
     except (DefinitionError, ConfigError) as exc:  # several problems: show them all
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR

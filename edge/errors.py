@@ -16,10 +16,11 @@
     │   └── MergeConflict      PARALLEL results collided with ``on_conflict: error``
     ├── CodeChanged            a step's code changed under a running run (on_code_change: fail)
     ├── LimitExceeded          a step's guarded counter would pass its cap (``reason`` says which)
-    └── StoreError             the database refused or failed (translated from the driver)
-        ├── MigrationError
-        ├── LeaseLost          another worker advanced the run; this outcome was not committed
-        └── StorageFull        the database cannot grow; new work is declined, nothing lost
+    ├── StoreError             the database refused or failed (translated from the driver)
+    │   ├── MigrationError
+    │   ├── LeaseLost          another worker advanced the run; this outcome was not committed
+    │   └── StorageFull        the database cannot grow; new work is declined, nothing lost
+    └── BundleInvalid          a release bundle's signature or checksums do not verify
 
 Driver exceptions (apsw, psycopg) are translated where they are raised, with
 ``raise ... from exc``; nothing above the store sees a driver type.
@@ -172,3 +173,9 @@ class LeaseLost(StoreError):
 
 class StorageFull(StoreError):
     code = "storage_full"
+
+
+class BundleInvalid(TillflowError):
+    """A release bundle's signature or checksums do not verify (``edge.terminal.release``)."""
+
+    code = "bundle_invalid"

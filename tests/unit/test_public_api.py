@@ -55,6 +55,7 @@ ERROR_TREE = {
     "LeaseLost": ("StoreError", "lease_lost", False),
     "LimitExceeded": ("TillflowError", "limit_exceeded", False),
     "StorageFull": ("StoreError", "storage_full", False),
+    "BundleInvalid": ("TillflowError", "bundle_invalid", False),
 }
 
 
