@@ -19,8 +19,8 @@ from edge.engine import Clock, Engine, InlineExecutor, SystemClock
 from edge.engine.loader import load_file
 from edge.engine.records import Guard, OutboxMessage
 from edge.errors import StorageFull
-from edge.terminal import risk
 from edge.store.sqlite import SqliteStore
+from edge.terminal import risk
 from edge.terminal.carddata import DataKey
 from edge.terminal.config import EdgeConfig
 from edge.terminal.ports import Acquirer, CardReader, NetworkLink, Printer
