@@ -9,6 +9,7 @@ import pytest
 
 import edge.examples
 from edge.cli import main
+from edge.store.queries import load_migrations
 
 PAYMENT = str(Path(edge.examples.__file__).with_name("payment.yaml"))
 
@@ -18,7 +19,8 @@ def test_cli__db_status_and_migrate_on_a_new_postgresql_database(new_database, c
     assert main(["db", "status", "--database-url", url, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["schema_version"] == 0
     assert main(["db", "migrate", "--database-url", url, "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["schema_version"] == 2
+    latest = len(load_migrations("postgresql", package="cloud.store"))
+    assert json.loads(capsys.readouterr().out)["schema_version"] == latest == 3
 
 
 def test_cli__run_list_show_and_audit_verify_on_postgresql(pg_url, capsys):
