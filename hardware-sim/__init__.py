@@ -17,6 +17,11 @@ and lives in its own module; import the one you need (this package imports nothi
 * ``hwsim.devices`` -- ``SimDeviceServer``: card reader, printer and link as HTTP
   endpoints (what the daemon talks to), with control endpoints for the simulated POS.
 * ``hwsim.powerloss`` -- ``PowerLossVFS``: an apsw VFS that drops every write since each
-  file's last sync at a simulated power cut (optionally tearing the last one).
+  file's last sync at a simulated power cut (optionally tearing the last one), and a
+  disk that fills (``free_bytes``).
+* ``hwsim.cuttorture`` -- power cuts under payment load, and per-event sweeps of one
+  payment, one refund and one saga rollback, each checked against invariant 2.
+* ``hwsim.killtorture`` -- the daemon SIGKILLed at random moments under payment load.
+* ``hwsim.torture`` -- ``make torture``: both, and the sweeps, with one JSON tally.
 * ``hwsim.demo`` -- ``make demo``: a simulated terminal through a network outage.
 """
