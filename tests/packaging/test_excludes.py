@@ -24,7 +24,8 @@ PROBE = textwrap.dedent(
 
     class Block:
         def find_spec(self, name, path=None, target=None):
-            if name in blocked or name.split(".")[0] in blocked:
+            parts = name.split(".")
+            if any(".".join(parts[:i]) in blocked for i in range(1, len(parts) + 1)):
                 raise ImportError(f"excluded from the binary: {{name}}")
             return None
 
