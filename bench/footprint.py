@@ -10,7 +10,8 @@ RSS is the bootloader's plus its Python child's). Per leg: exec -> READY=1 (medi
 after ``--idle-s`` seconds idle, then VmRSS and VmHWM after ``--payments`` payments
 through the local API (the payments bench's online/offline mix); the idle RSS is also
 split into anonymous and file-backed memory with the largest mappings (``smaps``; of the
-main process). Sizes: the onedir tree, its executable, the tree as a gzip'd tar (what is flashed), the onefile binary.
+main process). Sizes: the onedir tree, its executable, the tree as a gzip'd tar (what
+is flashed), the onefile binary.
 
 Prints one JSON object; ratios are ``leg / source`` from the same run.
 """
