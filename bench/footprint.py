@@ -8,8 +8,10 @@ baseline), ``onedir`` (``dist/tillflow-edge/tillflow-edge run``, what ships) and
 RSS is the bootloader's plus its Python child's). Per leg: exec -> READY=1 (median of
 ``--starts`` starts on fresh data dirs, the approach of ``bench/payments.py``), VmRSS
 after ``--idle-s`` seconds idle, then VmRSS and VmHWM after ``--payments`` payments
-through the local API (the payments bench's online/offline mix). Sizes: the onedir
-tree, its executable, the tree as a gzip'd tar (what is flashed), the onefile binary.
+through the local API (the payments bench's online/offline mix); the idle RSS is also
+split into anonymous and file-backed memory with the largest mappings (``smaps``; of the
+main process). Sizes: the onedir tree, its executable, the tree as a gzip'd tar (what
+is flashed), the onefile binary.
 
 Prints one JSON object; ratios are ``leg / source`` from the same run.
 """
@@ -83,6 +85,36 @@ def tree_rss_mb(pid: int) -> dict[str, float]:
     }
 
 
+def smaps_breakdown_mb(pid: int, top: int = 10) -> dict[str, Any]:
+    """Where ``pid``'s RSS is (``/proc/PID/smaps``): anonymous (heap, Python's arenas,
+    relocated library data: private memory) against file-backed (clean library pages,
+    reclaimable and shared), and the largest mappings by RSS."""
+    per: dict[str, dict[str, int]] = {}
+    name = "[anon]"
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        parts = line.split()
+        if not parts:
+            continue
+        if not parts[0].endswith(":"):  # a mapping's header: range perms offset dev inode [path]
+            name = (
+                Path(parts[5]).name
+                if len(parts) > 5 and "/" in parts[5]
+                else (parts[5] if len(parts) > 5 else "[anon]")
+            )
+        elif parts[0] in ("Rss:", "Anonymous:"):
+            entry = per.setdefault(name, {"Rss": 0, "Anonymous": 0})
+            entry[parts[0][:-1]] += int(parts[1])
+    rss = sum(v["Rss"] for v in per.values())
+    anon = sum(v["Anonymous"] for v in per.values())
+    largest = sorted(per.items(), key=lambda kv: -kv[1]["Rss"])[:top]
+    return {
+        "rss_mb": round(rss / 1024, 1),
+        "anonymous_mb": round(anon / 1024, 1),
+        "file_backed_mb": round((rss - anon) / 1024, 1),
+        "largest_mappings_mb": {k: round(v["Rss"] / 1024, 2) for k, v in largest},
+    }
+
+
 def sizes() -> dict[str, Any]:
     out: dict[str, Any] = {}
     tree = ONEDIR.parent
@@ -144,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
                 d.wait_for("READY=1")
                 time.sleep(idle_s)  # the idle period being measured, not a stand-in clock
                 idle = tree_rss_mb(d.pid)
+                idle_smaps = smaps_breakdown_mb(d.pid)
                 with d.client() as client:
                     leg = api_leg(d, client, devices)
                     leg.batch(payments)
@@ -156,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                 "exec_to_ready_s_median": round(statistics.median(ready[name]), 4),
                 "exec_to_ready_s": [round(x, 4) for x in ready[name]],
                 "idle_rss_mb": idle["vm_rss_mb"],
+                "idle_smaps": idle_smaps,
                 "processes": idle["processes"],
                 "rss_after_payments_mb": loaded["vm_rss_mb"],
                 "rss_peak_mb": loaded["vm_hwm_mb"],

@@ -6,6 +6,7 @@ Every server is stopped in teardown; every wait is bounded and short.
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 import time
 import traceback
@@ -440,3 +441,20 @@ def test_sim__with_a_virtual_clock_nothing_waits_on_the_wall_clock():
         clock.after(3.0, lambda: devices.insert_test_card("visa"))
         assert driver.read(30.0).last4 == "1111"  # presented at second 3 of the wait
         assert time.monotonic() - started < 1.0
+
+
+def test_drivers__share_one_tls_context_that_verifies_certificates():
+    from edge.terminal._http import tls_context
+
+    reader, printer = HttpCardReader("https://127.0.0.1:9"), HttpPrinter("https://127.0.0.1:9")
+    link = HttpNetworkLink("https://127.0.0.1:9/link")
+    try:
+        contexts = {
+            id(d._client._transport._pool._ssl_context)  # type: ignore[attr-defined]
+            for d in (reader, printer, link)
+        }
+        assert contexts == {id(tls_context())}
+        assert tls_context().verify_mode == ssl.CERT_REQUIRED and tls_context().check_hostname
+    finally:
+        for d in (reader, printer, link):
+            d.close()
