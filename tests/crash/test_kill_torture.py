@@ -22,7 +22,7 @@ import pytest
 from hwsim import killtorture
 from hwsim.acquirer import LedgerEntry, SimAcquirer
 from hwsim.card_reader import SimCardReader, make_card
-from hwsim.killtorture import Checker, PosBook, PosOutcome
+from hwsim.killcheck import Checker, PosBook, PosOutcome
 from hwsim.network import SimNetworkLink
 from hwsim.printer import SimPrinter
 
