@@ -58,7 +58,13 @@ def screen(state: State, ctx: StepContext) -> State:
     if policy is not None:
         from edge.terminal.policy import Txn
 
-        local = dt.datetime.fromtimestamp(ctx.clock.now())
+        now = ctx.clock.now()
+        local = dt.datetime.fromtimestamp(now)
+        recent = 0
+        if policy.velocity_windows:  # one window per policy (the document checks it)
+            uses = risk.card_use_counter(card["pan_hash"], now, policy.velocity_windows[0])
+            recent = s["store"].counters().get(uses, (0, 0))[1]
+            ctx.guard(uses, count=1)  # this use counts for the next ones, with this step
         verdict = policy.evaluate(
             Txn(
                 amount_minor=state["amount_minor"],
@@ -67,7 +73,7 @@ def screen(state: State, ctx: StepContext) -> State:
                 pan_hash=card["pan_hash"],
                 mcc=str(s.get("mcc", "5999")),
                 local_minute=local.hour * 60 + local.minute,
-                card_recent_count=0,
+                card_recent_count=recent,
             )
         )
         reasons = list(verdict.reasons)

@@ -54,6 +54,13 @@ def velocity_counter(pan_hash: str, now: float, window_s: int) -> str:
     return f"velocity:{pan_hash}:{int(now // window_s)}"
 
 
+def card_use_counter(pan_hash: str, now: float, window_s: int) -> str:
+    """Every use of a card in a fixed window (any channel, any outcome): the fraud
+    policy's velocity rules read it. Under the ``velocity:`` prefix, so maintenance
+    drops it once its window has ended."""
+    return f"velocity:uses:{pan_hash}:{int(now // window_s)}"
+
+
 def check_offline(
     limits: RiskLimits,
     *,

@@ -168,6 +168,11 @@ class Terminal:
             "last_maintenance_at": last.get("at"),
         }
 
+    def _longest_window(self) -> int:
+        """Velocity counters live this long: the risk limits' window or the policy's."""
+        windows = getattr(self.policy, "velocity_windows", ()) or ()
+        return int(max([self.cfg.risk.velocity_window_s, *windows]))
+
     def maintain(self) -> dict[str, Any]:
         """One maintenance pass: retention, then give freed pages back, then fold the WAL
         in. Run by the daemon every ``maintenance_interval_s``; safe to run any time."""
@@ -177,7 +182,7 @@ class Terminal:
             compacted = self.store.compact(
                 before=now - self.cfg.retention_hours * 3600,
                 counter_prefix="velocity:",
-                counters_before=now - 2 * self.cfg.risk.velocity_window_s,
+                counters_before=now - 2 * self._longest_window(),
             )
             done["compacted"] = dataclasses.asdict(compacted)
             done["reclaimed_pages"] = self.store.reclaim()

@@ -237,3 +237,20 @@ def test_payment__a_payment_that_never_reached_the_acquirer_still_rolls_back(ter
     assert run.status is Status.ROLLED_BACK
     assert acquirer.effects() == []
     assert acquirer.net_minor("EUR") == 0
+
+
+def test_payment__a_policy_velocity_rule_counts_every_use_of_the_card(terminal):
+    from edge.terminal.policy import PolicyDocument, compile_policy
+
+    doc = {"version": 1, "rules": [
+        {"id": "burst", "type": "velocity", "max_count": 2, "window_s": 3600, "action": "decline"},
+    ]}  # fmt: skip
+    terminal.engine.services["policy"] = compile_policy(PolicyDocument.model_validate(doc))
+    first, second = terminal.pay(500), terminal.pay(900, card="visa")
+    assert [r.state["decision"] for r in (first, second)] == ["approved", "approved"]
+    third = terminal.pay(700)
+    assert third.state["decision"] == "declined" and third.state["reason"] == "policy"
+    assert third.state["policy_reasons"] == ["velocity:burst"]
+    assert terminal.pay(700, card="mastercard").state["decision"] == "approved"  # another card
+    terminal.clock.advance(3600)  # the next window
+    assert terminal.pay(700).state["decision"] == "approved"

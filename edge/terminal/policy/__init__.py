@@ -7,7 +7,9 @@ A ``PolicyDocument`` (YAML or JSON, strict, unknown keys rejected) lists rules. 
 - ``bin_block``: the card's BIN starts with one of ``bins`` (6, 7 or 8 digit prefixes)
 - ``bin_allow``: the card's BIN starts with *none* of ``bins``
 - ``velocity``: ``card_recent_count >= max_count``, the count being the card's *earlier*
-  transactions within ``window_s``: ``max_count: 5`` lets five through, the sixth matches
+  transactions within ``window_s``: ``max_count: 5`` lets five through, the sixth matches.
+  The terminal counts every use of a card (any channel or outcome) in fixed windows of
+  ``window_s`` (``risk.card_use_counter``), so a burst across a window's edge can pass
 - ``time_of_day``: ``start <= local_minute < end``; ``start > end`` wraps midnight
 - ``mcc_block``: ``txn.mcc`` is one of ``mccs``
 - ``hot_list``: ``txn.pan_hash`` is one of ``pan_hashes`` (keyed hashes, never clear PANs)
