@@ -21,7 +21,8 @@ and lives in its own module; import the one you need (this package imports nothi
   disk that fills (``free_bytes``).
 * ``hwsim.cuttorture`` -- power cuts under payment load, and per-event sweeps of one
   payment, one refund and one saga rollback, each checked against invariant 2.
-* ``hwsim.killtorture`` -- the daemon SIGKILLed at random moments under payment load.
+* ``hwsim.killtorture`` -- the daemon SIGKILLed at random moments under payment load;
+  ``hwsim.killcheck`` checks invariant 2 after each kill.
 * ``hwsim.torture`` -- ``make torture``: both, and the sweeps, with one JSON tally.
 * ``hwsim.demo`` -- ``make demo``: a simulated terminal through a network outage.
 """
