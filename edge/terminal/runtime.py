@@ -19,7 +19,7 @@ from edge.engine import Clock, Engine, InlineExecutor, SystemClock
 from edge.engine.loader import load_file
 from edge.engine.records import Guard, OutboxMessage
 from edge.errors import StorageFull
-from edge.store.sqlite import SqliteStore
+from edge.store.sqlite import SqliteStore, Storage
 from edge.terminal import risk
 from edge.terminal.carddata import DataKey
 from edge.terminal.config import EdgeConfig
@@ -137,19 +137,17 @@ class Terminal:
 
     # --- storage (invariant 7: the database stays within its budget) ---------------
 
-    def storage_high(self) -> bool:
+    def storage_high(self, st: Storage | None = None) -> bool:
         """Above the high-water mark: offline sales are declined (``storage_full``) so the
         room left goes to online sales, acknowledgements and compaction."""
-        used = self.store.storage().used_bytes
+        used = (st or self.store.storage()).used_bytes
         return used >= self.cfg.db_budget_mb * MIB * self.cfg.storage_high_water_percent / 100
 
     def storage(self) -> dict[str, Any]:
         st = self.store.storage()
         budget = int(self.cfg.db_budget_mb * MIB)
         used_percent = round(100 * st.used_bytes / budget, 1)
-        state = "ok"
-        if used_percent >= self.cfg.storage_high_water_percent:
-            state = "high_water"
+        state = "high_water" if self.storage_high(st) else "ok"
         if st.file_bytes + st.page_size > budget:
             state = "full"  # the file cannot grow: only its free pages are left
         last = self.last_maintenance or {}
