@@ -3,6 +3,7 @@ POS socket, SIGTERM -> STOPPING and exit 0 with the WAL checkpointed; kill -9 an
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -224,3 +226,38 @@ def test_daemon__a_full_budget_answers_507_and_the_daemon_keeps_serving_health(w
     conn = apsw.Connection(str(world["db"]))
     assert conn.execute("PRAGMA integrity_check").get == "ok"
     conn.close()
+
+
+def test_daemon__a_schedule_missed_while_it_was_down_runs_once_on_start(world):
+    """The end-of-day settlement last fired two years ago (the terminal was off over
+    New Year): the daemon fires it once on start, says so in READY, and no more."""
+    cfg = world["cfg"]
+    cfg.write_text(
+        cfg.read_text()
+        + "schedules:\n"
+        + "  - {name: new-year, cron: '0 3 1 1 *', workflow: settlement, input: {}}\n"
+    )
+    data = world["db"].parent
+    data.mkdir(parents=True)
+    two_years_ago = time.time() - 2 * 366 * 86_400
+    (data / "schedules.json").write_text(
+        json.dumps({"version": 1, "last_fired": {"new-year": two_years_ago}})
+    )
+    proc = start(world)
+    try:
+        ready = wait_for(world["notify"], "READY=1")
+        assert "caught up 1 schedule(s)" in ready
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0, world["log"].read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    conn = apsw.Connection(str(world["db"]))
+    runs = conn.execute(
+        "SELECT status FROM workflow_runs WHERE workflow_type = 'settlement'"
+    ).fetchall()
+    conn.close()
+    assert runs == [("COMPLETED",)]
+    fired = json.loads((data / "schedules.json").read_text())["last_fired"]["new-year"]
+    assert fired > two_years_ago  # recorded: a restart now would not fire it again
