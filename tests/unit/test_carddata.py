@@ -19,7 +19,7 @@ import stat
 import threading
 
 import pytest
-from carddata_scan import Finding, card_secrets, describe, scan, sqlite_files
+from carddata_scan import Finding, card_secrets, database_secrets, describe, scan, sqlite_files
 from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
@@ -806,3 +806,15 @@ def test_scan__a_sqlite_database_holding_only_protected_cards_is_clean(tmp_path)
     finally:
         conn.close()
     assert findings == [], describe(findings)
+
+
+def test_scan__a_database_scan_finds_a_stored_cvv_but_not_digits_inside_hex(tmp_path):
+    from hwsim.card_reader import make_card
+
+    secrets = database_secrets({"visa": make_card("visa", cvv="9731")})
+    clean = tmp_path / "clean.db"
+    clean.write_bytes(b"run 3fa9731c0d... hash 00ff9731ab, ts 1797310000")
+    assert scan([clean], secrets) == []
+    leaked = tmp_path / "leaked.db"
+    leaked.write_bytes(b'{"amount":100,"cvv":"9731"}')
+    assert {f.secret for f in scan([leaked], secrets)} == {"visa cvv", "cvv field"}
