@@ -61,7 +61,7 @@ def database_secrets(cards: Mapping[str, CardRead]) -> dict[str, str]:
     """What a scan of a *database* looks for, per card: the PAN (in every form ``scan``
     knows) and, for the CVV, a stored value (``"9731"``, as JSON writes it) or a field
     named ``cvv``. A bare 3- or 4-digit CVV turns up by chance in the random hex of run
-    ids, hashes and ciphertext (about one run in ten for a 4-digit one), so scanning
+    ids, hashes and ciphertext (it made a suite run fail here), so scanning
     for it in a database is a coin toss, not a test; logs are scanned for it bare."""
     found: dict[str, str] = {"cvv field": "cvv"}
     for name, card in cards.items():
