@@ -451,12 +451,8 @@ class SqliteStore(RowReads):
             gone = self._q("outbox_through", {"seq": seq}).fetchone() or (0, 0)
             guards: list[Guard] = []
             if release is not None and gone[0]:
-                found = self._q("outbox_after", {"after_seq": 0, "limit": int(gone[0])})
-                cols = [d[0] for d in found.get_description()]
-                acked = [
-                    rowmap.outbox_from_row(dict(zip(cols, row, strict=True)), _loads)
-                    for row in found
-                ]
+                found = self._rows("outbox_after", {"after_seq": 0, "limit": int(gone[0])})
+                acked = [rowmap.outbox_from_row(r, _loads) for r in found]
                 guards += release([m for m in acked if m.seq is not None and m.seq <= seq])
             self._q("ack_outbox", {"seq": seq})
             deleted = int(conn.changes())
@@ -483,13 +479,9 @@ class SqliteStore(RowReads):
         counters_before: float | None = None,
     ) -> Compaction:
         def q(name: str, params: Mapping[str, Any]) -> tuple[list[dict[str, Any]], int]:
-            cur = self._q(name, params)
-            try:
-                cols = [d[0] for d in cur.get_description()]
-                found = [dict(zip(cols, row, strict=True)) for row in cur]
-            except apsw.ExecutionCompleteError:
-                found = []
-            return found, int(self._conn.changes())
+            # Inside the transaction below (the lock is reentrant); changes() counts the
+            # rows a DELETE removed, which is all compact_in reads it for.
+            return self._rows(name, params), int(self._conn.changes())
 
         with self._tx("compact"):
             return compact_in(
