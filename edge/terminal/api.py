@@ -15,19 +15,16 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import socketserver
-import threading
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from edge.engine import RunRecord, Status
 from edge.errors import InputError, InvalidRunState, NotFound, StorageFull, TillflowError
+from edge.terminal.httpserver import UnixHttpServer
 from edge.terminal.runtime import Terminal
+from edge.terminal.views import run_view
 
 log = logging.getLogger(__name__)
 
@@ -60,88 +57,67 @@ class ApiError(Exception):
         self.status, self.code, self.message, self.field = status, code, message, field
 
 
-def run_view(run: RunRecord) -> dict[str, Any]:
-    """What the POS app sees of a run: no card data beyond the masked PAN."""
-    state = run.state
-    frames = run.cursor.get("frames") or []
-    view: dict[str, Any] = {
-        "run_id": run.run_id,
-        "workflow": run.workflow_type,
-        "status": str(run.status),
-        "decision": state.get("decision"),
-        "reason": state.get("reason"),
-        "channel": state.get("channel"),
-        "auth_code": state.get("auth_code"),
-        "amount_minor": state.get("amount_minor"),
-        "currency": state.get("currency"),
-        "masked_pan": (state.get("card") or {}).get("masked"),
-    }
-    if run.status is Status.WAITING and frames:
-        view["waiting_for"] = frames[-1][0]
-    if run.error and run.status in (Status.FAILED, Status.ROLLED_BACK):
-        view["error"] = {"code": run.error.get("code"), "step": run.error.get("step")}
-    return view
+Route = tuple[str, re.Pattern[str], str]
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: LocalApiServer
-    protocol_version = "HTTP/1.1"
-    routes: ClassVar[list[tuple[str, re.Pattern[str], str]]] = [
+class LocalApi:
+    """The routes, free of HTTP framing: ``handle(method, path, body)`` gives the status
+    and the JSON body. The transport (``edge.terminal.httpserver``) does the I/O."""
+
+    routes: tuple[Route, ...] = (
         ("POST", re.compile(r"^/v1/payments$"), "payment"),
         ("POST", re.compile(r"^/v1/refunds$"), "refund"),
         ("POST", re.compile(r"^/v1/voids$"), "void"),
         ("GET", re.compile(r"^/v1/runs/(?P<run_id>[A-Za-z0-9_-]{1,64})$"), "get_run"),
         ("POST", re.compile(r"^/v1/runs/(?P<run_id>[A-Za-z0-9_-]{1,64})/input$"), "input"),
         ("GET", re.compile(r"^/v1/health$"), "health"),
-    ]
+    )
 
-    def do_GET(self) -> None:
-        self._dispatch("GET")
+    def __init__(self, terminal: Terminal) -> None:
+        self.terminal = terminal
 
-    def do_POST(self) -> None:
-        self._dispatch("POST")
-
-    def _dispatch(self, method: str) -> None:
+    def handle(self, method: str, path: str, body: bytes) -> tuple[int, dict[str, Any]]:
+        """One request: ``path`` without its query string. Never raises for bad input."""
         try:
             for verb, pattern, name in self.routes:
-                m = pattern.match(self.path)
+                m = pattern.match(path)
                 if m:
                     if verb != method:
                         raise ApiError(405, "method_not_allowed", f"{method} is not allowed here")
-                    status, body = getattr(self, f"_{name}")(**m.groupdict())
-                    self._send(status, body)
-                    return
-            raise ApiError(404, "not_found", f"no route {self.path}")
+                    result: tuple[int, dict[str, Any]] = getattr(self, f"_{name}")(
+                        body, **m.groupdict()
+                    )
+                    return result
+            raise ApiError(404, "not_found", f"no route {path}")
         except ApiError as exc:
             err = {"code": exc.code, "message": exc.message}
             if exc.field:
                 err["field"] = exc.field
-            self._send(exc.status, {"error": err})
+            return exc.status, {"error": err}
         except StorageFull as exc:
             # Nothing of this request committed past the last step that fit; the same
             # idempotency key, once there is room, continues or returns the same run.
-            self.server.terminal.last_error = f"{exc.code}: {exc.message}"
-            log.warning(
-                "%s %s refused: %s", method, self.path, exc.message, extra={"action": exc.code}
-            )
+            self.terminal.last_error = f"{exc.code}: {exc.message}"
+            log.warning("%s %s refused: %s", method, path, exc.message, extra={"action": exc.code})
             message = f"{exc.message}; retry with the same idempotency key once there is room"
-            self._send(507, {"error": {"code": exc.code, "message": message}})
+            return 507, {"error": {"code": exc.code, "message": message}}
         except TillflowError as exc:
-            self.server.terminal.last_error = f"{exc.code}: {exc.message}"
+            self.terminal.last_error = f"{exc.code}: {exc.message}"
             status = 503 if getattr(exc, "retryable", False) else 500
-            self._send(status, {"error": {"code": exc.code, "message": exc.message}})
+            return status, {"error": {"code": exc.code, "message": exc.message}}
 
-    def _body(self, model: type[_Request]) -> Any:
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_BODY_BYTES:
-            raise ApiError(413, "body_too_large", f"request body over {MAX_BODY_BYTES} bytes")
-        raw = self.rfile.read(length) if length else b""
+    @staticmethod
+    def _json_object(raw: bytes) -> dict[str, Any]:
         try:
             data = json.loads(raw or b"null")
         except json.JSONDecodeError as exc:
             raise ApiError(400, "malformed_json", f"body is not JSON: {exc.msg}") from exc
         if not isinstance(data, dict):
             raise ApiError(400, "malformed_request", "body must be a JSON object")
+        return data
+
+    def _parse(self, raw: bytes, model: type[_Request]) -> Any:
+        data = self._json_object(raw)
         try:
             return model.model_validate(data)
         except ValidationError as exc:
@@ -153,39 +129,33 @@ class _Handler(BaseHTTPRequestHandler):
             raise ApiError(422, code, f"{field}: {first['msg']}", field) from exc
 
     def _start(self, workflow: str, req: _Request, key: str) -> tuple[int, dict[str, Any]]:
-        engine = self.server.terminal.engine
+        engine = self.terminal.engine
         data = req.model_dump(exclude={"idempotency_key"}, exclude_none=True)
         # The same key answers with the run it started, whatever the body says now.
         run_id = engine.start(workflow, data, idempotency_key=f"pos:{workflow}:{key}")
         return 200, run_view(engine.get(run_id))
 
-    def _payment(self) -> tuple[int, dict[str, Any]]:
-        req = self._body(PaymentRequest)
+    def _payment(self, body: bytes) -> tuple[int, dict[str, Any]]:
+        req = self._parse(body, PaymentRequest)
         return self._start("payment", req, req.idempotency_key)
 
-    def _refund(self) -> tuple[int, dict[str, Any]]:
-        req = self._body(RefundRequest)
+    def _refund(self, body: bytes) -> tuple[int, dict[str, Any]]:
+        req = self._parse(body, RefundRequest)
         return self._start("refund", req, req.idempotency_key)
 
-    def _void(self) -> tuple[int, dict[str, Any]]:
-        req = self._body(VoidRequest)
+    def _void(self, body: bytes) -> tuple[int, dict[str, Any]]:
+        req = self._parse(body, VoidRequest)
         return self._start("void", req, req.idempotency_key)
 
-    def _get_run(self, run_id: str) -> tuple[int, dict[str, Any]]:
+    def _get_run(self, body: bytes, run_id: str) -> tuple[int, dict[str, Any]]:
         try:
-            return 200, run_view(self.server.terminal.engine.get(run_id))
+            return 200, run_view(self.terminal.engine.get(run_id))
         except NotFound as exc:
             raise ApiError(404, "run_not_found", exc.message) from exc
 
-    def _input(self, run_id: str) -> tuple[int, dict[str, Any]]:
-        length = int(self.headers.get("Content-Length") or 0)
-        try:
-            data = json.loads(self.rfile.read(length) or b"{}") if length else {}
-        except json.JSONDecodeError as exc:
-            raise ApiError(400, "malformed_json", f"body is not JSON: {exc.msg}") from exc
-        if not isinstance(data, dict):
-            raise ApiError(400, "malformed_request", "body must be a JSON object")
-        engine = self.server.terminal.engine
+    def _input(self, body: bytes, run_id: str) -> tuple[int, dict[str, Any]]:
+        data = self._json_object(body) if body else {}
+        engine = self.terminal.engine
         try:
             engine.resume(run_id, data)
         except NotFound as exc:
@@ -196,44 +166,13 @@ class _Handler(BaseHTTPRequestHandler):
             raise ApiError(422, "invalid_input", exc.message) from exc
         return 200, run_view(engine.get(run_id))
 
-    def _health(self) -> tuple[int, dict[str, Any]]:
-        return 200, self.server.terminal.health()
-
-    def _send(self, status: int, body: dict[str, Any]) -> None:
-        payload = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("api: " + format, *args, extra={"action": "api_request"})
+    def _health(self, body: bytes) -> tuple[int, dict[str, Any]]:
+        return 200, self.terminal.health()
 
 
-class LocalApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    # Graceful stop: server_close() waits for requests in flight to finish their step.
-    daemon_threads = False
-    block_on_close = True
-    allow_reuse_address = True
+class LocalApiServer(UnixHttpServer):
+    """The local API on its Unix socket: ``LocalApiServer(path, terminal).start()``."""
 
     def __init__(self, path: Path, terminal: Terminal) -> None:
         self.terminal = terminal
-        self.socket_path = Path(path)
-        self.socket_path.parent.mkdir(parents=True, exist_ok=True)
-        if self.socket_path.exists():  # a stale socket from a crash
-            self.socket_path.unlink()
-        super().__init__(str(self.socket_path), _Handler)
-        os.chmod(self.socket_path, 0o660)  # the POS app's user is in our group
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> LocalApiServer:
-        self._thread = threading.Thread(target=self.serve_forever, name="tillflow-api", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.shutdown()
-        self.server_close()
-        if self.socket_path.exists():
-            self.socket_path.unlink()
+        super().__init__(path, LocalApi(terminal).handle)
