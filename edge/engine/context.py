@@ -32,6 +32,13 @@ class StepContext:
     index: int | None = None
     #: For a compensation: what the compensated step returned.
     output: Any = None
+    #: No retry follows if this attempt fails (its policy's last, or not retryable): a
+    #: step whose effect's outcome is unknown can record that instead of failing.
+    last_attempt: bool = True
+    #: This attempt may already have run in a process that died before committing it
+    #: (the run was taken over from a dead or expired holder): an external effect may
+    #: have happened even if this incarnation sees "not sent".
+    replay: bool = False
     #: What the runtime hands to steps (ports to hardware, policy, keys): Engine(services=...).
     services: Mapping[str, Any] = field(default_factory=dict, repr=False)
     _emitted: list[OutboxMessage] = field(default_factory=list, repr=False)

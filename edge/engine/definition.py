@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator
 
 #: A jump target that ends the current sequence (the workflow, or one loop iteration).
 END = "END"
@@ -20,14 +20,34 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
+#: ``max_attempts: forever``: retry until the step succeeds (the backoff still grows to
+#: ``max_backoff_s``). For an effect that must never be given up on, such as a reversal
+#: that releases a customer's money: the run waits, durably, across restarts.
+FOREVER: Literal["forever"] = "forever"
+
+
+def _max_attempts(value: object) -> int | Literal["forever"]:
+    """One clear error for either spelling (a union would report one per branch)."""
+    if value == FOREVER:
+        return FOREVER
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 100:
+        return value
+    raise ValueError(f"must be greater than or equal to 1 and at most 100, or '{FOREVER}'")
+
+
 class RetryPolicy(_Strict):
     """How often a step is tried and how long to wait between tries (durably)."""
 
-    max_attempts: int = Field(1, ge=1, le=100)
+    max_attempts: Annotated[int | Literal["forever"], PlainValidator(_max_attempts)] = 1
     initial_backoff_s: float = Field(1.0, ge=0)
     max_backoff_s: float = Field(300.0, ge=0)
     multiplier: float = Field(2.0, ge=1.0)
     jitter: float = Field(0.1, ge=0, le=1.0)
+
+    def allows_retry_after(self, attempt: int) -> bool:
+        """Whether failed ``attempt`` (1-based) may be tried again."""
+        limit = self.max_attempts
+        return limit == FOREVER or (isinstance(limit, int) and attempt < limit)
 
 
 class _Step(_Strict):
@@ -42,6 +62,12 @@ class ActionStep(_Step):
     retry: RetryPolicy = RetryPolicy()
     timeout_s: float | None = Field(None, gt=0)
     compensate: str | None = None
+    #: Retries of the compensation; when absent, the step's own ``retry``.
+    compensate_retry: RetryPolicy | None = None
+
+    @property
+    def compensation_retry(self) -> RetryPolicy:
+        return self.compensate_retry or self.retry
 
 
 class StandardStep(ActionStep):

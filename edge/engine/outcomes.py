@@ -21,7 +21,11 @@ NO_RETRY = RetryPolicy(max_attempts=1)
 
 def backoff(policy: RetryPolicy, attempt: int, rng: random.Random) -> float:
     """Seconds to wait after failed ``attempt`` (1-based), with +/- jitter."""
-    base = min(policy.max_backoff_s, policy.initial_backoff_s * policy.multiplier ** (attempt - 1))
+    try:
+        grown = policy.initial_backoff_s * policy.multiplier ** (attempt - 1)
+    except OverflowError:  # a long outage under ``max_attempts: forever``: long capped
+        grown = policy.max_backoff_s
+    base = min(policy.max_backoff_s, grown)
     return max(0.0, base * (1 + rng.uniform(-policy.jitter, policy.jitter)))
 
 
@@ -52,7 +56,7 @@ def schedule_retry(
     The run keeps its lease through the backoff (``next_attempt_at + lease_s``): the
     same worker continues on time, and a dead one is detected by ``recover()``.
     """
-    if not (getattr(exc, "retryable", True) and attempt < policy.max_attempts):
+    if not (getattr(exc, "retryable", True) and policy.allows_retry_after(attempt)):
         return False
     run = c.run
     err = error_dict(exc)

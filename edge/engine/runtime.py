@@ -113,6 +113,9 @@ class Engine:
         self._refusals: dict[str, int] = {}
         #: Runs a thread of this engine is advancing right now: one thread per run.
         self._driving: set[str] = set()
+        #: Runs taken over from a holder that died or let its lease expire, until their
+        #: next commit: the attempt in flight may have run there (``StepContext.replay``).
+        self._taken_over: set[str] = set()
         self._heartbeat = Heartbeat(store, self.owner, self.clock, lease_s)
         self._lock = threading.Lock()
 
@@ -138,7 +141,9 @@ class Engine:
         run_id, created = self.store.start(commit)
         if created:
             log.info(
-                "run started",
+                "run %s started (%s)",
+                run_id,
+                workflow_type,
                 extra={"action": "run_started", "run_id": run_id, "workflow": workflow_type},
             )
             self._remember(run)
@@ -263,7 +268,14 @@ class Engine:
         waiting = run.status is Status.WAITING
         if waiting and (run.next_attempt_at is None or run.next_attempt_at > now):
             return None  # nothing to do until input, a child, or the timeout
-        return self.store.claim(run_id, run.revision, self.owner, now + self.lease_s)
+        return self._claim(run, now)
+
+    def _claim(self, run: RunRecord, now: float) -> RunRecord | None:
+        """Claim a run nobody live holds; remember a takeover from another holder."""
+        claimed = self.store.claim(run.run_id, run.revision, self.owner, now + self.lease_s)
+        if claimed is not None and run.lease_owner not in (None, self.owner):
+            self._taken_over.add(run.run_id)
+        return claimed
 
     def draft(self, run: RunRecord) -> Commit:
         """A Commit that replaces ``run`` at its next revision, still leased to us."""
@@ -287,6 +299,7 @@ class Engine:
         except BaseException:
             self._forget(c.run.run_id)
             raise
+        self._taken_over.discard(c.run.run_id)
         self._remember(c.run)
         for child in c.new_runs:
             self.executor.submit(child.run_id)
@@ -316,6 +329,7 @@ class Engine:
         if isinstance(step, SubWorkflowStep) and not run.cursor.get("child"):
             return self.commit(waits.spawn_child(self, c, wf, step, path, attempt, now))
         item, index = self.registry.navigator(wf).item_at(frames, run.state, run.input)
+        policy = step.retry if isinstance(step, ActionStep) else NO_RETRY
         ctx = StepContext(
             run_id=run.run_id,
             step=path,
@@ -325,6 +339,8 @@ class Engine:
             input=run.input,
             item=item,
             index=index,
+            last_attempt=not policy.allows_retry_after(attempt),
+            replay=run.run_id in self._taken_over,
             services=self.services,
         )
         functions = [getattr(step, "function", None)] + [
@@ -341,7 +357,6 @@ class Engine:
             end = self.clock.now()
             if isinstance(step, SubWorkflowStep):
                 c.run.cursor.pop("child", None)
-            policy = step.retry if isinstance(step, ActionStep) else NO_RETRY
             if not outcomes.schedule_retry(
                 c, "step", step.name, path, attempt, policy, exc, now, end, self.rng, self.lease_s
             ):
@@ -565,22 +580,23 @@ class Engine:
                 continue
             if waiting and run.cursor.get("child"):
                 continue  # waits on its child, which recovers on its own
-            claimed = (
-                run
-                if run.lease_owner == self.owner
-                else self.store.claim(run.run_id, run.revision, self.owner, now + self.lease_s)
-            )
+            taken_over = run.lease_owner not in (None, self.owner)
+            claimed = run if run.lease_owner == self.owner else self._claim(run, now)
             if claimed is None:
                 continue
             self._forget(run.run_id)
             picked.append(run.run_id)
+            if taken_over:
+                log.info(
+                    "recovered run %s from %s (%s)",
+                    run.run_id,
+                    run.lease_owner,
+                    run.status,
+                    extra={"action": "recovered", "run_id": run.run_id},
+                )
+            else:  # our own retry whose backoff ended, a WAIT timeout, an unclaimed run
+                log.debug("resuming run %s", run.run_id, extra={"action": "resume_due"})
             self.executor.submit(run.run_id, claimed.next_attempt_at)
-        if picked:  # the daemon calls this every second: quiet when there is nothing
-            log.info(
-                "recovered %d run(s)",
-                len(picked),
-                extra={"action": "recover", "count": len(picked)},
-            )
         return picked
 
     def _get(self, run_id: str) -> RunRecord:

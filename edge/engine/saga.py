@@ -46,6 +46,7 @@ def compensate_next(engine: Engine, wf: Workflow, run: RunRecord) -> RunRecord:
     step = wf.steps[row.step_name]
     assert isinstance(step, ActionStep) and step.compensate
     attempt = int(run.cursor.get("attempt", 1))
+    policy = step.compensation_retry
     ctx = StepContext(
         run_id=run.run_id,
         step=row.step,
@@ -54,6 +55,8 @@ def compensate_next(engine: Engine, wf: Workflow, run: RunRecord) -> RunRecord:
         clock=engine.clock,
         input=run.input,
         output=row.output,
+        last_attempt=not policy.allows_retry_after(attempt),
+        replay=run.run_id in engine._taken_over,
         services=engine.services,
     )
     fn = wf.functions[step.compensate]
@@ -70,7 +73,7 @@ def compensate_next(engine: Engine, wf: Workflow, run: RunRecord) -> RunRecord:
             row.step_name,
             row.step,
             attempt,
-            step.retry,
+            policy,
             exc,
             now,
             end,

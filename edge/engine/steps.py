@@ -156,6 +156,8 @@ def run_parallel(
             input=ctx.input,
             item=ctx.item,
             index=ctx.index,
+            last_attempt=ctx.last_attempt,
+            replay=ctx.replay,
         )
 
     contexts = {t.name: task_ctx(t.name) for t in step.tasks}

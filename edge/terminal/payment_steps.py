@@ -20,9 +20,18 @@ from edge.engine.context import idempotency_key
 from edge.errors import StepError
 from edge.terminal import risk
 from edge.terminal.carddata import Sensitive, luhn_valid
-from edge.terminal.ports import AcquirerUnavailable, AuthRequest, PaperOut
+from edge.terminal.ports import AcquirerError, AcquirerUnavailable, AuthRequest, PaperOut
 
 State = dict[str, Any]
+
+#: Decline reason: the acquirer could not be reached (nothing sent, and the offline
+#: limits did not allow the sale; or a possible authorisation was reversed).
+ACQUIRER_UNREACHABLE = "acquirer_unreachable"
+#: Reason while an authorisation of unknown outcome is being reversed.
+REVERSAL_PENDING = "reversal_pending"
+#: Step error codes of a failed authorisation attempt (kept in its retry record).
+NOT_SENT = "authorization_not_sent"
+OUTCOME_UNKNOWN = "authorization_outcome_unknown"
 
 
 def _declined(reason: str, **more: Any) -> State:
@@ -92,10 +101,42 @@ def authorization_key(ctx: StepContext) -> str:
     """One key for every attempt of this authorisation: a retry after a timeout may follow
     a request that did reach the acquirer, and must be recognised as the same payment
     (a new key per attempt could charge the card twice)."""
-    return idempotency_key(ctx.run_id, ctx.step, 1)
+    return idempotency_key(ctx.run_id, "authorize_online", 1)
+
+
+class AuthorizationNotSent(StepError):
+    """This attempt sent nothing: the link was down or no connection was made."""
+
+    code = NOT_SENT
+
+
+class AuthorizationUnanswered(StepError):
+    """The request may have reached the acquirer and been approved: no answer came back
+    (a timeout, a lost connection), or this attempt replays one that died unanswered."""
+
+    code = OUTCOME_UNKNOWN
+
+
+def _nothing_ever_sent(ctx: StepContext, failure: AcquirerUnavailable) -> bool:
+    """True only when no attempt of this authorisation can have reached the acquirer:
+    this one sent nothing, it is no replay of an attempt that died in flight, and every
+    earlier attempt failed as "not sent" (their durable retry records say so)."""
+    if failure.outcome_unknown or ctx.replay:
+        return False
+    earlier = [
+        r
+        for r in ctx.services["store"].step_history(ctx.run_id)
+        if r.kind == "step" and r.step == ctx.step and r.status == "RETRYING"
+    ]
+    return all((r.error or {}).get("code") == NOT_SENT for r in earlier)
 
 
 def authorize_online(state: State, ctx: StepContext) -> State:
+    """Authorise under one key for all attempts. When the acquirer cannot be reached and
+    no attempt is left, nothing is thrown away: if nothing was ever sent the sale is
+    decided offline, within the limits (``approve_offline``); if a request may have
+    arrived the outcome is ``unknown``: recorded for the cloud in this commit, and the
+    run goes on to reverse it (``reverse_unknown``), never a bare failure."""
     s, card = ctx.services, state["card"]
     pan = s["data_key"].decrypt_pan(card["pan_token"])
     key = authorization_key(ctx)
@@ -110,7 +151,19 @@ def authorize_online(state: State, ctx: StepContext) -> State:
     try:
         answer = s["acquirer"].authorize(req)
     except AcquirerUnavailable as exc:
-        raise StepError(f"acquirer unavailable: {exc.message}") from exc
+        not_sent = _nothing_ever_sent(ctx, exc)
+        if not ctx.last_attempt:
+            kind = AuthorizationNotSent if not_sent else AuthorizationUnanswered
+            raise kind(f"acquirer unavailable: {exc.message}") from exc
+        if not_sent:
+            return {"channel": "offline", "online_failed": ACQUIRER_UNREACHABLE}
+        return _outcome_unknown(state, ctx, key, exc.message)
+    except AcquirerError as exc:
+        if exc.retryable and not ctx.last_attempt:
+            raise StepError(f"acquirer error: {exc.message}") from exc
+        # An error status after the request arrived (a 5xx, a broken body): the acquirer
+        # may have approved before failing. Reversing an unknown key is harmless.
+        return _outcome_unknown(state, ctx, key, exc.message)
     if not answer.approved:
         return _declined("acquirer", acquirer_reason=answer.reason)
     return {
@@ -121,27 +174,72 @@ def authorize_online(state: State, ctx: StepContext) -> State:
     }
 
 
+def _outcome_unknown(state: State, ctx: StepContext, key: str, why: str) -> State:
+    """The authorisation may have been approved: tell the cloud now (in this commit),
+    then ``reverse_unknown`` releases it, however long the acquirer stays away."""
+    card = state.get("card") or {}
+    ctx.emit(
+        "payment",
+        {
+            "device_id": ctx.services["device_id"],
+            "run_id": ctx.run_id,
+            "amount_minor": state["amount_minor"],
+            "currency": state["currency"],
+            "decision": "unknown",
+            "reason": REVERSAL_PENDING,
+            "channel": "online",
+            "offline": False,
+            "auth_key": key,
+            "masked_pan": card.get("masked"),
+        },
+    )
+    return {
+        "decision": "unknown",
+        "reason": REVERSAL_PENDING,
+        "acquirer_reason": why,
+        "auth_key": key,
+    }
+
+
+def _reverse(ctx: StepContext, key: str) -> Any:
+    """Reverse under ``key``; every failure is worth retrying (the step retries forever):
+    money the customer may be charged is never given up on."""
+    try:
+        return ctx.services["acquirer"].reverse(key, ctx.idempotency_key)
+    except (AcquirerUnavailable, AcquirerError) as exc:
+        raise StepError(f"reversal not done yet: {exc.message}", retryable=True) from exc
+
+
+def reverse_unknown(state: State, ctx: StepContext) -> State:
+    """Release an authorisation whose outcome is unknown, retried (durably, across
+    restarts) until the acquirer answers. Then the sale is declined: the customer keeps
+    their money, and ``record`` tells the cloud how it ended."""
+    answer = _reverse(ctx, state["auth_key"])
+    return {
+        "decision": "declined",
+        "reason": ACQUIRER_UNREACHABLE,
+        "reversed": bool(answer.approved),
+        "reversal_reason": answer.reason,  # e.g. never_seen: nothing had arrived
+    }
+
+
 def reverse_online(state: State, ctx: StepContext) -> State:
+    """Compensation of an approved authorisation (a later step failed for good): retried
+    until the acquirer answers (``compensate_retry: forever``)."""
     if state.get("decision") != "approved" or "auth_key" not in state:
         return {}
-    answer = ctx.services["acquirer"].reverse(state["auth_key"], ctx.idempotency_key)
+    answer = _reverse(ctx, state["auth_key"])
     _record_reversal(state, ctx, "online")
     return {"reversed": bool(answer.approved), "decision": "reversed"}
 
 
 def reverse_unanswered(state: State, ctx: StepContext) -> State:
-    """Compensation of ``screen``: an online authorisation that never got its answer
-    (the step failed for good: link down, or an answer lost to a crash or a timeout
-    before the retries ran out) may still have been approved by the acquirer. Reverse
-    it under its key: harmless for a key the acquirer never saw (it also refuses that
-    key later), and the only thing that releases the customer's money if it did."""
+    """Compensation of ``screen`` in payment version 1 only (runs started before an
+    upgrade finish on it): reverse an authorisation that never got its answer."""
     if state.get("channel") != "online" or "auth_key" in state:
-        return {}  # offline, or answered (an approval is reverse_online's to undo)
+        return {}
     key = idempotency_key(ctx.run_id, "authorize_online", 1)  # authorization_key's
-    try:
-        answer = ctx.services["acquirer"].reverse(key, ctx.idempotency_key)
-    except AcquirerUnavailable as exc:
-        raise StepError(f"acquirer unavailable for the reversal: {exc.message}") from exc
+    answer = _reverse(ctx, key)
     _record_reversal(state, ctx, "online")
     return {"reversed": bool(answer.approved), "decision": "reversed", "auth_key": key}
 
@@ -182,7 +280,10 @@ def approve_offline(state: State, ctx: StepContext) -> State:
         oldest_unsent=store.outbox_stats().oldest,
     )
     if not decision.approved:
-        return _declined(decision.reason or "offline_limit")
+        reason = decision.reason or "offline_limit"
+        if state.get("online_failed"):  # it wanted online: say why it could not be
+            return _declined(str(state["online_failed"]), offline_reason=reason)
+        return _declined(reason)
     risk.apply_guards(
         ctx, limits, amount_minor=state["amount_minor"], pan_hash=card["pan_hash"], now=now
     )
@@ -231,6 +332,8 @@ def record(state: State, ctx: StepContext) -> State:
             "auth_code": state.get("auth_code"),
             "masked_pan": card.get("masked"),
             "pan_token": card.get("pan_token"),
+            # An authorisation of unknown outcome that was reversed (reverse_unknown).
+            "reversed": state.get("reversed"),
         },
     )
     return {"recorded": True, "device_id": ctx.services["device_id"]}

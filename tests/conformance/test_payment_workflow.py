@@ -18,6 +18,7 @@ from hwsim.printer import SimPrinter
 import edge.terminal
 from edge.engine import Engine, FakeClock, InlineExecutor, Status
 from edge.engine.loader import load_file
+from edge.engine.runtime import DEFAULT_LEASE_S
 from edge.terminal.acquirer_http import HttpAcquirer
 from edge.terminal.carddata import DataKey
 from edge.terminal.config import RiskLimits
@@ -177,47 +178,157 @@ def test_payment__declined_when_the_outbox_is_full(terminal):
     assert (full.state["decision"], full.state["reason"]) == ("declined", "outbox_full")
 
 
-def test_payment__an_authorisation_whose_answer_was_lost_is_reversed_when_the_run_gives_up(
-    terminal, acquirer
-):
+class LosesTheAnswerThenTheLink:
     """The first request reaches the acquirer (approved) but its answer is lost -- a
     timeout, or the daemon killed before it read the answer -- and the link then stays
-    down through every retry. The run gives up; the authorisation it may have left at
-    the acquirer must be reversed, or the customer is charged for a failed payment.
-    (Found by the kill -9 torture, hwsim.killtorture: the acquirer's lost reply.)"""
-    from edge.terminal.ports import AcquirerUnavailable
+    down for ``outage_s`` of virtual time: every later attempt is "not sent"."""
 
-    class LosesTheAnswerThenTheLink:
-        calls = 0
+    def __init__(self, terminal: Terminal, outage_s: float) -> None:
+        self.t, self.outage_s = terminal, outage_s
+        self.calls = self.reversals_tried = 0
+        self.down_since: float | None = None
+        self.seen_while_pending: list[dict[str, Any]] = []
 
+    def _link(self) -> None:
+        if self.down_since is not None and self.t.clock.now() - self.down_since >= self.outage_s:
+            self.t.link.up()
+
+    def authorize(self, req):
+        from edge.terminal.ports import AcquirerUnavailable
+
+        self.calls += 1
+        if self.calls == 1:
+            self.t.http.authorize(req)  # approved and recorded at the acquirer...
+            self.t.link.down()  # ...and the answer never comes back
+            self.down_since = self.t.clock.now()
+            raise AcquirerUnavailable("connection lost", outcome_unknown=True)
+        self._link()
+        return self.t.http.authorize(req)  # link down: not sent
+
+    def reverse(self, original_key, key):
+        from edge.terminal.views import run_view
+
+        self.reversals_tried += 1
+        [run] = self.t.engine.list_runs()
+        self.seen_while_pending.append(run_view(run))  # what the POS is told meanwhile
+        self._link()
+        return self.t.http.reverse(original_key, key)
+
+
+def test_payment__a_lost_answer_then_a_long_outage_is_reversed_when_the_link_returns(
+    terminal, acquirer
+):
+    """Issue 10: the customer was charged, the retries ran out with the link down, the
+    reversal failed five times and the run ended FAILED with nothing in the outbox. Now
+    the unknown outcome is recorded for the cloud at once, the reversal is retried for as
+    long as the outage lasts (an hour here), and the POS is told the truth meanwhile."""
+    flaky = LosesTheAnswerThenTheLink(terminal, outage_s=3600)
+    terminal.engine.services["acquirer"] = flaky
+    run = terminal.pay(2_500)
+    assert run.status is Status.COMPLETED
+    assert (run.state["decision"], run.state["reason"]) == ("declined", "acquirer_unreachable")
+    assert run.state["reversed"] is True
+    assert flaky.reversals_tried > 10  # many more than the five it used to give up after
+    assert len(acquirer.effects("authorize")) == 1 and len(acquirer.effects("reverse")) == 1
+    assert acquirer.net_minor("EUR") == 0  # not charged for a payment that failed
+    pending = flaky.seen_while_pending[0]
+    assert (pending["status"], pending["decision"], pending["reason"]) == (
+        "RUNNING", "unknown", "reversal_pending",
+    )  # fmt: skip
+    assert "releasing it automatically" in pending["customer_message"]
+    unknown, final = terminal.store.outbox()  # the cloud heard of it before the reversal
+    assert (unknown.payload["decision"], unknown.payload["reason"]) == (
+        "unknown", "reversal_pending",
+    )  # fmt: skip
+    assert unknown.payload["auth_key"] == run.state["auth_key"]
+    assert (final.payload["decision"], final.payload["reversed"]) == ("declined", True)
+
+
+def test_payment__a_pending_reversal_survives_a_restart_and_completes_on_the_next_engine(
+    terminal, acquirer, store, tmp_path
+):
+    """The daemon's executor leaves a sleeping retry in the database; another process
+    (a new Engine with another owner) picks the reversal up once it is due."""
+    flaky = LosesTheAnswerThenTheLink(terminal, outage_s=float("inf"))
+    services = {**terminal.engine.services, "acquirer": flaky}
+    first = Engine(store, InlineExecutor(sleep=False), clock=terminal.clock, services=services)
+    first.register(load_file(WORKFLOW))
+    terminal.reader.insert(make_card("visa"))
+    run_id = first.start("payment", {"amount_minor": 2_500, "currency": "EUR"})
+    for _ in range(3):  # the daemon's loop: retries are picked up when due
+        terminal.clock.advance(10)
+        first.recover()
+    run = first.get(run_id)
+    assert run.status is Status.RUNNING and run.state["decision"] == "unknown"
+    assert run.cursor["frames"][-1][0] == "reverse_unknown" and run.next_attempt_at
+    first.close()  # the process is gone; its retry is durable
+    terminal.link.up()
+    terminal.clock.advance(3600)
+    second = Engine(store, InlineExecutor(), clock=terminal.clock, services=services)
+    second.register(load_file(WORKFLOW))
+    assert run_id in second.recover()
+    done = second.get(run_id)
+    assert (done.status, done.state["decision"]) == (Status.COMPLETED, "declined")
+    assert acquirer.net_minor("EUR") == 0
+    second.close()
+
+
+class _Crash(BaseException):
+    """The process dies here: nothing after it commits (not catchable as Exception)."""
+
+
+def test_payment__a_replayed_authorisation_that_sees_the_link_down_is_unknown_not_offline(
+    terminal, acquirer, store
+):
+    """The daemon died after its request reached the acquirer; the process that takes the
+    run over finds the link down. "Not sent" from this incarnation proves nothing about
+    the one that died, so the outcome is unknown and reversed -- never decided offline
+    (which could charge the customer twice)."""
+
+    class SentThenDied:
         def authorize(self, req):
-            self.calls += 1
-            try:
-                if self.calls == 1:
-                    terminal.http.authorize(req)  # approved and recorded at the acquirer...
-                    terminal.link.down()  # ...and the answer never comes back
-                    raise AcquirerUnavailable("connection lost", outcome_unknown=True)
-                return terminal.http.authorize(req)  # link down: not sent
-            finally:
-                if self.calls == 3:
-                    terminal.link.up()  # back after the last attempt
+            terminal.http.authorize(req)  # approved at the acquirer...
+            terminal.link.down()
+            raise _Crash  # ...and the daemon is killed before it reads the answer
 
         def reverse(self, original_key, key):
             return terminal.http.reverse(original_key, key)
 
-    terminal.engine.services["acquirer"] = LosesTheAnswerThenTheLink()
-    run = terminal.pay(2_500)
-    assert run.status is Status.ROLLED_BACK
-    assert len(acquirer.effects("authorize")) == 1  # the lost one
-    assert len(acquirer.effects("reverse")) == 1
-    assert acquirer.net_minor("EUR") == 0  # not charged for a payment that failed
-    [msg] = terminal.store.outbox()  # the cloud hears of the reversal
-    assert (msg.payload["decision"], msg.payload["channel"]) == ("reversed", "online")
+    services = dict(terminal.engine.services)
+    dying = Engine(
+        store,
+        InlineExecutor(),
+        clock=terminal.clock,
+        services={**services, "acquirer": SentThenDied()},
+    )
+    dying.register(load_file(WORKFLOW))
+    terminal.reader.insert(make_card("visa"))
+    limits = LIMITS.model_copy(update={"online_random_percent": 100})  # online, even if small
+    services["limits"] = dying.services["limits"] = limits  # type: ignore[index]
+    with pytest.raises(_Crash):
+        dying.start("payment", {"amount_minor": 1_000, "currency": "EUR"})
+    terminal.clock.advance(DEFAULT_LEASE_S + 1)  # its lease runs out: the run is taken over
+    heir = Engine(store, InlineExecutor(sleep=False), clock=terminal.clock, services=services)
+    heir.register(load_file(WORKFLOW))
+    [run_id] = heir.recover()
+    for _ in range(3):  # its retries, as the daemon's loop picks them up
+        terminal.clock.advance(10)
+        heir.recover()
+    mid = heir.get(run_id)  # the link is still down: the reversal waits
+    assert mid.state["decision"] == "unknown" and mid.status is Status.RUNNING
+    terminal.link.up()
+    terminal.clock.advance(600)
+    assert heir.recover() == [run_id]
+    done = heir.get(run_id)
+    assert done.state["decision"] == "declined" and done.state.get("offline") is None
+    assert acquirer.net_minor("EUR") == 0 and len(acquirer.effects("reverse")) == 1
+    heir.close()
 
 
-def test_payment__a_payment_that_never_reached_the_acquirer_still_rolls_back(terminal, acquirer):
-    """The same give-up with nothing sent: the reversal is of a key the acquirer never
-    saw (no effect; it also refuses that key from now on), and the run rolls back."""
+def test_payment__nothing_sent_is_decided_offline_within_the_limits(terminal, acquirer):
+    """The link drops between screening and the authorisation (its check is cached): no
+    request leaves the terminal, so the sale is decided offline -- approved within the
+    limits, or declined naming why -- instead of a bare failure."""
 
     class LinkDropsAfterScreening:
         def authorize(self, req):
@@ -225,14 +336,55 @@ def test_payment__a_payment_that_never_reached_the_acquirer_still_rolls_back(ter
             return terminal.http.authorize(req)  # not sent
 
         def reverse(self, original_key, key):
-            terminal.link.up()  # back in time for the reversal
-            return terminal.http.reverse(original_key, key)
+            raise AssertionError("nothing was sent: nothing to reverse")
 
     terminal.engine.services["acquirer"] = LinkDropsAfterScreening()
-    run = terminal.pay(2_500)
-    assert run.status is Status.ROLLED_BACK
+    over_floor = terminal.pay(2_500)
+    assert over_floor.status is Status.COMPLETED
+    assert (over_floor.state["decision"], over_floor.state["reason"]) == (
+        "declined", "acquirer_unreachable",
+    )  # fmt: skip
+    assert over_floor.state["offline_reason"] == "floor_limit"
+    terminal.link.up()
+    terminal.engine.services["limits"] = LIMITS.model_copy(update={"online_random_percent": 100})
+    sampled = terminal.pay(1_000, card="mastercard")  # would have gone online
+    assert (sampled.state["decision"], sampled.state["channel"]) == ("approved", "offline")
     assert acquirer.effects() == []
+    assert [m.payload["decision"] for m in terminal.store.outbox()] == ["declined", "approved"]
+
+
+def test_payment__a_reversal_after_a_jam_is_retried_through_an_outage(terminal, acquirer):
+    """A jammed printer after approval reverses the authorisation (saga); with the link
+    down the compensation waits -- the POS sees reversal_pending -- instead of ending
+    FAILED with the customer charged."""
+    from edge.terminal.views import run_view
+
+    seen: list[dict[str, Any]] = []
+
+    class DownForAWhile:
+        tries = 0
+
+        def authorize(self, req):
+            return terminal.http.authorize(req)
+
+        def reverse(self, original_key, key):
+            self.tries += 1
+            [run] = terminal.engine.list_runs()
+            seen.append(run_view(run))
+            if self.tries == 1:
+                terminal.link.down()
+            if self.tries == 20:
+                terminal.link.up()
+            return terminal.http.reverse(original_key, key)
+
+    terminal.engine.services["acquirer"] = DownForAWhile()
+    terminal.printer.state = "jam"
+    run = terminal.pay(2_500)
+    assert run.status is Status.ROLLED_BACK and run.state["decision"] == "reversed"
     assert acquirer.net_minor("EUR") == 0
+    assert (seen[5]["status"], seen[5]["decision"], seen[5]["reason"]) == (
+        "COMPENSATING", "unknown", "reversal_pending",
+    )  # fmt: skip
 
 
 def test_payment__a_policy_velocity_rule_counts_every_use_of_the_card(terminal):
