@@ -136,3 +136,96 @@ steps:
     assert run.status is Status.CANCELLED
     assert run.state["undone"] == ["reserve"]
     assert len(tf_steps.effects("undo:reserve")) == 1
+
+
+FOREVER = """
+workflow_type: forever
+version: 1
+saga: true
+steps:
+  - name: charge
+    type: STANDARD
+    function: "tf_steps:add"
+    compensate: "tf_steps:undo_flaky"
+    retry: {max_attempts: 1}
+    compensate_retry: {max_attempts: forever, initial_backoff_s: 1, max_backoff_s: 60}
+  - name: release
+    type: STANDARD
+    function: "tf_steps:sees_attempt"
+    retry: {max_attempts: forever, initial_backoff_s: 1, max_backoff_s: 60, jitter: 0}
+  - {name: final, type: STANDARD, function: "tf_steps:fatal"}
+"""
+
+
+def test_retry_forever__a_step_is_retried_until_it_succeeds_with_capped_backoff(
+    engine, register, clock
+):
+    register(FOREVER)
+    tf_steps.KNOBS.update(flaky=150, undo_flaky=0)  # past the 100 a number may say
+    start = clock.now()
+    run = engine.get(engine.start("forever", {}))
+    assert run.state["seen"] == 151
+    seen = [w for w, _ in tf_steps.EFFECTS if w.startswith("sees:")]
+    assert len(seen) == 151 and not any(":True:" in w for w in seen)  # never "last"
+    assert clock.now() - start < 151 * 60 + 1  # the backoff stopped growing at 60 s
+
+
+def test_compensate_retry__a_compensation_keeps_its_own_policy_until_it_is_done(engine, register):
+    register(FOREVER)
+    tf_steps.KNOBS.update(undo_flaky=40)  # the step itself allows one attempt only
+    run = engine.get(engine.start("forever", {}))
+    assert run.status is Status.ROLLED_BACK and run.state["undone"] == ["charge"]
+    assert len(tf_steps.effects("undo_flaky:charge")) == 41
+
+
+def test_last_attempt__a_step_knows_when_no_retry_follows(engine, register):
+    register(RETRY_LAST)
+    tf_steps.KNOBS.update(flaky=5)
+    run = engine.get(engine.start("last", {}))
+    assert run.status is Status.FAILED
+    seen = [w for w, _ in tf_steps.EFFECTS if w.startswith("sees:")]
+    assert seen == ["sees:1:False:False", "sees:2:False:False", "sees:3:True:False"]
+
+
+RETRY_LAST = """
+workflow_type: last
+version: 1
+steps:
+  - name: try
+    type: STANDARD
+    function: "tf_steps:sees_attempt"
+    retry: {max_attempts: 3, initial_backoff_s: 1, jitter: 0}
+"""
+
+DIES = """
+workflow_type: dies
+version: 1
+steps:
+  - {name: effect, type: STANDARD, function: "tf_steps:dies_once"}
+  - {name: after, type: STANDARD, function: "tf_steps:sees_attempt"}
+"""
+
+
+class _ProcessDied(BaseException):
+    """Stands for SIGKILL: nothing after it runs, ``except Exception`` does not see it."""
+
+
+def test_replay__a_run_taken_over_from_a_dead_holder_replays_its_step_with_replay_set(store, clock):
+    """The holder died mid-step (nothing committed); the engine that takes the run over
+    tells the step this attempt may have run before, and only that attempt."""
+    tf_steps.KNOBS["crash"] = _ProcessDied()
+    first = Engine(store, InlineExecutor(), clock=clock, owner="host:1:dead")
+    first.register(load_text(DIES, source="dies.yaml"))
+    with pytest.raises(_ProcessDied):
+        first.start("dies", {})
+    clock.advance(60)  # its lease expires
+    heir = Engine(store, InlineExecutor(), clock=clock, owner="host:2:heir")
+    heir.register(load_text(DIES, source="dies.yaml"))
+    [run_id] = heir.recover()
+    run = heir.get(run_id)
+    assert run.status is Status.COMPLETED and run.state["replayed"] is True
+    assert [w for w, _ in tf_steps.EFFECTS] == [
+        "dies_once:False", "dies_once:True", "sees:1:True:False",
+    ]  # fmt: skip
+    first.close()
+    heir.close()

@@ -146,3 +146,30 @@ def bump_counter(state: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
     """Add one to the counter the input names (a guard without caps)."""
     ctx.guard(str(state["counter"]), count=1)
     return {}
+
+
+def sees_attempt(state: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    """Records (attempt, last_attempt, replay); fails while KNOBS['flaky'] > 0."""
+    EFFECTS.append((f"sees:{ctx.attempt}:{ctx.last_attempt}:{ctx.replay}", ctx.idempotency_key))
+    if KNOBS.get("flaky", 0) > 0:
+        KNOBS["flaky"] -= 1
+        raise StepError("not yet")
+    return {"seen": ctx.attempt}
+
+
+def dies_once(state: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    """The process 'dies' (a BaseException nothing catches) the first time it runs."""
+    EFFECTS.append((f"dies_once:{ctx.replay}", ctx.idempotency_key))
+    if not KNOBS.get("died"):
+        KNOBS["died"] = True
+        raise KNOBS["crash"]
+    return {"replayed": ctx.replay}
+
+
+def undo_flaky(state: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    """A compensation that fails KNOBS['undo_flaky'] times, then undoes."""
+    _effect(f"undo_flaky:{ctx.step}", ctx)
+    if KNOBS.get("undo_flaky", 0) > 0:
+        KNOBS["undo_flaky"] -= 1
+        raise StepError("cannot undo yet")
+    return {"undone": [*state.get("undone", []), ctx.step]}
