@@ -340,51 +340,63 @@ class _Checker:
         for fld in ("function", "compensate"):
             if isinstance(raw.get(fld), str):
                 self._function(raw[fld], (*path, fld), name, fld)
-        if kind == "DECISION":
-            routes = raw.get("routes")
-            for j, route in enumerate(routes if isinstance(routes, list) else []):
-                if not isinstance(route, dict):
-                    continue
-                rpath = (*path, "routes", j)
-                self._expression(route.get("when"), (*rpath, "when"), name, f"routes[{j}].when")
-                self._target(route.get("next"), (*rpath, "next"), name, f"routes[{j}].next", names)
-            self._target(raw.get("default"), (*path, "default"), name, "default", names)
-        elif kind == "LOOP":
-            self._loop(raw, path, name)
-        elif kind == "PARALLEL":
-            tasks = raw.get("tasks")
-            seen: set[str] = set()
-            for j, task in enumerate(tasks if isinstance(tasks, list) else []):
-                if not isinstance(task, dict):
-                    continue
-                if task.get("name") in seen:
-                    self.problem(
-                        (*path, "tasks", j, "name"), name, f"tasks[{j}].name", "duplicate task name"
-                    )
-                seen.add(str(task.get("name")))
-                if isinstance(task.get("function"), str):
-                    self._function(
-                        task["function"],
-                        (*path, "tasks", j, "function"),
-                        name,
-                        f"tasks[{j}].function",
-                    )
-        elif kind == "HTTP":
-            for fld in ("url", "headers", "body"):
-                for msg in check_template(raw.get(fld)):
-                    self.problem((*path, fld), name, fld, msg)
-        elif kind == "WAIT":
-            if isinstance(raw.get("input_schema"), str):
-                self._model(raw["input_schema"], (*path, "input_schema"), name, "input_schema")
-            if raw.get("on_timeout") is not None:
-                self._target(raw["on_timeout"], (*path, "on_timeout"), name, "on_timeout", names)
-                if raw.get("timeout_s") is None:
-                    self.problem((*path, "on_timeout"), name, "on_timeout", "needs timeout_s")
-        elif kind in ("SUB_WORKFLOW", "FIRE_AND_FORGET"):
-            for msg in check_template(raw.get("input")):
-                self.problem((*path, "input"), name, "input", msg)
+        # A missing or unknown type is already one problem (pydantic's); the fields the
+        # step does have are checked as every type would check them, so that fixing the
+        # type reveals nothing new. Each check looks only at fields that are present.
+        checks = _CHECKS_BY_TYPE.get(kind) if isinstance(kind, str) else None
+        for check in _EVERY_CHECK if checks is None else checks:
+            check(self, raw, path, name, names)
 
-    def _loop(self, raw: dict[str, Any], path: Path_, name: str | None) -> None:
+    def _decision(
+        self, raw: dict[str, Any], path: Path_, name: str | None, names: set[Any]
+    ) -> None:
+        routes = raw.get("routes")
+        for j, route in enumerate(routes if isinstance(routes, list) else []):
+            if not isinstance(route, dict):
+                continue
+            rpath = (*path, "routes", j)
+            self._expression(route.get("when"), (*rpath, "when"), name, f"routes[{j}].when")
+            self._target(route.get("next"), (*rpath, "next"), name, f"routes[{j}].next", names)
+        self._target(raw.get("default"), (*path, "default"), name, "default", names)
+
+    def _parallel(
+        self, raw: dict[str, Any], path: Path_, name: str | None, names: set[Any]
+    ) -> None:
+        tasks = raw.get("tasks")
+        seen: set[str] = set()
+        for j, task in enumerate(tasks if isinstance(tasks, list) else []):
+            if not isinstance(task, dict):
+                continue
+            if task.get("name") in seen:
+                self.problem(
+                    (*path, "tasks", j, "name"), name, f"tasks[{j}].name", "duplicate task name"
+                )
+            seen.add(str(task.get("name")))
+            if isinstance(task.get("function"), str):
+                self._function(
+                    task["function"], (*path, "tasks", j, "function"), name, f"tasks[{j}].function"
+                )
+
+    def _http(self, raw: dict[str, Any], path: Path_, name: str | None, names: set[Any]) -> None:
+        for fld in ("url", "headers", "body"):
+            for msg in check_template(raw.get(fld)):
+                self.problem((*path, fld), name, fld, msg)
+
+    def _wait(self, raw: dict[str, Any], path: Path_, name: str | None, names: set[Any]) -> None:
+        if isinstance(raw.get("input_schema"), str):
+            self._model(raw["input_schema"], (*path, "input_schema"), name, "input_schema")
+        if raw.get("on_timeout") is not None:
+            self._target(raw["on_timeout"], (*path, "on_timeout"), name, "on_timeout", names)
+            if raw.get("timeout_s") is None:
+                self.problem((*path, "on_timeout"), name, "on_timeout", "needs timeout_s")
+
+    def _sub_workflow(
+        self, raw: dict[str, Any], path: Path_, name: str | None, names: set[Any]
+    ) -> None:
+        for msg in check_template(raw.get("input")):
+            self.problem((*path, "input"), name, "input", msg)
+
+    def _loop(self, raw: dict[str, Any], path: Path_, name: str | None, names: set[Any]) -> None:
         mode = raw.get("mode")
         if mode == "ITERATE":
             if raw.get("over") is None:
@@ -431,6 +443,21 @@ class _Checker:
             self.problem(path, step, fld, f"'{ipath}' is not a pydantic model class")
             return
         self.models[ipath] = obj
+
+
+_Check = Callable[[_Checker, dict[str, Any], Path_, str | None, set[Any]], None]
+# The checks of each step type beyond those every step gets (next, function, compensate).
+_CHECKS_BY_TYPE: dict[str, tuple[_Check, ...]] = {
+    "STANDARD": (),
+    "DECISION": (_Checker._decision,),
+    "LOOP": (_Checker._loop,),
+    "PARALLEL": (_Checker._parallel,),
+    "HTTP": (_Checker._http,),
+    "WAIT": (_Checker._wait,),
+    "SUB_WORKFLOW": (_Checker._sub_workflow,),
+    "FIRE_AND_FORGET": (_Checker._sub_workflow,),
+}
+_EVERY_CHECK = tuple(dict.fromkeys(c for cs in _CHECKS_BY_TYPE.values() for c in cs))
 
 
 __all__ = ["Workflow", "canonical_json", "load_file", "load_snapshot", "load_text"]

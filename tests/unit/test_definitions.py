@@ -228,6 +228,66 @@ def test_validate__unknown_step_type_points_at_the_type_line_and_lists_the_valid
     )
 
 
+def test_validate__unknown_step_type_does_not_hide_the_bad_jump_targets_of_that_step(tmp_path):
+    text = HEAD + yaml_text("""
+        steps:
+          - name: route
+            type: DECISON
+            next: nowhere
+            routes:
+              - when: state.amount > 0
+                next: recipt
+            default: nowhre
+          - name: hold
+            type: WAT
+            timeout_s: 5
+            on_timeout: gone
+          - name: each
+            type: LOOPP
+            mode: ITERATE
+            over: state.items
+            body:
+              - name: inner
+                type: STANDARD
+                function: edge.examples.steps:validate
+                next: outside
+          - name: receipt
+            type: STANDARD
+            function: edge.examples.steps:validate
+        """)
+    file, problems = load_bad(tmp_path, text)
+    got = {where(p) for p in problems}
+    line = lambda needle: line_of(text, needle)  # noqa: E731
+    assert got == {
+        (file, line("type: DECISON"), "route", "type"),
+        (file, line("next: nowhere"), "route", "next"),
+        (file, line("next: recipt"), "route", "routes[0].next"),
+        (file, line("default: nowhre"), "route", "default"),
+        (file, line("type: WAT"), "hold", "type"),
+        (file, line("on_timeout: gone"), "hold", "on_timeout"),
+        (file, line("type: LOOPP"), "each", "type"),
+        (file, line("next: outside"), "inner", "next"),
+    }, "\n".join(map(str, problems))
+    [recipt] = [p for p in problems if p.field == "routes[0].next"]
+    assert recipt.message.startswith("unknown step 'recipt'; did you mean 'receipt'?")
+
+
+def test_validate__missing_step_type_does_not_hide_a_bad_route_target(tmp_path):
+    text = HEAD + yaml_text("""
+        steps:
+          - name: route
+            routes:
+              - when: state.amount > 0
+                next: nowhere
+            default: END
+        """)
+    file, problems = load_bad(tmp_path, text)
+    assert {where(p) for p in problems} == {
+        (file, line_of(text, "- name: route"), "route", "type"),
+        (file, line_of(text, "next: nowhere"), "route", "routes[0].next"),
+    }
+
+
 def test_validate__bad_value_names_the_line_of_its_key(tmp_path):
     text = HEAD + yaml_text(f"""
         steps:
