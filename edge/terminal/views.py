@@ -3,8 +3,9 @@ masked PAN, and for a run whose outcome is not settled yet, what to tell the cus
 
 A finished sale always carries a decision: ``approved``, ``declined`` (with a
 ``reason``) or ``reversed``. While the acquirer may hold the customer's money and the
-terminal is still releasing it, the decision is ``unknown`` with reason
-``reversal_pending`` and a ``customer_message``; never ``FAILED`` with no decision.
+terminal is still releasing it (or a void's reversal is still being retried), the
+decision is ``unknown`` with reason ``reversal_pending`` and a ``customer_message``;
+never ``FAILED`` with no decision.
 """
 
 from __future__ import annotations
@@ -23,16 +24,32 @@ CUSTOMER_MESSAGE_REVERSAL_PENDING = (
     "or another way."
 )
 
+#: ... and while a void's reversal is retried (its first answer may have been lost).
+CUSTOMER_MESSAGE_VOID_PENDING = (
+    "The void is not confirmed yet: the terminal keeps trying to reach the acquirer. "
+    "Do not void or refund this payment again; the result will show here."
+)
+
 _ENDED_WITHOUT_DECISION = (Status.FAILED, Status.ROLLED_BACK, Status.CANCELLED)
 
 
-def _reversal_pending(run: RunRecord) -> bool:
-    """A payment that may have been authorised and is being reversed: its authorisation
-    had no answer (``decision: unknown``), or a later step failed and the saga is
-    reversing an approval."""
-    if run.workflow_type != "payment" or run.status.terminal:
-        return False
-    return run.state.get("decision") == UNKNOWN or run.status is Status.COMPENSATING
+def _pending_message(run: RunRecord) -> str | None:
+    """What to tell the customer while a reversal is retried, or None.
+
+    A payment: its authorisation had no answer (``decision: unknown``), or a later step
+    failed and the saga is reversing an approval. A void: its reversal is being retried.
+    """
+    if run.status.terminal:
+        return None
+    if run.workflow_type == "payment" and (
+        run.state.get("decision") == UNKNOWN or run.status is Status.COMPENSATING
+    ):
+        return CUSTOMER_MESSAGE_REVERSAL_PENDING
+    frames = run.cursor.get("frames") or []
+    at = frames[-1][0] if frames else None
+    if run.workflow_type == "void" and at == "reverse_payment" and run.next_attempt_at:
+        return CUSTOMER_MESSAGE_VOID_PENDING
+    return None
 
 
 def run_view(run: RunRecord) -> dict[str, Any]:
@@ -51,10 +68,11 @@ def run_view(run: RunRecord) -> dict[str, Any]:
         "currency": state.get("currency"),
         "masked_pan": (state.get("card") or {}).get("masked"),
     }
-    if _reversal_pending(run):
+    pending = _pending_message(run)
+    if pending is not None:
         view["decision"], view["reason"] = UNKNOWN, REVERSAL_PENDING
         view["auth_code"] = None  # not a receipt's approval code while it is released
-        view["customer_message"] = CUSTOMER_MESSAGE_REVERSAL_PENDING
+        view["customer_message"] = pending
     if run.status is Status.WAITING and frames:
         view["waiting_for"] = frames[-1][0]
     if run.error and run.status in _ENDED_WITHOUT_DECISION:

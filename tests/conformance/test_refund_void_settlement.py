@@ -420,6 +420,37 @@ def test_void__a_reversal_whose_answer_was_lost_is_retried_not_declined_when_the
     assert till.void(payment.run_id).state["reason"] == "already_voided"
 
 
+def test_void__a_lost_reversal_then_an_hour_long_outage_still_ends_approved(till, acquirer):
+    """As above, with the link down for an hour: the void's reversal is retried for as
+    long as it takes (it used to give up after three attempts and roll the void back,
+    telling the POS the payment stood while the acquirer had released it)."""
+    from edge.terminal.views import run_view
+
+    payment = till.pay(2_500)
+    seen: list[dict[str, Any]] = []
+
+    class LostReversalLongOutage:
+        calls = 0
+
+        def reverse(self, original_key: str, key: str) -> Any:
+            self.calls += 1
+            if self.calls > 1:
+                [void_run] = [r for r in till.store.list_runs() if r.workflow_type == "void"]
+                seen.append(run_view(void_run))
+            answer = till.http.reverse(original_key, key)
+            if self.calls == 1:
+                elapsed = till.clock.now() - till.link.origin
+                till.link.schedule.append((elapsed, elapsed + 3600.0))
+                raise AcquirerUnavailable("acquirer reverse: timed out", outcome_unknown=True)
+            return answer
+
+    voided = till.void(payment.run_id, till.engine_with(acquirer=LostReversalLongOutage()))
+    assert (voided.status, voided.state["decision"]) == (Status.COMPLETED, "approved")
+    assert len(seen) > 10 and acquirer.net_minor("EUR") == 0
+    assert (seen[0]["decision"], seen[0]["reason"]) == ("unknown", "reversal_pending")
+    assert "Do not void or refund" in seen[0]["customer_message"]
+
+
 def test_refund__not_sent_after_a_request_that_may_have_arrived_is_unknown_not_declined(
     till, acquirer
 ):
