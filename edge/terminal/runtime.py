@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edge.engine import Clock, Engine, InlineExecutor, SystemClock
+from edge.engine import Clock, Engine, InlineExecutor, Status, SystemClock
 from edge.engine.loader import load_file
 from edge.engine.records import Guard, OutboxMessage
 from edge.errors import StorageFull
@@ -23,6 +23,7 @@ from edge.terminal import risk
 from edge.terminal.carddata import DataKey
 from edge.terminal.config import EdgeConfig
 from edge.terminal.ports import Acquirer, CardReader, NetworkLink, Printer
+from edge.terminal.views import reversal_pending
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,8 @@ MIB = 1024 * 1024
 #: Health says ``full`` below this much room in the budget: a payment takes about 6 KB of
 #: rows, and a transaction may need a few fresh pages (4 KB each) besides.
 FULL_ROOM_BYTES = 64 * 1024
+#: Live runs health looks at for pending reversals: a terminal has a handful in flight.
+REVERSALS_SCANNED = 1000
 
 
 @dataclass
@@ -222,10 +225,17 @@ class Terminal:
             "outbox_oldest_age_s": None if stats.oldest is None else round(now - stats.oldest, 3),
             "offline_exposure_minor": amount,
             "offline_count": count,
+            # Runs retrying a reversal (an authorisation with no answer, a void): money
+            # may be held until the acquirer answers; more than a few means a long outage.
+            "reversals_pending": self._reversals_pending(),
             "policy_version": None if self.policy is None else self.policy.version,
             "link_up": self.peripherals.link.is_up(),
             "last_error": self.last_error,
         }
+
+    def _reversals_pending(self) -> int:
+        live = self.store.list_runs([Status.RUNNING, Status.COMPENSATING], REVERSALS_SCANNED)
+        return sum(1 for run in live if reversal_pending(run))
 
     def close(self) -> None:
         self.engine.close()

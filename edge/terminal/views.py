@@ -52,6 +52,11 @@ def _pending_message(run: RunRecord) -> str | None:
     return None
 
 
+def reversal_pending(run: RunRecord) -> bool:
+    """Whether money may be held for ``run`` while the terminal is still releasing it."""
+    return _pending_message(run) is not None
+
+
 def run_view(run: RunRecord) -> dict[str, Any]:
     """The POS app's view of a run."""
     state = run.state
