@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -91,3 +92,28 @@ def test_cli__edge_outbox_shows_depth_and_next_messages(tmp_path, capsys):
     assert main(["edge", "outbox", "--db", db]) == 0
     out = capsys.readouterr().out
     assert out.startswith("outbox: 1 message(s)") and " sale " in out
+
+
+def test_cli__edge_config_check_prints_each_value_as_json_not_a_python_repr(capsys):
+    assert main(["edge", "config", "check", str(EXAMPLE)]) == 0
+    out = capsys.readouterr().out
+    assert "PosixPath(" not in out and "Schedule(" not in out
+    dumped = load_config(EXAMPLE).model_dump(mode="json")
+    lines = out.splitlines()[1:]
+    assert len(lines) == len(options())
+    for line, (name, _, _) in zip(lines, options(), strict=True):
+        shown_name, shown = line.split(None, 1)
+        expected = dumped
+        for part in name.split("."):
+            expected = expected[part]
+        assert (shown_name, json.loads(shown)) == (name, expected)
+    assert '  data_dir                                 "/var/lib/tillflow"' in lines
+    assert any(line.startswith("  schedules ") and '"cron": "0 23 * * *"' in line for line in lines)
+
+
+def test_config__the_readme_sections_the_example_names_exist():
+    comments = [ln for ln in EXAMPLE.read_text().splitlines() if ln.startswith("#")]
+    named = re.findall(r'"([^"]+)"', " ".join(c.lstrip("# ") for c in comments))
+    headings = {m for m in re.findall(r"^#+ (.+)$", README.read_text(), flags=re.M)}
+    assert named, "the example points at no README section"
+    assert [n for n in named if n not in headings] == []
