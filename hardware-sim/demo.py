@@ -15,8 +15,9 @@ simulators' control endpoints, and tells what happened and why:
   5. the outbox for the cloud and the terminal's health;
   6. SIGTERM: a graceful stop.
 
-Everything lives in a fresh temporary directory (kept for inspection unless ``--clean``).
-Exit status 0 only if everything behaved as described.
+Everything lives in a fresh temporary directory, removed at the end unless ``--keep``
+(``make demo KEEP=1``) or something failed; the last lines say which. Exit status 0 only
+if everything behaved as described.
 """
 
 from __future__ import annotations
@@ -278,6 +279,8 @@ def ledger_lines(entries: list[LedgerEntry]) -> list[str]:
             what = "released the authorisation" if e.effect else "no effect"
             if e.response.reason:
                 what += f" ({e.response.reason})"
+            # The acquirer numbers every answer; a reversal's number is no auth code.
+            what += f", answer {serial(e):06d} (no auth code)"
             line = f"reverse    {eur(e.amount_minor):>11}  {what}"
         else:
             answer = (
@@ -290,6 +293,11 @@ def ledger_lines(entries: list[LedgerEntry]) -> list[str]:
             line += f"; asked again {e.replays}x with the same key: same answer"
         lines.append(f"       {line}   [key {e.key[:8]}…]")
     return lines
+
+
+def serial(entry: LedgerEntry) -> int:
+    """The acquirer's running number of its answer (auth codes are the same number)."""
+    return int(entry.response.acquirer_ref.removeprefix("SIM"))
 
 
 def show_ledger(entries: list[LedgerEntry]) -> None:
@@ -410,6 +418,11 @@ def story(term: Terminal, hw: Hardware, acquirer: SimAcquirer, checks: Checks) -
             "persisted, and the payment workflow is a saga: it undid what it had done, in "
             "reverse order, and reversed the authorisation. The customer is not charged."
         )
+        for r in reversals:
+            say(
+                "   The acquirer numbers every answer it gives, auth codes included: the "
+                f"reversal took {serial(r):06d}, so the next auth code skips that number."
+            )
         checks.add(
             "3. printer jam after approval",
             "reversed: auth + reverse, net 0",
@@ -454,6 +467,11 @@ def story(term: Terminal, hw: Hardware, acquirer: SimAcquirer, checks: Checks) -
         acquirer.set_mode("approve")
         before = recorded()
         first_code = before[0].response.auth_code
+        skipped = [
+            f"{serial(e):06d}"
+            for e in acquirer.ledger.values()
+            if e.operation == "reverse" and e is not before[0]
+        ]
         died = f"killed by signal {-code}" if code is not None and code < 0 else f"exit {code}"
         say(
             f"   The daemon died ({died}). The acquirer had already approved the charge, but "
@@ -461,6 +479,11 @@ def story(term: Terminal, hw: Hardware, acquirer: SimAcquirer, checks: Checks) -
             f"{outcome.get('pos', 'it is still waiting')}. The acquirer's ledger:"
         )
         show_ledger(before)
+        if skipped:
+            say(
+                f"   (Auth code {first_code}, not the next one: {', '.join(skipped)} went to the "
+                "reversal in 3.)"
+            )
         say("   Restarting the daemon (as systemd would)...")
         status = term.start()
         m = re.search(r"recovered (\d+) run", status)
@@ -584,8 +607,12 @@ def main(argv: list[str] | None = None) -> int:
         description="a simulated terminal: daemon, POS, acquirer, through a network outage",
     )
     parser.add_argument(
-        "--clean", action="store_true", help="remove the temporary directory at the end"
+        "--keep",
+        action="store_true",
+        help="keep the temporary directory (config, daemon log, database) for a look around",
     )
+    # The default since --keep came; still accepted so that older scripts run.
+    parser.add_argument("--clean", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     with contextlib.suppress(AttributeError, ValueError):  # a ✓ must not crash a C locale
         sys.stdout.reconfigure(errors="replace")  # type: ignore[union-attr]
@@ -640,14 +667,20 @@ def main(argv: list[str] | None = None) -> int:
             + ("; ".join(failed) if failed else "")
             + (f"{'; ' if failed else ''}stopped early ({failure})" if failure else "")
         )
-    if args.clean:
-        shutil.rmtree(work, ignore_errors=True)
-        if sock_dir != work:
-            shutil.rmtree(sock_dir, ignore_errors=True)
-    else:
+    dirs = [work] if sock_dir == work else [work, sock_dir]
+    if ok and not args.keep:
+        for d in dirs:
+            shutil.rmtree(d, ignore_errors=True)
         say(
-            f"Look around: {work} (edge.yaml, daemon.log, data/terminal.db); e.g. "
-            f".venv/bin/tillflow list --db {work / 'data' / 'terminal.db'}"
+            f"Removed {' and '.join(map(str, dirs))}; to keep it for a look around: "
+            "make demo KEEP=1 (python -m hwsim.demo --keep)."
+        )
+    else:
+        why = "as asked (--keep)" if args.keep else "because something failed"
+        say(
+            f"Kept {' and '.join(map(str, dirs))} {why}: edge.yaml, daemon.log, "
+            f"data/terminal.db; e.g. .venv/bin/tillflow list --db "
+            f"{work / 'data' / 'terminal.db'}"
         )
     return 0 if ok else 1
 

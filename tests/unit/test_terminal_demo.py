@@ -4,6 +4,7 @@ and says so -- the daemon as a subprocess, the POS over its socket, the simulato
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,11 +12,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_terminal_demo__tells_the_whole_story_and_exits_0():
+def test_terminal_demo__tells_the_whole_story_exits_0_and_leaves_no_directory(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("TILLFLOW_")}
     env["PYTHONIOENCODING"] = "utf-8"
+    env["TMPDIR"] = str(tmp_path)  # where its temporary directory goes
     proc = subprocess.run(
-        [sys.executable, "-m", "hwsim.demo", "--clean"],
+        [sys.executable, "-m", "hwsim.demo"],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -35,6 +37,10 @@ def test_terminal_demo__tells_the_whole_story_and_exits_0():
         "killed by signal 9",  # 4. kill -9, restart, recovery
         "recovered 1 run(s)",
         "1 charge for 50.00 EUR",
+        # The acquirer's numbering: the reversal's number is skipped by the next auth code.
+        "released the authorisation, answer 000003 (no auth code)",
+        "the reversal took 000003, so the next auth code skips that number",
+        "(Auth code 000004, not the next one: 000003 went to the reversal in 3.)",
         "outbox: 7 message(s)",  # 5. outbox and health
         "GET /v1/health: link up",
         "exited with code 0",  # 6. SIGTERM
@@ -43,3 +49,8 @@ def test_terminal_demo__tells_the_whole_story_and_exits_0():
         assert phrase in flat, f"missing {phrase!r} in:\n{out}"
     assert "✗" not in out
     assert out.count("✓") == 10
+    removed = re.search(r"Removed (\S+)(?: and (\S+))?; to keep it .* make demo KEEP=1", flat)
+    assert removed, out
+    for d in filter(None, removed.groups()):
+        assert "tf-demo-" in d and not Path(d).exists()
+    assert list(tmp_path.iterdir()) == []
