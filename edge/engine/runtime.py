@@ -63,6 +63,14 @@ DEFAULT_LEASE_S = 30.0
 GUARD_RERUNS = 3
 
 
+def _without_input(exc: ValidationError) -> str:
+    """``exc`` as ``loc: msg`` parts, without the input values its ``str()`` quotes."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or '(input)'}: {err['msg']}"
+        for err in exc.errors(include_url=False, include_input=False, include_context=False)
+    )
+
+
 @dataclass
 class RunView:
     """Everything ``show`` reports about one run."""
@@ -171,7 +179,10 @@ class Engine:
             try:
                 state = model.model_validate(run_input).model_dump(mode="json")
             except ValidationError as exc:
-                raise InputError(f"input does not match {model.__name__}: {exc}") from exc
+                # from None, and no {exc}: pydantic's text quotes the input, which may be
+                # anything a client sent (a card number included).
+                problem = _without_input(exc)
+                raise InputError(f"input does not match {model.__name__}: {problem}") from None
         else:
             stepexec.ensure_json(run_input)
             state = dict(run_input)
@@ -498,7 +509,8 @@ class Engine:
             try:
                 data = wf.models[step.input_schema].model_validate(data).model_dump(mode="json")
             except ValidationError as exc:
-                raise InputError(f"input for step '{step.name}' is invalid: {exc}") from exc
+                problem = _without_input(exc)
+                raise InputError(f"input for step '{step.name}' is invalid: {problem}") from None
         c = self.draft(run)
         c.run.status = Status.RUNNING
         now = self.clock.now()
@@ -506,7 +518,12 @@ class Engine:
         try:
             c.run.state, _ = stepexec.apply_output(run.state, data, step.output_key, wf.state_model)
         except StepError as exc:
-            raise InputError(f"input for step '{step.name}' is invalid: {exc}") from exc
+            cause = exc.__cause__  # a state model's ValidationError quotes the input
+            if isinstance(cause, ValidationError):
+                problem = f"the state would not match its model: {_without_input(cause)}"
+            else:
+                problem = exc.message
+            raise InputError(f"input for step '{step.name}' is invalid: {problem}") from None
         c.steps.append(StepRecord(run_id, path, step.name, "input", "COMPLETED", 1, now, now, data))
         c.audit.append(AuditEvent(run_id, "resumed", now, path))
         self._settle(c, wf, self.registry.navigator(wf).after(frames, c.run.state, run.input))
