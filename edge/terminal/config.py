@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from edge.errors import ConfigError
 
@@ -24,6 +24,28 @@ _NOT_OVERRIDES = {
     "TILLFLOW_TEST_DATABASE_URL",
     "TILLFLOW_BENCH_DATABASE_URL",
 }
+
+
+#: ISO 4217 alphabetic codes of the money a customer can pay with (the standard's list one,
+#: 2025), for ``currencies``. Left out on purpose: fund and accounting units (BOV, CHE, CHW,
+#: CLF, COU, MXV, USN, UYI, UYW, XAD, XDR, XSU, XUA), precious metals (XAU, XAG, XPD, XPT),
+#: bond-market units (XBA..XBD), the testing code XTS and "no currency" XXX, and currencies
+#: withdrawn since (ANG, BGN, CUC, HRK, SLL, ZWL). A change to ISO 4217 is a change here.
+_ISO_4217_CODES = """
+    AED AFN ALL AMD AOA ARS AUD AWG AZN BAM BBD BDT BHD BIF BMD BND BOB BRL BSD BTN BWP
+    BYN BZD CAD CDF CHF CLP CNY COP CRC CUP CVE CZK DJF DKK DOP DZD EGP ERN ETB EUR FJD
+    FKP GBP GEL GHS GIP GMD GNF GTQ GYD HKD HNL HTG HUF IDR ILS INR IQD IRR ISK JMD JOD
+    JPY KES KGS KHR KMF KPW KRW KWD KYD KZT LAK LBP LKR LRD LSL LYD MAD MDL MGA MKD MMK
+    MNT MOP MRU MUR MVR MWK MXN MYR MZN NAD NGN NIO NOK NPR NZD OMR PAB PEN PGK PHP PKR
+    PLN PYG QAR RON RSD RUB RWF SAR SBD SCR SDG SEK SGD SHP SLE SOS SRD SSP STN SVC SYP
+    SZL THB TJS TMT TND TOP TRY TTD TWD TZS UAH UGX USD UYU UZS VED VES VND VUV WST XAF
+    XCD XCG XOF XPF YER ZAR ZMW ZWG
+"""
+ISO_4217_CURRENCIES = frozenset(_ISO_4217_CODES.split())
+
+#: What a terminal accepts unless configured otherwise: the currency of every example,
+#: simulator and test here. A terminal elsewhere sets ``currencies``.
+DEFAULT_CURRENCIES = ("EUR",)
 
 
 class _Strict(BaseModel):
@@ -118,11 +140,29 @@ class EdgeConfig(_Strict):
     outbox_max_mb: int = Field(
         16, ge=1, description="unsent message bytes kept (MiB); past it, payments are declined"
     )
+    currencies: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_CURRENCIES),
+        min_length=1,
+        description="ISO 4217 codes accepted for payments and refunds; others: 422",
+    )
     policy_file: Path | None = Field(None, description="fraud policy to activate on start")
     log_format: Literal["json", "text"] = Field("text", description="json under systemd")
     risk: RiskLimits = RiskLimits()
     peripherals: Peripherals = Peripherals()
     schedules: list[Schedule] = Field(default_factory=list, description="cron-like triggers")
+
+    @field_validator("currencies")
+    @classmethod
+    def _iso_4217(cls, codes: list[str]) -> list[str]:
+        for code in codes:
+            if code not in ISO_4217_CURRENCIES:
+                raise ValueError(
+                    f"{code!r} is not an ISO 4217 currency code a customer can pay in "
+                    "(three capital letters, e.g. EUR, CHF, USD)"
+                )
+        if len(set(codes)) != len(codes):
+            raise ValueError("a currency is listed twice")
+        return codes
 
     @property
     def database_path(self) -> Path:

@@ -13,6 +13,7 @@ from hwsim.acquirer import SimAcquirer
 from hwsim.card_reader import SimCardReader, make_card
 from hwsim.network import SimNetworkLink
 from hwsim.printer import SimPrinter
+from pydantic import ValidationError
 
 from edge.engine import FakeClock
 from edge.terminal.acquirer_http import HttpAcquirer
@@ -156,3 +157,25 @@ def test_api__a_full_outbox_declines_new_payments_with_its_reason(tmp_path, sock
         finally:
             server.stop()
             terminal.close()
+
+
+# --- currencies: the ones this terminal is configured for -----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("currencies", "message"),
+    [
+        (["ZZZ"], "not an ISO 4217"),
+        (["XXX"], "not an ISO 4217"),
+        (["eur"], "not an ISO 4217"),
+        (["EUR", "EUR"], "twice"),
+        ([], "at least 1"),
+    ],
+)
+def test_config__currencies_are_iso_4217_codes(tmp_path, currencies, message):
+    with pytest.raises(ValidationError, match=message):
+        EdgeConfig(device_id="T", data_dir=tmp_path, currencies=currencies)
+
+
+def test_config__currencies_default_to_euro():
+    assert EdgeConfig(device_id="T").currencies == ["EUR"]
