@@ -17,6 +17,11 @@ client may put a card number in any field. What is accepted:
   ``malformed_json``; JSON but not an object: 400 ``malformed_request``.
 * **Fields** strictly: exact types, no unknown field. 422 ``missing_field``,
   ``invalid_field`` or ``unknown_field``, with ``field`` naming it.
+* **A WAIT's input** (``/input``): at most ``MAX_INPUT_BYTES``, else 413
+  ``input_too_large``; nothing shaped like card data (a field named like a PAN, CVV,
+  track or PIN, a value shaped like a card number), else 422 ``card_data_refused``; and
+  exactly the fields the step's ``input_schema`` declares, strictly. A WAIT without a
+  schema takes ``{}`` only.
 
 The same ``idempotency_key`` never starts a second run (the engine dedupes by key).
 """
@@ -31,8 +36,10 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from edge.engine import RunRecord, Status
+from edge.engine.definition import WaitStep
 from edge.errors import InputError, InvalidRunState, NotFound, StorageFull, TillflowError
-from edge.terminal.carddata import scrub
+from edge.terminal.carddata import luhn_valid, scrub
 from edge.terminal.httpserver import UnixHttpServer
 from edge.terminal.runtime import Terminal
 from edge.terminal.views import run_view
@@ -42,6 +49,12 @@ log = logging.getLogger(__name__)
 #: Largest request body accepted: a payment is a few hundred bytes. The transport caps
 #: Content-Length at the same figure; the routes do not rely on sitting behind it.
 MAX_BODY_BYTES = 64 * 1024
+
+#: Largest answer to a WAIT: a flag, a choice, a reference to a signature captured
+#: elsewhere. It is merged into the run's state and kept in its step row, both in the
+#: terminal's size-budgeted database for as long as the run is retained, so an image or
+#: a document belongs somewhere else, named here by a reference.
+MAX_INPUT_BYTES = 4 * 1024
 
 
 class _Request(BaseModel):
@@ -158,6 +171,83 @@ def parse_request(raw: bytes, model: type[M]) -> M:
     return validated(model, json_object(raw))
 
 
+# --- card data in a body ------------------------------------------------------------------
+
+# Field names that mean card data, compared as words of the name (``pinBlock`` is ``pin``,
+# ``block``; ``card_cvv2`` is ``card``, ``cvv2``) and as the whole name with only its
+# letters and digits (``card-number`` is ``cardnumber``). Words, not substrings, so that
+# ``company``, ``spinner`` or ``track_id`` pass.
+_CARD_DATA_WORDS = frozenset(
+    {"pan", "cvv", "cvv2", "cvc", "cvc2", "cav2", "csc", "cvn", "pin", "pinblock"}
+    | {"track1", "track2", "track3", "trackdata", "magstripe"}
+)
+_CARD_DATA_NAMES = frozenset(
+    {"cardnumber", "cardno", "primaryaccountnumber", "accountnumber", "securitycode"}
+    | {"cardsecuritycode", "cardverificationvalue", "cardverificationcode", "pinblock"}
+    | {"track", "track1data", "track2data", "trackdata", "magneticstripe", "magstripedata"}
+)
+_WORDS = re.compile(r"[A-Z]?[a-z]+[0-9]*|[A-Z]+[0-9]*(?![a-z])|[0-9]+")
+_NOT_ALNUM = re.compile(r"[^a-z0-9]")
+
+
+def _card_data_name(name: str) -> bool:
+    words = {w.lower() for w in _WORDS.findall(name)}
+    return bool(words & _CARD_DATA_WORDS) or _NOT_ALNUM.sub("", name.lower()) in _CARD_DATA_NAMES
+
+
+def _pan_shaped(value: object) -> bool:
+    """A Luhn-valid run of 13-19 digits: bare, grouped, inside track data, or a number."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int):
+        digits = str(abs(value))
+        return 13 <= len(digits) <= 19 and luhn_valid(digits)
+    return isinstance(value, str) and scrub(value) != value
+
+
+def _card_data_at(document: Any) -> tuple[str, str] | None:
+    """Where in ``document`` (parsed JSON) something is shaped like card data, and what:
+    a field named like a PAN, CVV, track or PIN, or a name or value shaped like a card
+    number, at any depth. The path holds names and indexes only, a PAN-shaped name masked.
+
+    A CVV or PIN *value* has no shape of its own (three or four digits): only its name
+    gives it away. Iterative, so no nesting can exhaust the stack."""
+    stack: list[tuple[str, Any]] = [("", document)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, dict):
+            children = []
+            for key, item in value.items():
+                path = f"{where}.{scrub(key)}" if where else scrub(key)
+                if _card_data_name(key):
+                    return path, "a field named like card data"
+                if _pan_shaped(key):
+                    return path, "a name shaped like a card number"
+                children.append((path, item))
+            stack.extend(reversed(children))
+        elif isinstance(value, list):
+            stack.extend((f"{where}[{i}]", item) for i, item in reversed(list(enumerate(value))))
+        elif _pan_shaped(value):
+            return where or "(body)", "a value shaped like a card number"
+    return None
+
+
+def refuse_card_data(data: Any) -> None:
+    """ApiError 422 ``card_data_refused`` if ``data`` holds anything shaped like card data."""
+    found = _card_data_at(data)
+    if found is not None:
+        where, what = found
+        raise ApiError(
+            422,
+            "card_data_refused",
+            f"{where}: {what}: card data is never accepted here; the terminal reads the "
+            "card itself (send no PAN, CVV, track data or PIN)",
+            where,
+        )
+
+
 Route = tuple[str, re.Pattern[str], str]
 
 
@@ -240,8 +330,21 @@ class LocalApi:
             raise ApiError(404, "run_not_found", exc.message) from exc
 
     def _input(self, body: bytes, run_id: str) -> tuple[int, dict[str, Any]]:
+        if len(body) > MAX_INPUT_BYTES:
+            raise ApiError(
+                413,
+                "input_too_large",
+                f"input over {MAX_INPUT_BYTES} bytes: a WAIT takes a short answer; "
+                "keep a document elsewhere and send a reference to it",
+            )
         data = json_object(body) if body else {}
+        refuse_card_data(data)
         engine = self.terminal.engine
+        try:
+            run = engine.get(run_id)
+        except NotFound as exc:
+            raise ApiError(404, "run_not_found", exc.message) from exc
+        self._check_wait_input(run, data)
         try:
             engine.resume(run_id, data)
         except NotFound as exc:
@@ -253,6 +356,24 @@ class LocalApi:
         else:
             return 200, run_view(engine.get(run_id))
         raise refusal
+
+    def _check_wait_input(self, run: RunRecord, data: dict[str, Any]) -> None:
+        """``data`` against the schema of the WAIT ``run`` is at, strictly; a WAIT without
+        one takes ``{}``. A run not waiting is left to ``resume`` (409)."""
+        frames = run.cursor.get("frames") or []
+        if run.status is not Status.WAITING or not frames:
+            return
+        wf = self.terminal.engine.registry.pinned(run)
+        step = wf.steps.get(frames[-1][0])
+        if not isinstance(step, WaitStep):
+            return
+        if step.input_schema is None:
+            if data:
+                field = scrub(next(iter(data)))
+                message = f"{field}: step '{step.name}' takes no input; answer {{}}"
+                raise ApiError(422, "unknown_field", message, field)
+            return
+        validated(wf.models[step.input_schema], data)
 
     def _health(self, body: bytes) -> tuple[int, dict[str, Any]]:
         return 200, self.terminal.health()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from carddata_scan import describe, scan, sqlite_files
 from hwsim.acquirer import SimAcquirer
 from hwsim.card_reader import SimCardReader, make_card
 from hwsim.network import SimNetworkLink
@@ -20,6 +21,9 @@ from edge.terminal.acquirer_http import HttpAcquirer
 from edge.terminal.api import LocalApiServer
 from edge.terminal.config import EdgeConfig, RiskLimits
 from edge.terminal.runtime import Peripherals, Terminal
+
+#: The public Visa test number.
+TEST_PAN = "4111111111111111"
 
 
 @pytest.fixture
@@ -179,3 +183,22 @@ def test_config__currencies_are_iso_4217_codes(tmp_path, currencies, message):
 
 def test_config__currencies_default_to_euro():
     assert EdgeConfig(device_id="T").currencies == ["EUR"]
+
+
+# --- a WAIT's input over the socket ---------------------------------------------------------
+
+
+def test_api__card_data_posted_as_wait_input_is_refused_and_not_stored(pos):
+    client, terminal, reader, printer = pos
+    reader.insert(make_card("mastercard"))
+    printer.state = "paper_out"
+    body = {"amount_minor": 900, "currency": "EUR", "idempotency_key": "pan-in"}
+    run = client.post("/v1/payments", json=body).json()
+    printer.refill()
+    r = client.post(f"/v1/runs/{run['run_id']}/input", json={"pan": TEST_PAN, "cvv": "123"})
+    assert (r.status_code, r.json()["error"]["code"]) == (422, "card_data_refused")
+    assert TEST_PAN not in r.text
+    found = scan(sqlite_files(terminal.cfg.database_path), {"pan": TEST_PAN, "cvv": "cvv"})
+    assert found == [], describe(found)
+    done = client.post(f"/v1/runs/{run['run_id']}/input", json={})
+    assert (done.status_code, done.json()["status"]) == (200, "COMPLETED")
