@@ -1,7 +1,7 @@
 """The local API for the POS app: HTTP + JSON over a Unix socket (stdlib server: small).
 
     POST /v1/payments          {amount_minor, currency, idempotency_key}
-    POST /v1/refunds           {amount_minor, currency, idempotency_key}
+    POST /v1/refunds           {amount_minor, currency, idempotency_key, original_run_id?}
     POST /v1/voids             {payment_run_id, idempotency_key}
     GET  /v1/runs/{id}
     POST /v1/runs/{id}/input   answers a WAIT (paper loaded, signature, approval)
@@ -17,13 +17,22 @@ client may put a card number in any field. What is accepted:
   ``malformed_json``; JSON but not an object: 400 ``malformed_request``.
 * **Fields** strictly: exact types, no unknown field. 422 ``missing_field``,
   ``invalid_field`` or ``unknown_field``, with ``field`` naming it.
+* **idempotency_key**: 1-128 visible ASCII characters, ``!`` to ``~`` (no space, no
+  control character, nothing outside ASCII). UUIDs, ULIDs and keys built of letters,
+  digits and punctuation fit; what is refused either looks like another key (spaces,
+  look-alike letters, bidi controls) or breaks a log line (NUL, newline).
+  A key starts at most one run per route, and is bound to the parameters it came with
+  (as Stripe's are): the same key with the same parameters answers with the run it
+  started (200, a retry), with different ones 409 ``idempotency_key_reused``, ``field``
+  the first that differs and the message naming all of them. The parameters are compared
+  with the input stored with the run, which the same transaction that took the key wrote:
+  there is no separate fingerprint to keep in step, and the fields that differ can be
+  named.
 * **A WAIT's input** (``/input``): at most ``MAX_INPUT_BYTES``, else 413
   ``input_too_large``; nothing shaped like card data (a field named like a PAN, CVV,
   track or PIN, a value shaped like a card number), else 422 ``card_data_refused``; and
   exactly the fields the step's ``input_schema`` declares, strictly. A WAIT without a
   schema takes ``{}`` only.
-
-The same ``idempotency_key`` never starts a second run (the engine dedupes by key).
 """
 
 from __future__ import annotations
@@ -56,6 +65,11 @@ MAX_BODY_BYTES = 64 * 1024
 #: a document belongs somewhere else, named here by a reference.
 MAX_INPUT_BYTES = 4 * 1024
 
+#: Visible ASCII, 1-128 characters (see the module docstring for why).
+IDEMPOTENCY_KEY = r"^[!-~]+$"
+#: A run id as the routes take it.
+RUN_ID = r"^[A-Za-z0-9_-]{1,64}$"
+
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, hide_input_in_errors=True)
@@ -64,16 +78,16 @@ class _Request(BaseModel):
 class PaymentRequest(_Request):
     amount_minor: int = Field(gt=0, le=100_000_000)
     currency: str = Field(pattern=r"^[A-Z]{3}$")
-    idempotency_key: str = Field(min_length=1, max_length=128)
+    idempotency_key: str = Field(min_length=1, max_length=128, pattern=IDEMPOTENCY_KEY)
 
 
 class RefundRequest(PaymentRequest):
-    original_run_id: str | None = Field(None, min_length=1, max_length=64)
+    original_run_id: str | None = Field(None, pattern=RUN_ID)
 
 
 class VoidRequest(_Request):
-    payment_run_id: str = Field(min_length=1, max_length=64)
-    idempotency_key: str = Field(min_length=1, max_length=128)
+    payment_run_id: str = Field(pattern=RUN_ID)
+    idempotency_key: str = Field(min_length=1, max_length=128, pattern=IDEMPOTENCY_KEY)
 
 
 class ApiError(Exception):
@@ -307,8 +321,9 @@ class LocalApi:
         except InputError as exc:  # the engine's messages name fields, never values
             refusal = ApiError(422, "invalid_input", exc.message)
         else:
-            # The same key answers with the run it started, whatever the body says now.
-            return 200, run_view(engine.get(run_id))
+            run = engine.get(run_id)
+            _same_parameters(workflow, data, run)
+            return 200, run_view(run)
         raise refusal
 
     def _payment(self, body: bytes) -> tuple[int, dict[str, Any]]:
@@ -377,6 +392,24 @@ class LocalApi:
 
     def _health(self, body: bytes) -> tuple[int, dict[str, Any]]:
         return 200, self.terminal.health()
+
+
+def _same_parameters(workflow: str, data: dict[str, Any], run: RunRecord) -> None:
+    """409 if ``run``, found by the request's idempotency key, was started with other
+    parameters than ``data`` (those fields named, never their values)."""
+    stored = run.input
+    differ = [
+        k for k in (*data, *(k for k in stored if k not in data)) if data.get(k) != stored.get(k)
+    ]
+    if differ:
+        names = ", ".join(differ)
+        raise ApiError(
+            409,
+            "idempotency_key_reused",
+            f"this idempotency_key started a {workflow} with another {names}; "
+            f"a retry sends the same parameters, a new {workflow} needs a new key",
+            differ[0],
+        )
 
 
 class LocalApiServer(UnixHttpServer):

@@ -163,6 +163,64 @@ def test_api__a_full_outbox_declines_new_payments_with_its_reason(tmp_path, sock
             terminal.close()
 
 
+# --- idempotency keys: bound to the request, printable ------------------------------------
+
+
+def test_api__the_same_key_with_other_parameters_is_409_naming_the_fields(pos):
+    client, terminal, reader, _ = pos
+    reader.insert(make_card("visa"))
+    body = {"amount_minor": 1250, "currency": "EUR", "idempotency_key": "sale-9"}
+    first = client.post("/v1/payments", json=body).json()
+    r = client.post("/v1/payments", json={**body, "amount_minor": 1350})
+    assert r.status_code == 409, r.text
+    error = r.json()["error"]
+    assert (error["code"], error["field"]) == ("idempotency_key_reused", "amount_minor")
+    assert "amount_minor" in error["message"] and "currency" not in error["message"]
+    again = client.post("/v1/payments", json=body)  # the same parameters: the same run
+    assert (again.status_code, again.json()["run_id"]) == (200, first["run_id"])
+    assert [run.run_id for run in terminal.engine.list_runs()] == [first["run_id"]]
+
+
+def test_api__a_refund_key_reused_for_another_original_payment_is_409(pos):
+    client, _, reader, _ = pos
+    reader.insert(make_card("visa"))
+    body = {"amount_minor": 100, "currency": "EUR", "idempotency_key": "ref-1"}
+    assert client.post("/v1/refunds", json=body).status_code == 200
+    r = client.post("/v1/refunds", json={**body, "original_run_id": "abc"})
+    assert (r.status_code, r.json()["error"]["field"]) == (409, "original_run_id")
+
+
+@pytest.mark.parametrize(
+    "key",
+    [" ", "a b", "a\x00b", "a\nb", "tab\t", "caf\u00e9", "\u202eevil", "", "k" * 129],
+    ids=["space", "inner-space", "nul", "newline", "tab", "non-ascii", "bidi", "empty", "long"],
+)
+def test_api__idempotency_keys_are_visible_ascii(pos, key):
+    client, terminal, _, _ = pos
+    for path, body in (
+        ("/v1/payments", {"amount_minor": 100, "currency": "EUR"}),
+        ("/v1/voids", {"payment_run_id": "abc"}),
+    ):
+        r = client.post(path, json={**body, "idempotency_key": key})
+        assert r.status_code == 422, r.text
+        assert r.json()["error"] == {
+            "code": "invalid_field",
+            "message": r.json()["error"]["message"],
+            "field": "idempotency_key",
+        }
+    assert terminal.engine.list_runs() == []
+
+
+def test_api__uuid_ulid_and_path_like_keys_are_accepted(pos):
+    client, _, reader, _ = pos
+    keys = ["0b1e8a3c-5f7d-4c2e-9a61-3d2f0e8b7c11", "01HZX3K9Q2V7T8M4N6P0R5S1WY", "till/3#42~x"]
+    for key in keys:
+        reader.insert(make_card("visa"))
+        body = {"amount_minor": 100, "currency": "EUR", "idempotency_key": key}
+        r = client.post("/v1/payments", json=body)
+        assert (r.status_code, r.json()["status"]) == (200, "COMPLETED"), r.text
+
+
 # --- currencies: the ones this terminal is configured for -----------------------------------
 
 
