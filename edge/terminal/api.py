@@ -17,6 +17,10 @@ client may put a card number in any field. What is accepted:
   ``malformed_json``; JSON but not an object: 400 ``malformed_request``.
 * **Fields** strictly: exact types, no unknown field. 422 ``missing_field``,
   ``invalid_field`` or ``unknown_field``, with ``field`` naming it.
+* **currency**: one of the terminal's ``currencies`` (config, ISO 4217), else 422
+  ``currency_not_accepted`` -- checked before the key is looked up, so a retry after the
+  currency was dropped from the config is refused too (``GET /v1/runs/{id}`` still
+  answers).
 * **idempotency_key**: 1-128 visible ASCII characters, ``!`` to ``~`` (no space, no
   control character, nothing outside ASCII). UUIDs, ULIDs and keys built of letters,
   digits and punctuation fit; what is refused either looks like another key (spaces,
@@ -313,6 +317,17 @@ class LocalApi:
             status = 503 if getattr(exc, "retryable", False) else 500
             return status, {"error": {"code": exc.code, "message": exc.message}}
 
+    def _accept_currency(self, currency: str) -> None:
+        accepted = self.terminal.cfg.currencies
+        if currency not in accepted:
+            raise ApiError(
+                422,
+                "currency_not_accepted",
+                f"currency: {currency} is not accepted by this terminal "
+                f"(it accepts {', '.join(accepted)})",
+                "currency",
+            )
+
     def _start(self, workflow: str, req: _Request, key: str) -> tuple[int, dict[str, Any]]:
         engine = self.terminal.engine
         data = req.model_dump(exclude={"idempotency_key"}, exclude_none=True)
@@ -328,10 +343,12 @@ class LocalApi:
 
     def _payment(self, body: bytes) -> tuple[int, dict[str, Any]]:
         req = parse_request(body, PaymentRequest)
+        self._accept_currency(req.currency)
         return self._start("payment", req, req.idempotency_key)
 
     def _refund(self, body: bytes) -> tuple[int, dict[str, Any]]:
         req = parse_request(body, RefundRequest)
+        self._accept_currency(req.currency)
         return self._start("refund", req, req.idempotency_key)
 
     def _void(self, body: bytes) -> tuple[int, dict[str, Any]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ from pydantic import ValidationError
 
 from edge.engine import FakeClock
 from edge.terminal.acquirer_http import HttpAcquirer
-from edge.terminal.api import LocalApiServer
+from edge.terminal.api import LocalApi, LocalApiServer
 from edge.terminal.config import EdgeConfig, RiskLimits
 from edge.terminal.runtime import Peripherals, Terminal
 
@@ -222,6 +223,47 @@ def test_api__uuid_ulid_and_path_like_keys_are_accepted(pos):
 
 
 # --- currencies: the ones this terminal is configured for -----------------------------------
+
+
+@pytest.mark.parametrize("currency", ["XXX", "ZZZ", "USD"])
+@pytest.mark.parametrize("path", ["/v1/payments", "/v1/refunds"])
+def test_api__a_currency_the_terminal_does_not_accept_is_422(pos, path, currency):
+    client, terminal, reader, _ = pos
+    reader.insert(make_card("visa"))
+    body = {"amount_minor": 100, "currency": currency, "idempotency_key": "c"}
+    r = client.post(path, json=body)
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert (error["code"], error["field"]) == ("currency_not_accepted", "currency")
+    assert "EUR" in error["message"]  # what it does accept
+    assert terminal.engine.list_runs() == []
+
+
+def test_api__the_accepted_currencies_come_from_the_config(tmp_path, sock_dir):
+    clock = FakeClock(2_000_000_000.0)
+    reader, printer, link = SimCardReader(), SimPrinter(), SimNetworkLink(clock)
+    with SimAcquirer() as acquirer, HttpAcquirer(acquirer.url, link=link, timeout_s=2) as http:
+        cfg = EdgeConfig(
+            device_id="T-CHF",
+            data_dir=tmp_path / "data",
+            socket_path=sock_dir / "edge.sock",
+            currencies=["CHF", "EUR"],
+            risk=RiskLimits(online_random_percent=0),
+        )
+        terminal = Terminal(cfg, Peripherals(reader, printer, http, link), clock=clock)
+        try:
+            api = LocalApi(terminal)
+            for currency, status in (("CHF", 200), ("EUR", 200), ("GBP", 422)):
+                reader.insert(make_card("visa"))
+                body = {"amount_minor": 100, "currency": currency, "idempotency_key": currency}
+                assert api.handle("POST", "/v1/payments", json.dumps(body).encode())[0] == status
+            # Both accepted, so the reuse of a key is what is refused: naming each field.
+            body = {"amount_minor": 200, "currency": "EUR", "idempotency_key": "CHF"}
+            status, answer = api.handle("POST", "/v1/payments", json.dumps(body).encode())
+            assert (status, answer["error"]["field"]) == (409, "amount_minor")
+            assert "amount_minor, currency" in answer["error"]["message"]
+        finally:
+            terminal.close()
 
 
 @pytest.mark.parametrize(
