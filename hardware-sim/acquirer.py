@@ -13,7 +13,15 @@ Behaviour, chosen with ``set_mode`` (read once per request):
   times out not knowing the outcome, and a retry under the same key finds it done;
   ``stop()`` releases the waiting handler so nothing hangs;
 * ``slow`` — like ``approve``, answering after ``latency_s``;
-* ``error`` — answer ``error_status`` (500) with no effect.
+* ``error`` — answer ``error_status`` (500) with no effect;
+* ``drop`` — the network between them is down: the request is read and the connection
+  closed, with no answer and no effect (the client cannot tell that nothing arrived).
+
+``lose_reply(key)`` loses one answer: the next request under ``key`` is decided and
+recorded as usual, then its connection closes without the reply (a connection lost on
+the way back; unlike ``timeout`` the client learns at once that the outcome is
+unknown). A subclass may call it from ``_apply``, for the request being decided.
+``dropped`` and ``lost_replies`` count both.
 
 Authorisations are declined, in this order, when the key was already reversed
 (``reversed``: the reversal overtook it), the PAN fails Luhn (``invalid_card``), the card
@@ -56,7 +64,7 @@ from edge.terminal.ports import AuthResponse
 
 __all__ = ["LedgerEntry", "Mode", "Operation", "SimAcquirer"]
 
-Mode = Literal["approve", "decline", "timeout", "slow", "error"]
+Mode = Literal["approve", "decline", "timeout", "slow", "error", "drop"]
 Operation = Literal["authorize", "refund", "reverse"]
 
 _MODES: tuple[str, ...] = get_args(Mode)
@@ -125,6 +133,9 @@ class SimAcquirer(LoopbackServer):
         self._ledger: dict[str, LedgerEntry] = {}
         self._reversed: dict[str, str] = {}  # original key -> reversal key
         self._received: list[tuple[str, str | None]] = []
+        self._lose: set[str] = set()  # keys whose next reply is lost
+        self.dropped = 0  # requests dropped unanswered in "drop" mode
+        self.lost_replies = 0  # replies lost by lose_reply
         self._serial = itertools.count(1)
         super().__init__(_Handler)
 
@@ -156,6 +167,11 @@ class SimAcquirer(LoopbackServer):
     def decline_over(self, limit_minor: int, reason: str = "exceeds_limit") -> None:
         """Decline authorisations of more than ``limit_minor``."""
         self._rules.append(_Rule("over", "", limit_minor, reason))
+
+    def lose_reply(self, key: str) -> None:
+        """The next request under ``key`` takes effect, and its reply is lost."""
+        with self._lock:
+            self._lose.add(key)
 
     # --- what happened ------------------------------------------------------------------
 
@@ -215,12 +231,24 @@ class SimAcquirer(LoopbackServer):
             if not key:
                 raise _Refused(400, "missing_idempotency_key")
             body = _read_body(handler)
+            if mode == "drop":
+                with self._lock:
+                    self.dropped += 1
+                handler.close_connection = True  # lost on the way: no answer, no effect
+                return
             if mode == "error":
                 raise _Refused(self.error_status, "internal_error")
             response = self._apply(operation, key, body, mode)
         except _Refused as refused:
             payload = json.dumps({"error": refused.error}).encode()
             _reply(handler, refused.status, payload, close=True)  # the body may be unread
+            return
+        with self._lock:
+            lost = key in self._lose
+            self._lose.discard(key)
+            self.lost_replies += lost
+        if lost:
+            handler.close_connection = True  # decided and recorded; the reply never leaves
             return
         if mode == "timeout":
             self._released.wait(LOST_REPLY_S)

@@ -4,6 +4,8 @@
 these says down:
 
 * ``down()`` was called (until ``up()``);
+* ``down_for(seconds)`` was called less than ``seconds`` of the clock ago (an outage
+  that outlives whatever switches ``up()``/``down()`` meanwhile);
 * the clock is inside a scheduled down window ``[start_s, end_s)``, in seconds after
   ``origin`` (the clock's reading when the link was made, unless given);
 * the check is "lost": a fraction ``loss`` of checks fail, drawn from ``rng``, so the
@@ -61,6 +63,15 @@ class SimNetworkLink:
 
     def up(self) -> None:
         self._forced_down = False
+
+    def down_for(self, seconds: float) -> None:
+        """An outage from now, ``seconds`` of the clock long: a down window added to the
+        schedule, so ``up()`` does not end it."""
+        if seconds <= 0:
+            raise ValueError(f"an outage lasts a positive time, got {seconds}")
+        start = max(self.clock.now() - self.origin, 0.0)
+        with self._lock:
+            self.schedule = sorted([*self.schedule, (start, start + seconds)])
 
     # --- NetworkLink ---------------------------------------------------------------------
 

@@ -239,6 +239,21 @@ def test_network__manual_switch_overrides_an_up_link():
     assert link.is_up()
 
 
+def test_network__an_outage_outlives_the_manual_switch_and_then_ends():
+    clock = FakeClock(start=T0)
+    link = SimNetworkLink(clock)
+    clock.advance(5)
+    link.down_for(60)
+    link.up()  # the weather says up; the outage says otherwise
+    assert not link.is_up()
+    clock.advance(59.9)
+    assert not link.is_up()
+    clock.advance(0.1)
+    assert link.is_up()
+    with pytest.raises(ValueError, match="positive"):
+        link.down_for(0)
+
+
 def test_network__loss_is_deterministic_by_seed():
     def pattern(seed: int) -> list[bool]:
         link = SimNetworkLink(FakeClock(), loss=0.3, rng=random.Random(seed))
@@ -339,6 +354,29 @@ def test_acquirer__a_lost_reply_is_released_by_reversing_it(sim):
         assert sim.net_minor() == 1250  # it did happen, the terminal just never heard
         assert client.reverse("lost", "lost:rev").approved
     assert sim.net_minor() == 0
+
+
+def test_acquirer__a_lost_reply_takes_effect_and_the_client_knows_at_once(sim, acquirer):
+    sim.lose_reply("run-5/charge/1")
+    with pytest.raises(AcquirerUnavailable) as caught:
+        acquirer.authorize(request("run-5/charge/1"))
+    assert caught.value.outcome_unknown  # a connection lost, not a timeout to sit out
+    assert sim.lost_replies == 1 and sim.net_minor() == 1250  # charged all the same
+    again = acquirer.authorize(request("run-5/charge/1"))  # one reply lost, not the next
+    assert again.approved and again == sim.ledger["run-5/charge/1"].response
+    assert sim.ledger["run-5/charge/1"].replays == 1
+
+
+def test_acquirer__drop_mode_answers_nothing_and_does_nothing(sim, acquirer):
+    sim.set_mode("drop")
+    with pytest.raises(AcquirerUnavailable) as caught:
+        acquirer.authorize(request("run-6/charge/1"))
+    assert caught.value.outcome_unknown  # the terminal cannot tell it never arrived
+    with pytest.raises(AcquirerUnavailable):
+        acquirer.reverse("run-6/charge/1", "run-6/reverse/1")
+    assert sim.ledger == {} and sim.dropped == 2
+    sim.set_mode("approve")
+    assert acquirer.authorize(request("run-6/charge/1")).approved
 
 
 def test_acquirer__concurrent_requests_with_one_key_take_effect_once(sim, acquirer):
