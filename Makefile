@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test check lint typecheck bench torture clean package bundle package-onefile release-key
+.PHONY: demo test check lint typecheck bench torture clean package bundle package-onefile release-key lock
 
 # The frozen terminal binary (PyInstaller onedir, see README "Frozen binary"): rebuilt
 # only when a file it is made of changed, so `make test` builds it at most once.
@@ -15,14 +15,38 @@ PYINSTALLER := $(PY) -m PyInstaller --noconfirm --log-level WARN --workpath buil
 # The release signing key for `make bundle` (make one with `make release-key`).
 RELEASE_KEY ?= $(HOME)/.tillflow/release.key
 
-$(STAMP): pyproject.toml
+# requirements.lock: every package the install takes (all extras, the build backend and
+# pip itself), pinned to one version with its hashes: what CI tested. pip installs it in
+# hash-checking mode, then the project itself, editable, from that same setuptools (no
+# build isolation, which would fetch the newest). A change of the lock reinstalls.
+# PYTHONWARNINGS: setuptools' note that an editable install finds packages by a meta path
+# finder (hwsim lives in hardware-sim/) is information, not a warning; others still show.
+LOCK := requirements.lock
+
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,cloud,build]'
+	$(PY) -m pip install --quiet --require-hashes -r $(LOCK)
+	PYTHONWARNINGS='ignore:Editable installation:UserWarning' \
+		$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+# `make lock`: resolve requirements.lock again, to the newest releases pyproject.toml
+# allows, for every platform and Python >= 3.11; review and commit the diff. uv does the
+# resolving, from a venv of its own (build/lock-tools), at the version named here.
+UV_VERSION := 0.13.8
+LOCK_TOOLS := build/lock-tools
+lock:
+	test -x $(LOCK_TOOLS)/bin/uv || { $(PYTHON) -m venv $(LOCK_TOOLS) && \
+		$(LOCK_TOOLS)/bin/pip install --quiet uv==$(UV_VERSION); }
+	$(PYTHON) -c 'import tomllib; r = tomllib.load(open("pyproject.toml", "rb")); \
+		print(*r["build-system"]["requires"], "pip", sep="\n")' > build/build-requires.in
+	$(LOCK_TOOLS)/bin/uv pip compile --quiet --upgrade --universal --python-version 3.11 \
+		--generate-hashes --extra dev --extra cloud --extra build \
+		--custom-compile-command 'make lock' -o $(LOCK) pyproject.toml build/build-requires.in
+
+# KEEP=1 keeps the demo's temporary directory (config, daemon log, database).
 demo: $(STAMP)
-	$(PY) -m hwsim.demo
+	$(PY) -m hwsim.demo $(if $(KEEP),--keep)
 
 # pytest exits 5 when it collected no test: that is a failure here, as any non-zero.
 # The packaging tests run against the frozen binary, so it is built first.
