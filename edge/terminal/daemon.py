@@ -2,8 +2,9 @@
 
 Start: load config, open (migrate) the store, ``recover()`` runs a crash left in
 flight, open the POS socket, then tell systemd READY=1 and keep its watchdog fed while
-the main loop turns. SIGTERM: STOPPING=1, stop accepting, let requests in flight finish
-their step, checkpoint the WAL, exit 0. SIGHUP: reload config and policy; runs go on.
+the main loop turns. SIGTERM: STOPPING=1, stop accepting, close idle POS connections,
+give requests in flight a bounded time to be answered, checkpoint the WAL, exit 0.
+SIGHUP: reload config and policy; runs go on.
 """
 
 from __future__ import annotations
@@ -142,9 +143,14 @@ class Daemon:
         finally:
             self.notifier.stopping(status="finishing requests in flight")
             watchdog.stop()
-            server.stop()  # stops accepting; waits for request threads to finish their step
-            terminal.store.checkpoint()
-            terminal.close()
+            try:
+                # Stops accepting and closes idle POS connections at once; requests in
+                # flight get httpserver.STOP_GRACE_S (15 s) to be answered, so the
+                # checkpoint below runs well inside the unit's TimeoutStopSec=30.
+                server.stop()
+            finally:
+                terminal.store.checkpoint()
+                terminal.close()
             log.info("terminal %s stopped", cfg.device_id, extra={"action": "stopped"})
         return 0
 
