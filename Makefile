@@ -42,7 +42,10 @@ lock:
 		print(*r["build-system"]["requires"], "pip", sep="\n")' > build/build-requires.in
 	$(LOCK_TOOLS)/bin/uv pip compile --quiet --upgrade --universal --python-version 3.11 \
 		--generate-hashes --extra dev --extra cloud --extra build \
-		--custom-compile-command 'make lock' -o $(LOCK) pyproject.toml build/build-requires.in
+		--custom-compile-command 'make lock' -o build/$(LOCK) pyproject.toml build/build-requires.in
+	@# Replaced only when it changed: a new mtime alone would make the next make reinstall.
+	@if cmp -s build/$(LOCK) $(LOCK); then echo "$(LOCK): unchanged"; else \
+		cp build/$(LOCK) $(LOCK); echo "$(LOCK): updated; review git diff $(LOCK), commit it"; fi
 
 # KEEP=1 keeps the demo's temporary directory (config, daemon log, database).
 demo: $(STAMP)

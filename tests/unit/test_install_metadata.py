@@ -176,6 +176,7 @@ def test_makefile__the_install_uses_the_lock_in_hash_checking_mode_and_reinstall
 
 def test_makefile__make_lock_regenerates_the_lock_and_the_readme_says_so():
     _, recipe = make_rule("lock")
-    assert any("--generate-hashes" in ln and "-o $(LOCK)" in ln for ln in recipe)
+    assert any("--generate-hashes" in ln and "-o build/$(LOCK)" in ln for ln in recipe)
+    assert any("cp build/$(LOCK) $(LOCK)" in ln for ln in recipe)
     assert "make lock" in (REPO / "README.md").read_text(encoding="utf-8")
     assert LOCK.read_text(encoding="utf-8").splitlines()[1].strip("# ") == "make lock"
