@@ -187,7 +187,7 @@ def test_http__idle_connections_hold_no_thread_and_the_excess_get_a_503(sock_dir
             assert {(a.status, a.body["error"]["code"]) for a in refused} == {(503, "server_busy")}
             assert all(a.headers["connection"] == "close" for a in refused)
             assert all(c.closed() for c in clients[cap:])
-            assert threading.active_count() == threads_before  # no thread per connection
+            assert threading.active_count() <= threads_before  # no thread per connection
             for c in clients[:cap]:  # the idle ones were kept, and serve
                 assert c.send(request("/v1/health", method="GET")).answer().status == 200
         finally:
