@@ -63,14 +63,6 @@ DEFAULT_LEASE_S = 30.0
 GUARD_RERUNS = 3
 
 
-def _without_input(exc: ValidationError) -> str:
-    """``exc`` as ``loc: msg`` parts, without the input values its ``str()`` quotes."""
-    return "; ".join(
-        f"{'.'.join(str(p) for p in err['loc']) or '(input)'}: {err['msg']}"
-        for err in exc.errors(include_url=False, include_input=False, include_context=False)
-    )
-
-
 @dataclass
 class RunView:
     """Everything ``show`` reports about one run."""
@@ -181,7 +173,7 @@ class Engine:
             except ValidationError as exc:
                 # from None, and no {exc}: pydantic's text quotes the input, which may be
                 # anything a client sent (a card number included).
-                problem = _without_input(exc)
+                problem = stepexec.validation_problem(exc)
                 raise InputError(f"input does not match {model.__name__}: {problem}") from None
         else:
             stepexec.ensure_json(run_input)
@@ -509,7 +501,7 @@ class Engine:
             try:
                 data = wf.models[step.input_schema].model_validate(data).model_dump(mode="json")
             except ValidationError as exc:
-                problem = _without_input(exc)
+                problem = stepexec.validation_problem(exc)
                 raise InputError(f"input for step '{step.name}' is invalid: {problem}") from None
         c = self.draft(run)
         c.run.status = Status.RUNNING
@@ -517,13 +509,8 @@ class Engine:
         path = step_path(frames)
         try:
             c.run.state, _ = stepexec.apply_output(run.state, data, step.output_key, wf.state_model)
-        except StepError as exc:
-            cause = exc.__cause__  # a state model's ValidationError quotes the input
-            if isinstance(cause, ValidationError):
-                problem = f"the state would not match its model: {_without_input(cause)}"
-            else:
-                problem = exc.message
-            raise InputError(f"input for step '{step.name}' is invalid: {problem}") from None
+        except StepError as exc:  # its message names fields, never their values
+            raise InputError(f"input for step '{step.name}' is invalid: {exc.message}") from None
         c.steps.append(StepRecord(run_id, path, step.name, "input", "COMPLETED", 1, now, now, data))
         c.audit.append(AuditEvent(run_id, "resumed", now, path))
         self._settle(c, wf, self.registry.navigator(wf).after(frames, c.run.state, run.input))

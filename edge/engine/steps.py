@@ -53,6 +53,15 @@ def call_with_timeout(fn: Callable[[], Any], timeout_s: float | None) -> Any:
         raise StepTimeout(f"step did not finish within {timeout_s}s") from exc
 
 
+def validation_problem(exc: ValidationError) -> str:
+    """``exc`` as ``loc: msg`` parts, without the input values its ``str()`` quotes (a
+    state or an input may hold card data; these messages reach run errors and logs)."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or '(input)'}: {err['msg']}"
+        for err in exc.errors(include_url=False, include_input=False, include_context=False)
+    )
+
+
 def state_view(state: dict[str, Any], model: type[BaseModel] | None) -> Any:
     """What a step function sees: the state model instance, else a private copy."""
     if model is None:
@@ -60,7 +69,10 @@ def state_view(state: dict[str, Any], model: type[BaseModel] | None) -> Any:
     try:
         return model.model_validate(state)
     except ValidationError as exc:
-        raise StepError(f"state does not match {model.__name__}: {exc}", retryable=False) from exc
+        problem = validation_problem(exc)
+        raise StepError(
+            f"state does not match {model.__name__}: {problem}", retryable=False
+        ) from None
 
 
 def apply_output(
@@ -93,9 +105,10 @@ def apply_output(
         instance = model.model_validate(new)
         return instance.model_dump(mode="json"), instance
     except ValidationError as exc:
+        problem = validation_problem(exc)
         raise StepError(
-            f"new state does not match {model.__name__}: {exc}", retryable=False
-        ) from exc
+            f"new state does not match {model.__name__}: {problem}", retryable=False
+        ) from None
     except PydanticSerializationError as exc:
         raise StepError(f"new state is not JSON-serialisable: {exc}", retryable=False) from exc
 

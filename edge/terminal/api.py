@@ -53,15 +53,14 @@ from edge.engine import RunRecord, Status
 from edge.engine.definition import WaitStep
 from edge.errors import InputError, InvalidRunState, NotFound, StorageFull, TillflowError
 from edge.terminal.carddata import luhn_valid, scrub
-from edge.terminal.httpserver import UnixHttpServer
+from edge.terminal.httpserver import MAX_BODY_BYTES, UnixHttpServer
 from edge.terminal.runtime import Terminal
 from edge.terminal.views import run_view
 
 log = logging.getLogger(__name__)
 
-#: Largest request body accepted: a payment is a few hundred bytes. The transport caps
-#: Content-Length at the same figure; the routes do not rely on sitting behind it.
-MAX_BODY_BYTES = 64 * 1024
+# MAX_BODY_BYTES (the transport's cap, a payment is a few hundred bytes) is checked here
+# too: the routes do not rely on sitting behind that transport.
 
 #: Largest answer to a WAIT: a flag, a choice, a reference to a signature captured
 #: elsewhere. It is merged into the run's state and kept in its step row, both in the

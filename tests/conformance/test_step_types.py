@@ -424,3 +424,24 @@ steps:
 """)
     run = engine.get(engine.start("inp", {"k": "v"}))
     assert run.state["saw_input"] == {"k": "v"}
+
+
+TYPED_BAD_OUTPUT = """
+workflow_type: typed_bad
+version: 1
+state_model: "tf_steps:PaymentState"
+steps:
+  - {name: leak, type: STANDARD, function: "tf_steps:returns_bad_amount"}
+"""
+
+
+def test_state_model__a_bad_output_fails_the_step_naming_the_field_not_its_value(
+    engine, register
+):
+    """The failure text is stored in the run's error and logged: a value quoted there
+    could be card data a step got wrong (issue 10 §2)."""
+    register(TYPED_BAD_OUTPUT)
+    run = engine.get(engine.start("typed_bad", {"amount": 100}))
+    assert run.status is Status.FAILED
+    assert "amount" in run.error["message"]
+    assert "4111111111111111" not in str(run.error)

@@ -173,3 +173,8 @@ def undo_flaky(state: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
         KNOBS["undo_flaky"] -= 1
         raise StepError("cannot undo yet")
     return {"undone": [*state.get("undone", []), ctx.step]}
+
+
+def returns_bad_amount(state: PaymentState, ctx: StepContext) -> dict[str, Any]:
+    """A bug: puts a card number where the state model wants an amount."""
+    return {"amount": "4111111111111111x"}
