@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test check lint typecheck bench torture clean package bundle package-onefile release-key lock
+.PHONY: demo test check lint typecheck layers bench torture clean package bundle package-onefile release-key lock
 
 # The frozen terminal binary (PyInstaller onedir, see README "Frozen binary"): rebuilt
 # only when a file it is made of changed, so `make test` builds it at most once.
@@ -81,7 +81,11 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
-check: lint typecheck
+# DESIGN.md's layer rules: who may import whom (tests/support/layers.py).
+layers: $(STAMP)
+	$(PY) tests/support/layers.py
+
+check: lint typecheck layers
 
 bench: $(STAMP)
 	$(PY) bench/engine.py
