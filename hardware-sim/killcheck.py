@@ -13,8 +13,19 @@ daemon must be the one to recover the WAL) and returns the violations it finds:
   (whatever keys it used); a finished online approval holds exactly one charge unless
   voided, anything else none; an offline approval never reached the acquirer; a refund
   refunded at most once, and exactly once if approved;
+* money held: a charge not reversed belongs to an approved payment (COMPLETED, or still
+  running towards it: authorising, printing, recording) or to one whose reversal is
+  pending (decision ``unknown`` at ``reverse_unknown``, or COMPENSATING an approval);
+  "money held with no approved run and no pending reversal" is a violation, in flight
+  too (``money_may_be_held``, which the power-cut torture shares);
+* unknown outcomes: a payment whose decision is ``unknown`` has told the cloud (one
+  ``unknown`` message, emitted in the same commit); a finished one that went through
+  ``unknown`` has its final message after that one; none finishes ``unknown``;
 * the offline exposure counter equals the unsent offline approvals the runs record;
-* with ``final=True``, every run is in a terminal state.
+* with ``final=True`` (after a graceful stop, the link up), every run is in a terminal
+  state and no reversal is pending.
+
+``Checker.pending`` lists the runs whose reversal was pending at the last check.
 """
 
 from __future__ import annotations
@@ -34,9 +45,53 @@ from edge.engine.audit import GENESIS, link
 from edge.engine.context import idempotency_key
 from edge.engine.records import AuditEvent
 
-__all__ = ["TERMINAL_STATUSES", "Checker", "PosBook", "PosOutcome"]
+__all__ = [
+    "TERMINAL_STATUSES",
+    "Checker",
+    "PosBook",
+    "PosOutcome",
+    "money_may_be_held",
+    "reversal_pending",
+]
 
 TERMINAL_STATUSES = frozenset({"COMPLETED", "FAILED", "ROLLED_BACK", "CANCELLED"})
+#: A payment decision while the acquirer may hold money the terminal is releasing.
+UNKNOWN = "unknown"
+#: Steps the money rules look at (edge/terminal/workflows/payment.yaml, void.yaml).
+AUTHORIZE, REVERSE_UNKNOWN, VOID_REVERSE = "authorize_online", "reverse_unknown", "reverse_payment"
+
+
+def money_may_be_held(
+    status: str, decision: str | None, step: str | None, *, offline: bool = False
+) -> str | None:
+    """Why a payment run in this ``status``, with this ``decision``, at this ``step``
+    (the top of its cursor) may hold an authorisation the acquirer has not reversed; None
+    when it may not: money held with no approved run and no pending reversal."""
+    if offline:
+        return None  # an offline approval never reached the acquirer
+    if status == "COMPLETED":
+        return "approved" if decision == "approved" else None
+    if status == "COMPENSATING":
+        return "reversing its approval" if decision == "approved" else None
+    if status in TERMINAL_STATUSES:
+        return None
+    if step == AUTHORIZE:
+        return "authorising (its answer not recorded yet)"
+    if decision == UNKNOWN and step == REVERSE_UNKNOWN:
+        return "reversal pending"
+    if decision == "approved":
+        return "approved, finishing"
+    return None
+
+
+def reversal_pending(workflow: str, status: str, decision: str | None, step: str | None) -> bool:
+    """A run still releasing money the customer may be charged: a payment whose outcome is
+    unknown or whose approval the saga reverses, a void retrying its reversal."""
+    if status in TERMINAL_STATUSES:
+        return False
+    if workflow == "payment":
+        return decision == UNKNOWN or status == "COMPENSATING"
+    return workflow == "void" and step == VOID_REVERSE
 
 
 # --- what the POS saw --------------------------------------------------------------------
@@ -51,6 +106,7 @@ class PosOutcome:
     status: str
     decision: str | None
     channel: str | None = None
+    reason: str | None = None
 
 
 @dataclass
@@ -63,6 +119,8 @@ class PosBook:
     anomalies: list[str] = field(default_factory=list)
     retried: int = 0  # transactions that needed a retry after a kill
     retries: int = 0  # requests sent again after a kill
+    #: Keys whose run the POS was shown as ``unknown``/``reversal_pending`` on the way.
+    pending_seen: set[str] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def snapshot(self) -> PosBook:
@@ -74,6 +132,7 @@ class PosBook:
                 list(self.anomalies),
                 self.retried,
                 self.retries,
+                set(self.pending_seen),
             )
 
 
@@ -93,10 +152,31 @@ class _Run:
     payment_run_id: str | None
     reversed: bool
     released: bool
+    step: str | None = None  # the top of the cursor: where it is, or None once finished
+    reason: str | None = None
+    auth_key: str | None = None
 
     @property
     def finished(self) -> bool:
         return self.status in TERMINAL_STATUSES
+
+    @property
+    def went_unknown(self) -> bool:
+        """A payment whose authorisation was recorded as of unknown outcome (and reversed,
+        once it is declined): ``_outcome_unknown`` keeps the key in its state."""
+        return (
+            self.workflow == "payment"
+            and self.auth_key is not None
+            and (self.decision in (UNKNOWN, "declined"))
+        )
+
+    @property
+    def reversal_pending(self) -> bool:
+        return reversal_pending(self.workflow, self.status, self.decision, self.step)
+
+    def where(self) -> str:
+        at = f" at {self.step}" if self.step and not self.finished else ""
+        return f"{self.status}, {self.decision}{at}"
 
 
 _RUNS_SQL = """
@@ -104,10 +184,11 @@ SELECT run_id, workflow_type, status, idempotency_key,
        json_extract(state, '$.decision'), json_extract(state, '$.channel'),
        json_extract(state, '$.offline'), json_extract(state, '$.amount_minor'),
        json_extract(state, '$.payment_run_id'), json_extract(state, '$.reversed'),
-       json_extract(state, '$.released')
+       json_extract(state, '$.released'), json_extract(cursor, '$.frames[#-1][0]'),
+       json_extract(state, '$.reason'), json_extract(state, '$.auth_key')
 FROM workflow_runs
 """
-_OUTBOX_SQL = "SELECT run_id, topic, json_extract(payload, '$.decision') FROM outbox"
+_OUTBOX_SQL = "SELECT run_id, topic, json_extract(payload, '$.decision'), seq FROM outbox"
 _AUDIT_SQL = """
 SELECT seq, run_id, event, step, detail, at, prev_hash, hash
 FROM workflow_audit_log WHERE seq >= ? ORDER BY seq
@@ -136,6 +217,8 @@ class Checker:
         self._audit_hash = GENESIS
         self._keys: dict[str, tuple[str, str]] = {}  # acquirer key -> (run id, workflow)
         self._traced: set[str] = set()
+        #: Runs whose reversal was pending at the last check (``reversal_pending``).
+        self.pending: list[str] = []
 
     def check(
         self, ledger: Mapping[str, LedgerEntry], book: PosBook, *, final: bool = False
@@ -158,7 +241,11 @@ class Checker:
                 problems.append(f"PRAGMA integrity_check: {'; '.join(integrity[:3])}")
                 return problems  # nothing else read from a corrupt file is worth checking
             runs = {row[0]: _run(row) for row in conn.execute(_RUNS_SQL)}
-            messages = Counter((str(r[0]), str(r[1]), r[2]) for r in conn.execute(_OUTBOX_SQL))
+            messages: Counter[tuple[str, str, Any]] = Counter()
+            first_seq: dict[tuple[str, str, Any], int] = {}  # a message's first seq
+            for run_id, topic, decision, seq in conn.execute(_OUTBOX_SQL):
+                messages[(str(run_id), str(topic), decision)] += 1
+                first_seq.setdefault((str(run_id), str(topic), decision), int(seq))
             counters = {
                 str(r[0]): (int(r[1]), int(r[2]))
                 for r in conn.execute("SELECT name, amount, count FROM counters")
@@ -167,14 +254,20 @@ class Checker:
             conn.execute("COMMIT")
         finally:
             conn.close()
+        self.pending = sorted(r.run_id for r in runs.values() if r.reversal_pending)
         problems += _pos(runs, book)
         problems += _outbox(runs, messages)
+        problems += _unknown_outcomes(runs, messages, first_seq)
         problems += self._money(runs, ledger)
         problems += _offline_exposure(runs, counters)
         if final:
             problems += self._full_audit()
             problems += [
-                f"{r.workflow} run {r.run_id} is still {r.status} after recovery and a "
+                f"{r.workflow} run {r.run_id} still has a reversal pending ({r.where()}) "
+                "after recovery, a graceful stop and the link up: money the customer may "
+                "be charged is not released"
+                if r.reversal_pending
+                else f"{r.workflow} run {r.run_id} is still {r.status} after recovery and a "
                 "graceful stop"
                 for r in runs.values()
                 if not r.finished
@@ -271,18 +364,24 @@ class Checker:
                 n = charges[r.run_id]
                 if n > 1:
                     problems.append(f"payment {r.run_id} is charged {n} times (double charge)")
-                if not r.finished or r.run_id in voiding:
-                    continue
-                online = r.decision == "approved" and not r.offline
-                want = 1 if r.status == "COMPLETED" and online and r.run_id not in voided else 0
-                if n != want and n <= 1:
-                    problems.append(
-                        f"payment {r.run_id} ({r.status}, {r.decision}, "
-                        f"{'voided' if r.run_id in voided else 'not voided'}) holds {n} "
-                        f"charge(s) at the acquirer, expected {want}"
-                    )
+                if r.run_id in voiding:
+                    continue  # a void in flight may have released it or not yet
                 if r.offline and touched[r.run_id]:
                     problems.append(f"offline payment {r.run_id} reached the acquirer")
+                why = money_may_be_held(r.status, r.decision, r.step, offline=r.offline)
+                if n == 1 and (why is None or r.run_id in voided):
+                    problems.append(
+                        f"payment {r.run_id} ({r.where()}, "
+                        f"{'voided' if r.run_id in voided else 'not voided'}) holds 1 "
+                        "charge(s) at the acquirer, expected 0: money held with no approved "
+                        "run and no pending reversal"
+                    )
+                online = r.decision == "approved" and not r.offline
+                if r.status == "COMPLETED" and online and r.run_id not in voided and n == 0:
+                    problems.append(
+                        f"payment {r.run_id} ({r.status}, {r.decision}, not voided) holds 0 "
+                        "charge(s) at the acquirer, expected 1"
+                    )
             elif r.workflow == "refund":
                 n = refunds[r.run_id]
                 if n > 1:
@@ -307,6 +406,9 @@ def _run(row: tuple[Any, ...]) -> _Run:
         payment_run_id=None if row[8] is None else str(row[8]),
         reversed=bool(row[9]),
         released=bool(row[10]),
+        step=None if row[11] is None else str(row[11]),
+        reason=None if row[12] is None else str(row[12]),
+        auth_key=None if row[13] is None else str(row[13]),
     )
 
 
@@ -361,6 +463,41 @@ def _outbox(runs: Mapping[str, _Run], messages: Counter[tuple[str, str, Any]]) -
         kept = messages[(r.run_id, r.workflow, "approved")]
         if approved and r.workflow in ("payment", "refund", "void") and kept != 1:
             problems.append(f"approved {r.workflow} {r.run_id} is missing from the outbox")
+    return problems
+
+
+def _unknown_outcomes(
+    runs: Mapping[str, _Run],
+    messages: Counter[tuple[str, str, Any]],
+    first_seq: Mapping[tuple[str, str, Any], int],
+) -> list[str]:
+    """An authorisation of unknown outcome is told to the cloud when it is recorded, and
+    how it ended once it has; a finished sale never stays unknown."""
+    problems: list[str] = []
+    for r in runs.values():
+        if r.workflow != "payment":
+            continue
+        unknown = messages[(r.run_id, "payment", UNKNOWN)]
+        if r.finished and r.decision == UNKNOWN:
+            problems.append(f"payment {r.run_id} ended {r.status} with decision unknown")
+        if r.went_unknown and not unknown:
+            problems.append(
+                f"payment {r.run_id} ({r.where()}) went through an unknown outcome that the "
+                "outbox never recorded: the cloud is not told the customer may be charged"
+            )
+        if not unknown or not r.finished or r.decision == UNKNOWN:
+            continue
+        final = (r.run_id, "payment", r.decision)
+        if messages[final] != 1:
+            problems.append(
+                f"payment {r.run_id} ({r.status}, {r.decision}) has an 'unknown' message "
+                f"but {messages[final]} final '{r.decision}' message(s)"
+            )
+        elif first_seq[final] < first_seq[(r.run_id, "payment", UNKNOWN)]:
+            problems.append(
+                f"payment {r.run_id}: its final '{r.decision}' message comes before its "
+                "'unknown' one"
+            )
     return problems
 
 

@@ -34,7 +34,7 @@ from edge.store.sqlite import SqliteStore
 from edge.terminal.acquirer_http import HttpAcquirer
 from edge.terminal.carddata import DataKey
 from edge.terminal.config import RiskLimits
-from edge.terminal.ports import AuthResponse
+from edge.terminal.ports import AuthRequest, AuthResponse
 
 KILLS = 200
 
@@ -58,6 +58,35 @@ def test_kill_torture__200_kills_under_payment_load_break_no_invariant(tmp_path:
 
 WORKFLOWS = Path(edge.terminal.__file__).with_name("workflows")
 LIMITS = RiskLimits(floor_limit_minor=2_500, online_random_percent=0)
+#: Virtual seconds the link stays down after the world's lost answer: far past the
+#: authorisation's retries, so its outcome is unknown and the reversal waits it out.
+OUTAGE_S = 900.0
+
+
+class LosesOneAnswer:
+    """The acquirer port, losing one reply when armed: the acquirer approves and records
+    the authorisation, the answer is lost on the way back, and the link then stays down
+    for ``outage_s`` (the fault of issue 10 §1)."""
+
+    def __init__(self, http: HttpAcquirer, sim: SimAcquirer, link: SimNetworkLink) -> None:
+        self.http, self.sim, self.link = http, sim, link
+        self.outage_s = 0.0
+
+    def authorize(self, req: AuthRequest) -> AuthResponse:
+        outage, self.outage_s = self.outage_s, 0.0
+        if not outage:
+            return self.http.authorize(req)
+        self.sim.lose_reply(req.idempotency_key)
+        try:
+            return self.http.authorize(req)
+        finally:
+            self.link.down_for(outage)
+
+    def reverse(self, original_key: str, idempotency_key: str) -> AuthResponse:
+        return self.http.reverse(original_key, idempotency_key)
+
+    def refund(self, req: AuthRequest) -> AuthResponse:
+        return self.http.refund(req)
 
 
 @dataclass
@@ -80,6 +109,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     with SimAcquirer() as acquirer:
         acquirer.decline_over(9_000)
         http = HttpAcquirer(acquirer.url, link=link, timeout_s=2)
+        port = LosesOneAnswer(http, acquirer, link)
         store = SqliteStore(db)
         engine = Engine(
             store,
@@ -88,7 +118,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             services={
                 "card_reader": reader,
                 "printer": SimPrinter(),
-                "acquirer": http,
+                "acquirer": port,
                 "link": link,
                 "data_key": DataKey.load_or_create(tmp / "keys"),
                 "policy": None,
@@ -122,6 +152,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         link.down()
         pos("offline", "payment", {"amount_minor": 1_000, "currency": "EUR"})
         link.up()
+        # Approved, its answer lost, then the outage: unknown, reversed once it is over.
+        port.outage_s = OUTAGE_S
+        pos("lost", "payment", {"amount_minor": 6_000, "currency": "EUR"})
         engine.close()
         store.checkpoint()
         store.close()
@@ -146,8 +179,27 @@ def test_checker__finds_nothing_wrong_with_an_honest_terminal(world: World) -> N
         "voided": ("COMPLETED", "approved"),
         "void": ("COMPLETED", "approved"),
         "offline": ("COMPLETED", "approved"),
+        "lost": ("COMPLETED", "declined"),  # acquirer_unreachable, reversed
     }
-    assert Checker(world.db).check(world.ledger, world.book, final=True) == []
+    checker = Checker(world.db)
+    assert checker.check(world.ledger, world.book, final=True) == []
+    assert checker.pending == []
+    # The world holds the fault it is meant to: an approval whose answer was lost,
+    # reversed after the outage, and both messages for the cloud.
+    lost = world.runs["lost"]
+    reversal = _reversal_of(world, lost)
+    assert world.ledger[idempotency_key(lost, "authorize_online", 1)].effect
+    assert reversal is not None and world.ledger[reversal].effect
+    conn = apsw.Connection(str(world.db), flags=apsw.SQLITE_OPEN_READONLY)
+    decisions = [
+        r[0]
+        for r in conn.execute(
+            "SELECT json_extract(payload, '$.decision') FROM outbox WHERE run_id = ? ORDER BY seq",
+            (lost,),
+        )
+    ]
+    conn.close()
+    assert decisions == ["unknown", "declined"]
 
 
 def _sql(*statements: str) -> Callable[[World], None]:
@@ -182,6 +234,42 @@ def _double_charge(w: World) -> None:
 
 def _uncharged(w: World) -> None:
     del w.ledger[idempotency_key(w.runs["online"], "authorize_online", 1)]
+
+
+def _reversal_of(w: World, run_id: str) -> str | None:
+    """The ledger key of the reversal that released ``run_id``'s authorisation."""
+    auth = idempotency_key(run_id, "authorize_online", 1)
+    keys = [k for k, e in w.ledger.items() if e.operation == "reverse" and e.reverses == auth]
+    return keys[0] if keys else None
+
+
+def _unreversed(w: World) -> None:
+    """The acquirer never got (or lost) the lost run's reversal: its money is held."""
+    key = _reversal_of(w, w.runs["lost"])
+    assert key is not None
+    del w.ledger[key]
+
+
+def _lost_run(status: str, step: str | None, decision: str, *more: str) -> Callable[[World], None]:
+    """The lost run put back to ``status`` at ``step`` with ``decision`` (a crash's state)."""
+    frames = "'[]'" if step is None else f"'[[\"{step}\", null]]'"
+    return _sql(
+        f"UPDATE workflow_runs SET status = '{status}', "
+        f"cursor = json_set(cursor, '$.frames', json({frames})), "
+        f"state = json_set(state, '$.decision', '{decision}') WHERE run_id = '{{lost}}'",
+        *more,
+    )
+
+
+_DROP_FINAL = "DELETE FROM outbox WHERE run_id = '{lost}' AND payload LIKE '%\"declined\"%'"
+_DROP_UNKNOWN = "DELETE FROM outbox WHERE run_id = '{lost}' AND payload LIKE '%\"unknown\"%'"
+
+
+def _pending_reversal(w: World) -> None:
+    """What a kill during the outage leaves: decision unknown at reverse_unknown, the
+    cloud told, the money still held."""
+    _lost_run("RUNNING", "reverse_unknown", "unknown", _DROP_FINAL)(w)
+    _unreversed(w)
 
 
 def _corrupt(w: World) -> None:
@@ -234,6 +322,60 @@ BROKEN: dict[str, tuple[Callable[[World], None], str]] = {
         "2 'payment' messages",
     ),
     "a corrupt file": (_corrupt, "integrity_check|does not open"),
+    # Issue 10 §1: an answer lost at the acquirer, then a long outage.
+    "a reversal that never released the money": (
+        _unreversed,
+        "COMPLETED, declined.*money held with no approved run and no pending reversal",
+    ),
+    "an unknown outcome the cloud was never told": (
+        _sql(_DROP_UNKNOWN),
+        "unknown outcome that the outbox never recorded",
+    ),
+    "an unknown message with no final message": (
+        _sql(_DROP_FINAL),
+        "has an 'unknown' message but 0 final 'declined'",
+    ),
+    "a final message before the unknown one": (
+        _sql(
+            "UPDATE outbox SET seq = seq + 1000 WHERE run_id = '{lost}' "
+            "AND payload LIKE '%\"unknown\"%'"
+        ),
+        "final 'declined' message comes before its 'unknown' one",
+    ),
+    "a sale that finished unknown": (
+        _lost_run("COMPLETED", None, "unknown"),
+        "ended COMPLETED with decision unknown",
+    ),
+    "a reversal still pending at the end": (_pending_reversal, "still has a reversal pending"),
+}
+
+#: States a kill can leave in flight (checked with ``final=False``): money held, and
+#: the patterns the checker must report (none: a legitimate state).
+IN_FLIGHT: dict[str, tuple[Callable[[World], None], str | None]] = {
+    "a pending reversal holding the money": (_pending_reversal, None),
+    "a run authorising when killed, its approval recorded at the acquirer": (
+        lambda w: (_lost_run("RUNNING", "authorize_online", "unknown")(w), _unreversed(w)),
+        None,
+    ),
+    "money held by a run declined on its way to record": (
+        lambda w: (_lost_run("RUNNING", "record", "declined")(w), _unreversed(w)),
+        r"\(RUNNING, declined at record, not voided\) holds 1 charge.*no pending reversal",
+    ),
+    "money held by a run decided offline": (
+        lambda w: (
+            _lost_run("RUNNING", "approve_offline", "declined")(w),
+            _unreversed(w),
+        ),
+        "money held with no approved run and no pending reversal",
+    ),
+    "money held by a run that gave its reversal up": (
+        lambda w: (_lost_run("FAILED", None, "unknown", _DROP_FINAL)(w), _unreversed(w)),
+        r"\(FAILED, unknown, not voided\) holds 1 charge.*no pending reversal",
+    ),
+    "a saga reversing something that was never approved": (
+        lambda w: (_lost_run("COMPENSATING", "record", "declined")(w), _unreversed(w)),
+        "money held with no approved run and no pending reversal",
+    ),
 }
 
 
@@ -243,3 +385,20 @@ def test_checker__reports(broken: str, copy: World) -> None:
     tamper(copy)
     problems = Checker(copy.db).check(copy.ledger, copy.book, final=True)
     assert any(re.search(expected, p) for p in problems), problems
+
+
+@pytest.mark.parametrize("state", list(IN_FLIGHT), ids=list(IN_FLIGHT))
+def test_checker__money_held_in_flight(state: str, copy: World) -> None:
+    """Between kills (``final=False``) money may be held only by a run approving or
+    reversing it: anything else is reported, and the legitimate states are not."""
+    tamper, expected = IN_FLIGHT[state]
+    tamper(copy)
+    checker = Checker(copy.db)
+    problems = checker.check(copy.ledger, copy.book)
+    problems = [p for p in problems if "the POS was told" not in p]  # the surgery's echo
+    if expected is None:
+        assert problems == []
+    else:
+        assert any(re.search(expected, p) for p in problems), problems
+    if state == "a pending reversal holding the money":
+        assert checker.pending == [copy.runs["lost"]]
