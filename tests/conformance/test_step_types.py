@@ -435,9 +435,7 @@ steps:
 """
 
 
-def test_state_model__a_bad_output_fails_the_step_naming_the_field_not_its_value(
-    engine, register
-):
+def test_state_model__a_bad_output_fails_the_step_naming_the_field_not_its_value(engine, register):
     """The failure text is stored in the run's error and logged: a value quoted there
     could be card data a step got wrong (issue 10 §2)."""
     register(TYPED_BAD_OUTPUT)
