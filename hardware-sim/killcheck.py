@@ -219,6 +219,10 @@ class Checker:
         self._traced: set[str] = set()
         #: Runs whose reversal was pending at the last check (``reversal_pending``).
         self.pending: list[str] = []
+        #: Figures of the last check, for a tally: payments that went through an unknown
+        #: outcome, how many of them finished, and whose authorisation the acquirer
+        #: released (a reversal with an effect: the customer had been charged).
+        self.figures: dict[str, int] = {}
 
     def check(
         self, ledger: Mapping[str, LedgerEntry], book: PosBook, *, final: bool = False
@@ -355,6 +359,14 @@ class Checker:
                 refunds[run_id] += 1
             elif entry.effect:
                 problems.append(f"acquirer {entry.operation} under key {key} from a {workflow}")
+        unknown = [r for r in runs.values() if r.went_unknown]
+        self.figures = {
+            "went_unknown": len(unknown),
+            "finished_after_unknown": sum(1 for r in unknown if r.finished),
+            "released_after_unknown": sum(
+                1 for r in unknown if idempotency_key(r.run_id, AUTHORIZE, 1) in released
+            ),
+        }
         voided = {r.payment_run_id for r in runs.values() if r.workflow == "void" and r.reversed}
         voiding = {
             r.payment_run_id for r in runs.values() if r.workflow == "void" and not r.finished

@@ -17,6 +17,22 @@ chance rarely hits: the card reader has just handed a card over, the acquirer ha
 recorded an effect and not yet answered (the lost reply), the printer has just printed.
 Those three kill from inside the simulator, before it answers.
 
+And a fault that spans lives (issue 10 §1): **an answer lost at the acquirer, then a
+long outage** (``FAULTS``). Every ``FAULT_GAP_LIVES`` lives or so, once the previous one
+is over, the acquirer's next approval of a new authorisation is recorded and its answer
+lost -- the daemon killed right there (``lost_answer``), or the connection dropped with
+the daemon left running, to be killed at a random moment of the outage
+(``dropped_answer``) -- and at that moment the link goes down and the acquirer becomes
+unreachable (``drop``: whatever slips past a cached link check is lost unanswered) for
+``OUTAGE_FACTOR`` times the payment's whole authorisation retry window, plus a second.
+The daemon runs in real time, and with the link down its retries fail at once, so that
+window is the sum of their backoffs in payment.yaml (about 3.3 s); the outages last
+6-11 s. Its later attempts find the link down, the outcome is ``unknown``, and
+``reverse_unknown`` retries the reversal through the rest of the outage and after it.
+The lives go on meanwhile, so kills land during the outage and while the reversal is
+pending; the POS, whose payment it was, polls through ``unknown``/``reversal_pending``
+until the sale is declined (``acquirer_unreachable``).
+
 After every kill, with the daemon dead, ``hwsim.killcheck.Checker`` looks at the
 database as the crash left it, at the acquirer's ledger and at what the POS saw; at the
 end, after a graceful stop, once more with every run required to be finished. The
@@ -55,7 +71,12 @@ from hwsim.devices import SimDeviceServer
 from hwsim.killcheck import TERMINAL_STATUSES, Checker, PosBook, PosOutcome
 from hwsim.printer import SimPrinter
 
-__all__ = ["TRIGGERS", "main", "run"]
+import edge.terminal
+from edge.engine.definition import ActionStep
+from edge.engine.loader import load_file
+from edge.terminal.ports import AuthResponse
+
+__all__ = ["FAULTS", "TRIGGERS", "main", "run"]
 
 Log = Callable[[str], None]
 
@@ -68,6 +89,20 @@ TRIGGERS: dict[str, int] = {
     "acquirer": 22,
     "print": 12,
 }
+
+#: The lost answer followed by a long outage, in its two variants, taken in turn: the
+#: daemon killed as the answer is lost, or the connection dropped and the daemon killed
+#: later in the outage. Kills that hit them count under these names.
+FAULTS = ("lost_answer", "dropped_answer")
+#: Ordinary lives between the end of one such fault (the link back, no reversal pending)
+#: and the next; none is started in the last ``FAULT_TAIL_LIVES`` lives.
+FAULT_GAP_LIVES = 25
+FAULT_FIRST_LIFE = 8
+FAULT_TAIL_LIVES = 15
+#: How long a fault waits for an online approval to lose before the life is a "load".
+FAULT_HOOK_TIMEOUT_S = 2.0
+#: An outage lasts this many times the authorisation's retry window, plus a second.
+OUTAGE_FACTOR = (1.5, 3.0)
 
 # Risk limits: small payments may be approved offline; the offline caps are out of reach
 # (nothing acknowledges the outbox here, so real caps would decline everything in time).
@@ -86,6 +121,9 @@ REQUEST_TIMEOUT_S = 20.0
 RUN_TIMEOUT_S = 30.0
 #: How long the POS waits for the daemon to come back after a kill.
 GATE_TIMEOUT_S = 60.0
+#: A payment the POS was shown ``reversal_pending`` must be settled within this, from
+#: then (the outage, then the reversal's growing backoff: 1, 2, 4, 8 s...).
+REVERSAL_TIMEOUT_S = 90.0
 #: A hooked trigger (card, acquirer, print) that does not fire within this is replaced
 #: by a plain kill (e.g. the link is down, so nothing reaches the acquirer).
 HOOK_TIMEOUT_S = 0.6
@@ -100,6 +138,22 @@ BOOT_WINDOW_S = 0.15
 MAX_SOCKET_PATH = 100
 
 _CARDS = {"visa": 30, "mastercard": 30, "amex": 25, "hot_listed": 8, "bad_luhn": 4, "expired": 3}
+
+
+def _retry_window_s(step: str = "authorize_online") -> float:
+    """The longest the payment's ``step`` retries for when every attempt fails at once
+    (the link down): the sum of its backoffs, jitter at its maximum."""
+    workflow = load_file(Path(edge.terminal.__file__).with_name("workflows") / "payment.yaml")
+    action = workflow.steps[step]
+    assert isinstance(action, ActionStep), f"{step} is not an action step"
+    policy = action.retry
+    attempts = policy.max_attempts
+    assert isinstance(attempts, int), "a step retried forever has no window"
+    return sum(
+        min(policy.initial_backoff_s * policy.multiplier**k, policy.max_backoff_s)
+        * (1 + policy.jitter)
+        for k in range(attempts - 1)
+    )
 
 
 # --- the simulators, with kill hooks -------------------------------------------------------
@@ -159,17 +213,54 @@ class _Printer(SimPrinter):
         self._triggers.hit("print")  # printed; the step that printed never commits
 
 
+class _Fault:
+    """One of ``FAULTS``, armed for a life: the acquirer fires it at the next approval of
+    an authorisation it had not seen (``fire`` is the torture's: the outage, the kill)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._armed: tuple[str, float] | None = None  # (variant, outage seconds)
+        self.fired = threading.Event()
+
+    def arm(self, variant: str, outage_s: float) -> None:
+        with self._lock:
+            self.fired.clear()
+            self._armed = (variant, outage_s)
+
+    def disarm(self) -> None:
+        with self._lock:
+            self._armed = None
+
+    def take(self) -> tuple[str, float] | None:
+        with self._lock:
+            armed, self._armed = self._armed, None
+            return armed
+
+
 class _Acquirer(SimAcquirer):
     """``SimAcquirer`` that reaches the ``acquirer`` trigger once it has decided and
     recorded a request, before the reply goes out: the reply is lost with the daemon.
-    (``_apply`` is the simulator's one decide-and-record point.)"""
+    (``_apply`` is the simulator's one decide-and-record point.) An armed ``_Fault``
+    goes first, at a new approved authorisation: ``fire(variant, outage_s, key)``."""
 
-    def __init__(self, triggers: _Triggers) -> None:
+    def __init__(
+        self, triggers: _Triggers, fault: _Fault, fire: Callable[[str, float, str], None]
+    ) -> None:
         super().__init__()
         self._triggers = triggers
+        self._fault = fault
+        self._fire = fire
 
     def _apply(self, operation: Operation, key: str, body: bytes, mode: Mode) -> Any:
-        response = super()._apply(operation, key, body, mode)
+        with self._lock:
+            fresh = key not in self._ledger
+        response: AuthResponse = super()._apply(operation, key, body, mode)
+        if operation == "authorize" and fresh and response.approved:
+            armed = self._fault.take()
+            if armed is not None:
+                self._fire(*armed, key)
+                self._fault.fired.set()
+                return response
         self._triggers.hit("acquirer")
         return response
 
@@ -361,7 +452,9 @@ class _Pos(threading.Thread):
         retried = False
         deadline = time.monotonic() + RUN_TIMEOUT_S + GATE_TIMEOUT_S
         view: dict[str, Any] | None = None
-        while view is None or view.get("status") not in TERMINAL_STATUSES:
+        while view is None or not self._final(view, key):
+            if view is not None and view.get("decision") == "unknown" and kind != "refund":
+                deadline = self._pending(view, kind, key, deadline)
             if time.monotonic() > deadline:
                 self._anomaly(f"{kind} {key}: no final answer within the deadline; last {view}")
                 return
@@ -393,11 +486,37 @@ class _Pos(threading.Thread):
             str(view["status"]),
             view.get("decision"),
             view.get("channel"),
+            view.get("reason"),
         )
         with self.book.lock:
             self.book.outcomes[key] = outcome
         if kind == "payment" and outcome.status == "COMPLETED" and outcome.decision == "approved":
             self._approved.append(outcome.run_id)
+
+    def _final(self, view: dict[str, Any], key: str) -> bool:
+        """Whether ``view`` is the transaction's last word. A payment's or void's
+        ``unknown`` never is (the terminal is releasing what the acquirer may hold): the
+        POS polls on; one finished ``unknown`` is reported. (A refund may end unknown:
+        README, known limits.)"""
+        if view.get("status") not in TERMINAL_STATUSES:
+            return False
+        if view.get("decision") == "unknown" and view.get("workflow") != "refund":
+            self._anomaly(f"{key}: run {view['run_id']} finished {view['status']} unknown")
+        return True
+
+    def _pending(self, view: dict[str, Any], kind: str, key: str, deadline: float) -> float:
+        """A run shown ``unknown``: check what the POS is told, and give the reversal
+        its time (the outage, then its backoff); returns the new deadline."""
+        with self.book.lock:
+            first = key not in self.book.pending_seen
+            self.book.pending_seen.add(key)
+        if first:
+            if view.get("reason") != "reversal_pending" or view.get("auth_code"):
+                self._anomaly(f"{kind} {key}: unknown, but shown {view}")
+            if not view.get("customer_message"):
+                self._anomaly(f"{kind} {key}: reversal pending with nothing to tell the customer")
+            return max(deadline, time.monotonic() + REVERSAL_TIMEOUT_S)
+        return deadline
 
     def _answer(self, response: httpx.Response, kind: str, key: str) -> dict[str, Any] | None:
         if response.status_code != 200:
@@ -435,20 +554,59 @@ def _close_sockets_of(exc: BaseException) -> None:
 
 
 class _Weather(threading.Thread):
-    """The network link: down for a second or so, between a few seconds up."""
+    """The network link: down for a second or so, between a few seconds up; and now and
+    then a ``blackout``: the link down and the acquirer unreachable (``drop``) for as
+    long as it says, whatever the weather. ``halt`` ends it all with the link up."""
 
-    def __init__(self, rng: random.Random, devices: SimDeviceServer) -> None:
+    def __init__(self, rng: random.Random, devices: SimDeviceServer, acquirer: SimAcquirer):
         super().__init__(name="weather", daemon=True)
         self.rng = rng
         self.devices = devices
-        self.stop = threading.Event()
+        self.acquirer = acquirer
+        self._cond = threading.Condition()
+        self._halted = False
+        self._until = 0.0  # monotonic end of the blackout
+        self.blackouts = 0
+        self.blackout_s = 0.0
+
+    def blackout(self, seconds: float) -> None:
+        with self._cond:
+            now = time.monotonic()
+            self.blackout_s += max(now + seconds, self._until) - max(now, self._until)
+            self._until = max(self._until, now + seconds)
+            self.devices.set_link(False)
+            self.acquirer.set_mode("drop")
+            self.blackouts += 1
+            self._cond.notify_all()
+
+    def blacked_out(self) -> bool:
+        with self._cond:
+            return time.monotonic() < self._until
+
+    def halt(self) -> None:
+        with self._cond:
+            self._halted = True
+            self._cond.notify_all()
 
     def run(self) -> None:
         up = True
-        while not self.stop.wait(self.rng.uniform(2.0, 5.0) if up else self.rng.uniform(0.5, 2.0)):
-            up = not up
-            self.devices.set_link(up)
-        self.devices.set_link(True)
+        with self._cond:
+            while not self._halted:
+                seen = self.blackouts
+                pause = self.rng.uniform(2.0, 5.0) if up else self.rng.uniform(0.5, 2.0)
+                self._cond.wait_for(lambda s=seen: self._halted or self.blackouts != s, pause)
+                if self._halted:
+                    break
+                if self.blackouts == seen:
+                    up = not up
+                    self.devices.set_link(up)
+                    continue
+                while not self._halted and (left := self._until - time.monotonic()) > 0:
+                    self._cond.wait(left)  # a later blackout may extend it meanwhile
+                self.acquirer.set_mode("approve")
+                self.devices.set_link(up := True)
+            self.acquirer.set_mode("approve")
+            self.devices.set_link(True)
 
 
 # --- the torture -------------------------------------------------------------------------
@@ -489,6 +647,9 @@ def _config(work: Path, sock: Path, devices: str, acquirer: str) -> Path:
 class _Tally:
     kills: int = 0
     triggers: Counter[str] = field(default_factory=Counter)
+    faults: Counter[str] = field(default_factory=Counter)  # FAULTS fired
+    kills_in_outage: int = 0  # kills while a blackout held the link down
+    kills_reversal_pending: int = 0  # kills that left a reversal pending
     violations: list[str] = field(default_factory=list)
     seen: set[str] = field(default_factory=set)
     boot_s: float = 0.45  # spawn -> READY, measured
@@ -518,7 +679,13 @@ class _Torture:
         self.weather: _Weather | None = None
         self.triggers = _Triggers(self._kill)
         self.devices = SimDeviceServer(_Reader(self.triggers), _Printer(self.triggers))
-        self.acquirer = _Acquirer(self.triggers)
+        self.fault = _Fault()
+        self.acquirer = _Acquirer(self.triggers, self.fault, self._fire)
+        self.retry_window_s = _retry_window_s()
+        self._fault_due: str | None = None  # the fault to arm until it fires
+        self._fault_busy = False  # fired, and its outage or reversal not over yet
+        self._next_fault = FAULT_FIRST_LIFE
+        self._faults_started = 0
         self.acquirer.decline_over(ACQUIRER_LIMIT)
         self.acquirer.decline_bin(HOT_BIN, "hot_listed")
         self.sock_dir = sock_dir
@@ -528,6 +695,29 @@ class _Torture:
         self.gate.close()  # before the kill: every error the POS sees comes after it
         assert self.daemon is not None
         self.daemon.kill()
+
+    def _fire(self, variant: str, outage_s: float, key: str) -> None:
+        """From inside the acquirer, its approval under ``key`` recorded: the outage
+        starts, and the answer is lost with the daemon or on the way back."""
+        assert self.weather is not None
+        self.weather.blackout(outage_s)
+        if variant == "lost_answer":
+            self._kill()
+        else:
+            self.acquirer.lose_reply(key)
+
+    def _pick_fault(self, i: int) -> str | None:
+        """The fault this life arms, if one is due (``FAULT_GAP_LIVES``)."""
+        assert self.weather is not None
+        if self._fault_busy:
+            if self.weather.blacked_out() or self.checker.pending:
+                return None
+            self._fault_busy = False
+            self._next_fault = i + FAULT_GAP_LIVES
+        if self._fault_due is None and self._next_fault <= i <= self.n - FAULT_TAIL_LIVES:
+            self._fault_due = FAULTS[self._faults_started % len(FAULTS)]
+            self._faults_started += 1
+        return self._fault_due
 
     def run(self) -> dict[str, Any]:
         started = time.monotonic()
@@ -543,7 +733,9 @@ class _Torture:
                 self.gate,
                 self.book,
             )
-            weather = self.weather = _Weather(random.Random(self.seed + 2), self.devices)
+            weather = self.weather = _Weather(
+                random.Random(self.seed + 2), self.devices, self.acquirer
+            )
             try:
                 weather.start()
                 pos.start()
@@ -558,7 +750,7 @@ class _Torture:
                 self._last_life(pos)
             finally:
                 pos.stop.set()
-                weather.stop.set()
+                weather.halt()
                 self.gate.open()  # release a POS waiting for a daemon that will not come
                 pos.join(REQUEST_TIMEOUT_S)
                 weather.join(REQUEST_TIMEOUT_S)
@@ -569,9 +761,9 @@ class _Torture:
 
     def _one_life(self, i: int, pos: _Pos) -> None:
         """Start the daemon, kill it at this life's trigger, check the crashed state."""
-        assert self.daemon is not None
+        assert self.daemon is not None and self.weather is not None
         names, weights = zip(*TRIGGERS.items(), strict=True)
-        trigger = self.rng.choices(names, weights)[0]
+        trigger = self._pick_fault(i) or self.rng.choices(names, weights)[0]
         pos.top_up_card()  # recovery may re-read the card the last kill took
         spawned = time.monotonic()
         self.daemon.spawn()
@@ -585,8 +777,10 @@ class _Torture:
         self._kill()
         code = self.daemon.reap()
         self.triggers.disarm()
+        self.fault.disarm()
         self.tally.kills += 1
         self.tally.triggers[trigger] += 1
+        self.tally.kills_in_outage += self.weather.blacked_out()
         if code != -signal.SIGKILL:
             self.tally.violation(
                 f"kill {i}",
@@ -595,6 +789,7 @@ class _Torture:
         reaped = time.monotonic()
         problems = self.checker.check(self.acquirer.ledger, self.book.snapshot())
         self.tally.violation(f"after kill {i} ({trigger})", problems)
+        self.tally.kills_reversal_pending += bool(self.checker.pending)
         done = time.monotonic()
         self.tally.phases["life"] += killed - spawned
         self.tally.phases["kill"] += reaped - killed
@@ -619,6 +814,8 @@ class _Torture:
             raise DaemonDied(f"no READY within {READY_TIMEOUT_S:g}s")
         self.tally.boot_s = 0.8 * self.tally.boot_s + 0.2 * (time.monotonic() - spawned)
         self.gate.open()
+        if trigger in FAULTS:
+            return self._until_fault(trigger)
         if trigger == "ready":
             delay = self.rng.uniform(0.0, 0.03)
         elif trigger == "load":
@@ -635,6 +832,25 @@ class _Torture:
             raise DaemonDied(f"exit code {daemon.proc.returncode if daemon.proc else None}")
         return trigger
 
+    def _until_fault(self, variant: str) -> str:
+        """Arm ``variant`` and wait for it to fire: the life then ends at the lost answer
+        (``lost_answer``) or at a random moment of the outage (``dropped_answer``)."""
+        assert self.daemon is not None
+        lo, hi = OUTAGE_FACTOR
+        outage_s = self.rng.uniform(lo, hi) * self.retry_window_s + 1.0
+        self.fault.arm(variant, outage_s)
+        if not self.fault.fired.wait(FAULT_HOOK_TIMEOUT_S):
+            self.fault.disarm()
+            if not self.fault.fired.is_set():
+                return "load"  # no online approval came (the link was down): next life
+        self._fault_due, self._fault_busy = None, True
+        self.tally.faults[variant] += 1
+        if variant == "dropped_answer":
+            delay = self.rng.uniform(0.2, outage_s)
+            if not self.daemon.alive_for(delay):
+                raise DaemonDied(f"exit code {self.daemon.proc and self.daemon.proc.returncode}")
+        return variant
+
     def _last_life(self, pos: _Pos) -> None:
         """A last start: the POS finishes, every run ends, a graceful stop, final checks."""
         assert self.daemon is not None
@@ -650,9 +866,9 @@ class _Torture:
         pos.stop.set()
         pos.join(RUN_TIMEOUT_S + GATE_TIMEOUT_S)
         assert self.weather is not None
-        self.weather.stop.set()
+        self.weather.halt()
         self.weather.join(REQUEST_TIMEOUT_S)  # it leaves the link up: backoffs can finish
-        deadline = time.monotonic() + RUN_TIMEOUT_S
+        deadline = time.monotonic() + REVERSAL_TIMEOUT_S
         while self._unfinished() and time.monotonic() < deadline:
             time.sleep(POLL_S)  # the daemon's loop picks retries up when they are due
         code = self.daemon.terminate()
@@ -685,6 +901,12 @@ class _Torture:
                 c[f"approved_{o.channel or 'offline'}"] += 1
         sent = Counter(book.sent.values())
         ledger = self.acquirer.ledger.values()
+        weather = self.weather
+        unreachable = sum(
+            1
+            for o in book.outcomes.values()
+            if o.kind == "payment" and o.reason == "acquirer_unreachable"
+        )
         db = self.checker.db
         return {
             "kind": "kill",
@@ -707,6 +929,20 @@ class _Torture:
             "requests_resent": book.retries,
             "acquirer_requests": len(self.acquirer.received),
             "acquirer_charges": sum(1 for e in ledger if e.operation == "authorize" and e.effect),
+            # Issue 10 §1: answers lost at the acquirer, then long outages.
+            "lost_answer_outages": dict(sorted(self.tally.faults.items())),
+            "outages": weather.blackouts if weather else 0,
+            "outage_seconds": round(weather.blackout_s, 1) if weather else 0.0,
+            "auth_retry_window_s": round(self.retry_window_s, 2),
+            "kills_in_outage": self.tally.kills_in_outage,
+            "kills_reversal_pending": self.tally.kills_reversal_pending,
+            "acquirer_replies_lost": self.acquirer.lost_replies,
+            "acquirer_requests_dropped": self.acquirer.dropped,
+            "went_unknown": self.checker.figures.get("went_unknown", 0),
+            "released_after_unknown": self.checker.figures.get("released_after_unknown", 0),
+            "pos_saw_reversal_pending": len(book.pending_seen),
+            "declined_acquirer_unreachable": unreachable,
+            "acquirer_reversals": sum(1 for e in ledger if e.operation == "reverse" and e.effect),
             "db_bytes": sum(p.stat().st_size for p in (db, Path(f"{db}-wal")) if p.exists()),
             "daemon_start_s": round(self.tally.boot_s, 3),
             "seconds_by_phase": {k: round(v, 1) for k, v in self.tally.phases.items()},

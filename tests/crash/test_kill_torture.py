@@ -2,8 +2,9 @@
 checker fails when an invariant is broken.
 
 The torture runs the real daemon as a subprocess and SIGKILLs it 200 times under payment
-load (about two minutes); the checker tests build a small terminal database in-process
-and break it one way at a time.
+load (three to four minutes), answers lost at the acquirer and long outages among them;
+the checker tests build a small terminal database in-process (one of its payments lost
+its answer before a long outage) and break it one way at a time.
 """
 
 from __future__ import annotations
@@ -52,6 +53,17 @@ def test_kill_torture__200_kills_under_payment_load_break_no_invariant(tmp_path:
         "refunds_approved", "voids_approved", "retried_after_kill",
     ):  # fmt: skip
         assert tally[figure] > 0, (figure, tally)
+    # Issue 10 §1: approvals whose answer was lost (the daemon killed, or the connection
+    # dropped), each followed by an outage past every authorisation retry; kills during
+    # the outages and while the reversal was pending; each sale declined and its
+    # authorisation released at the acquirer.
+    assert set(tally["lost_answer_outages"]) == set(killtorture.FAULTS), tally
+    assert set(killtorture.FAULTS) <= set(tally["kills_by_trigger"]), tally
+    assert tally["outage_seconds"] > 2 * tally["auth_retry_window_s"], tally
+    assert tally["kills_in_outage"] > 0 and tally["kills_reversal_pending"] > 0, tally
+    assert tally["went_unknown"] >= sum(tally["lost_answer_outages"].values()), tally
+    assert tally["released_after_unknown"] > 0, tally
+    assert tally["declined_acquirer_unreachable"] > 0, tally
 
 
 # --- the checker fails when it should ---------------------------------------------------
