@@ -5,9 +5,12 @@
 Runs ``hwsim.killtorture.run`` (the daemon as a subprocess under payment load, SIGKILLed
 at random moments and restarted) and ``hwsim.cuttorture.run`` (power cut at a random
 write/sync of the database, reboot, recovery), then with ``--sweeps`` the deterministic
-per-event sweeps of one payment, one refund and one saga rollback. After each kill and
-cut the invariants are checked (integrity, each approval exactly once, nothing approved
-missing from the outbox, every run finished after recovery, the audit chain).
+per-event sweeps of one payment, one refund, one saga rollback and one payment whose
+approval's answer is lost before an outage. Both tortures include that fault: an answer
+lost at the acquirer, then an outage longer than every authorisation retry. After each
+kill and cut the invariants are checked (integrity, each approval exactly once, nothing
+approved missing from the outbox, every run finished after recovery, the audit chain,
+no money held at the acquirer without an approved run or a pending reversal).
 
 Prints one JSON tally on stdout (progress on stderr) and exits 1 if any invariant was
 violated; the working directories of failed lives are kept for a post-mortem.

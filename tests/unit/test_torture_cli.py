@@ -14,6 +14,7 @@ def test_torture__prints_a_json_tally_and_exits_0_without_violations(tmp_path, c
     tally = json.loads(capsys.readouterr().out)
     assert code == 0, tally
     assert tally["power"]["cuts"] >= 3 and tally["power"]["seed"] == 4
+    assert "lost_answers" in tally["power"]  # the lost answer and outage fault is counted
     assert "kill" not in tally and tally["violations_total"] == 0
 
 
