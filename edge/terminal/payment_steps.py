@@ -177,21 +177,14 @@ def authorize_online(state: State, ctx: StepContext) -> State:
 def _outcome_unknown(state: State, ctx: StepContext, key: str, why: str) -> State:
     """The authorisation may have been approved: tell the cloud now (in this commit),
     then ``reverse_unknown`` releases it, however long the acquirer stays away."""
-    card = state.get("card") or {}
-    ctx.emit(
-        "payment",
-        {
-            "device_id": ctx.services["device_id"],
-            "run_id": ctx.run_id,
-            "amount_minor": state["amount_minor"],
-            "currency": state["currency"],
-            "decision": "unknown",
-            "reason": REVERSAL_PENDING,
-            "channel": "online",
-            "offline": False,
-            "auth_key": key,
-            "masked_pan": card.get("masked"),
-        },
+    _emit_payment(
+        state,
+        ctx,
+        decision="unknown",
+        reason=REVERSAL_PENDING,
+        channel="online",
+        offline=False,
+        auth_key=key,
     )
     return {
         "decision": "unknown",
@@ -246,6 +239,19 @@ def reverse_unanswered(state: State, ctx: StepContext) -> State:
 
 def _record_reversal(state: State, ctx: StepContext, channel: str) -> None:
     """The cloud hears of an undone payment too (the acquirer saw it authorised)."""
+    _emit_payment(
+        state,
+        ctx,
+        decision="reversed",
+        channel=channel,
+        offline=channel == "offline",
+        auth_code=state.get("auth_code"),
+    )
+
+
+def _emit_payment(state: State, ctx: StepContext, **fields: Any) -> None:
+    """A ``payment`` message for the cloud: who, what, how much, the masked card, and
+    ``fields`` (how it ended)."""
     card = state.get("card") or {}
     ctx.emit(
         "payment",
@@ -254,10 +260,7 @@ def _record_reversal(state: State, ctx: StepContext, channel: str) -> None:
             "run_id": ctx.run_id,
             "amount_minor": state["amount_minor"],
             "currency": state["currency"],
-            "decision": "reversed",
-            "channel": channel,
-            "offline": channel == "offline",
-            "auth_code": state.get("auth_code"),
+            **fields,
             "masked_pan": card.get("masked"),
         },
     )
@@ -317,23 +320,16 @@ def record(state: State, ctx: StepContext) -> State:
     """The transaction message for the cloud, in this step's transaction."""
     if state.get("reason") == "outbox_full":
         return {"recorded": False}  # no room: the audit log still has the decline
-    card = state.get("card") or {}
-    ctx.emit(
-        "payment",
-        {
-            "device_id": ctx.services["device_id"],
-            "run_id": ctx.run_id,
-            "amount_minor": state["amount_minor"],
-            "currency": state["currency"],
-            "decision": state.get("decision", "approved"),
-            "reason": state.get("reason"),
-            "channel": state.get("channel"),
-            "offline": bool(state.get("offline")),
-            "auth_code": state.get("auth_code"),
-            "masked_pan": card.get("masked"),
-            "pan_token": card.get("pan_token"),
-            # An authorisation of unknown outcome that was reversed (reverse_unknown).
-            "reversed": state.get("reversed"),
-        },
+    _emit_payment(
+        state,
+        ctx,
+        decision=state.get("decision", "approved"),
+        reason=state.get("reason"),
+        channel=state.get("channel"),
+        offline=bool(state.get("offline")),
+        auth_code=state.get("auth_code"),
+        pan_token=(state.get("card") or {}).get("pan_token"),
+        # An authorisation of unknown outcome that was reversed (reverse_unknown).
+        reversed=state.get("reversed"),
     )
     return {"recorded": True, "device_id": ctx.services["device_id"]}
