@@ -154,6 +154,12 @@ class SimDeviceServer(LoopbackServer):
         with self._cond:
             return list(self._received)
 
+    def wait_received(self, method: str, path: str, timeout_s: float) -> bool:
+        """Block until a ``method path`` request has reached the server (True), or
+        ``timeout_s`` passed (False): a test waits on the event, not on a polling sleep."""
+        with self._cond:
+            return self._cond.wait_for(lambda: (method, path) in self._received, timeout_s)
+
     # --- lifecycle (the rest is LoopbackServer's) ---------------------------------------
 
     def _port(self) -> int:
@@ -174,6 +180,7 @@ class SimDeviceServer(LoopbackServer):
         path = handler.path.split("?", 1)[0]
         with self._cond:
             self._received.append((method, path))
+            self._cond.notify_all()  # wait_received
         try:
             body = _read_json(handler) if method == "POST" else {}
             if (method, path) == ("POST", CARD_READ_PATH):

@@ -16,13 +16,12 @@ from pathlib import Path
 import apsw
 import httpx
 import pytest
-from hwsim.acquirer import SimAcquirer
 from hwsim.devices import SimDeviceServer
 
 from edge.terminal.devices_http import CARD_READ_PATH
 from edge.terminal.httpserver import STOP_GRACE_S
 
-from .test_edge_daemon import start, wait_for
+from .test_edge_daemon import daemon_world, start, wait_for
 
 #: systemd's TimeoutStopSec for the unit (systemd/tillflow-edge.service).
 TIMEOUT_STOP_S = 30.0
@@ -37,33 +36,9 @@ def short_dir() -> Iterator[Path]:
 
 @pytest.fixture
 def world(tmp_path, short_dir) -> Iterator[dict]:
-    with SimDeviceServer() as devices, SimAcquirer() as acquirer:
-        cfg = tmp_path / "edge.yaml"
-        cfg.write_text(
-            f"device_id: T-STOP\n"
-            f"data_dir: {tmp_path / 'data'}\n"
-            f"socket_path: {short_dir / 'edge.sock'}\n"
-            f"log_format: json\n"
-            f"risk: {{online_random_percent: 0}}\n"
-            f"peripherals:\n"
-            f"  card_reader: {{url: '{devices.url}', timeout_s: 10}}\n"
-            f"  printer: {{url: '{devices.url}'}}\n"
-            f"  link: {{url: '{devices.url}/link'}}\n"
-            f"  acquirer: {{url: '{acquirer.url}', timeout_s: 3}}\n"
-        )
-        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        notify.bind(str(short_dir / "notify"))
-        notify.settimeout(30)
-        yield {
-            "cfg": cfg,
-            "devices": devices,
-            "notify": notify,
-            "sock": short_dir / "edge.sock",
-            "db": tmp_path / "data" / "terminal.db",
-            "notify_path": str(short_dir / "notify"),
-            "log": tmp_path / "daemon.log",
-        }
-        notify.close()
+    # A longer card read than the other daemon tests: SIGTERM lands while one waits.
+    with daemon_world(tmp_path, short_dir, device_id="T-STOP", card_timeout_s=10) as w:
+        yield w
 
 
 def pos_client(world) -> httpx.Client:
@@ -135,10 +110,8 @@ def test_daemon_stop__a_payment_in_flight_is_answered_before_the_daemon_exits(wo
             assert pos.get("/v1/health").status_code == 200  # pooled, idle from here on
             raw = idle_socket(world)
             payment.start()
-            deadline = time.monotonic() + 20
-            while ("POST", CARD_READ_PATH) not in devices.received:  # waiting for a card
-                assert time.monotonic() < deadline, "the payment never asked for a card"
-                time.sleep(0.02)  # polling the simulator, with a deadline
+            asked = devices.wait_received("POST", CARD_READ_PATH, timeout_s=20)
+            assert asked, "the payment never asked for a card"
             signalled = time.monotonic()
             proc.send_signal(signal.SIGTERM)
             wait_for(world["notify"], "STOPPING=1")

@@ -3,6 +3,7 @@ POS socket, SIGTERM -> STOPPING and exit 0 with the WAL checkpointed; kill -9 an
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -31,18 +32,21 @@ def short_dir() -> Iterator[Path]:
     shutil.rmtree(d, ignore_errors=True)
 
 
-@pytest.fixture
-def world(tmp_path, short_dir) -> Iterator[dict]:
+@contextlib.contextmanager
+def daemon_world(
+    tmp_path: Path, short_dir: Path, *, device_id: str = "T-D1", card_timeout_s: float = 5
+) -> Iterator[dict]:
+    """Simulated devices and acquirer, a daemon config beside them, a NOTIFY_SOCKET."""
     with SimDeviceServer() as devices, SimAcquirer() as acquirer:
         cfg = tmp_path / "edge.yaml"
         cfg.write_text(
-            f"device_id: T-D1\n"
+            f"device_id: {device_id}\n"
             f"data_dir: {tmp_path / 'data'}\n"
             f"socket_path: {short_dir / 'edge.sock'}\n"
             f"log_format: json\n"
             f"risk: {{online_random_percent: 0}}\n"
             f"peripherals:\n"
-            f"  card_reader: {{url: '{devices.url}', timeout_s: 5}}\n"
+            f"  card_reader: {{url: '{devices.url}', timeout_s: {card_timeout_s}}}\n"
             f"  printer: {{url: '{devices.url}'}}\n"
             f"  link: {{url: '{devices.url}/link'}}\n"
             f"  acquirer: {{url: '{acquirer.url}', timeout_s: 3}}\n"
@@ -50,17 +54,25 @@ def world(tmp_path, short_dir) -> Iterator[dict]:
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind(str(short_dir / "notify"))
         notify.settimeout(30)
-        yield {
-            "cfg": cfg,
-            "devices": devices,
-            "acquirer": acquirer,
-            "notify": notify,
-            "sock": short_dir / "edge.sock",
-            "db": tmp_path / "data" / "terminal.db",
-            "notify_path": str(short_dir / "notify"),
-            "log": tmp_path / "daemon.log",
-        }
-        notify.close()
+        try:
+            yield {
+                "cfg": cfg,
+                "devices": devices,
+                "acquirer": acquirer,
+                "notify": notify,
+                "sock": short_dir / "edge.sock",
+                "db": tmp_path / "data" / "terminal.db",
+                "notify_path": str(short_dir / "notify"),
+                "log": tmp_path / "daemon.log",
+            }
+        finally:
+            notify.close()
+
+
+@pytest.fixture
+def world(tmp_path, short_dir) -> Iterator[dict]:
+    with daemon_world(tmp_path, short_dir) as w:
+        yield w
 
 
 def start(world) -> subprocess.Popen[bytes]:
