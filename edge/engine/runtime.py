@@ -21,14 +21,13 @@ from typing import Any
 import httpx
 from pydantic import BaseModel, ValidationError
 
-from edge.engine import outcomes, saga, waits
+from edge.engine import outcomes, saga, settle, waits
 from edge.engine import steps as stepexec
 from edge.engine.audit import ChainReport, verify_chain
 from edge.engine.clock import Clock, SystemClock
 from edge.engine.context import StepContext, idempotency_key
 from edge.engine.definition import (
     ActionStep,
-    FireAndForgetStep,
     SubWorkflowStep,
     WaitStep,
 )
@@ -41,14 +40,12 @@ from edge.engine.ports import Executor, Store
 from edge.engine.records import AuditEvent, AuditRow, Commit, RunRecord, Status, StepRecord
 from edge.engine.registry import Registry
 from edge.errors import (
-    ExpressionError,
     InputError,
     InvalidRunState,
     LeaseLost,
     LimitExceeded,
     RunNotFound,
     StepError,
-    TillflowError,
 )
 
 log = logging.getLogger(__name__)
@@ -432,59 +429,7 @@ class Engine:
             return self._http
 
     def _settle(self, c: Commit, wf: Workflow, settled: Settled) -> None:
-        """Record the pure moves (decisions, loop turns) and where the run now stands.
-        FIRE_AND_FORGET steps are settled here too: starting an independent child is just
-        an insert in this same transaction."""
-        run = c.run
-        now = self.clock.now()
-        while True:
-            for d in settled.decisions:
-                c.steps.append(
-                    StepRecord(
-                        run.run_id, d.path, d.step, "decision", "COMPLETED", 1, now, now, d.detail
-                    )
-                )
-                c.audit.append(AuditEvent(run.run_id, "decision", now, d.path, d.detail))
-            run.cursor = {"frames": settled.frames, "attempt": 1}
-            if settled.failure is not None:
-                name, path, exc = settled.failure
-                outcomes.fail_step(c, wf, name, path, 1, exc, now, now)
-                return
-            if not settled.frames:
-                outcomes.finish(c, Status.COMPLETED, now)
-                return
-            top = wf.steps[settled.frames[-1][0]]
-            if not isinstance(top, FireAndForgetStep):
-                return
-            path = step_path(settled.frames)
-            key = idempotency_key(run.run_id, path, 1)
-            try:
-                child_wf = self.registry.latest(top.workflow)
-                child_input = waits.child_input(top.input, run)
-                child, child_commit = self._new_run(
-                    child_wf, child_input, key, lease=False, parent=(run.run_id, None)
-                )
-            except (TillflowError, ExpressionError) as exc:
-                outcomes.fail_step(c, wf, top.name, path, 1, exc, now, now)
-                return
-            c.new_runs.append(child)
-            c.audit.extend(child_commit.audit)
-            c.steps.append(
-                StepRecord(
-                    run.run_id,
-                    path,
-                    top.name,
-                    "step",
-                    "COMPLETED",
-                    1,
-                    now,
-                    now,
-                    {"child": child.run_id},
-                )
-            )
-            if top.output_key:
-                run.state = {**run.state, top.output_key: child.run_id}
-            settled = self.registry.navigator(wf).after(settled.frames, run.state, run.input)
+        settle.settle(self, c, wf, settled)
 
     # --- WAIT and sub-workflows ----------------------------------------------------------
 
