@@ -53,7 +53,8 @@ from edge.engine import RunRecord, Status
 from edge.engine.definition import WaitStep
 from edge.errors import InputError, InvalidRunState, NotFound, StorageFull, TillflowError
 from edge.terminal.carddata import luhn_valid, scrub
-from edge.terminal.httpserver import MAX_BODY_BYTES, UnixHttpServer
+from edge.terminal.httplimits import MAX_BODY_BYTES
+from edge.terminal.httpserver import UnixHttpServer
 from edge.terminal.runtime import Terminal
 from edge.terminal.views import run_view
 

@@ -145,7 +145,7 @@ class Daemon:
             watchdog.stop()
             try:
                 # Stops accepting and closes idle POS connections at once; requests in
-                # flight get httpserver.STOP_GRACE_S (15 s) to be answered, so the
+                # flight get httplimits.STOP_GRACE_S (15 s) to be answered, so the
                 # checkpoint below runs well inside the unit's TimeoutStopSec=30.
                 server.stop()
             finally:

@@ -19,7 +19,7 @@ import pytest
 from hwsim.devices import SimDeviceServer
 
 from edge.terminal.devices_http import CARD_READ_PATH
-from edge.terminal.httpserver import STOP_GRACE_S
+from edge.terminal.httplimits import STOP_GRACE_S
 
 from .test_edge_daemon import daemon_world, start, wait_for
 

@@ -24,7 +24,8 @@ from typing import Any
 import httpx
 import pytest
 
-from edge.terminal.httpserver import MAX_CONNECTIONS, Limits, UnixHttpServer
+from edge.terminal.httplimits import MAX_CONNECTIONS, Limits
+from edge.terminal.httpserver import UnixHttpServer
 
 REPO = Path(__file__).resolve().parents[2]
 PAN = "4111111111111111"  # a public test number
