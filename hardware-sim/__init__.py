@@ -20,9 +20,13 @@ and lives in its own module; import the one you need (this package imports nothi
   file's last sync at a simulated power cut (optionally tearing the last one), and a
   disk that fills (``free_bytes``).
 * ``hwsim.cuttorture`` -- power cuts under payment load, and per-event sweeps of one
-  payment, one refund and one saga rollback, each checked against invariant 2.
+  payment, one refund and one saga rollback, each checked against invariant 2. Its
+  parts: ``hwsim.cutrig`` (the terminal, its power and the POS app), ``hwsim.cutcheck``
+  (the checker) and ``hwsim.cutsweep`` (the sweeps).
 * ``hwsim.killtorture`` -- the daemon SIGKILLed at random moments under payment load;
-  ``hwsim.killcheck`` checks invariant 2 after each kill.
+  ``hwsim.killcheck`` checks invariant 2 after each kill. Its parts:
+  ``hwsim.killfaults`` (the kill hooks, the lost answer, the weather),
+  ``hwsim.killdaemon`` (the daemon process) and ``hwsim.killpos`` (the POS app).
 * ``hwsim.torture`` -- ``make torture``: both, and the sweeps, with one JSON tally.
 * ``hwsim.demo`` -- ``make demo``: a simulated terminal through a network outage.
 """

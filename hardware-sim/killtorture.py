@@ -38,6 +38,12 @@ database as the crash left it, at the acquirer's ledger and at what the POS saw;
 end, after a graceful stop, once more with every run required to be finished. The
 invariants it checks (DESIGN.md 2, issue 5) are listed in ``hwsim.killcheck``.
 
+This module holds where and when the kills land (``TRIGGERS``, ``FAULTS``), the
+controller that runs the lives, kills, checks and tallies (``_Torture``), and ``run`` and
+``main``. The simulators' kill hooks, the fault and the weather are in
+``hwsim.killfaults``; the daemon process and its notify socket in ``hwsim.killdaemon``;
+the POS app in ``hwsim.killpos``.
+
 ``python -m hwsim.killtorture -n 1000 --seed 7`` prints the tally as JSON (exit 1 when
 a violation was found).
 """
@@ -45,17 +51,12 @@ a violation was found).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import random
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -64,19 +65,26 @@ from pathlib import Path
 from typing import Any
 
 import apsw
-import httpx
-from hwsim.acquirer import Mode, Operation, SimAcquirer
-from hwsim.card_reader import SimCardReader
 from hwsim.devices import SimDeviceServer
-from hwsim.killcheck import TERMINAL_STATUSES, Checker, PosBook, PosOutcome
-from hwsim.printer import SimPrinter
+from hwsim.killcheck import TERMINAL_STATUSES, Checker, PosBook
+from hwsim.killdaemon import POLL_S, READY_TIMEOUT_S, DaemonDied, _Daemon, _Gate
+from hwsim.killfaults import _Acquirer, _Fault, _Printer, _Reader, _Triggers, _Weather
+from hwsim.killpos import (
+    ACQUIRER_LIMIT,
+    FLOOR_LIMIT,
+    GATE_TIMEOUT_S,
+    REQUEST_TIMEOUT_S,
+    REVERSAL_TIMEOUT_S,
+    RUN_TIMEOUT_S,
+    _Pos,
+)
 
 import edge.terminal
 from edge.engine.definition import ActionStep
 from edge.engine.loader import load_file
-from edge.terminal.ports import AuthResponse
 
 __all__ = ["FAULTS", "TRIGGERS", "main", "run"]
+
 
 Log = Callable[[str], None]
 
@@ -104,40 +112,16 @@ FAULT_HOOK_TIMEOUT_S = 2.0
 #: An outage lasts this many times the authorisation's retry window, plus a second.
 OUTAGE_FACTOR = (1.5, 3.0)
 
-# Risk limits: small payments may be approved offline; the offline caps are out of reach
-# (nothing acknowledges the outbox here, so real caps would decline everything in time).
-FLOOR_LIMIT = 2_500
-#: The acquirer declines authorisations above this: online declines.
-ACQUIRER_LIMIT = 9_000
 #: The test card the acquirer declines by BIN.
 HOT_BIN = "40000566"
-CURRENCY = "EUR"
 
-# Bounded waits, in seconds. Reached only when something is broken.
-READY_TIMEOUT_S = 30.0
-REQUEST_TIMEOUT_S = 20.0
-#: A run the POS holds that is not final yet (a retry backoff: at most 3 x 5 s, plus the
-#: daemon's 1 s loop) must end within this.
-RUN_TIMEOUT_S = 30.0
-#: How long the POS waits for the daemon to come back after a kill.
-GATE_TIMEOUT_S = 60.0
-#: A payment the POS was shown ``reversal_pending`` must be settled within this, from
-#: then (the outage, then the reversal's growing backoff: 1, 2, 4, 8 s...).
-REVERSAL_TIMEOUT_S = 90.0
 #: A hooked trigger (card, acquirer, print) that does not fire within this is replaced
 #: by a plain kill (e.g. the link is down, so nothing reaches the acquirer).
 HOOK_TIMEOUT_S = 0.6
-#: Mean pause between two transactions: a busy till, not a benchmark (the database, and
-#: so each check's cost, grows with the transactions).
-THINK_S = 0.02
-#: How often the POS polls a run that is not final, and the settling phase the database.
-POLL_S = 0.05
 #: Start-up: the window between "opening the database" and READY, until measured.
 BOOT_WINDOW_S = 0.15
 #: AF_UNIX paths must stay under ~108 bytes.
 MAX_SOCKET_PATH = 100
-
-_CARDS = {"visa": 30, "mastercard": 30, "amex": 25, "hot_listed": 8, "bad_luhn": 4, "expired": 3}
 
 
 def _retry_window_s(step: str = "authorize_online") -> float:
@@ -154,459 +138,6 @@ def _retry_window_s(step: str = "authorize_online") -> float:
         * (1 + policy.jitter)
         for k in range(attempts - 1)
     )
-
-
-# --- the simulators, with kill hooks -------------------------------------------------------
-
-
-class _Triggers:
-    """One armed trigger at a time; the simulator that reaches it (after letting
-    ``skip`` such moments pass, so a life serves some load first) kills the daemon from
-    inside its handler, before it answers."""
-
-    def __init__(self, kill: Callable[[], None]) -> None:
-        self._kill = kill
-        self._lock = threading.Lock()
-        self._armed: str | None = None
-        self._skip = 0
-        self.fired = threading.Event()
-
-    def arm(self, name: str, skip: int = 0) -> None:
-        with self._lock:
-            self.fired.clear()
-            self._armed, self._skip = name, skip
-
-    def disarm(self) -> None:
-        with self._lock:
-            self._armed = None
-
-    def hit(self, name: str) -> None:
-        with self._lock:
-            if self._armed != name:
-                return
-            if self._skip > 0:
-                self._skip -= 1
-                return
-            self._armed = None
-            self._kill()
-            self.fired.set()
-
-
-class _Reader(SimCardReader):
-    def __init__(self, triggers: _Triggers) -> None:
-        super().__init__()
-        self._triggers = triggers
-
-    def read(self, timeout_s: float) -> Any:
-        card = super().read(timeout_s)
-        self._triggers.hit("card")  # the card is out of the queue, the daemon never gets it
-        return card
-
-
-class _Printer(SimPrinter):
-    def __init__(self, triggers: _Triggers) -> None:
-        super().__init__()
-        self._triggers = triggers
-
-    def print_receipt(self, lines: list[str]) -> None:
-        super().print_receipt(lines)
-        self._triggers.hit("print")  # printed; the step that printed never commits
-
-
-class _Fault:
-    """One of ``FAULTS``, armed for a life: the acquirer fires it at the next approval of
-    an authorisation it had not seen (``fire`` is the torture's: the outage, the kill)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._armed: tuple[str, float] | None = None  # (variant, outage seconds)
-        self.fired = threading.Event()
-
-    def arm(self, variant: str, outage_s: float) -> None:
-        with self._lock:
-            self.fired.clear()
-            self._armed = (variant, outage_s)
-
-    def disarm(self) -> None:
-        with self._lock:
-            self._armed = None
-
-    def take(self) -> tuple[str, float] | None:
-        with self._lock:
-            armed, self._armed = self._armed, None
-            return armed
-
-
-class _Acquirer(SimAcquirer):
-    """``SimAcquirer`` that reaches the ``acquirer`` trigger once it has decided and
-    recorded a request, before the reply goes out: the reply is lost with the daemon.
-    (``_apply`` is the simulator's one decide-and-record point.) An armed ``_Fault``
-    goes first, at a new approved authorisation: ``fire(variant, outage_s, key)``."""
-
-    def __init__(
-        self, triggers: _Triggers, fault: _Fault, fire: Callable[[str, float, str], None]
-    ) -> None:
-        super().__init__()
-        self._triggers = triggers
-        self._fault = fault
-        self._fire = fire
-
-    def _apply(self, operation: Operation, key: str, body: bytes, mode: Mode) -> Any:
-        with self._lock:
-            fresh = key not in self._ledger
-        response: AuthResponse = super()._apply(operation, key, body, mode)
-        if operation == "authorize" and fresh and response.approved:
-            armed = self._fault.take()
-            if armed is not None:
-                self._fire(*armed, key)
-                self._fault.fired.set()
-                return response
-        self._triggers.hit("acquirer")
-        return response
-
-
-# --- the daemon process ------------------------------------------------------------------
-
-
-class DaemonDied(Exception):
-    """The daemon exited by itself."""
-
-
-class _Daemon:
-    """The daemon process and its notify socket."""
-
-    def __init__(self, config: Path, sock_dir: Path, log_path: Path) -> None:
-        self.config = config
-        self.log_path = log_path
-        self.notify_path = sock_dir / "notify"
-        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.notify.bind(str(self.notify_path))
-        self.notify.settimeout(POLL_S)
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._lock = threading.Lock()
-
-    def spawn(self) -> None:
-        self._drain()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TILLFLOW_")}
-        env["NOTIFY_SOCKET"] = str(self.notify_path)
-        cmd = [sys.executable, "-m", "edge.cli", "edge", "run", "--config", str(self.config)]
-        with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
-            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
-        with self._lock:
-            self.proc = proc
-
-    def wait_for(self, wanted: Callable[[str], bool], timeout_s: float) -> bool:
-        """True once a notify line satisfies ``wanted``; False after ``timeout_s``.
-        DaemonDied if the process ends first."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            self.notify.settimeout(min(POLL_S, remaining))
-            try:
-                message = self.notify.recv(4096).decode()
-            except TimeoutError:
-                proc = self.proc
-                if proc is not None and proc.poll() is not None:
-                    raise DaemonDied(f"exit code {proc.returncode}") from None
-                continue
-            if any(wanted(line) for line in message.splitlines()):
-                return True
-
-    def _drain(self) -> None:
-        self.notify.settimeout(0)
-        with contextlib.suppress(BlockingIOError, TimeoutError):
-            while True:
-                self.notify.recv(4096)
-
-    def kill(self) -> None:
-        """SIGKILL (from any thread): no goodbye, no checkpoint. Reaped by ``reap``."""
-        with self._lock:
-            if self.proc is not None and self.proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(self.proc.pid, signal.SIGKILL)  # unreaped: the pid is still ours
-
-    def reap(self) -> int:
-        assert self.proc is not None
-        return self.proc.wait(READY_TIMEOUT_S)
-
-    def alive_for(self, seconds: float) -> bool:
-        """Wait ``seconds`` of the daemon's life; False if it ended meanwhile."""
-        assert self.proc is not None
-        try:
-            self.proc.wait(seconds)
-        except subprocess.TimeoutExpired:
-            return True
-        return False
-
-    def terminate(self) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(READY_TIMEOUT_S)
-
-    def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(READY_TIMEOUT_S)
-        self.notify.close()
-
-    def log_tail(self, lines: int = 15) -> str:
-        try:
-            text = self.log_path.read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return "(no daemon log)"
-        return "\n".join(text.splitlines()[-lines:])
-
-
-class _Gate:
-    """Open while a daemon is serving: the POS waits here to retry after a kill."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._open = False
-
-    def open(self) -> None:
-        with self._cond:
-            self._open = True
-            self._cond.notify_all()
-
-    def close(self) -> None:
-        with self._cond:
-            self._open = False
-
-    def wait(self, timeout_s: float) -> bool:
-        with self._cond:
-            return self._cond.wait_for(lambda: self._open, timeout_s)
-
-
-# --- the POS app -------------------------------------------------------------------------
-
-
-class _Pos(threading.Thread):
-    """One POS app: a transaction at a time, retried with the same key after a kill."""
-
-    def __init__(
-        self,
-        rng: random.Random,
-        sock: Path,
-        devices: SimDeviceServer,
-        gate: _Gate,
-        book: PosBook,
-    ) -> None:
-        super().__init__(name="pos", daemon=True)
-        self.rng = rng
-        self.sock = sock
-        self.devices = devices
-        self.gate = gate
-        self.book = book
-        self.stop = threading.Event()
-        self.error: BaseException | None = None
-        self._seq = 0
-        self._approved: list[str] = []  # payment run ids approved, not yet voided
-
-    def run(self) -> None:
-        transport = httpx.HTTPTransport(uds=str(self.sock))
-        try:
-            with httpx.Client(
-                transport=transport, base_url="http://pos", timeout=REQUEST_TIMEOUT_S
-            ) as client:
-                while not self.stop.is_set():
-                    self._transact(client, *self._next())
-                    self.stop.wait(self.rng.expovariate(1 / THINK_S))  # the next customer
-        except BaseException as exc:  # reported by the controller
-            self.error = exc
-
-    def top_up_card(self) -> None:
-        """The customer's card is on the reader whenever the daemon may read one."""
-        if self.devices.reader.queued == 0:
-            names, weights = zip(*_CARDS.items(), strict=True)
-            self.devices.insert_test_card(self.rng.choices(names, weights)[0])
-
-    def _next(self) -> tuple[str, str, dict[str, Any]]:
-        self._seq += 1
-        key = f"k{self._seq:07d}"
-        roll = self.rng.random()
-        if roll < 0.10 and self._approved:
-            payment = self._approved.pop(self.rng.randrange(len(self._approved)))
-            return "void", "/v1/voids", {"payment_run_id": payment, "idempotency_key": key}
-        if roll < 0.20:
-            amount = self.rng.randint(100, 5_000)
-            body = {"amount_minor": amount, "currency": CURRENCY, "idempotency_key": key}
-            return "refund", "/v1/refunds", body
-        size = self.rng.random()
-        if size < 0.55:
-            amount = self.rng.randint(100, FLOOR_LIMIT)
-        elif size < 0.9:
-            amount = self.rng.randint(FLOOR_LIMIT + 1, ACQUIRER_LIMIT)
-        else:
-            amount = self.rng.randint(ACQUIRER_LIMIT + 1, 20_000)
-        body = {"amount_minor": amount, "currency": CURRENCY, "idempotency_key": key}
-        return "payment", "/v1/payments", body
-
-    def _transact(self, client: httpx.Client, kind: str, path: str, body: dict[str, Any]) -> None:
-        key = str(body["idempotency_key"])
-        with self.book.lock:
-            self.book.sent[key] = kind
-        retried = False
-        deadline = time.monotonic() + RUN_TIMEOUT_S + GATE_TIMEOUT_S
-        view: dict[str, Any] | None = None
-        while view is None or not self._final(view, key):
-            if view is not None and view.get("decision") == "unknown" and kind != "refund":
-                deadline = self._pending(view, kind, key, deadline)
-            if time.monotonic() > deadline:
-                self._anomaly(f"{kind} {key}: no final answer within the deadline; last {view}")
-                return
-            try:
-                if view is None:
-                    self.top_up_card()
-                    view = self._answer(client.post(path, json=body), kind, key)
-                else:
-                    self.stop.wait(POLL_S)  # not final yet (a retry backoff): poll
-                    view = self._answer(client.get(f"/v1/runs/{view['run_id']}"), kind, key)
-            except httpx.TransportError as exc:
-                # The daemon died under the request: ask again, same key, once it is back.
-                _close_sockets_of(exc)
-                view = None
-                with self.book.lock:
-                    self.book.retries += 1
-                    if not retried:
-                        self.book.retried += 1
-                retried = True
-                if not self.gate.wait(GATE_TIMEOUT_S):
-                    self._anomaly(f"{kind} {key}: the daemon did not come back")
-                    return
-                continue
-            if view is None:
-                return  # an error answer, recorded
-        outcome = PosOutcome(
-            kind,
-            str(view["run_id"]),
-            str(view["status"]),
-            view.get("decision"),
-            view.get("channel"),
-            view.get("reason"),
-        )
-        with self.book.lock:
-            self.book.outcomes[key] = outcome
-        if kind == "payment" and outcome.status == "COMPLETED" and outcome.decision == "approved":
-            self._approved.append(outcome.run_id)
-
-    def _final(self, view: dict[str, Any], key: str) -> bool:
-        """Whether ``view`` is the transaction's last word. A payment's or void's
-        ``unknown`` never is (the terminal is releasing what the acquirer may hold): the
-        POS polls on; one finished ``unknown`` is reported. (A refund may end unknown:
-        README, known limits.)"""
-        if view.get("status") not in TERMINAL_STATUSES:
-            return False
-        if view.get("decision") == "unknown" and view.get("workflow") != "refund":
-            self._anomaly(f"{key}: run {view['run_id']} finished {view['status']} unknown")
-        return True
-
-    def _pending(self, view: dict[str, Any], kind: str, key: str, deadline: float) -> float:
-        """A run shown ``unknown``: check what the POS is told, and give the reversal
-        its time (the outage, then its backoff); returns the new deadline."""
-        with self.book.lock:
-            first = key not in self.book.pending_seen
-            self.book.pending_seen.add(key)
-        if first:
-            if view.get("reason") != "reversal_pending" or view.get("auth_code"):
-                self._anomaly(f"{kind} {key}: unknown, but shown {view}")
-            if not view.get("customer_message"):
-                self._anomaly(f"{kind} {key}: reversal pending with nothing to tell the customer")
-            return max(deadline, time.monotonic() + REVERSAL_TIMEOUT_S)
-        return deadline
-
-    def _answer(self, response: httpx.Response, kind: str, key: str) -> dict[str, Any] | None:
-        if response.status_code != 200:
-            self._anomaly(f"{kind} {key}: HTTP {response.status_code}: {response.text[:300]}")
-            return None
-        view: dict[str, Any] = response.json()
-        run_id = str(view["run_id"])
-        with self.book.lock:
-            first = self.book.run_ids.setdefault(key, run_id)
-        if first != run_id:
-            self._anomaly(f"{kind} {key}: answered with run {run_id}, earlier with {first}")
-        return view
-
-    def _anomaly(self, text: str) -> None:
-        with self.book.lock:
-            self.book.anomalies.append(text)
-
-
-def _close_sockets_of(exc: BaseException) -> None:
-    """Close the sockets the failed request's frames hold. httpcore leaves the socket of
-    a failed Unix-socket connect (the daemon just killed) to the garbage collector, which
-    then warns (ResourceWarning); a POS that retries through hundreds of kills would
-    leave hundreds."""
-    seen: set[int] = set()
-    error: BaseException | None = exc
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        tb = error.__traceback__
-        while tb is not None:
-            for value in list(tb.tb_frame.f_locals.values()):
-                if isinstance(value, socket.socket):
-                    value.close()
-            tb = tb.tb_next
-        error = error.__cause__ or error.__context__
-
-
-class _Weather(threading.Thread):
-    """The network link: down for a second or so, between a few seconds up; and now and
-    then a ``blackout``: the link down and the acquirer unreachable (``drop``) for as
-    long as it says, whatever the weather. ``halt`` ends it all with the link up."""
-
-    def __init__(self, rng: random.Random, devices: SimDeviceServer, acquirer: SimAcquirer):
-        super().__init__(name="weather", daemon=True)
-        self.rng = rng
-        self.devices = devices
-        self.acquirer = acquirer
-        self._cond = threading.Condition()
-        self._halted = False
-        self._until = 0.0  # monotonic end of the blackout
-        self.blackouts = 0
-        self.blackout_s = 0.0
-
-    def blackout(self, seconds: float) -> None:
-        with self._cond:
-            now = time.monotonic()
-            self.blackout_s += max(now + seconds, self._until) - max(now, self._until)
-            self._until = max(self._until, now + seconds)
-            self.devices.set_link(False)
-            self.acquirer.set_mode("drop")
-            self.blackouts += 1
-            self._cond.notify_all()
-
-    def blacked_out(self) -> bool:
-        with self._cond:
-            return time.monotonic() < self._until
-
-    def halt(self) -> None:
-        with self._cond:
-            self._halted = True
-            self._cond.notify_all()
-
-    def run(self) -> None:
-        up = True
-        with self._cond:
-            while not self._halted:
-                seen = self.blackouts
-                pause = self.rng.uniform(2.0, 5.0) if up else self.rng.uniform(0.5, 2.0)
-                self._cond.wait_for(lambda s=seen: self._halted or self.blackouts != s, pause)
-                if self._halted:
-                    break
-                if self.blackouts == seen:
-                    up = not up
-                    self.devices.set_link(up)
-                    continue
-                while not self._halted and (left := self._until - time.monotonic()) > 0:
-                    self._cond.wait(left)  # a later blackout may extend it meanwhile
-                self.acquirer.set_mode("approve")
-                self.devices.set_link(up := True)
-            self.acquirer.set_mode("approve")
-            self.devices.set_link(True)
 
 
 # --- the torture -------------------------------------------------------------------------
