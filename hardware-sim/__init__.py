@@ -29,4 +29,5 @@ and lives in its own module; import the one you need (this package imports nothi
   ``hwsim.killdaemon`` (the daemon process) and ``hwsim.killpos`` (the POS app).
 * ``hwsim.torture`` -- ``make torture``: both, and the sweeps, with one JSON tally.
 * ``hwsim.demo`` -- ``make demo``: a simulated terminal through a network outage.
+* ``hwsim.demorig`` -- the demo's rig: the daemon as a process, the hardware controls.
 """
