@@ -12,6 +12,8 @@ from collections.abc import Iterator, Sequence
 from typing import Protocol
 
 from edge.engine.records import (
+    Acknowledgement,
+    AckResult,
     AuditRetention,
     AuditRow,
     Commit,
@@ -25,6 +27,8 @@ from edge.engine.records import (
 
 
 class Store(Protocol):
+    """What the engine calls, and nothing else."""
+
     # --- schema ------------------------------------------------------------------
     def migrate(self) -> int:
         """Apply pending migrations, each in its own transaction; return the version."""
@@ -103,8 +107,31 @@ class Store(Protocol):
     def audit_retention(self) -> AuditRetention | None:
         """Where retention has compacted the chain to; None if nothing was acknowledged."""
 
-    def ack_audit_through(self, seq: int) -> None:
-        """The cloud holds the audit log up to ``seq``: rows up to it may be compacted."""
+    def close(self) -> None: ...
+
+
+class OutboxSource(Protocol):
+    """What a store holds for the cloud (the sync client's source): the outbox, and the
+    one way anything in it, or in the audit log, is acknowledged. The engine never calls it."""
+
+    def outbox(self, after_seq: int = 0, limit: int = 100) -> list[OutboxMessage]:
+        """Unacknowledged messages after ``after_seq``, in ``seq`` order."""
+
+    def outbox_stats(self) -> OutboxStats:
+        """Depth, payload bytes, oldest message time and last seq of the outbox."""
+
+    def acknowledge(self, ack: Acknowledgement) -> AckResult:
+        """In one transaction: delete outbox messages up to ``ack.outbox_through``, apply
+        ``ack.releases`` of exactly the messages deleted (never below zero: an ack always
+        goes through), and mark the audit log held up to ``ack.audit_through`` (rows up
+        to it may be compacted). Repeating an acknowledgement changes nothing."""
+
+
+class Maintenance(Protocol):
+    """Retention and the counters behind guards: run by a terminal's maintenance pass."""
+
+    def counters(self) -> dict[str, tuple[int, int]]:
+        """Every guarded counter: name -> (amount, count)."""
 
     def compact(
         self,
@@ -117,19 +144,6 @@ class Store(Protocol):
         ``before`` (with their steps and input; a parent stays while a descendant is
         kept), acknowledged audit rows written before ``before`` (moving the chain's
         base), and counters named ``counter_prefix…`` unchanged since ``counters_before``."""
-
-    def outbox(self, after_seq: int = 0, limit: int = 100) -> list[OutboxMessage]: ...
-
-    def outbox_stats(self) -> OutboxStats:
-        """Depth, payload bytes, oldest message time and last seq of the outbox."""
-
-    def ack_outbox_through(self, seq: int) -> int:
-        """Delete messages up to and including ``seq`` (the cloud has them); returns how many."""
-
-    def counters(self) -> dict[str, tuple[int, int]]:
-        """Every guarded counter: name -> (amount, count)."""
-
-    def close(self) -> None: ...
 
 
 class Executor(Protocol):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -67,6 +68,9 @@ class StepRecord:
     #: For a compensation: the seq of the step row it compensates.
     ref_seq: int | None = None
     seq: int | None = None  # assigned by the store
+    #: The step's stable operation key (``StepContext.operation_key``): the same on
+    #: every attempt and after a crash; a compensation reads it from here.
+    operation_key: str | None = None
 
 
 @dataclass
@@ -121,6 +125,29 @@ class OutboxStats:
     bytes: int
     oldest: float | None  # created_at of the oldest unacknowledged message
     last_seq: int
+
+
+@dataclass(frozen=True)
+class Acknowledgement:
+    """What the cloud confirmed it holds, and the counter changes that go with it.
+
+    ``releases`` maps an outbox message's ``seq`` to the counter changes its removal
+    makes (e.g. the offline exposure an offline sale held). A store applies them in the
+    transaction that removes the messages, and only for messages that transaction really
+    removes: an acknowledgement repeated, or raced by another, releases nothing twice.
+    """
+
+    outbox_through: int | None = None
+    audit_through: int | None = None
+    releases: Mapping[int, tuple[Guard, ...]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AckResult:
+    """What one acknowledgement changed."""
+
+    messages: int = 0  # outbox messages removed
+    released: tuple[Guard, ...] = ()  # the counter changes applied with them
 
 
 @dataclass(frozen=True)
