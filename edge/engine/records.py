@@ -92,6 +92,10 @@ class AuditRow:
     at: float
     prev_hash: str
     hash: str
+    #: The chain the row belongs to (``audit.stream_of``; a terminal has only 0) and
+    #: the hash rule it was written with (``audit.HASH_VERSION``; 1 for older rows).
+    stream: int = 0
+    version: int = 2
 
 
 @dataclass
