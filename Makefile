@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test check lint typecheck layers bench torture clean package bundle package-onefile release-key lock
+.PHONY: demo test test-fast check lint typecheck layers bench torture clean package bundle package-onefile release-key lock
 
 # The frozen terminal binary (PyInstaller onedir, see README "Frozen binary"): rebuilt
 # only when a file it is made of changed, so `make test` builds it at most once.
@@ -55,6 +55,11 @@ demo: $(STAMP)
 # The packaging tests run against the frozen binary, so it is built first.
 test: $(STAMP) $(BINARY)
 	$(PY) -m pytest -q
+
+# While developing: unit + conformance on every store, no torture, sweep, binary or
+# subprocess demo (about a minute on two cores). `make test` is still what CI runs.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q tests/unit tests/conformance -m "not slow"
 
 $(BINARY): $(STAMP) $(BINARY_SOURCES)
 	$(PYINSTALLER) --distpath dist packaging/tillflow-edge.spec

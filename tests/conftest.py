@@ -1,10 +1,12 @@
-"""Suite-wide hygiene: no ambient TILLFLOW_* settings, fresh step-effect ledgers."""
+"""Suite-wide hygiene (no ambient TILLFLOW_* settings, fresh step-effect ledgers) and
+the tiers: which tests are ``slow`` and which need a named backend."""
 
 from __future__ import annotations
 
 import os
 import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import tf_steps
@@ -16,6 +18,31 @@ from hypothesis.configuration import set_hypothesis_home_dir
 set_hypothesis_home_dir(tempfile.mkdtemp(prefix="tillflow-hypothesis-"))
 settings.register_profile("tillflow", database=None)
 settings.load_profile("tillflow")
+
+
+TESTS = Path(__file__).resolve().parent
+
+#: Folders whose every test is slow: the crash tortures and sweeps, and the tests of the
+#: frozen binary (they start it as a process, and need it built).
+SLOW_FOLDERS = {"crash", "packaging"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Markers by where a test lives and what it runs on, so the fast tier is a marker
+    expression and every backend gap can be counted (``pytest --co -q -m postgres``)."""
+    for item in items:
+        try:
+            folder = item.path.resolve().relative_to(TESTS).parts[0]
+        except ValueError:
+            continue
+        if folder in SLOW_FOLDERS:
+            item.add_marker(pytest.mark.slow)
+        if folder == "packaging":
+            item.add_marker(pytest.mark.binary)
+        callspec = getattr(item, "callspec", None)
+        on_postgres = callspec is not None and "postgresql" in callspec.id.split("-")
+        if folder == "integration" or on_postgres:
+            item.add_marker(pytest.mark.postgres)
 
 
 @pytest.fixture(autouse=True)
