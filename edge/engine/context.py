@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 from edge.engine.clock import Clock
@@ -18,13 +18,30 @@ def idempotency_key(run_id: str, step: str, attempt: int) -> str:
     return hashlib.sha256(f"{run_id}\x1f{step}\x1f{attempt}".encode()).hexdigest()[:32]
 
 
+def operation_key(run_id: str, step: str) -> str:
+    """The stable key of the operation a step performs: the same on every attempt and
+    after a crash. It is the first attempt's idempotency key (``idempotency_key(run_id,
+    step, 1)``), so runs started before operation keys existed find what their first
+    attempt did (e.g. an authorisation) under it. The engine records it on the step's
+    rows (``StepRecord.operation_key``); a compensation reads it from there."""
+    return idempotency_key(run_id, step, 1)
+
+
 @dataclass
 class StepContext:
+    """``idempotency_key`` names this attempt (a retry presents a new one);
+    ``operation_key`` names the operation (every attempt, and a replay after a crash,
+    present the same one). A compensation sees the operation key recorded with the step
+    it undoes, so it finds what that step did (say, the authorisation it reverses)
+    without rebuilding a key from a step name; its own attempts still get new
+    idempotency keys. Left empty, ``operation_key`` is ``operation_key(run_id, step)``."""
+
     run_id: str
     step: str
     attempt: int
     idempotency_key: str
     clock: Clock
+    operation_key: str = ""
     #: Data given to ``resume`` (WAIT) or to ``start`` (the run's input).
     input: Any = None
     #: Current element and position of the innermost ITERATE/WHILE loop.
@@ -39,10 +56,15 @@ class StepContext:
     #: (the run was taken over from a dead or expired holder): an external effect may
     #: have happened even if this incarnation sees "not sent".
     replay: bool = False
-    #: What the runtime hands to steps (ports to hardware, policy, keys): Engine(services=...).
-    services: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    #: What the runtime hands to steps (ports to hardware, policy, keys): whatever was
+    #: given as ``Engine(services=...)``, opaque to the engine; an empty object if nothing.
+    services: Any = field(default_factory=SimpleNamespace, repr=False)
     _emitted: list[OutboxMessage] = field(default_factory=list, repr=False)
     _guards: list[Guard] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.operation_key:
+            self.operation_key = operation_key(self.run_id, self.step)
 
     def guard(
         self,

@@ -1,9 +1,11 @@
-"""The inline executor: advance runs in the calling thread (the terminal's choice).
+"""The two executors the engine ships (``ports.Executor``): inline and polling.
 
-``submit`` from inside a drive (a child run, a woken parent) queues instead of
-recursing. Runs sleeping through a retry backoff are either slept for (``sleep=True``,
-the CLI's ``run``: the clock is a port, so a FakeClock makes this instant) or left
-durable for a later ``recover()`` (``sleep=False``, a daemon with other work to do).
+``InlineExecutor`` advances runs in the calling thread (the terminal's choice).
+``submit`` from inside a drive (a child run, a woken parent, a run handed back to sleep
+through its retry backoff) queues instead of recursing. Runs sleeping through a backoff
+are either slept for (``sleep=True``, the CLI's ``run``: the clock is a port, so a
+FakeClock makes this instant) or left durable for a later ``recover()``
+(``sleep=False``, a daemon with other work to do; they are listed in ``deferred``).
 """
 
 from __future__ import annotations
@@ -11,22 +13,23 @@ from __future__ import annotations
 import heapq
 import itertools
 import threading
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from edge.engine.runtime import Engine
+from edge.engine.ports import Driver
 
 
 class InlineExecutor:
+    #: It advances in the caller's thread: the engine leases a new run to itself at birth.
+    advances_in_caller = True
+
     def __init__(self, *, sleep: bool = True) -> None:
         self.sleep = sleep
-        self._engine: Engine | None = None
+        self._engine: Driver | None = None
         self._local = threading.local()
         self._seq = itertools.count()
         #: Runs left sleeping when ``sleep=False``: (due, run_id).
         self.deferred: list[tuple[float, str]] = []
 
-    def bind(self, engine: Engine) -> None:
+    def bind(self, engine: Driver) -> None:
         self._engine = engine
 
     def submit(self, run_id: str, not_before: float | None = None) -> None:
@@ -48,9 +51,7 @@ class InlineExecutor:
                         self.deferred.append((due, rid))
                         continue
                     engine.clock.sleep(wait)
-                next_due = engine.advance(rid)
-                if next_due is not None:
-                    heapq.heappush(queue, (next_due, next(self._seq), rid))
+                engine.advance(rid)  # a run still sleeping comes back through submit
         finally:
             self._local.queue = None
 
@@ -59,8 +60,14 @@ class PollingExecutor:
     """Leaves runs in the store for ``Worker``s to claim (the cloud's choice without a
     broker, and the tests' way to run many worker processes on one database)."""
 
+    #: Nothing is advanced here: new runs stay unleased for a worker's ``claim_due``.
+    advances_in_caller = False
+
     def __init__(self) -> None:
         self.submitted = 0
+
+    def bind(self, engine: Driver) -> None:
+        """Nothing to keep: workers hold their own engines."""
 
     def submit(self, run_id: str, not_before: float | None = None) -> None:
         self.submitted += 1  # durable already: a worker's claim_due will find it

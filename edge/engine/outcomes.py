@@ -9,6 +9,7 @@ import logging
 import random
 from typing import Any
 
+from edge.engine.context import operation_key as opkey
 from edge.engine.definition import RetryPolicy
 from edge.engine.loader import Workflow
 from edge.engine.records import AuditEvent, Commit, Status, StepRecord
@@ -50,11 +51,13 @@ def schedule_retry(
     rng: random.Random,
     lease_s: float,
     ref_seq: int | None = None,
+    operation_key: str | None = None,
 ) -> bool:
     """If ``exc`` may be retried and attempts remain, record the retry and return True.
 
     The run keeps its lease through the backoff (``next_attempt_at + lease_s``): the
     same worker continues on time, and a dead one is detected by ``recover()``.
+    ``operation_key`` goes on the row (default: the step's, from ``path``).
     """
     if not (getattr(exc, "retryable", True) and policy.allows_retry_after(attempt)):
         return False
@@ -76,6 +79,7 @@ def schedule_retry(
             now,
             error=err,
             ref_seq=ref_seq,
+            operation_key=operation_key or opkey(run.run_id, path),
         )
     )
     event = "step_retry_scheduled" if kind == "step" else "compensation_retry_scheduled"
@@ -110,7 +114,18 @@ def fail_step(
     run = c.run
     err = error_dict(exc)
     c.steps.append(
-        StepRecord(run.run_id, path, name, "step", "FAILED", attempt, started, now, error=err)
+        StepRecord(
+            run.run_id,
+            path,
+            name,
+            "step",
+            "FAILED",
+            attempt,
+            started,
+            now,
+            error=err,
+            operation_key=opkey(run.run_id, path),
+        )
     )
     c.audit.append(AuditEvent(run.run_id, "step_failed", now, path, {**err, "attempt": attempt}))
     log.warning(

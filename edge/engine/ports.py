@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Protocol
 
+from edge.engine.clock import Clock
 from edge.engine.records import (
     Acknowledgement,
     AckResult,
@@ -146,8 +147,39 @@ class Maintenance(Protocol):
         base), and counters named ``counter_prefix…`` unchanged since ``counters_before``."""
 
 
+class Driver(Protocol):
+    """The engine as an executor sees it: something that advances runs, on a clock."""
+
+    @property
+    def clock(self) -> Clock: ...
+
+    def advance(self, run_id: str, claimed: RunRecord | None = None) -> None:
+        """Advance ``run_id`` as far as it can go now; a run left sleeping through a
+        retry backoff is handed back to the executor with ``submit(run_id, due)``."""
+
+
 class Executor(Protocol):
-    """Decides where and when a runnable run is advanced."""
+    """Decides where and when a runnable run is advanced. The engine tells it, and never
+    asks what it is: everything an executor needs of the engine is declared here.
+
+    The engine calls ``submit`` for every run it makes runnable: a new run, a child, a
+    woken parent, a resumed or recovered run, and a run that sleeps through a retry
+    backoff (``not_before`` = when it is due). A submission may be lost or repeated
+    without harm: the run is durable, ``advance`` leases it by compare-and-set, and
+    ``Engine.recover`` (or a worker's ``claim_due``) finds whatever nobody advanced.
+    """
+
+    #: True when ``submit`` advances the run in the calling thread before returning (the
+    #: inline executor): the engine then leases a new run to itself at birth, saving a
+    #: claim. False (a queue, a broker, polling workers): new runs are left unleased, for
+    #: whoever advances them to claim.
+    advances_in_caller: bool
+
+    def bind(self, engine: Driver) -> None:
+        """Called once by ``Engine(...)`` with the engine that submits to this executor;
+        an executor that advances runs itself keeps it (a broker's may ignore it)."""
 
     def submit(self, run_id: str, not_before: float | None = None) -> None:
-        """Arrange for ``run_id`` to be advanced (at or after ``not_before``)."""
+        """Arrange for ``run_id`` to be advanced, at or after ``not_before`` (a clock
+        time; None: now). Called from inside ``advance`` too: an executor that advances
+        in the caller's thread must queue such a call, not recurse."""

@@ -16,21 +16,18 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
 from pydantic import BaseModel, ValidationError
 
-from edge.engine import outcomes, saga, settle, waits
+from edge.engine import newrun, outcomes, saga, settle, waits
 from edge.engine import steps as stepexec
 from edge.engine.audit import ChainReport, verify_chain
 from edge.engine.clock import Clock, SystemClock
-from edge.engine.context import StepContext, idempotency_key
-from edge.engine.definition import (
-    ActionStep,
-    SubWorkflowStep,
-    WaitStep,
-)
+from edge.engine.context import StepContext, idempotency_key, operation_key
+from edge.engine.definition import ActionStep, SubWorkflowStep, WaitStep
 from edge.engine.executor import InlineExecutor
 from edge.engine.lease import Heartbeat, make_owner, owner_is_dead
 from edge.engine.loader import Workflow
@@ -84,7 +81,7 @@ class Engine:
         lease_s: float = DEFAULT_LEASE_S,
         http_client: httpx.Client | None = None,
         new_id: Callable[[], str] | None = None,
-        services: Mapping[str, Any] | None = None,
+        services: Any = None,
     ) -> None:
         self.store = store
         self.clock: Clock = clock or SystemClock()
@@ -93,13 +90,13 @@ class Engine:
         self.lease_s = lease_s
         self._http = http_client
         self._new_id = new_id or (lambda: uuid.uuid4().hex)
-        #: Handed to every step as ``ctx.services`` (the terminal's ports, policy, keys).
-        self.services: Mapping[str, Any] = dict(services or {})
-        if executor is None:
-            executor = InlineExecutor()
-        if isinstance(executor, InlineExecutor):
-            executor.bind(self)
-        self.executor: Executor = executor
+        #: Handed to every step as ``ctx.services`` (the terminal's ports, policy, keys):
+        #: opaque to the engine. A Mapping is copied (as it always was); none is an empty
+        #: object.
+        self.services: Any = SimpleNamespace() if services is None else services
+        if isinstance(services, Mapping):
+            self.services = dict(services)
+        self.executor: Executor = executor if executor is not None else InlineExecutor()
         self.registry = Registry(store, self.clock)
         #: Runs this engine committed last and still holds: no re-read before the next
         #: step. Safe because every commit is a compare-and-set on the revision.
@@ -115,6 +112,7 @@ class Engine:
         self._taken_over: set[str] = set()
         self._heartbeat = Heartbeat(store, self.owner, self.clock, lease_s)
         self._lock = threading.Lock()
+        self.executor.bind(self)
 
     # --- definitions and starting ---------------------------------------------------------
 
@@ -133,8 +131,8 @@ class Engine:
         """Start a run and hand it to the executor; the same key returns the same run."""
         wf = self.registry.latest(workflow_type)
         # Lease at birth only if this thread will advance it now; else leave it claimable.
-        inline = isinstance(self.executor, InlineExecutor)
-        run, commit = self._new_run(wf, dict(input or {}), idempotency_key, lease=inline)
+        lease = self.executor.advances_in_caller
+        run, commit = self._new_run(wf, dict(input or {}), idempotency_key, lease=lease)
         run_id, created = self.store.start(commit)
         if created:
             log.info(
@@ -163,53 +161,38 @@ class Engine:
         parent: tuple[str, str | None] | None = None,
     ) -> tuple[RunRecord, Commit]:
         now = self.clock.now()
-        model = wf.state_model
-        if model is not None:
-            try:
-                state = model.model_validate(run_input).model_dump(mode="json")
-            except ValidationError as exc:
-                # from None, and no {exc}: pydantic's text quotes the input, which may be
-                # anything a client sent (a card number included).
-                problem = stepexec.validation_problem(exc)
-                raise InputError(f"input does not match {model.__name__}: {problem}") from None
-        else:
-            stepexec.ensure_json(run_input)
-            state = dict(run_input)
-        run = RunRecord(
+        return newrun.new_run(
+            wf,
+            run_input,
             run_id=self._new_id(),
-            workflow_type=wf.workflow_type,
-            definition_hash=wf.content_hash,
-            fingerprints=dict(wf.fingerprints),
-            status=Status.RUNNING,
-            state=state,
-            input=run_input,
-            cursor={"frames": [], "attempt": 1},
-            revision=1,
-            created_at=now,
-            updated_at=now,
-            idempotency_key=key,
-            parent_run_id=parent[0] if parent else None,
-            parent_step=parent[1] if parent else None,
-            lease_owner=self.owner if lease else None,
-            lease_expires_at=now + self.lease_s if lease else None,
+            key=key,
+            now=now,
+            lease=(self.owner, now + self.lease_s) if lease else None,
+            parent=parent,
+            nav=self.registry.navigator(wf),
+            new_child=self._new_child,
         )
-        commit = Commit(run=run, expected_revision=0)
-        detail = {
-            "workflow_type": wf.workflow_type,
-            "version": wf.version,
-            "definition_hash": wf.content_hash,
-            "parent_run_id": run.parent_run_id,
-        }
-        commit.audit.append(AuditEvent(run.run_id, "run_started", now, detail=detail))
-        self._settle(commit, wf, self.registry.navigator(wf).start(state, run_input))
-        return run, commit
+
+    def _new_child(
+        self, workflow_type: str, input: dict[str, Any], key: str, parent: tuple[str, str | None]
+    ) -> tuple[RunRecord, Commit]:
+        """A child run, unleased, of the latest definition of its type (``settle.NewChild``)."""
+        wf = self.registry.latest(workflow_type)
+        return self._new_run(wf, input, key, lease=False, parent=parent)
 
     # --- driving -------------------------------------------------------------------------
 
-    def advance(self, run_id: str, claimed: RunRecord | None = None) -> float | None:
-        """Advance a run as far as it can go now. Returns when it is next due if it is
-        sleeping through a retry backoff; None when it finished, waits, or is not ours.
+    def advance(self, run_id: str, claimed: RunRecord | None = None) -> None:
+        """Advance a run as far as it can go now. A run left sleeping through a retry
+        backoff is handed to the executor, ``submit(run_id, due)``; one that finished,
+        waits, or is not ours is left as it is.
         ``claimed``: the run as a claim by this engine just returned it (saves a read)."""
+        due = self._drive(run_id, claimed)
+        if due is not None:  # submitted once this thread no longer drives it
+            self.executor.submit(run_id, due)
+
+    def _drive(self, run_id: str, claimed: RunRecord | None) -> float | None:
+        """``advance``'s loop: when the run is next due if it sleeps through a backoff."""
         with self._lock:
             if run_id in self._driving:  # another thread of this engine is on it
                 return None
@@ -232,12 +215,12 @@ class Engine:
                 if run.status is Status.WAITING:
                     if run.next_attempt_at is None or run.next_attempt_at > now:
                         return None
-                    run = waits.wait_timed_out(self, wf, run)
+                    run = self._timed_out(wf, run)
                     continue
                 if run.next_attempt_at is not None and run.next_attempt_at > now:
                     return run.next_attempt_at
                 if run.status is Status.COMPENSATING:
-                    run = saga.compensate_next(self, wf, run)
+                    run = self._compensate(wf, run)
                 else:
                     run = self._step(wf, run)
         except LeaseLost as exc:
@@ -327,7 +310,10 @@ class Engine:
         if isinstance(step, WaitStep):
             return self.commit(waits.enter_wait(c, step, path, now))
         if isinstance(step, SubWorkflowStep) and not run.cursor.get("child"):
-            return self.commit(waits.spawn_child(self, c, wf, step, path, attempt, now))
+            spawned = waits.spawn_child(
+                c, wf, step, path, attempt, now, self._new_child, self.rng, self.lease_s
+            )
+            return self.commit(spawned)
         item, index = self.registry.navigator(wf).item_at(frames, run.state, run.input)
         policy = step.retry if isinstance(step, ActionStep) else NO_RETRY
         ctx = StepContext(
@@ -371,7 +357,18 @@ class Engine:
         c.outbox.extend(ctx._emitted)
         c.guards.extend(ctx._guards)
         c.steps.append(
-            StepRecord(run.run_id, path, step.name, "step", "COMPLETED", attempt, now, end, output)
+            StepRecord(
+                run.run_id,
+                path,
+                step.name,
+                "step",
+                "COMPLETED",
+                attempt,
+                now,
+                end,
+                output,
+                operation_key=ctx.operation_key,
+            )
         )
         c.audit.append(AuditEvent(run.run_id, "step_completed", end, path, {"attempt": attempt}))
         c.run.cursor = {"frames": frames, "attempt": 1}
@@ -429,7 +426,44 @@ class Engine:
             return self._http
 
     def _settle(self, c: Commit, wf: Workflow, settled: Settled) -> None:
-        settle.settle(self, c, wf, settled)
+        nav = self.registry.navigator(wf)
+        settle.settle(c, wf, nav, settled, self.clock.now(), self._new_child)
+
+    def _timed_out(self, wf: Workflow, run: RunRecord) -> RunRecord:
+        c = self.draft(run)
+        nav = self.registry.navigator(wf)
+        return self.commit(waits.wait_timed_out(c, wf, nav, self.clock.now(), self._new_child))
+
+    # --- saga ------------------------------------------------------------------------------
+
+    def _compensate(self, wf: Workflow, run: RunRecord) -> RunRecord:
+        """Run (one attempt of) the next compensation, or end the run when none is left."""
+        pending = saga.pending_compensations(wf, self.store.step_history(run.run_id))
+        c = self.draft(run)
+        now = self.clock.now()
+        if not pending:
+            return self.commit(saga.undone(c, now))
+        row = pending[0]
+        step = wf.steps[row.step_name]
+        assert isinstance(step, ActionStep) and step.compensate
+        attempt = int(run.cursor.get("attempt", 1))
+        ctx = saga.compensation_context(
+            run,
+            row,
+            attempt,
+            self.clock,
+            last_attempt=not step.compensation_retry.allows_retry_after(attempt),
+            replay=run.run_id in self._taken_over,
+            services=self.services,
+        )
+        try:
+            outcomes.check_code(c, wf, [step.compensate], now)
+            new_state = stepexec.compensate(step, wf, run, ctx)
+        except Exception as exc:  # this compensation attempt failed; its policy decides
+            end = self.clock.now()
+            saga.compensation_failed(c, wf, pending, ctx, exc, now, end, self.rng, self.lease_s)
+            return self.commit(c)
+        return self.commit(saga.compensated(c, row, ctx, new_state, now, self.clock.now()))
 
     # --- WAIT and sub-workflows ----------------------------------------------------------
 
@@ -456,7 +490,20 @@ class Engine:
             c.run.state, _ = stepexec.apply_output(run.state, data, step.output_key, wf.state_model)
         except StepError as exc:  # its message names fields, never their values
             raise InputError(f"input for step '{step.name}' is invalid: {exc.message}") from None
-        c.steps.append(StepRecord(run_id, path, step.name, "input", "COMPLETED", 1, now, now, data))
+        c.steps.append(
+            StepRecord(
+                run_id,
+                path,
+                step.name,
+                "input",
+                "COMPLETED",
+                1,
+                now,
+                now,
+                data,
+                operation_key=operation_key(run_id, path),
+            )
+        )
         c.audit.append(AuditEvent(run_id, "resumed", now, path))
         self._settle(c, wf, self.registry.navigator(wf).after(frames, c.run.state, run.input))
         try:
@@ -474,26 +521,7 @@ class Engine:
             run = self._get(run_id)
             if run.status.terminal:
                 raise InvalidRunState(f"run {run_id} is already {run.status}")
-            c = self.draft(run)
-            now = self.clock.now()
-            detail = {"reason": reason, "compensate": compensate}
-            c.audit.append(AuditEvent(run_id, "cancel_requested", now, None, detail))
-            c.run.error = {
-                "type": "Cancelled",
-                "code": "cancelled",
-                "message": reason or "cancelled",
-            }
-            if compensate:
-                c.run.status = Status.COMPENSATING
-                c.run.cursor = {
-                    **c.run.cursor,
-                    "attempt": 1,
-                    "compensating": True,
-                    "cancel_reason": reason,
-                }
-                c.run.lease_owner = c.run.lease_expires_at = None
-            else:
-                outcomes.finish(c, Status.CANCELLED, now)
+            c = saga.cancelled(self.draft(run), reason, compensate, self.clock.now())
             try:
                 self.commit(c)
             except LeaseLost:

@@ -1,18 +1,25 @@
-"""Compensation: undo completed steps in reverse order, one committed outcome each."""
+"""Compensation: undo completed steps in reverse order, one committed outcome each.
+
+Builders, like ``outcomes``: they read the history they are given and fill in a draft
+``Commit``; the engine runs the compensation's code and commits.
+
+A compensation acts on what its step did, so its context carries that step's
+operation key, read from the step's row (``StepRecord.operation_key``), never rebuilt
+from a step name; rows written before keys were recorded fall back to
+``operation_key(run_id, path)``, the value the step saw.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import random
+from typing import Any
 
 from edge.engine import outcomes
-from edge.engine import steps as stepexec
-from edge.engine.context import StepContext, idempotency_key
+from edge.engine.clock import Clock
+from edge.engine.context import StepContext, idempotency_key, operation_key
 from edge.engine.definition import ActionStep
 from edge.engine.loader import Workflow
-from edge.engine.records import AuditEvent, RunRecord, Status, StepRecord
-
-if TYPE_CHECKING:
-    from edge.engine.runtime import Engine
+from edge.engine.records import AuditEvent, Commit, RunRecord, Status, StepRecord
 
 
 def pending_compensations(wf: Workflow, history: list[StepRecord]) -> list[StepRecord]:
@@ -29,88 +36,75 @@ def pending_compensations(wf: Workflow, history: list[StepRecord]) -> list[StepR
     ]
 
 
-def compensate_next(engine: Engine, wf: Workflow, run: RunRecord) -> RunRecord:
-    """Run (one attempt of) the next compensation, or end the run when none is left.
+def step_operation_key(row: StepRecord) -> str:
+    """The operation key a step row was recorded with (its path's, for older rows)."""
+    return row.operation_key or operation_key(row.run_id, row.step)
 
-    Ends ROLLED_BACK (CANCELLED for a cancel with compensation), or FAILED listing the
-    steps left uncompensated when a compensation fails for good: never a silent rollback.
-    """
-    pending = pending_compensations(wf, engine.store.step_history(run.run_id))
-    c = engine.draft(run)
-    now = engine.clock.now()
-    if not pending:
-        cancelled = bool(run.cursor.get("cancel_reason"))
-        outcomes.finish(c, Status.CANCELLED if cancelled else Status.ROLLED_BACK, now)
-        return engine.commit(c)
-    row = pending[0]
-    step = wf.steps[row.step_name]
-    assert isinstance(step, ActionStep) and step.compensate
-    attempt = int(run.cursor.get("attempt", 1))
-    policy = step.compensation_retry
-    ctx = StepContext(
+
+def compensation_context(
+    run: RunRecord,
+    row: StepRecord,
+    attempt: int,
+    clock: Clock,
+    *,
+    last_attempt: bool,
+    replay: bool,
+    services: Any,
+) -> StepContext:
+    """What the compensation of ``row`` sees: that step's path, output and operation
+    key; an idempotency key of its own per attempt."""
+    return StepContext(
         run_id=run.run_id,
         step=row.step,
         attempt=attempt,
         idempotency_key=idempotency_key(run.run_id, f"compensate:{row.step}", attempt),
-        clock=engine.clock,
+        operation_key=step_operation_key(row),
+        clock=clock,
         input=run.input,
         output=row.output,
-        last_attempt=not policy.allows_retry_after(attempt),
-        replay=run.run_id in engine._taken_over,
-        services=engine.services,
+        last_attempt=last_attempt,
+        replay=replay,
+        services=services,
     )
-    fn = wf.functions[step.compensate]
-    try:
-        outcomes.check_code(c, wf, [step.compensate], now)
-        view = stepexec.state_view(run.state, wf.state_model)
-        out = stepexec.call_with_timeout(lambda: fn(view, ctx), step.timeout_s)
-        new_state, _ = stepexec.apply_output(run.state, out, None, wf.state_model)
-    except Exception as exc:  # this compensation attempt failed; its policy decides
-        end = engine.clock.now()
-        if outcomes.schedule_retry(
-            c,
-            "compensation",
-            row.step_name,
-            row.step,
-            attempt,
-            policy,
-            exc,
-            now,
-            end,
-            engine.rng,
-            engine.lease_s,
-            ref_seq=row.seq,
-        ):
-            return engine.commit(c)
-        err = outcomes.error_dict(exc)
-        left = [r.step for r in pending]
-        c.steps.append(
-            StepRecord(
-                run.run_id,
-                row.step,
-                row.step_name,
-                "compensation",
-                "FAILED",
-                attempt,
-                now,
-                end,
-                error=err,
-                ref_seq=row.seq,
-            )
-        )
-        c.audit.append(
-            AuditEvent(
-                run.run_id, "compensation_failed", end, row.step, {**err, "uncompensated": left}
-            )
-        )
-        c.run.error = {**(run.error or {}), "compensation_error": err, "uncompensated": left}
-        outcomes.finish(c, Status.FAILED, end)
-        return engine.commit(c)
-    end = engine.clock.now()
-    c.run.state = new_state
+
+
+def cancelled(c: Commit, reason: str, compensate: bool, now: float) -> Commit:
+    """A cancel: the run ends CANCELLED, or with ``compensate`` goes COMPENSATING first
+    (unleased, for whoever advances it next) and ends CANCELLED when all is undone."""
+    run = c.run
+    detail = {"reason": reason, "compensate": compensate}
+    c.audit.append(AuditEvent(run.run_id, "cancel_requested", now, None, detail))
+    run.error = {"type": "Cancelled", "code": "cancelled", "message": reason or "cancelled"}
+    if compensate:
+        run.status = Status.COMPENSATING
+        run.cursor = {**run.cursor, "attempt": 1, "compensating": True, "cancel_reason": reason}
+        run.lease_owner = run.lease_expires_at = None
+    else:
+        outcomes.finish(c, Status.CANCELLED, now)
+    return c
+
+
+def undone(c: Commit, now: float) -> Commit:
+    """No compensation is left: ROLLED_BACK (CANCELLED for a cancel with compensation)."""
+    cancelled = bool(c.run.cursor.get("cancel_reason"))
+    outcomes.finish(c, Status.CANCELLED if cancelled else Status.ROLLED_BACK, now)
+    return c
+
+
+def compensated(
+    c: Commit,
+    row: StepRecord,
+    ctx: StepContext,
+    new_state: dict[str, Any],
+    started: float,
+    now: float,
+) -> Commit:
+    """The compensation of ``row`` succeeded: its state, messages and guards commit."""
+    run = c.run
+    run.state = new_state
     c.outbox.extend(ctx._emitted)
     c.guards.extend(ctx._guards)
-    c.run.cursor["attempt"] = 1
+    run.cursor["attempt"] = 1
     c.steps.append(
         StepRecord(
             run.run_id,
@@ -118,11 +112,59 @@ def compensate_next(engine: Engine, wf: Workflow, run: RunRecord) -> RunRecord:
             row.step_name,
             "compensation",
             "COMPLETED",
-            attempt,
+            ctx.attempt,
+            started,
             now,
-            end,
             ref_seq=row.seq,
+            operation_key=ctx.operation_key,
         )
     )
-    c.audit.append(AuditEvent(run.run_id, "compensated", end, row.step, {"attempt": attempt}))
-    return engine.commit(c)
+    c.audit.append(AuditEvent(run.run_id, "compensated", now, row.step, {"attempt": ctx.attempt}))
+    return c
+
+
+def compensation_failed(
+    c: Commit,
+    wf: Workflow,
+    pending: list[StepRecord],
+    ctx: StepContext,
+    exc: BaseException,
+    started: float,
+    now: float,
+    rng: random.Random,
+    lease_s: float,
+) -> Commit:
+    """This attempt of the compensation of ``pending[0]`` failed: retry it if its policy
+    allows, else end FAILED listing the steps left uncompensated (never a silent rollback)."""
+    row = pending[0]
+    step = wf.steps[row.step_name]
+    assert isinstance(step, ActionStep)
+    run = c.run
+    if outcomes.schedule_retry(
+        c, "compensation", row.step_name, row.step, ctx.attempt, step.compensation_retry, exc,
+        started, now, rng, lease_s, ref_seq=row.seq, operation_key=ctx.operation_key,
+    ):  # fmt: skip
+        return c
+    err = outcomes.error_dict(exc)
+    left = [r.step for r in pending]
+    c.steps.append(
+        StepRecord(
+            run.run_id,
+            row.step,
+            row.step_name,
+            "compensation",
+            "FAILED",
+            ctx.attempt,
+            started,
+            now,
+            error=err,
+            ref_seq=row.seq,
+            operation_key=ctx.operation_key,
+        )
+    )
+    c.audit.append(
+        AuditEvent(run.run_id, "compensation_failed", now, row.step, {**err, "uncompensated": left})
+    )
+    run.error = {**(run.error or {}), "compensation_error": err, "uncompensated": left}
+    outcomes.finish(c, Status.FAILED, now)
+    return c

@@ -1,33 +1,69 @@
 """Settling a commit: the pure moves after a step (decisions, loop turns) and where the
-run now stands, including FIRE_AND_FORGET children started in the same transaction."""
+run now stands, including FIRE_AND_FORGET children started in the same transaction.
+
+A builder, like ``outcomes``: it fills in the ``Commit`` it is given and does no I/O.
+A child run is made by the ``NewChild`` callable the engine passes in.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
-from edge.engine import outcomes, waits
-from edge.engine.context import idempotency_key
+from edge.engine import outcomes
+from edge.engine.context import idempotency_key, operation_key
 from edge.engine.definition import FireAndForgetStep
 from edge.engine.loader import Workflow
-from edge.engine.navigation import Settled, step_path
-from edge.engine.records import AuditEvent, Commit, Status, StepRecord
+from edge.engine.navigation import Navigator, Settled, step_path
+from edge.engine.records import AuditEvent, Commit, RunRecord, Status, StepRecord
+from edge.engine.templating import render
 from edge.errors import ExpressionError, TillflowError
 
-if TYPE_CHECKING:
-    from edge.engine.runtime import Engine
+
+class NewChild(Protocol):
+    """Makes a child run of the latest definition of ``workflow_type``, unleased, with
+    the commit that would start it (its run row and audit rows), committing nothing.
+    ``parent``: (parent run id, the parent's step path, or None for a run that nobody
+    waits for). Raises TillflowError (say, no such workflow, or input its model refuses)."""
+
+    def __call__(
+        self,
+        workflow_type: str,
+        input: dict[str, Any],
+        key: str,
+        parent: tuple[str, str | None],
+    ) -> tuple[RunRecord, Commit]: ...
 
 
-def settle(engine: Engine, c: Commit, wf: Workflow, settled: Settled) -> None:
+def child_input(template: dict[str, Any], run: RunRecord) -> dict[str, Any]:
+    """A child's input: the step's ``input`` rendered from state, else a copy of the state."""
+    if not template:
+        return dict(run.state)
+    rendered = render(template, run.state, run.input)
+    assert isinstance(rendered, dict)  # rendering a dict gives a dict
+    return rendered
+
+
+def settle(
+    c: Commit, wf: Workflow, nav: Navigator, settled: Settled, now: float, new_child: NewChild
+) -> None:
     """Record the pure moves (decisions, loop turns) and where the run now stands.
     FIRE_AND_FORGET steps are settled here too: starting an independent child is just
     an insert in this same transaction."""
     run = c.run
-    now = engine.clock.now()
     while True:
         for d in settled.decisions:
             c.steps.append(
                 StepRecord(
-                    run.run_id, d.path, d.step, "decision", "COMPLETED", 1, now, now, d.detail
+                    run.run_id,
+                    d.path,
+                    d.step,
+                    "decision",
+                    "COMPLETED",
+                    1,
+                    now,
+                    now,
+                    d.detail,
+                    operation_key=operation_key(run.run_id, d.path),
                 )
             )
             c.audit.append(AuditEvent(run.run_id, "decision", now, d.path, d.detail))
@@ -45,10 +81,8 @@ def settle(engine: Engine, c: Commit, wf: Workflow, settled: Settled) -> None:
         path = step_path(settled.frames)
         key = idempotency_key(run.run_id, path, 1)
         try:
-            child_wf = engine.registry.latest(top.workflow)
-            child_input = waits.child_input(top.input, run)
-            child, child_commit = engine._new_run(
-                child_wf, child_input, key, lease=False, parent=(run.run_id, None)
+            child, child_commit = new_child(
+                top.workflow, child_input(top.input, run), key, (run.run_id, None)
             )
         except (TillflowError, ExpressionError) as exc:
             outcomes.fail_step(c, wf, top.name, path, 1, exc, now, now)
@@ -66,8 +100,9 @@ def settle(engine: Engine, c: Commit, wf: Workflow, settled: Settled) -> None:
                 now,
                 now,
                 {"child": child.run_id},
+                operation_key=operation_key(run.run_id, path),
             )
         )
         if top.output_key:
             run.state = {**run.state, top.output_key: child.run_id}
-        settled = engine.registry.navigator(wf).after(settled.frames, run.state, run.input)
+        settled = nav.after(settled.frames, run.state, run.input)

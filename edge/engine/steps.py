@@ -20,7 +20,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticSerializationError
 
 from edge.engine.context import StepContext, idempotency_key
-from edge.engine.definition import HttpStep, ParallelStep, StandardStep, SubWorkflowStep
+from edge.engine.definition import ActionStep, HttpStep, ParallelStep, StandardStep, SubWorkflowStep
 from edge.engine.loader import Workflow
 from edge.engine.records import RunRecord, Status
 from edge.engine.templating import render
@@ -171,6 +171,7 @@ def run_parallel(
             index=ctx.index,
             last_attempt=ctx.last_attempt,
             replay=ctx.replay,
+            services=ctx.services,
         )
 
     contexts = {t.name: task_ctx(t.name) for t in step.tasks}
@@ -283,3 +284,13 @@ def invoke(
         state, instance = apply_output(run.state, child.state, step.output_key, model)
         return state, instance, {"child": child.run_id}
     raise AssertionError(f"no executor for step type {type(step).__name__}")
+
+
+def compensate(step: ActionStep, wf: Workflow, run: RunRecord, ctx: StepContext) -> dict[str, Any]:
+    """Run one attempt of ``step``'s compensation: the new state (its output merged in)."""
+    assert step.compensate
+    fn = wf.functions[step.compensate]
+    view = state_view(run.state, wf.state_model)
+    out = call_with_timeout(lambda: fn(view, ctx), step.timeout_s)
+    new_state, _ = apply_output(run.state, out, None, wf.state_model)
+    return new_state
