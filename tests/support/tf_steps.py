@@ -12,12 +12,15 @@ from edge.engine import StepContext
 from edge.errors import StepError
 
 EFFECTS: list[tuple[str, str]] = []  # (what, idempotency key)
+#: What ``keyed`` and ``undo_keyed`` saw: (kind, step, attempt, operation key, idempotency key)
+KEYS: list[tuple[str, str, int, str, str]] = []
 KNOBS: dict[str, Any] = {}
 RELEASE = threading.Event()
 
 
 def reset() -> None:
     EFFECTS.clear()
+    KEYS.clear()
     KNOBS.clear()
     RELEASE.clear()
 
@@ -178,3 +181,21 @@ def undo_flaky(state: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
 def returns_bad_amount(state: PaymentState, ctx: StepContext) -> dict[str, Any]:
     """A bug: puts a card number where the state model wants an amount."""
     return {"amount": "4111111111111111x"}
+
+
+def keyed(state: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    """Records its keys; fails KNOBS['keyed'] times (retryable), 'dies' once with
+    KNOBS['keyed_crash'] (a BaseException) if set, then succeeds."""
+    KEYS.append(("step", ctx.step, ctx.attempt, ctx.operation_key, ctx.idempotency_key))
+    crash = KNOBS.pop("keyed_crash", None)
+    if crash is not None:
+        raise crash
+    if KNOBS.get("keyed", 0) > 0:
+        KNOBS["keyed"] -= 1
+        raise StepError("not yet")
+    return {"replayed": ctx.replay}
+
+
+def undo_keyed(state: dict[str, Any], ctx: StepContext) -> None:
+    """A compensation that records the keys it was given."""
+    KEYS.append(("undo", ctx.step, ctx.attempt, ctx.operation_key, ctx.idempotency_key))
