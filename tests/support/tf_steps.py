@@ -199,3 +199,9 @@ def keyed(state: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
 def undo_keyed(state: dict[str, Any], ctx: StepContext) -> None:
     """A compensation that records the keys it was given."""
     KEYS.append(("undo", ctx.step, ctx.attempt, ctx.operation_key, ctx.idempotency_key))
+
+
+def keep_services(state: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    """Keeps (step, what it was handed as ``ctx.services``) in KNOBS['services']."""
+    KNOBS.setdefault("services", []).append((ctx.step, ctx.services))
+    return {}
