@@ -24,7 +24,7 @@ from hwsim.killcheck import money_may_be_held, reversal_pending
 
 from edge.engine import RunRecord, Status
 from edge.engine.context import idempotency_key
-from edge.engine.records import OutboxMessage
+from edge.engine.records import Acknowledgement, OutboxMessage
 from edge.store.base import OUTBOX_COUNTER
 from edge.terminal.risk import OFFLINE
 from edge.terminal.runtime import Terminal
@@ -46,7 +46,7 @@ def _upload(terminal: Terminal, cloud: dict[str, OutboxMessage]) -> None:
             cloud.setdefault(msg.message_id, msg)
         last = page[-1].seq or last
     if last:
-        terminal.store.ack_outbox_through(last)
+        terminal.store.acknowledge(Acknowledgement(outbox_through=last))
 
 
 def _all_messages(

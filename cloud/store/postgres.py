@@ -25,10 +25,17 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from edge.engine.audit import GENESIS, link
-from edge.engine.records import Commit, Compaction, RunRecord
+from edge.engine.records import Acknowledgement, AckResult, Commit, Compaction, RunRecord
 from edge.errors import LeaseLost, MigrationError, StorageFull, StoreError
 from edge.store import rows as rowmap
-from edge.store.base import RowReads, ack_audit_params, compact_in, guard_params, guard_refused
+from edge.store.base import (
+    RowReads,
+    TxQuery,
+    acknowledge_in,
+    compact_in,
+    guard_params,
+    guard_refused,
+)
 from edge.store.queries import load_migrations, load_queries
 
 log = logging.getLogger(__name__)
@@ -389,13 +396,11 @@ class PostgresStore(RowReads):
             "renew_lease", lambda conn, _: self._q(conn, "renew_lease", params).rowcount == 1
         )
 
-    def ack_outbox_through(self, seq: int) -> int:
+    def acknowledge(self, ack: Acknowledgement) -> AckResult:
         return self._run(
-            "ack_outbox", lambda conn, _: self._q(conn, "ack_outbox", {"seq": seq}).rowcount
+            "acknowledge",
+            lambda conn, _: acknowledge_in(_txq(conn), ack, outbox_bound=None, at=time.time()),
         )
-
-    def ack_audit_through(self, seq: int) -> None:
-        self._run("ack_audit", lambda conn, _: self._q(conn, "ack_audit", ack_audit_params(seq)))
 
     def compact(
         self,
@@ -405,13 +410,8 @@ class PostgresStore(RowReads):
         counters_before: float | None = None,
     ) -> Compaction:
         def run(conn: Conn, _: int) -> Compaction:
-            def q(name: str, params: Mapping[str, Any]) -> tuple[list[dict[str, Any]], int]:
-                cur = self._q(conn, name, params)
-                found = cur.fetchall() if cur.description else []
-                return found, cur.rowcount
-
             return compact_in(
-                q,
+                _txq(conn),
                 run_ids=list,
                 before=before,
                 counter_prefix=counter_prefix,
@@ -422,6 +422,16 @@ class PostgresStore(RowReads):
 
     def close(self) -> None:
         self.pool.close()
+
+
+def _txq(conn: Conn) -> TxQuery:
+    """Named queries inside ``conn``'s open transaction: (rows, rows changed)."""
+
+    def q(name: str, params: Mapping[str, Any]) -> tuple[list[dict[str, Any]], int]:
+        cur = conn.execute(_QUERIES[name], params)
+        return (cur.fetchall() if cur.description else []), cur.rowcount
+
+    return q
 
 
 def _returned_seq(cur: psycopg.Cursor[Any]) -> int:

@@ -6,11 +6,14 @@ A dialect module (``SqliteStore``, ``PostgresStore``) supplies ``_rows`` and ``_
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from edge.engine.audit import GENESIS
 from edge.engine.records import (
+    Acknowledgement,
+    AckResult,
     AuditRetention,
     AuditRow,
     Compaction,
@@ -23,6 +26,8 @@ from edge.engine.records import (
 )
 from edge.errors import LimitExceeded
 from edge.store import rows as rowmap
+
+log = logging.getLogger(__name__)
 
 #: The counter that bounds the outbox (count = messages, amount = payload bytes).
 OUTBOX_COUNTER = "outbox"
@@ -183,5 +188,37 @@ def compact_in(
     return Compaction(runs=runs, steps=steps, audit_rows=audit, counters=counters)
 
 
-def ack_audit_params(seq: int) -> dict[str, Any]:
-    return {"seq": seq, "genesis": GENESIS}
+def acknowledge_in(
+    q: TxQuery, ack: Acknowledgement, *, outbox_bound: Guard | None, at: float
+) -> AckResult:
+    """One acknowledgement, as one transaction's statements (the store supplies it).
+
+    The DELETE says which messages it really removed: only their ``releases`` apply, so
+    an acknowledgement repeated, or raced by another (the loser's DELETE finds nothing),
+    releases nothing twice. A release that would take a counter below zero is left out
+    with a warning: the acknowledgement itself always goes through.
+    """
+    deleted: list[dict[str, Any]] = []
+    if ack.outbox_through is not None:
+        deleted, _ = q("ack_outbox", {"seq": ack.outbox_through})
+    released = [g for r in deleted for g in ack.releases.get(int(r["seq"]), ())]
+    changes = list(released)
+    if outbox_bound is not None and deleted:
+        size = sum(int(r["bytes"]) for r in deleted)
+        changes.append(Guard(OUTBOX_COUNTER, amount=-size, count=-len(deleted)))
+    for guard in changes:
+        params = guard_params(guard, at)
+        q("ensure_counter", params)
+        if q("apply_counter", params)[1] != 1:
+            log.warning(
+                "releasing %+d / %+d would take counter %r below zero; left as it is",
+                guard.amount,
+                guard.count,
+                guard.name,
+                extra={"action": "ack_release_below_zero", "counter": guard.name},
+            )
+            if guard in released:
+                released.remove(guard)
+    if ack.audit_through is not None:
+        q("ack_audit", {"seq": ack.audit_through, "genesis": GENESIS})
+    return AckResult(messages=len(deleted), released=tuple(released))

@@ -12,7 +12,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -21,10 +21,11 @@ import apsw
 
 from edge.engine.audit import GENESIS, link
 from edge.engine.records import (
+    Acknowledgement,
+    AckResult,
     Commit,
     Compaction,
     Guard,
-    OutboxMessage,
     RunRecord,
 )
 from edge.errors import LeaseLost, MigrationError, StorageFull, StoreError
@@ -32,7 +33,7 @@ from edge.store import rows as rowmap
 from edge.store.base import (
     OUTBOX_COUNTER,
     RowReads,
-    ack_audit_params,
+    acknowledge_in,
     compact_in,
     guard_params,
     guard_refused,
@@ -280,6 +281,11 @@ class SqliteStore(RowReads):
                 return []
             return [dict(zip(cols, row, strict=True)) for row in cur]
 
+    def _txq(self, name: str, params: Mapping[str, Any]) -> tuple[list[dict[str, Any]], int]:
+        # Inside a transaction (the lock is reentrant); changes() counts the rows a
+        # statement changed, which is all the shared statements read it for.
+        return self._rows(name, params), int(self._conn.changes())
+
     def _scalar(self, name: str, params: Mapping[str, Any] | None = None) -> Any:
         with self._lock, self._translate(name):
             row = self._q(name, params).fetchone()
@@ -439,37 +445,9 @@ class SqliteStore(RowReads):
             )
             return bool(self._conn.changes() == 1)
 
-    def ack_outbox_through(
-        self,
-        seq: int,
-        release: Callable[[list[OutboxMessage]], Sequence[Guard]] | None = None,
-    ) -> int:
-        """``release``: given the messages this acknowledgement removes, the counter
-        changes that go with them (e.g. offline exposure the cloud now knows about),
-        applied in the same transaction, so a crash cannot release twice or never."""
-        with self._tx("ack_outbox") as conn:
-            gone = self._q("outbox_through", {"seq": seq}).fetchone() or (0, 0)
-            guards: list[Guard] = []
-            if release is not None and gone[0]:
-                found = self._rows("outbox_after", {"after_seq": 0, "limit": int(gone[0])})
-                acked = [rowmap.outbox_from_row(r, _loads) for r in found]
-                guards += release([m for m in acked if m.seq is not None and m.seq <= seq])
-            self._q("ack_outbox", {"seq": seq})
-            deleted = int(conn.changes())
-            if self.outbox_bound is not None and deleted:
-                guards.append(Guard(OUTBOX_COUNTER, amount=-int(gone[1]), count=-int(gone[0])))
-            now = time.time()
-            for guard in guards:
-                params = guard_params(guard, now)
-                self._q("ensure_counter", params)
-                self._q("apply_counter", params)
-                if self._conn.changes() != 1:  # an ack must always go through
-                    log.warning("counter %r would fall below zero; left as it is", guard.name)
-            return deleted
-
-    def ack_audit_through(self, seq: int) -> None:
-        with self._tx("ack_audit"):
-            self._q("ack_audit", ack_audit_params(seq))
+    def acknowledge(self, ack: Acknowledgement) -> AckResult:
+        with self._tx("acknowledge"):
+            return acknowledge_in(self._txq, ack, outbox_bound=self.outbox_bound, at=time.time())
 
     def compact(
         self,
@@ -478,14 +456,9 @@ class SqliteStore(RowReads):
         counter_prefix: str | None = None,
         counters_before: float | None = None,
     ) -> Compaction:
-        def q(name: str, params: Mapping[str, Any]) -> tuple[list[dict[str, Any]], int]:
-            # Inside the transaction below (the lock is reentrant); changes() counts the
-            # rows a DELETE removed, which is all compact_in reads it for.
-            return self._rows(name, params), int(self._conn.changes())
-
         with self._tx("compact"):
             return compact_in(
-                q,
+                self._txq,
                 run_ids=_dumps,
                 before=before,
                 counter_prefix=counter_prefix,

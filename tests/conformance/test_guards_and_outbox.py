@@ -8,6 +8,7 @@ import tf_steps
 
 from edge.engine import Engine, InlineExecutor, Status
 from edge.engine.loader import load_text
+from edge.engine.records import Acknowledgement
 
 APPROVE = """
 workflow_type: approve
@@ -83,7 +84,7 @@ def test_outbox__ack_through_drops_what_the_cloud_has_and_keeps_the_order(store,
     assert before.depth == 3 and before.bytes > 0 and before.oldest == clock.now()
     seqs = [m.seq for m in store.outbox()]
     assert seqs == sorted(seqs)
-    assert store.ack_outbox_through(seqs[1]) == 2
+    assert store.acknowledge(Acknowledgement(outbox_through=seqs[1])).messages == 2
     assert [m.seq for m in store.outbox()] == [seqs[2]]
     eng.start("approve", {"amount": 5})
     after = store.outbox()

@@ -18,6 +18,7 @@ from test_payment_workflow import Terminal
 import edge.terminal
 from edge.engine import Engine, InlineExecutor, Status
 from edge.engine.loader import load_file
+from edge.engine.records import Acknowledgement
 from edge.errors import InputError
 from edge.terminal.ports import AcquirerUnavailable
 
@@ -265,7 +266,7 @@ def test_void__of_an_offline_payment_releases_the_offline_counter(till, acquirer
 def test_void__of_an_offline_payment_the_cloud_acknowledged_is_declined(till):
     till.link.down()
     payment = till.pay(1_500)
-    till.store.ack_outbox_through(till.store.outbox_stats().last_seq)
+    till.store.acknowledge(Acknowledgement(outbox_through=till.store.outbox_stats().last_seq))
     void = till.void(payment.run_id)
     assert void.state["reason"] == "offline_payment_uploaded"
     assert till.store.counters()["offline"] == (1_500, 1)
@@ -359,7 +360,7 @@ def test_settlement__two_concurrent_settlements_cover_each_message_once(till, st
 def test_settlement__acknowledged_messages_before_a_settlement_are_named_as_a_gap(till):
     till.pay(2_500)
     till.pay(2_100)
-    till.store.ack_outbox_through(till.messages("payment")[0].seq)
+    till.store.acknowledge(Acknowledgement(outbox_through=till.messages("payment")[0].seq))
     till.pay(2_200)
     p = till.settle().state
     assert p["totals"]["EUR"]["payment"] == {"count": 2, "amount_minor": 4_300}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from edge.engine import Status
+from edge.engine.records import Acknowledgement
 
 DAY = 86_400.0
 
@@ -91,7 +92,7 @@ def test_compact__keeps_every_audit_row_the_cloud_has_not_acknowledged(aged, eng
 def test_compact__acknowledged_audit_rows_go_and_the_kept_chain_still_verifies(
     aged, engine, register, store, clock
 ):
-    store.ack_audit_through(6)
+    store.acknowledge(Acknowledgement(audit_through=6))
     done = store.compact(before=clock.now() - DAY)
     assert done.audit_rows == 6
     assert next(r.seq for r in store.audit_rows()) == 7
@@ -103,8 +104,8 @@ def test_compact__acknowledged_audit_rows_go_and_the_kept_chain_still_verifies(
 
 
 def test_compact__an_acknowledgement_never_moves_back(aged, store):
-    store.ack_audit_through(8)
-    store.ack_audit_through(3)
+    store.acknowledge(Acknowledgement(audit_through=8))
+    store.acknowledge(Acknowledgement(audit_through=3))
     kept = store.audit_retention()
     assert kept is not None and kept.acked_seq == 8
 
@@ -114,7 +115,7 @@ def test_compact__an_audit_row_written_after_the_cutoff_stays_even_if_acknowledg
 ):
     head = store.audit_head()
     assert head is not None
-    store.ack_audit_through(head[0])
+    store.acknowledge(Acknowledgement(audit_through=head[0]))
     store.compact(before=clock.now() - DAY)
     assert {r.run_id for r in store.audit_rows()} >= {aged["recent"]}
 
@@ -122,7 +123,7 @@ def test_compact__an_audit_row_written_after_the_cutoff_stays_even_if_acknowledg
 def test_compact__a_kept_row_still_refuses_deletion_and_tampering_is_still_detected(
     aged, engine, store, clock, backend
 ):
-    store.ack_audit_through(6)
+    store.acknowledge(Acknowledgement(audit_through=6))
     store.compact(before=clock.now() - DAY)
     with pytest.raises(backend.refusal, match="append-only"):
         backend.execute("DELETE FROM workflow_audit_log WHERE seq = 7")
@@ -134,7 +135,7 @@ def test_compact__a_kept_row_still_refuses_deletion_and_tampering_is_still_detec
 def test_compact__the_first_kept_row_must_continue_from_the_base(
     aged, engine, store, clock, backend
 ):
-    store.ack_audit_through(6)
+    store.acknowledge(Acknowledgement(audit_through=6))
     store.compact(before=clock.now() - DAY)
     backend.tamper("DELETE FROM workflow_audit_log WHERE seq = 7")  # forge the new start
     report = engine.verify_audit()

@@ -6,6 +6,7 @@ import pytest
 
 from edge.engine import Engine, FakeClock, InlineExecutor, Status
 from edge.engine.loader import load_text
+from edge.engine.records import Acknowledgement
 from edge.store.sqlite import SqliteStore
 
 SALE = """
@@ -41,7 +42,7 @@ def test_outbox__acknowledging_makes_room_and_keeps_the_counter_true(bounded):
     engine.start("sale", {"amount": 1})
     engine.start("sale", {"amount": 2})
     first = store.outbox()[0].seq
-    assert store.ack_outbox_through(first) == 1
+    assert store.acknowledge(Acknowledgement(outbox_through=first)).messages == 1
     stats = store.outbox_stats()
     assert store.counters()["outbox"] == (stats.bytes, stats.depth) == (stats.bytes, 1)
     assert engine.get(engine.start("sale", {"amount": 3})).status is Status.COMPLETED

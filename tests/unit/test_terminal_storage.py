@@ -20,6 +20,7 @@ from hwsim.network import SimNetworkLink
 from hwsim.printer import SimPrinter
 
 from edge.engine import FakeClock
+from edge.engine.records import Acknowledgement
 from edge.terminal.acquirer_http import HttpAcquirer
 from edge.terminal.api import LocalApiServer
 from edge.terminal.config import EdgeConfig, RiskLimits
@@ -146,10 +147,10 @@ def test_a_full_budget_answers_507_keeps_health_and_loses_nothing(make_pos):
     assert charges_before >= len(approved)
     # The cloud acknowledges, time passes, maintenance compacts: there is room again.
     store = pos.terminal.store
-    store.ack_outbox_through(store.outbox_stats().last_seq)
+    store.acknowledge(Acknowledgement(outbox_through=store.outbox_stats().last_seq))
     head = store.audit_head()
     assert head is not None
-    store.ack_audit_through(head[0])
+    store.acknowledge(Acknowledgement(audit_through=head[0]))
     pos.clock.advance(2 * HOUR)
     done = pos.terminal.maintain()
     assert done["compacted"]["runs"] >= len(approved)

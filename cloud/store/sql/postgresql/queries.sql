@@ -190,13 +190,8 @@ SELECT count(*) AS depth, coalesce(sum(octet_length(payload::text)), 0) AS bytes
 FROM outbox;
 
 -- name: ack_outbox
--- Drop what the cloud acknowledged, up to and including a sequence number.
-DELETE FROM outbox WHERE seq <= %(seq)s;
-
--- name: outbox_through
--- How many messages, and their payload bytes, an acknowledgement up to a seq removes.
-SELECT count(*) AS depth, coalesce(sum(octet_length(payload::text)), 0) AS bytes FROM outbox
-WHERE seq <= %(seq)s;
+-- Drop what the cloud acknowledged, up to and including a seq; returns what went.
+DELETE FROM outbox WHERE seq <= %(seq)s RETURNING seq, octet_length(payload::text) AS bytes;
 
 -- name: audit_retention
 -- The retention base (the last compacted row) and how far the cloud acknowledged.

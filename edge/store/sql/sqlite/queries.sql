@@ -179,13 +179,8 @@ SELECT count(*) AS depth, coalesce(sum(length(payload)), 0) AS bytes,
 FROM outbox;
 
 -- name: ack_outbox
--- Drop what the cloud acknowledged, up to and including a sequence number.
-DELETE FROM outbox WHERE seq <= :seq;
-
--- name: outbox_through
--- How many messages, and their payload bytes, an acknowledgement up to a seq removes.
-SELECT count(*) AS depth, coalesce(sum(length(payload)), 0) AS bytes FROM outbox
-WHERE seq <= :seq;
+-- Drop what the cloud acknowledged, up to and including a seq; returns what went.
+DELETE FROM outbox WHERE seq <= :seq RETURNING seq, length(payload) AS bytes;
 
 -- name: audit_retention
 -- The retention base (the last compacted row) and how far the cloud acknowledged.
