@@ -73,6 +73,7 @@ def step_params(s: StepRecord, enc: Codec) -> dict[str, Any]:
         "output": _opt(enc, s.output),
         "error": _opt(enc, s.error),
         "ref_seq": s.ref_seq,
+        "operation_key": s.operation_key,
     }
 
 
@@ -90,6 +91,7 @@ def step_from_row(r: dict[str, Any], dec: Codec) -> StepRecord:
         error=_opt(dec, r["error"]),
         ref_seq=r["ref_seq"],
         seq=r["seq"],
+        operation_key=r.get("operation_key"),
     )
 
 

@@ -8,6 +8,7 @@ import pytest
 import tf_steps
 
 from edge.engine import Engine, InlineExecutor, Status
+from edge.engine.context import operation_key
 from edge.engine.loader import load_text
 from edge.errors import InputError, WorkflowNotFound
 
@@ -171,3 +172,12 @@ def test_step_outcome__a_commit_that_fails_leaves_the_run_as_it_was(store, clock
     assert [s.step for s in eng.show(run.run_id).steps] == ["one", "two"]
     assert store.outbox() == []
     assert eng.verify_audit().ok
+
+
+def test_step_history__returns_each_rows_operation_key(engine, register, store):
+    register(LINEAR)
+    run_id = engine.start("linear", {"x": 1})
+    rows = store.step_history(run_id)
+    assert [(r.step, r.operation_key) for r in rows] == [
+        (step, operation_key(run_id, step)) for step in ("one", "two", "sale")
+    ]

@@ -190,7 +190,7 @@ _TEXT = {
     "run_id", "workflow_type", "definition_hash", "idempotency_key", "parent_run_id",
     "parent_step", "lease_owner", "owner", "commit_token", "content_hash", "snapshot",
     "name", "step", "step_name", "kind", "event", "hash", "prev_hash", "message_id", "topic",
-    "genesis", "prefix",
+    "genesis", "prefix", "operation_key",
     "version",  # text in workflow_definitions, integer in schema_migrations: left untyped
 }  # fmt: skip
 _INT = {

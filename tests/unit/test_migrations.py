@@ -25,8 +25,11 @@ _PARAM = re.compile(r"(?<![:\w]):([A-Za-z_][A-Za-z0-9_]*)")
 
 
 def schema_of(conn: apsw.Connection) -> list[tuple[str, str, str, str]]:
+    # ALTER TABLE ADD COLUMN appends ", col" to the stored text after the last column's
+    # own whitespace and before the closing one: "x INTEGER , y TEXT)". Spaces before a
+    # comma or a parenthesis mean nothing.
     return [
-        (kind, name, table, " ".join((sql or "").split()))
+        (kind, name, table, " ".join((sql or "").split()).replace(" ,", ",").replace(" )", ")"))
         for kind, name, table, sql in conn.execute(SCHEMA_OBJECTS)
     ]
 
@@ -145,9 +148,9 @@ def test_load_migrations__orders_by_number_not_by_listing(fake_package):
 
 def test_migrate__a_fresh_database_ends_at_the_latest_version(migrated, migrated_conn):
     latest = len(load_migrations("sqlite"))
-    assert migrated.schema_version() == latest == 3
+    assert migrated.schema_version() == latest == 4
     rows = migrated_conn.execute("SELECT version, name FROM schema_migrations").fetchall()
-    assert rows == [(1, "initial"), (2, "counters"), (3, "retention")]
+    assert rows == [(1, "initial"), (2, "counters"), (3, "retention"), (4, "operation_key")]
 
 
 def test_migrate__reopening_a_migrated_database_is_a_no_op(migrated, migrated_conn):
@@ -155,11 +158,11 @@ def test_migrate__reopening_a_migrated_database_is_a_no_op(migrated, migrated_co
     migrated.close()
     again = SqliteStore(migrated.path)
     try:
-        assert again.schema_version() == 3
-        assert again.migrate() == 3
+        assert again.schema_version() == 4
+        assert again.migrate() == 4
     finally:
         again.close()
-    assert migrated_conn.execute("SELECT count(*) FROM schema_migrations").fetchall() == [(3,)]
+    assert migrated_conn.execute("SELECT count(*) FROM schema_migrations").fetchall() == [(4,)]
     assert schema_of(migrated_conn) == before
 
 
@@ -280,3 +283,30 @@ def test_migrate__two_processes_opening_a_new_database_at_once_migrate_it_once(t
         load_migrations("sqlite")
     )
     conn.close()
+
+
+def test_migrate__step_rows_written_before_operation_keys_read_back_as_none(tmp_path):
+    """A database of schema 3 (before 0004) with a step row: after the upgrade the row
+    is still there, and its operation key is None (the engine falls back for it)."""
+    path = str(tmp_path / "old.db")
+    conn = apsw.Connection(path)
+    conn.execute(load_queries("sqlite")["create_migrations_table"])
+    for mig in load_migrations("sqlite")[:3]:
+        conn.execute(mig.sql)
+        conn.execute("INSERT INTO schema_migrations VALUES (?, ?, 0)", (mig.version, mig.name))
+    conn.execute(
+        "INSERT INTO workflow_definitions VALUES ('h', 'old', '1', '{}', 0);"
+        "INSERT INTO workflow_runs (run_id, workflow_type, definition_hash, fingerprints,"
+        " status, state, cursor, revision, created_at, updated_at)"
+        " VALUES ('r1', 'old', 'h', '{}', 'COMPLETED', '{}', '{}', 1, 0, 0);"
+        "INSERT INTO workflow_steps (run_id, step, step_name, kind, status, attempt,"
+        " started_at, finished_at) VALUES ('r1', 'pay', 'pay', 'step', 'COMPLETED', 1, 0, 0)"
+    )
+    conn.close()
+    store = SqliteStore(path)
+    try:
+        assert store.schema_version() == len(load_migrations("sqlite"))
+        (row,) = store.step_history("r1")
+        assert (row.step, row.status, row.operation_key) == ("pay", "COMPLETED", None)
+    finally:
+        store.close()

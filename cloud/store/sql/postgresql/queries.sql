@@ -126,9 +126,9 @@ ORDER BY r.created_at, r.run_id LIMIT %(limit)s;
 -- name: insert_step
 -- One step outcome; returns its seq.
 INSERT INTO workflow_steps (run_id, step, step_name, kind, status, attempt, started_at,
-    finished_at, output, error, ref_seq)
+    finished_at, output, error, ref_seq, operation_key)
 VALUES (%(run_id)s, %(step)s, %(step_name)s, %(kind)s, %(status)s, %(attempt)s,
-    %(started_at)s, %(finished_at)s, %(output)s, %(error)s, %(ref_seq)s)
+    %(started_at)s, %(finished_at)s, %(output)s, %(error)s, %(ref_seq)s, %(operation_key)s)
 RETURNING seq;
 
 -- name: step_history

@@ -61,7 +61,8 @@ CREATE TABLE workflow_steps (
     finished_at double precision NOT NULL,
     output      jsonb,
     error       jsonb,
-    ref_seq     bigint
+    ref_seq     bigint,
+    operation_key text
 );
 
 CREATE INDEX workflow_steps_by_run ON workflow_steps (run_id, seq);

@@ -116,9 +116,9 @@ ORDER BY r.created_at, r.rowid LIMIT :limit;
 -- name: insert_step
 -- One step outcome.
 INSERT INTO workflow_steps (run_id, step, step_name, kind, status, attempt, started_at,
-    finished_at, output, error, ref_seq)
+    finished_at, output, error, ref_seq, operation_key)
 VALUES (:run_id, :step, :step_name, :kind, :status, :attempt, :started_at,
-    :finished_at, :output, :error, :ref_seq);
+    :finished_at, :output, :error, :ref_seq, :operation_key);
 
 -- name: step_history
 -- A run's step rows in order.

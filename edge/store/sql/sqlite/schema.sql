@@ -57,7 +57,8 @@ CREATE TABLE workflow_steps (
     finished_at REAL NOT NULL,
     output      TEXT,
     error       TEXT,
-    ref_seq     INTEGER
+    ref_seq     INTEGER,
+    operation_key TEXT
 ) STRICT;
 
 CREATE INDEX workflow_steps_by_run ON workflow_steps (run_id, seq);
