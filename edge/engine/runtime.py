@@ -321,6 +321,7 @@ class Engine:
             step=path,
             attempt=attempt,
             idempotency_key=idempotency_key(run.run_id, path, attempt),
+            operation_key=operation_key(run.run_id, path),
             clock=self.clock,
             input=run.input,
             item=item,

@@ -16,7 +16,7 @@ from typing import Any
 
 from edge.engine import Clock, Engine, InlineExecutor, Status, SystemClock
 from edge.engine.loader import load_file
-from edge.engine.records import Acknowledgement, Guard, OutboxMessage
+from edge.engine.records import Guard, OutboxMessage
 from edge.errors import StorageFull
 from edge.store.sqlite import SqliteStore, Storage
 from edge.terminal import risk
@@ -34,15 +34,6 @@ MIB = 1024 * 1024
 FULL_ROOM_BYTES = 64 * 1024
 #: Live runs health looks at for pending reversals: a terminal has a handful in flight.
 REVERSALS_SCANNED = 1000
-
-
-def _offline_release(msg: OutboxMessage) -> Guard | None:
-    """The offline exposure an outbox message holds: an offline approval's amount, let
-    go when the cloud acknowledges the message (it now knows about the sale)."""
-    p = msg.payload
-    if msg.topic != "payment" or not p.get("offline") or p.get("decision") != "approved":
-        return None
-    return Guard(risk.OFFLINE, amount=-int(p["amount_minor"]), count=-1)
 
 
 @dataclass
@@ -129,25 +120,25 @@ class Terminal:
     def acknowledge(self, outbox_through: int, audit_through: int | None = None) -> int:
         """The cloud holds the outbox up to ``outbox_through`` (and the audit log up to
         ``audit_through``): drop those messages and, in the same transaction, release the
-        offline exposure of the offline approvals among them. Returns messages dropped.
+        offline exposure of the offline approvals among them. Returns messages dropped."""
 
-        The releases are worked out per message beforehand; the store applies those of
-        the messages its transaction really removes, so a repeated or raced
-        acknowledgement releases nothing twice."""
-        releases: dict[int, tuple[Guard, ...]] = {}
-        after = 0
-        while after < outbox_through:
-            page = self.store.outbox(after_seq=after, limit=500)
-            for msg in page:
-                if msg.seq is not None and msg.seq <= outbox_through:
-                    released = _offline_release(msg)
-                    if released is not None:
-                        releases[msg.seq] = (released,)
-            if not page or page[-1].seq is None:
-                break
-            after = page[-1].seq
-        ack = Acknowledgement(outbox_through, audit_through, releases)
-        return self.store.acknowledge(ack).messages
+        def sent_offline(messages: list[OutboxMessage]) -> list[Guard]:
+            approved = [
+                m.payload
+                for m in messages
+                if m.topic == "payment"
+                and m.payload.get("offline")
+                and m.payload.get("decision") == "approved"
+            ]
+            if not approved:
+                return []
+            amount = sum(int(p["amount_minor"]) for p in approved)
+            return [Guard(risk.OFFLINE, amount=-amount, count=-len(approved))]
+
+        dropped = self.store.ack_outbox_through(outbox_through, release=sent_offline)
+        if audit_through is not None:
+            self.store.ack_audit_through(audit_through)
+        return dropped
 
     # --- storage (invariant 7: the database stays within its budget) ---------------
 
