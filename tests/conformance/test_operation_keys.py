@@ -150,6 +150,13 @@ def test_operation_key__is_recorded_on_every_row_written_for_the_step(store, clo
         ("reserve", "compensation", "COMPLETED", op),
     ]
     assert ("final", "step", "FAILED", operation_key(run_id, "final")) in rows
+    # and the store keeps it: what a compensation after a restart reads
+    kept = [(r.kind, r.status, r.operation_key) for r in store.step_history(run_id)]
+    assert [k for k in kept if k[2] == op] == [
+        ("step", "RETRYING", op),
+        ("step", "COMPLETED", op),
+        ("compensation", "COMPLETED", op),
+    ]
     eng.close()
 
 
