@@ -24,18 +24,11 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from edge.engine.audit import GENESIS, link
 from edge.engine.records import Acknowledgement, AckResult, Commit, Compaction, RunRecord
-from edge.errors import LeaseLost, MigrationError, StorageFull, StoreError
+from edge.errors import MigrationError, StorageFull, StoreError
 from edge.store import rows as rowmap
-from edge.store.base import (
-    RowReads,
-    TxQuery,
-    acknowledge_in,
-    compact_in,
-    guard_params,
-    guard_refused,
-)
+from edge.store import writer
+from edge.store.base import RowReads
 from edge.store.queries import load_migrations, load_queries
 
 log = logging.getLogger(__name__)
@@ -61,10 +54,6 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
     psycopg.errors.DeadlockDetected,
     PoolTimeout,
 )
-
-
-class _AlreadyApplied(Exception):
-    """A retried commit finds that its first try landed."""
 
 
 class PostgresStore(RowReads):
@@ -250,116 +239,23 @@ class PostgresStore(RowReads):
     # --- runs ----------------------------------------------------------------------
 
     def start(self, commit: Commit) -> tuple[str, bool]:
-        run = commit.run
-
         def insert(conn: Conn, attempt: int) -> tuple[str, bool]:
-            if attempt and self._q(conn, "get_run", {"run_id": run.run_id}).fetchone():
-                return run.run_id, True  # the first try landed before the connection dropped
-            inserted = self._q(conn, "insert_run", self._run_params(run, commit.token)).fetchone()
-            if inserted is None:  # idempotency key taken: the existing run is the answer
-                row = self._q(
-                    conn, "run_by_idempotency_key", {"idempotency_key": run.idempotency_key}
-                ).fetchone()
-                assert row is not None
-                return str(row["run_id"]), False
-            self._apply(conn, commit, inserted_run=True)
-            return run.run_id, True
+            return writer.start_run(_Tx(conn), commit, retry=attempt > 0, where=self.path)
 
         return self._run("start", insert, pipeline=True)
 
     def commit(self, commit: Commit) -> None:
+        def write(conn: Conn, attempt: int) -> None:
+            writer.write_commit(_Tx(conn), commit, retry=attempt > 0, where=self.path)
+
         try:
-            self._run(
-                "commit",
-                lambda conn, attempt: self._apply(
-                    conn, commit, inserted_run=False, retry=attempt > 0
-                ),
-                pipeline=True,
-            )
-        except _AlreadyApplied:
+            self._run("commit", write, pipeline=True)
+        except writer.AlreadyApplied:
             log.info(
                 "commit of run %s had landed before the connection dropped",
                 commit.run.run_id,
                 extra={"action": "commit_already_applied", "run_id": commit.run.run_id},
             )
-
-    def _run_params(self, run: RunRecord, token: str) -> dict[str, Any]:
-        return {**rowmap.run_params(run, Jsonb), "commit_token": token}
-
-    def _apply(self, conn: Conn, c: Commit, *, inserted_run: bool, retry: bool = False) -> None:
-        """Write one outcome in two batches: everything up to the audit head's lock, one
-        sync to read what came back, then the audit rows (COMMIT follows in the caller).
-
-        ``retry``: an earlier try may have landed unheard; ask first, before the batch's
-        inserts could collide with what it wrote."""
-        if retry and not inserted_run:
-            now = self._q(conn, "get_run", {"run_id": c.run.run_id}).fetchone()
-            if now is not None and now["commit_token"] == c.token:
-                raise _AlreadyApplied
-        with conn.pipeline():  # leaving it syncs: one round trip for this whole batch
-            update = None
-            if inserted_run:
-                self._q(
-                    conn, "insert_run_input", {"run_id": c.run.run_id, "input": Jsonb(c.run.input)}
-                )
-            else:
-                params = {
-                    **self._run_params(c.run, c.token),
-                    "expected_revision": c.expected_revision,
-                }
-                update = self._q(conn, "update_run", params)
-            guards = []
-            for g in c.guards:
-                params = guard_params(g, c.run.updated_at)
-                self._q(conn, "ensure_counter", params)
-                guards.append(self._q(conn, "apply_counter", params))
-            children = [
-                self._q(conn, "insert_run", self._run_params(ch, c.token)) for ch in c.new_runs
-            ]
-            for ch in c.new_runs:
-                self._q(conn, "insert_run_input", {"run_id": ch.run_id, "input": Jsonb(ch.input)})
-            steps = [self._q(conn, "insert_step", rowmap.step_params(s, Jsonb)) for s in c.steps]
-            outbox = [
-                self._q(conn, "insert_outbox", rowmap.outbox_params(m, Jsonb)) for m in c.outbox
-            ]
-            for parent in c.wake:
-                self._q(conn, "wake_run", {"run_id": parent, "at": c.run.updated_at})
-            # Last, so the chain's one lock is held only for the second batch + COMMIT.
-            head_cur = self._q(conn, "audit_head") if c.audit else None
-        if update is not None and update.rowcount != 1:
-            now = self._q(conn, "get_run", {"run_id": c.run.run_id}).fetchone()
-            if now is not None and now["commit_token"] == c.token:
-                raise _AlreadyApplied
-            raise LeaseLost(
-                f"run {c.run.run_id} changed under us (expected revision "
-                f"{c.expected_revision}); this outcome was not committed",
-                operation="commit",
-                path=self.path,
-            )
-        for guard, cur in zip(c.guards, guards, strict=True):
-            if cur.rowcount != 1:
-                raise guard_refused(guard)
-        for child, cur in zip(c.new_runs, children, strict=True):
-            if cur.fetchone() is None:
-                raise StoreError(
-                    f"child run of {c.run.run_id} collides with an existing idempotency key "
-                    f"{child.idempotency_key}",
-                    operation="commit",
-                    path=self.path,
-                )
-        for step, cur in zip(c.steps, steps, strict=True):
-            step.seq = _returned_seq(cur)
-        for msg, cur in zip(c.outbox, outbox, strict=True):
-            msg.seq = _returned_seq(cur)
-        if head_cur is not None:
-            head = head_cur.fetchone()
-            seq, prev = (int(head["seq"]), str(head["hash"])) if head else (0, GENESIS)
-            for ev in c.audit:
-                seq += 1
-                digest = link(prev, seq, ev)
-                self._q(conn, "insert_audit", rowmap.audit_params(seq, ev, prev, digest, Jsonb))
-                prev = digest
-            self._q(conn, "set_audit_head", {"seq": seq, "hash": prev})
 
     def claim(
         self, run_id: str, expected_revision: int, owner: str, lease_expires_at: float
@@ -397,10 +293,10 @@ class PostgresStore(RowReads):
         )
 
     def acknowledge(self, ack: Acknowledgement) -> AckResult:
-        return self._run(
-            "acknowledge",
-            lambda conn, _: acknowledge_in(_txq(conn), ack, outbox_bound=None, at=time.time()),
-        )
+        def ack_in(conn: Conn, _: int) -> AckResult:
+            return writer.acknowledge(_Tx(conn), ack, outbox_bound=None, at=time.time())
+
+        return self._run("acknowledge", ack_in)
 
     def compact(
         self,
@@ -409,35 +305,54 @@ class PostgresStore(RowReads):
         counter_prefix: str | None = None,
         counters_before: float | None = None,
     ) -> Compaction:
-        def run(conn: Conn, _: int) -> Compaction:
-            return compact_in(
-                _txq(conn),
-                run_ids=list,
+        def compact_in(conn: Conn, _: int) -> Compaction:
+            return writer.compact(
+                _Tx(conn),
                 before=before,
                 counter_prefix=counter_prefix,
                 counters_before=counters_before,
             )
 
-        return self._run("compact", run)
+        return self._run("compact", compact_in)
 
     def close(self) -> None:
         self.pool.close()
 
 
-def _txq(conn: Conn) -> TxQuery:
-    """Named queries inside ``conn``'s open transaction: (rows, rows changed)."""
+class _Result:
+    """A statement's cursor; in a batch its answer arrives when the batch ends."""
 
-    def q(name: str, params: Mapping[str, Any]) -> tuple[list[dict[str, Any]], int]:
-        cur = conn.execute(_QUERIES[name], params)
-        return (cur.fetchall() if cur.description else []), cur.rowcount
+    __slots__ = ("_cur",)
 
-    return q
+    def __init__(self, cur: psycopg.Cursor[Any]) -> None:
+        self._cur = cur
+
+    def rows(self) -> list[dict[str, Any]]:
+        return self._cur.fetchall()
+
+    @property
+    def count(self) -> int:
+        return self._cur.rowcount
 
 
-def _returned_seq(cur: psycopg.Cursor[Any]) -> int:
-    row = cur.fetchone()
-    assert row is not None  # INSERT ... RETURNING seq returns one row
-    return int(row["seq"])
+class _Tx:
+    """The writer's seam on a connection in a transaction: a batch is a pipeline, sent
+    in one round trip and synced when it ends."""
+
+    def __init__(self, conn: Conn) -> None:
+        self._conn = conn
+
+    def encode(self, value: Any) -> Jsonb:
+        return Jsonb(value)
+
+    def encode_ids(self, ids: list[str]) -> list[str]:
+        return list(ids)  # = ANY(%(run_ids)s) takes an array
+
+    def q(self, name: str, params: Mapping[str, Any] | None = None) -> _Result:
+        return _Result(self._conn.execute(_QUERIES[name], params or {}))
+
+    def batch(self) -> contextlib.AbstractContextManager[Any]:
+        return self._conn.pipeline()
 
 
 def _redact(url: str) -> str:

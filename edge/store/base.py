@@ -7,16 +7,12 @@ A dialect module (``SqliteStore``, ``PostgresStore``) supplies ``_rows`` and ``_
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from edge.engine.audit import GENESIS
 from edge.engine.records import (
-    Acknowledgement,
-    AckResult,
     AuditRetention,
     AuditRow,
-    Compaction,
     Guard,
     OutboxMessage,
     OutboxStats,
@@ -145,80 +141,3 @@ def guard_refused(guard: Guard) -> LimitExceeded:
         f"(change {guard.amount:+d} / {guard.count:+d}); nothing was committed",
         reason=guard.reason,
     )
-
-
-#: Runs one named query inside the caller's transaction: (rows as dicts, rows changed).
-TxQuery = Callable[[str, Mapping[str, Any]], tuple[list[dict[str, Any]], int]]
-
-
-def compact_in(
-    q: TxQuery,
-    *,
-    run_ids: Callable[[list[str]], Any],
-    before: float,
-    counter_prefix: str | None,
-    counters_before: float | None,
-) -> Compaction:
-    """Retention, as one transaction's statements (the store supplies the transaction).
-
-    ``run_ids`` encodes a list of run ids the way the dialect's ``IN`` takes it. The audit
-    base moves before the rows behind it are deleted, so the delete trigger -- which
-    refuses any row past the base -- lets exactly those go and no other.
-    """
-    found, _ = q("compactable_runs", {"before": before})
-    runs = steps = 0
-    if found:
-        ids = run_ids([str(r["run_id"]) for r in found])
-        steps = q("delete_steps_of_runs", {"run_ids": ids})[1]
-        q("delete_inputs_of_runs", {"run_ids": ids})
-        runs = q("delete_runs", {"run_ids": ids})[1]
-    audit = 0
-    retention, _ = q("audit_retention", {})
-    if retention:
-        base, acked = int(retention[0]["base_seq"]), int(retention[0]["acked_seq"])
-        point, _ = q("audit_compact_point", {"acked_seq": acked, "before": before})
-        if point and int(point[0]["seq"]) > base:
-            seq = int(point[0]["seq"])
-            q("set_audit_base", {"seq": seq, "hash": str(point[0]["hash"])})
-            audit = q("delete_audit_through", {"seq": seq})[1]
-    counters = 0
-    if counter_prefix is not None and counters_before is not None:
-        params = {"prefix": counter_prefix, "before": counters_before}
-        counters = q("delete_idle_counters", params)[1]
-    return Compaction(runs=runs, steps=steps, audit_rows=audit, counters=counters)
-
-
-def acknowledge_in(
-    q: TxQuery, ack: Acknowledgement, *, outbox_bound: Guard | None, at: float
-) -> AckResult:
-    """One acknowledgement, as one transaction's statements (the store supplies it).
-
-    The DELETE says which messages it really removed: only their ``releases`` apply, so
-    an acknowledgement repeated, or raced by another (the loser's DELETE finds nothing),
-    releases nothing twice. A release that would take a counter below zero is left out
-    with a warning: the acknowledgement itself always goes through.
-    """
-    deleted: list[dict[str, Any]] = []
-    if ack.outbox_through is not None:
-        deleted, _ = q("ack_outbox", {"seq": ack.outbox_through})
-    released = [g for r in deleted for g in ack.releases.get(int(r["seq"]), ())]
-    changes = list(released)
-    if outbox_bound is not None and deleted:
-        size = sum(int(r["bytes"]) for r in deleted)
-        changes.append(Guard(OUTBOX_COUNTER, amount=-size, count=-len(deleted)))
-    for guard in changes:
-        params = guard_params(guard, at)
-        q("ensure_counter", params)
-        if q("apply_counter", params)[1] != 1:
-            log.warning(
-                "releasing %+d / %+d would take counter %r below zero; left as it is",
-                guard.amount,
-                guard.count,
-                guard.name,
-                extra={"action": "ack_release_below_zero", "counter": guard.name},
-            )
-            if guard in released:
-                released.remove(guard)
-    if ack.audit_through is not None:
-        q("ack_audit", {"seq": ack.audit_through, "genesis": GENESIS})
-    return AckResult(messages=len(deleted), released=tuple(released))

@@ -41,13 +41,15 @@ ORDER BY registered_at DESC, rowid DESC LIMIT 1;
 SELECT run_id FROM workflow_runs WHERE idempotency_key = :idempotency_key;
 
 -- name: insert_run
--- A new run row.
+-- A new run row; an existing idempotency key inserts nothing (returns no row).
 INSERT INTO workflow_runs (run_id, workflow_type, definition_hash, fingerprints, status, state,
     cursor, revision, idempotency_key, parent_run_id, parent_step, lease_owner,
     lease_expires_at, next_attempt_at, error, created_at, updated_at)
 VALUES (:run_id, :workflow_type, :definition_hash, :fingerprints, :status, :state,
     :cursor, :revision, :idempotency_key, :parent_run_id, :parent_step, :lease_owner,
-    :lease_expires_at, :next_attempt_at, :error, :created_at, :updated_at);
+    :lease_expires_at, :next_attempt_at, :error, :created_at, :updated_at)
+ON CONFLICT (idempotency_key) DO NOTHING
+RETURNING run_id;
 
 -- name: insert_run_input
 -- A new run's input, written once.
@@ -114,11 +116,12 @@ WHERE r.status IN ('RUNNING', 'COMPENSATING')
 ORDER BY r.created_at, r.rowid LIMIT :limit;
 
 -- name: insert_step
--- One step outcome.
+-- One step outcome; returns its seq.
 INSERT INTO workflow_steps (run_id, step, step_name, kind, status, attempt, started_at,
     finished_at, output, error, ref_seq, operation_key)
 VALUES (:run_id, :step, :step_name, :kind, :status, :attempt, :started_at,
-    :finished_at, :output, :error, :ref_seq, :operation_key);
+    :finished_at, :output, :error, :ref_seq, :operation_key)
+RETURNING seq;
 
 -- name: step_history
 -- A run's step rows in order.
@@ -147,9 +150,10 @@ SELECT * FROM workflow_audit_log ORDER BY seq;
 SELECT * FROM workflow_audit_log WHERE run_id = :run_id ORDER BY seq;
 
 -- name: insert_outbox
--- Queue one message for the cloud.
+-- Queue one message for the cloud; returns its seq.
 INSERT INTO outbox (message_id, run_id, step, topic, payload, created_at)
-VALUES (:message_id, :run_id, :step, :topic, :payload, :created_at);
+VALUES (:message_id, :run_id, :step, :topic, :payload, :created_at)
+RETURNING seq;
 
 -- name: outbox_after
 -- Queued messages after a sequence number, in order.

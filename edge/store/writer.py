@@ -1,0 +1,267 @@
+"""The commit writer, written once above a small query seam that each store implements.
+
+One ``Commit`` is: compare-and-set on the run's revision, the guards (with the outbox
+bound), new runs and their inputs, steps (``seq`` assigned), outbox messages (``seq``
+assigned), waking parents, and the audit rows chained onto their stream's head. Every
+store writes it with ``write_commit`` inside its own transaction; a dialect module keeps
+only how it opens that transaction and talks to its driver.
+
+The seam is ``Tx``: run a named query (the same names in every dialect's ``.sql``) and
+get a ``Result`` back. Inside ``tx.batch()`` a dialect may send the statements without
+waiting for their answers (PostgreSQL's pipeline: one round trip for the batch); their
+results are read only after the batch ends. SQLite and the in-memory store answer at
+once. Results are read, and errors raised, after each batch: the caller's transaction
+rolls back whole on any of them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
+from dataclasses import replace
+from typing import Any, Protocol
+
+from edge.engine.audit import GENESIS, link
+from edge.engine.records import Acknowledgement, AckResult, Commit, Compaction, Guard, RunRecord
+from edge.errors import LeaseLost, StoreError
+from edge.store import rows as rowmap
+from edge.store.base import OUTBOX_COUNTER, guard_params, guard_refused
+
+log = logging.getLogger(__name__)
+
+#: The payload size the outbox bound counts: the compact JSON text a store keeps.
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+class Result(Protocol):
+    """One statement's answer, readable once the batch it was sent in has ended."""
+
+    def rows(self) -> list[dict[str, Any]]:
+        """The rows it returned (a SELECT, or RETURNING)."""
+
+    @property
+    def count(self) -> int:
+        """The rows it changed (INSERT, UPDATE, DELETE)."""
+
+
+class Tx(Protocol):
+    """One open write transaction, as the writer sees it."""
+
+    def encode(self, value: Any) -> Any:
+        """A JSON document as the driver takes it (text, ``Jsonb``, ...)."""
+
+    def encode_ids(self, ids: list[str]) -> Any:
+        """A list of run ids as the dialect's ``IN`` takes it (a JSON array, an array)."""
+
+    def q(self, name: str, params: Mapping[str, Any] | None = None) -> Result:
+        """Run (or, inside ``batch``, send) the named query."""
+
+    def batch(self) -> AbstractContextManager[Any]:
+        """Statements sent inside travel together; read their results after it ends."""
+
+
+class Answer:
+    """A result that was there at once (SQLite, memory): its rows and the rows changed."""
+
+    __slots__ = ("_rows", "count")
+
+    def __init__(self, rows: list[dict[str, Any]], count: int) -> None:
+        self._rows, self.count = rows, count
+
+    def rows(self) -> list[dict[str, Any]]:
+        return self._rows
+
+
+def outbox_bound(max_messages: int | None, max_bytes: int | None) -> Guard | None:
+    """The guard that bounds an outbox (None: unbounded). A step whose messages would
+    pass it is refused in its own transaction (LimitExceeded, ``outbox_full``)."""
+    if max_messages is None and max_bytes is None:
+        return None
+    return Guard(OUTBOX_COUNTER, max_amount=max_bytes, max_count=max_messages, reason="outbox_full")
+
+
+class AlreadyApplied(Exception):
+    """A retried commit finds that its first try landed (its ``token`` is on the run)."""
+
+
+def landed(tx: Tx, c: Commit) -> bool:
+    """Whether ``c`` already committed: the run carries its token (a store that retries
+    after losing the connection during COMMIT asks this before writing again)."""
+    found = tx.q("get_run", {"run_id": c.run.run_id}).rows()
+    return bool(found) and found[0].get("commit_token") == c.token
+
+
+def start_run(tx: Tx, c: Commit, *, retry: bool = False, where: str = "") -> tuple[str, bool]:
+    """Insert a new run and everything its first commit holds; an idempotency key
+    already taken inserts nothing and answers ``(existing_run_id, False)``."""
+    if retry and tx.q("get_run", {"run_id": c.run.run_id}).rows():
+        return c.run.run_id, True  # the first try landed before the connection dropped
+    with tx.batch():
+        inserted = tx.q("insert_run", _run_params(tx, c.run, c.token))
+    if not inserted.rows():
+        found = tx.q("run_by_idempotency_key", {"idempotency_key": c.run.idempotency_key})
+        return str(found.rows()[0]["run_id"]), False
+    write_commit(tx, c, started=True, where=where)
+    return c.run.run_id, True
+
+
+def write_commit(
+    tx: Tx,
+    c: Commit,
+    *,
+    started: bool = False,
+    retry: bool = False,
+    outbox_bound: Guard | None = None,
+    where: str = "",
+) -> None:
+    """Write one outcome in two batches: everything up to the audit head's lock, then
+    (with what came back) the audit rows; the caller's transaction commits it.
+
+    ``started``: ``c.run`` was just inserted by ``start_run`` (no compare-and-set).
+    ``retry``: an earlier try may have landed unheard; ask before writing (AlreadyApplied).
+    ``where``: the store's path, for error messages.
+    """
+    if retry and not started and landed(tx, c):
+        raise AlreadyApplied
+    enc = tx.encode
+    guards = list(c.guards)
+    if outbox_bound is not None and c.outbox:
+        size = sum(len(_dumps(m.payload)) for m in c.outbox)
+        guards.append(replace(outbox_bound, amount=size, count=len(c.outbox)))
+    with tx.batch():
+        if started:
+            _insert_input(tx, c.run, None)
+            update = None
+        else:
+            params = {**_run_params(tx, c.run, c.token), "expected_revision": c.expected_revision}
+            update = tx.q("update_run", params)
+        applied = []
+        for g in guards:
+            params = guard_params(g, c.run.updated_at)
+            tx.q("ensure_counter", params)
+            applied.append(tx.q("apply_counter", params))
+        children = []
+        for child in c.new_runs:
+            params = _run_params(tx, child, c.token)
+            children.append(tx.q("insert_run", params))
+            _insert_input(tx, child, params["state"])
+        steps = [tx.q("insert_step", rowmap.step_params(s, enc)) for s in c.steps]
+        outbox = [tx.q("insert_outbox", rowmap.outbox_params(m, enc)) for m in c.outbox]
+        for parent in c.wake:
+            tx.q("wake_run", {"run_id": parent, "at": c.run.updated_at})
+        # Last, so the chain's lock is held only for the second batch and COMMIT.
+        head = tx.q("audit_head") if c.audit else None
+    if update is not None and update.count != 1:
+        if landed(tx, c):
+            raise AlreadyApplied
+        raise LeaseLost(
+            f"run {c.run.run_id} changed under us (expected revision "
+            f"{c.expected_revision}); this outcome was not committed",
+            operation="commit",
+            path=where,
+        )
+    for guard, result in zip(guards, applied, strict=True):
+        if result.count != 1:
+            raise guard_refused(guard)
+    for child, result in zip(c.new_runs, children, strict=True):
+        if not result.rows():
+            raise StoreError(
+                f"child run of {c.run.run_id} collides with an existing idempotency key "
+                f"{child.idempotency_key}",
+                operation="commit",
+                path=where,
+            )
+    for step, result in zip(c.steps, steps, strict=True):
+        step.seq = int(result.rows()[0]["seq"])
+    for msg, result in zip(c.outbox, outbox, strict=True):
+        msg.seq = int(result.rows()[0]["seq"])
+    if head is not None:
+        found = head.rows()
+        seq, prev = (int(found[0]["seq"]), str(found[0]["hash"])) if found else (0, GENESIS)
+        with tx.batch():
+            for ev in c.audit:
+                seq += 1
+                digest = link(prev, seq, ev)
+                tx.q("insert_audit", rowmap.audit_params(seq, ev, prev, digest, enc))
+                prev = digest
+            tx.q("set_audit_head", {"seq": seq, "hash": prev})
+
+
+def _run_params(tx: Tx, run: RunRecord, token: str) -> dict[str, Any]:
+    return {**rowmap.run_params(run, tx.encode), "commit_token": token}
+
+
+def _insert_input(tx: Tx, run: RunRecord, encoded_state: Any) -> None:
+    # The state usually starts as the input: encode it once.
+    same = encoded_state is not None and run.input == run.state
+    text = encoded_state if same else tx.encode(run.input)
+    tx.q("insert_run_input", {"run_id": run.run_id, "input": text})
+
+
+def acknowledge(
+    tx: Tx, ack: Acknowledgement, *, outbox_bound: Guard | None, at: float
+) -> AckResult:
+    """One acknowledgement, in the caller's transaction.
+
+    The DELETE says which messages it really removed: only their ``releases`` apply, so
+    an acknowledgement repeated, or raced by another (the loser's DELETE finds nothing),
+    releases nothing twice. A release that would take a counter below zero is left out
+    with a warning: the acknowledgement itself always goes through.
+    """
+    deleted: list[dict[str, Any]] = []
+    if ack.outbox_through is not None:
+        deleted = tx.q("ack_outbox", {"seq": ack.outbox_through}).rows()
+    released = [g for r in deleted for g in ack.releases.get(int(r["seq"]), ())]
+    changes = list(released)
+    if outbox_bound is not None and deleted:
+        size = sum(int(r["bytes"]) for r in deleted)
+        changes.append(Guard(OUTBOX_COUNTER, amount=-size, count=-len(deleted)))
+    for guard in changes:
+        params = guard_params(guard, at)
+        tx.q("ensure_counter", params)
+        if tx.q("apply_counter", params).count != 1:
+            log.warning(
+                "releasing %+d / %+d would take counter %r below zero; left as it is",
+                guard.amount,
+                guard.count,
+                guard.name,
+                extra={"action": "ack_release_below_zero", "counter": guard.name},
+            )
+            if guard in released:
+                released.remove(guard)
+    if ack.audit_through is not None:
+        tx.q("ack_audit", {"seq": ack.audit_through, "genesis": GENESIS})
+    return AckResult(messages=len(deleted), released=tuple(released))
+
+
+def compact(
+    tx: Tx, *, before: float, counter_prefix: str | None, counters_before: float | None
+) -> Compaction:
+    """Retention, in the caller's transaction.
+
+    The audit base moves before the rows behind it are deleted, so the delete trigger --
+    which refuses any row past the base -- lets exactly those go and no other.
+    """
+    found = tx.q("compactable_runs", {"before": before}).rows()
+    runs = steps = 0
+    if found:
+        ids = tx.encode_ids([str(r["run_id"]) for r in found])
+        steps = tx.q("delete_steps_of_runs", {"run_ids": ids}).count
+        tx.q("delete_inputs_of_runs", {"run_ids": ids})
+        runs = tx.q("delete_runs", {"run_ids": ids}).count
+    audit = 0
+    retention = tx.q("audit_retention").rows()
+    if retention:
+        base, acked = int(retention[0]["base_seq"]), int(retention[0]["acked_seq"])
+        point = tx.q("audit_compact_point", {"acked_seq": acked, "before": before}).rows()
+        if point and int(point[0]["seq"]) > base:
+            seq = int(point[0]["seq"])
+            tx.q("set_audit_base", {"seq": seq, "hash": str(point[0]["hash"])})
+            audit = tx.q("delete_audit_through", {"seq": seq}).count
+    counters = 0
+    if counter_prefix is not None and counters_before is not None:
+        params = {"prefix": counter_prefix, "before": counters_before}
+        counters = tx.q("delete_idle_counters", params).count
+    return Compaction(runs=runs, steps=steps, audit_rows=audit, counters=counters)
