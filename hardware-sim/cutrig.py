@@ -35,11 +35,11 @@ from hwsim.printer import SimPrinter
 
 from edge.engine import FakeClock, Status
 from edge.errors import TillflowError
-from edge.terminal.acquirer_http import HttpAcquirer
 from edge.terminal.carddata import CardRead
 from edge.terminal.config import EdgeConfig, RiskLimits
-from edge.terminal.ports import AuthRequest, AuthResponse, CardReadError
-from edge.terminal.runtime import Peripherals, Terminal
+from edge.terminal.drivers.acquirer_http import HttpAcquirer
+from edge.terminal.drivers.contracts import AuthRequest, AuthResponse, CardReadError
+from edge.terminal.service.terminal import Peripherals, Terminal
 
 __all__ = ["PowerOff", "Seen", "Txn"]
 
@@ -88,7 +88,7 @@ class Txn:
     """One request of the POS app. ``key`` is its idempotency key: a retry sends it again."""
 
     key: str
-    kind: Literal["payment", "refund"]
+    kind: Literal["payment", "refund", "ack"]  # ack: the cloud acknowledges the outbox
     amount_minor: int
     card: str = "visa"
     link_up: bool = True
@@ -349,6 +349,7 @@ class _Rig:
 class _Pos:
     rig: _Rig
     seen: dict[str, Seen] = field(default_factory=dict)  # pos key -> the answer
+    sent: dict[str, str] = field(default_factory=dict)  # pos key -> kind, answered or not
 
     def submit(self, txn: Txn) -> Seen | None:
         """Send ``txn`` and wait for the terminal to finish it. The answer, or None when
@@ -356,6 +357,7 @@ class _Pos:
         what the terminal raised when it did not lose power."""
         rig = self.rig
         assert rig.terminal is not None
+        self.sent[txn.pos_key] = txn.kind
         rig.link.up() if txn.link_up else rig.link.down()
         rig.printer.state = "jam" if txn.jam else "ok"
         rig.customer.card = make_card(txn.card)

@@ -60,7 +60,7 @@ from typing import Any
 import apsw
 import httpx
 from hwsim.acquirer import SimAcquirer
-from hwsim.cutcheck import _pending, _upload, _went_unknown, check_in_flight, check_invariants
+from hwsim.cutcheck import _upload, check_in_flight, check_invariants, run_of
 from hwsim.cutrig import (
     _ALL,
     _IN_FLIGHT,
@@ -97,6 +97,8 @@ LIFE_CUTS = 25
 #: A cut lands at a uniformly random event among the next this many: about ten
 #: transactions' worth, so cuts hit payments, recoveries, acks and checkpoints alike.
 CUT_WINDOW = 500
+#: Share of answered requests after which the cloud takes and acknowledges the outbox.
+ACK_SHARE = 0.25
 #: Online authorisations of this BIN are declined by the acquirer (the "mastercard").
 DECLINED_BIN = "5555"
 #: Share of online visa payments whose approval is lost, then a long outage follows;
@@ -164,6 +166,10 @@ class _Tally:
     went_unknown: int = 0  # payments recorded as of unknown outcome
     released_after_unknown: int = 0  # ... whose authorisation a reversal released
     cuts_reversal_pending: int = 0  # reboots that found a reversal pending
+    acks_sent: int = 0  # acknowledgements of the outbox the cloud sent (Terminal.acknowledge)
+    acks: int = 0  # ... that went through
+    cuts_in_ack: int = 0  # ... that a cut interrupted
+    offline_acknowledged: int = 0  # offline approvals among the acknowledged messages
     cut_at: Counter[str] = field(default_factory=Counter)  # "write db-wal": cuts there
     violations: list[str] = field(default_factory=list)
 
@@ -301,8 +307,8 @@ class _Life:
                 tally.count(answer)
                 self.pending = None
                 assert rig.terminal is not None
-                if self.rng.random() < 0.1:
-                    _upload(rig.terminal, self.cloud)
+                if self.rng.random() < ACK_SHARE:
+                    self.acknowledge()
                 if self.rng.random() < 0.08:
                     rig.terminal.store.checkpoint()
         except (PowerOff, TillflowError, apsw.Error) as exc:
@@ -313,6 +319,26 @@ class _Life:
             self.violation(f"runs stuck in flight: {exc}")
             return False
         return True
+
+    def acknowledge(self) -> None:
+        """The cloud takes the outbox and acknowledges it (``Terminal.acknowledge``),
+        releasing the offline exposure of the offline approvals among it; a cut may land
+        in it like anywhere else (the cloud acknowledges again at a later upload)."""
+        assert self.rig.terminal is not None
+        offline = sum(
+            1
+            for m in self.rig.terminal.store.outbox(limit=_ALL)
+            if m.topic == "payment" and m.payload.get("offline")
+            and m.payload.get("decision") == "approved"
+        )  # fmt: skip
+        self.tally.acks_sent += 1
+        try:
+            _upload(self.rig.terminal, self.cloud)
+        except BaseException:
+            self.tally.cuts_in_ack += self.rig.cut
+            raise
+        self.tally.acks += 1
+        self.tally.offline_acknowledged += offline
 
     def reboot(self, *, last: bool) -> bool:
         """Reboot until one survives recovery and the POS's retry; each reboot has its
@@ -332,10 +358,14 @@ class _Life:
                 left = rig.terminal.store.list_runs(_IN_FLIGHT, limit=_ALL)
                 in_flight = len(left)
                 for text in check_in_flight(
-                    rig.terminal, ledger=self.acquirer.ledger, cloud=self.cloud
+                    rig.terminal,
+                    ledger=self.acquirer.ledger,
+                    cloud=self.cloud,
+                    seen=self.pos.seen,
+                    sent=self.pos.sent,
                 ):
                     self.violation(f"as the cut left it: {text}")
-                tally.cuts_reversal_pending += any(_pending(r) for r in left)
+                tally.cuts_reversal_pending += any(run_of(r).reversal_pending for r in left)
                 rig.settle()
                 tally.recovered_runs += in_flight
                 if self.pending is not None:
@@ -362,12 +392,16 @@ class _Life:
         assert self.rig.terminal is not None
         self.tally.checks += 1
         found = check_invariants(
-            self.rig.terminal, seen=self.pos.seen, ledger=self.acquirer.ledger, cloud=self.cloud
+            self.rig.terminal,
+            seen=self.pos.seen,
+            ledger=self.acquirer.ledger,
+            cloud=self.cloud,
+            sent=self.pos.sent,
         )
         for text in found:
             self.violation(text)
         self.unknown |= {
             r.run_id
             for r in self.rig.terminal.store.list_runs(None, limit=_ALL)
-            if r.workflow_type == "payment" and _went_unknown(r)
+            if run_of(r).went_unknown
         }

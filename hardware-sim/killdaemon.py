@@ -32,8 +32,14 @@ class DaemonDied(Exception):
 class _Daemon:
     """The daemon process and its notify socket."""
 
-    def __init__(self, config: Path, sock_dir: Path, log_path: Path) -> None:
+    def __init__(
+        self, config: Path, sock_dir: Path, log_path: Path, command: list[str] | None = None
+    ) -> None:
         self.config = config
+        #: What is started: ``edge run`` (the default), or a wrapper of the same daemon.
+        self.command = command or [
+            sys.executable, "-m", "edge.cli", "edge", "run", "--config", str(config)
+        ]  # fmt: skip
         self.log_path = log_path
         self.notify_path = sock_dir / "notify"
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -46,7 +52,7 @@ class _Daemon:
         self._drain()
         env = {k: v for k, v in os.environ.items() if not k.startswith("TILLFLOW_")}
         env["NOTIFY_SOCKET"] = str(self.notify_path)
-        cmd = [sys.executable, "-m", "edge.cli", "edge", "run", "--config", str(self.config)]
+        cmd = self.command
         with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
             proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
         with self._lock:

@@ -23,7 +23,7 @@ from hwsim.card_reader import SimCardReader
 from hwsim.devices import SimDeviceServer
 from hwsim.printer import SimPrinter
 
-from edge.terminal.ports import AuthResponse
+from edge.terminal.drivers.contracts import AuthResponse
 
 
 class _Triggers:
@@ -46,6 +46,10 @@ class _Triggers:
     def disarm(self) -> None:
         with self._lock:
             self._armed = None
+
+    def armed(self, name: str) -> bool:
+        with self._lock:
+            return self._armed == name
 
     def hit(self, name: str) -> None:
         with self._lock:

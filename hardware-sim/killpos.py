@@ -24,7 +24,7 @@ from hwsim.killcheck import TERMINAL_STATUSES, PosBook, PosOutcome
 from hwsim.killdaemon import POLL_S, _Gate
 
 # Risk limits: small payments may be approved offline; the offline caps are out of reach
-# (nothing acknowledges the outbox here, so real caps would decline everything in time).
+# (the cloud acknowledges only at the daemon's sync turns: real caps would decline much).
 FLOOR_LIMIT = 2_500
 #: The acquirer declines authorisations above this: online declines.
 ACQUIRER_LIMIT = 9_000

@@ -15,7 +15,12 @@ database" and READY (migration, recovery of what the last kill left); right afte
 (the POS's retry in flight); at a random moment under load; and at three moments that
 chance rarely hits: the card reader has just handed a card over, the acquirer has just
 recorded an effect and not yet answered (the lost reply), the printer has just printed.
-Those three kill from inside the simulator, before it answers.
+Those three kill from inside the simulator, before it answers. And around the cloud's
+acknowledgement (``ack``): the daemon runs with a sync client (``hwsim.killsync``) that
+uploads its outbox to a simulated cloud and acknowledges what the cloud holds through
+``Terminal.acknowledge`` (the messages dropped, the offline exposure of the offline
+approvals among them released, in one transaction); the kill lands a few milliseconds
+after the cloud's answer, before, inside or after that transaction.
 
 And a fault that spans lives (issue 10 §1): **an answer lost at the acquirer, then a
 long outage** (``FAULTS``). Every ``FAULT_GAP_LIVES`` lives or so, once the previous one
@@ -78,10 +83,11 @@ from hwsim.killpos import (
     RUN_TIMEOUT_S,
     _Pos,
 )
+from hwsim.killsync import SimCloud
 
-import edge.terminal
 from edge.engine.definition import ActionStep
 from edge.engine.loader import load_file
+from edge.terminal.sale import WORKFLOWS
 
 __all__ = ["FAULTS", "TRIGGERS", "main", "run"]
 
@@ -96,6 +102,7 @@ TRIGGERS: dict[str, int] = {
     "card": 14,
     "acquirer": 22,
     "print": 12,
+    "ack": 12,
 }
 
 #: The lost answer followed by a long outage, in its two variants, taken in turn: the
@@ -118,6 +125,11 @@ HOT_BIN = "40000566"
 #: A hooked trigger (card, acquirer, print) that does not fire within this is replaced
 #: by a plain kill (e.g. the link is down, so nothing reaches the acquirer).
 HOOK_TIMEOUT_S = 0.6
+#: The ``ack`` trigger waits for the daemon's next sync turn (its loop turns every 1 s).
+ACK_HOOK_TIMEOUT_S = 2.5
+#: The ``ack`` kill lands this long (at most) after the cloud answered: before, inside
+#: or after the daemon's acknowledgement (a transaction of a few milliseconds).
+ACK_KILL_DELAY_S = 0.012
 #: Start-up: the window between "opening the database" and READY, until measured.
 BOOT_WINDOW_S = 0.15
 #: AF_UNIX paths must stay under ~108 bytes.
@@ -127,7 +139,7 @@ MAX_SOCKET_PATH = 100
 def _retry_window_s(step: str = "authorize_online") -> float:
     """The longest the payment's ``step`` retries for when every attempt fails at once
     (the link down): the sum of its backoffs, jitter at its maximum."""
-    workflow = load_file(Path(edge.terminal.__file__).with_name("workflows") / "payment.yaml")
+    workflow = load_file(WORKFLOWS / "payment.yaml")
     action = workflow.steps[step]
     assert isinstance(action, ActionStep), f"{step} is not an action step"
     policy = action.retry
@@ -152,7 +164,7 @@ def _config(work: Path, sock: Path, devices: str, acquirer: str) -> Path:
         f"socket_path: {sock}\n"
         "log_format: json\n"
         "synchronous: FULL\n"
-        # Nothing acknowledges the outbox here: bounds out of reach, or all would decline.
+        # The cloud acknowledges only at the daemon's sync turns: bounds out of reach.
         "outbox_max_messages: 10000000\n"
         "outbox_max_mb: 4096\n"
         "db_budget_mb: 65536\n"
@@ -212,6 +224,8 @@ class _Torture:
         self.devices = SimDeviceServer(_Reader(self.triggers), _Printer(self.triggers))
         self.fault = _Fault()
         self.acquirer = _Acquirer(self.triggers, self.fault, self._fire)
+        self.cloud = SimCloud(on_answer=self._acked)
+        self._ack_rng = random.Random(seed + 3)  # the cloud's handler thread only
         self.retry_window_s = _retry_window_s()
         self._fault_due: str | None = None  # the fault to arm until it fires
         self._fault_busy = False  # fired, and its outage or reversal not over yet
@@ -226,6 +240,13 @@ class _Torture:
         self.gate.close()  # before the kill: every error the POS sees comes after it
         assert self.daemon is not None
         self.daemon.kill()
+
+    def _acked(self) -> None:
+        """From inside the cloud, its answer sent: the ``ack`` trigger's kill, a moment
+        later, lands around the daemon's ``Terminal.acknowledge``."""
+        if self.triggers.armed("ack"):
+            time.sleep(self._ack_rng.uniform(0.0, ACK_KILL_DELAY_S))
+            self.triggers.hit("ack")
 
     def _fire(self, variant: str, outage_s: float, key: str) -> None:
         """From inside the acquirer, its approval under ``key`` recorded: the outage
@@ -252,11 +273,15 @@ class _Torture:
 
     def run(self) -> dict[str, Any]:
         started = time.monotonic()
-        with self.devices, self.acquirer:
+        with self.devices, self.acquirer, self.cloud:
             cfg = _config(
                 self.work, self.sock_dir / "edge.sock", self.devices.url, self.acquirer.url
             )
-            self.daemon = _Daemon(cfg, self.sock_dir, self.work / "daemon.log")
+            # The daemon with a sync client: its outbox uploaded to and acknowledged by
+            # the cloud, through Terminal.acknowledge (hwsim.killsync).
+            command = [sys.executable, "-m", "hwsim.killsync", "--config", str(cfg)]
+            command += ["--cloud", self.cloud.url]
+            self.daemon = _Daemon(cfg, self.sock_dir, self.work / "daemon.log", command)
             pos = _Pos(
                 random.Random(self.seed + 1),
                 self.sock_dir / "edge.sock",
@@ -288,6 +313,7 @@ class _Torture:
                 self.daemon.close()
         if pos.error is not None:
             self.tally.violation("POS", [f"the POS crashed: {pos.error!r}"])
+        self.tally.violation("cloud", self.cloud.conflicts)
         return self._summary(time.monotonic() - started)
 
     def _one_life(self, i: int, pos: _Pos) -> None:
@@ -318,7 +344,9 @@ class _Torture:
                 [f"the daemon ended with {code}, not by the kill: {self.daemon.log_tail()}"],
             )
         reaped = time.monotonic()
-        problems = self.checker.check(self.acquirer.ledger, self.book.snapshot())
+        problems = self.checker.check(
+            self.acquirer.ledger, self.book.snapshot(), cloud=self.cloud.messages()
+        )
         self.tally.violation(f"after kill {i} ({trigger})", problems)
         self.tally.kills_reversal_pending += bool(self.checker.pending)
         done = time.monotonic()
@@ -352,8 +380,9 @@ class _Torture:
         elif trigger == "load":
             delay = self.rng.uniform(0.03, 0.35)
         else:
-            self.triggers.arm(trigger, skip=self.rng.randrange(4))
-            if self.triggers.fired.wait(HOOK_TIMEOUT_S):
+            ack = trigger == "ack"
+            self.triggers.arm(trigger, skip=0 if ack else self.rng.randrange(4))
+            if self.triggers.fired.wait(ACK_HOOK_TIMEOUT_S if ack else HOOK_TIMEOUT_S):
                 return trigger
             self.triggers.disarm()
             if self.triggers.fired.is_set():
@@ -407,7 +436,9 @@ class _Torture:
             self.tally.violation(
                 "stop", [f"SIGTERM ended the daemon with {code}: {self.daemon.log_tail()}"]
             )
-        problems = self.checker.check(self.acquirer.ledger, self.book.snapshot(), final=True)
+        problems = self.checker.check(
+            self.acquirer.ledger, self.book.snapshot(), final=True, cloud=self.cloud.messages()
+        )
         self.tally.violation("at the end", problems)
 
     def _unfinished(self) -> int:
@@ -474,6 +505,10 @@ class _Torture:
             "pos_saw_reversal_pending": len(book.pending_seen),
             "declined_acquirer_unreachable": unreachable,
             "acquirer_reversals": sum(1 for e in ledger if e.operation == "reverse" and e.effect),
+            # Section 5 of issue 11: the cloud's acknowledgements, through Terminal.acknowledge.
+            "cloud_uploads": self.cloud.uploads,
+            "acknowledged": self.checker.figures.get("acknowledged", 0),
+            "offline_acknowledged": self.checker.figures.get("offline_acknowledged", 0),
             "db_bytes": sum(p.stat().st_size for p in (db, Path(f"{db}-wal")) if p.exists()),
             "daemon_start_s": round(self.tally.boot_s, 3),
             "seconds_by_phase": {k: round(v, 1) for k, v in self.tally.phases.items()},

@@ -27,15 +27,15 @@ from hwsim.killcheck import Checker, PosBook, PosOutcome
 from hwsim.network import SimNetworkLink
 from hwsim.printer import SimPrinter
 
-import edge.terminal
 from edge.engine import Engine, FakeClock, InlineExecutor
 from edge.engine.context import idempotency_key
 from edge.engine.loader import load_file
 from edge.store.sqlite import SqliteStore
-from edge.terminal.acquirer_http import HttpAcquirer
 from edge.terminal.carddata import DataKey
 from edge.terminal.config import RiskLimits
-from edge.terminal.ports import AuthRequest, AuthResponse
+from edge.terminal.drivers.acquirer_http import HttpAcquirer
+from edge.terminal.drivers.contracts import AuthRequest, AuthResponse
+from edge.terminal.sale import WORKFLOWS
 
 KILLS = 200
 
@@ -64,11 +64,13 @@ def test_kill_torture__200_kills_under_payment_load_break_no_invariant(tmp_path:
     assert tally["went_unknown"] >= sum(tally["lost_answer_outages"].values()), tally
     assert tally["released_after_unknown"] > 0, tally
     assert tally["declined_acquirer_unreachable"] > 0, tally
+    # Issue 11 §5: the cloud acknowledged the outbox through Terminal.acknowledge, offline
+    # approvals among it, and kills landed around those acknowledgements ("ack").
+    assert tally["acknowledged"] > 0 and tally["offline_acknowledged"] > 0, tally
 
 
 # --- the checker fails when it should ---------------------------------------------------
 
-WORKFLOWS = Path(edge.terminal.__file__).with_name("workflows")
 LIMITS = RiskLimits(floor_limit_minor=2_500, online_random_percent=0)
 #: Virtual seconds the link stays down after the world's lost answer: far past the
 #: authorisation's retries, so its outcome is unknown and the reversal waits it out.

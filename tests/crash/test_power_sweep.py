@@ -13,7 +13,7 @@ import pytest
 from hwsim import cuttorture
 
 #: Fewer events than this would mean the sweep no longer sees the whole request.
-MIN_EVENTS = {"payment": 100, "refund": 100, "saga": 120, "lost": 200}
+MIN_EVENTS = {"payment": 100, "refund": 100, "saga": 120, "lost": 200, "ack": 30}
 
 
 @pytest.mark.parametrize("scenario", sorted(cuttorture.SCENARIOS))

@@ -39,6 +39,9 @@ def test_power_cuts__under_payment_load_break_no_invariant(tmp_path, seed):
     # and cuts that found the reversal still pending.
     assert tally["lost_answers"] > 0 and tally["went_unknown"] > 0, tally
     assert tally["released_after_unknown"] > 0 and tally["cuts_reversal_pending"] > 0, tally
+    # Issue 11 §5: the cloud acknowledged through Terminal.acknowledge, offline approvals
+    # among what it acknowledged (the sweep's "ack" scenario cuts at its every event).
+    assert tally["acks"] > 0 and tally["offline_acknowledged"] > 0, tally
 
 
 def test_power_cuts__the_tally_names_what_make_torture_prints(tmp_path):
@@ -221,7 +224,8 @@ def test_checker__in_flight_reports_money_held_with_no_pending_reversal(recovere
     recovered.put_lost_back("RUNNING", "record", "declined")
     found = recovered.check_in_flight(recovered.unreversed())
     assert any(
-        "(RUNNING, declined at record) holds a charge" in v and "no pending reversal" in v
+        "(RUNNING, declined at record, not voided) holds 1 charge" in v
+        and "no pending reversal" in v
         for v in found
     ), found
     recovered.put_lost_back("RUNNING", "approve_offline", "declined")  # decided offline
@@ -249,7 +253,7 @@ def test_checker__reports_a_final_message_before_the_unknown_one(recovered):
         recovered.lost.run_id,
     )
     found = recovered.check()
-    assert any("final message comes before its 'unknown' one" in v for v in found), found
+    assert any("final 'declined' message comes before its 'unknown' one" in v for v in found), found
 
 
 def test_checker__reports_a_sale_that_finished_unknown(recovered):
@@ -260,3 +264,35 @@ def test_checker__reports_a_sale_that_finished_unknown(recovered):
     )
     found = recovered.check()
     assert any("ended COMPLETED with decision unknown" in v for v in found), found
+
+
+# --- issue 11 §5: the acknowledgement releases offline exposure exactly once ----------------
+
+
+def _acknowledged(recovered) -> dict:
+    from hwsim.cutcheck import _upload
+
+    cloud: dict = {}
+    assert _upload(recovered.rig.terminal, cloud) > 0  # through Terminal.acknowledge
+    assert recovered.rig.terminal.store.counters()["offline"] == (0, 0)  # p2 released
+    return cloud
+
+
+def test_checker__an_acknowledgement_releases_the_offline_exposure_once(recovered):
+    cloud = _acknowledged(recovered)
+    assert cuttorture.check_invariants(
+        recovered.rig.terminal, seen=recovered.pos.seen, ledger=recovered.acquirer.ledger,
+        cloud=cloud,
+    ) == []  # fmt: skip
+
+
+def test_checker__reports_an_acknowledged_offline_approval_whose_exposure_stayed(recovered):
+    cloud = _acknowledged(recovered)
+    recovered.surgery(
+        "UPDATE counters SET amount = amount + 1500, count = count + 1 WHERE name = 'offline'"
+    )
+    found = cuttorture.check_invariants(
+        recovered.rig.terminal, seen=recovered.pos.seen, ledger=recovered.acquirer.ledger,
+        cloud=cloud,
+    )  # fmt: skip
+    assert any("not released exactly once per acknowledged offline approval" in v for v in found)
