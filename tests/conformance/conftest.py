@@ -1,13 +1,20 @@
 """One conformance suite over every store: each test gets a fresh database.
 
-SQLite: a file in ``tmp_path``. PostgreSQL: a database cloned from a template that is
+Memory: a ``MemoryDatabase`` (a "restart" opens a new store on it). SQLite: a file in
+``tmp_path``. PostgreSQL: a database cloned from a template that is
 migrated once per session (``TILLFLOW_TEST_DATABASE_URL``, default the local server's
 ``test`` database, names the server). Under ``CI=true`` the PostgreSQL leg must run;
 elsewhere it is skipped, with a reason, when no server answers.
+
+A test that needs what one store has and another has not carries a named marker, so
+the gaps can be counted (``pytest --co -q -m sqlite_only``): ``sqlite_only`` reads the
+SQLite file itself; ``sql_only`` reaches the database past the store with SQL (the
+append-only triggers), which the in-memory store has no way in for.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from collections.abc import Callable, Iterator
@@ -22,12 +29,13 @@ from psycopg import conninfo
 from cloud.store.postgres import PostgresStore
 from edge.engine import Engine, FakeClock, InlineExecutor, Store, Workflow
 from edge.engine.loader import load_text
+from edge.store.memory import MemoryDatabase, MemoryStore
 from edge.store.sqlite import SqliteStore
 
 StoreFactory = Callable[[], Store]
 
 PG_URL = os.environ.get("TILLFLOW_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
-BACKENDS = ["sqlite", "postgresql"]
+BACKENDS = ["memory", "sqlite", "postgresql"]
 
 
 def _with_dbname(url: str, dbname: str) -> str:
@@ -73,13 +81,16 @@ def pg_url(request: pytest.FixtureRequest) -> Iterator[str]:
 
 
 class Backend:
-    """What a test needs to know about the database under the store: raw SQL access."""
+    """What a test needs to know about the database under the store: direct access, as
+    someone with the database (not the store) in hand would have."""
 
-    def __init__(self, name: str, target: str) -> None:
+    def __init__(self, name: str, target: Any) -> None:
         self.name = name
-        self.target = target  # file path (sqlite) or URL (postgresql)
+        self.target = target  # file path (sqlite), URL (postgresql), MemoryDatabase
 
     def open(self) -> Store:
+        if self.name == "memory":
+            return MemoryStore(self.target)
         if self.name == "sqlite":
             return SqliteStore(self.target)
         return PostgresStore(self.target, pool_size=2)
@@ -87,14 +98,16 @@ class Backend:
     def execute(self, sql: str) -> None:
         """Run SQL as someone with direct access to the database would."""
         if self.name == "sqlite":
-            conn = apsw.Connection(self.target)
+            db = apsw.Connection(self.target)
             try:
-                conn.execute(sql)
+                db.execute(sql)
             finally:
-                conn.close()
-        else:
+                db.close()
+        elif self.name == "postgresql":
             with psycopg.connect(self.target, autocommit=True) as conn:
                 conn.execute(sql.encode())
+        else:
+            raise AssertionError("the in-memory store has no SQL: mark the test sql_only")
 
     def tamper(self, sql: str) -> None:
         """Edit the audit log past its append-only triggers, as an attacker would."""
@@ -106,6 +119,33 @@ class Backend:
         else:
             self.execute("ALTER TABLE workflow_audit_log DISABLE TRIGGER USER;" + sql)
 
+    # --- the attacker's edits, on every store ----------------------------------------
+
+    def delete_audit(self, *seqs: int, stream: int = 0) -> None:
+        """Remove audit rows behind the store's back."""
+        if self.name == "memory":
+            for seq in seqs:
+                del self.target.audit[(stream, seq)]
+            return
+        listed = ", ".join(str(int(s)) for s in seqs)
+        self.tamper(f"DELETE FROM workflow_audit_log WHERE seq IN ({listed})")
+
+    def edit_audit(self, seq: int, *, detail: dict[str, Any], stream: int = 0) -> None:
+        """Change one audit row's detail behind the store's back."""
+        if self.name == "memory":
+            row = self.target.audit[(stream, seq)]
+            self.target.audit[(stream, seq)] = {**row, "detail": json.dumps(detail)}
+            return
+        text = json.dumps(detail).replace("'", "''")
+        self.tamper(f"UPDATE workflow_audit_log SET detail = '{text}' WHERE seq = {int(seq)}")
+
+    def set_audit_head(self, seq: int, *, stream: int = 0) -> None:
+        """Move a chain's head behind the store's back."""
+        if self.name == "memory":
+            self.target.heads[stream] = {**self.target.heads[stream], "seq": seq}
+            return
+        self.execute(f"UPDATE audit_head SET seq = {int(seq)}")
+
     @property
     def refusal(self) -> type[Exception]:
         """What the driver raises when the append-only triggers refuse a write."""
@@ -114,6 +154,13 @@ class Backend:
 
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    marks = {m.name for m in request.node.iter_markers()}
+    if "sqlite_only" in marks and request.param != "sqlite":
+        pytest.skip("sqlite_only: reads the SQLite file itself")
+    if "sql_only" in marks and request.param == "memory":
+        pytest.skip("sql_only: reaches the database with SQL; the in-memory store has none")
+    if request.param == "memory":
+        return Backend("memory", MemoryDatabase())
     if request.param == "sqlite":
         return Backend("sqlite", str(tmp_path / "conformance.db"))
     return Backend("postgresql", request.getfixturevalue("pg_url"))

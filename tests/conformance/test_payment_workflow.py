@@ -131,9 +131,8 @@ def test_payment__paper_out_waits_for_the_operator_then_prints(terminal):
     assert done.status is Status.COMPLETED and done.state["printer"] == "printed"
 
 
+@pytest.mark.sqlite_only
 def test_payment__no_card_data_in_clear_anywhere_in_the_database(terminal, backend):
-    if backend.name != "sqlite":
-        pytest.skip("the byte scan reads the SQLite files (the terminal's store)")
     terminal.pay(2_500)
     terminal.link.down()
     terminal.pay(1_000, card="mastercard")

@@ -375,9 +375,8 @@ def test_settlement__input_names_a_real_day(till):
 # --- card data -----------------------------------------------------------------------------
 
 
+@pytest.mark.sqlite_only
 def test_refund_void_settlement__no_card_data_in_clear_anywhere_in_the_database(till, backend):
-    if backend.name != "sqlite":
-        pytest.skip("the byte scan reads the SQLite files (the terminal's store)")
     payment = till.pay(2_500)
     till.refund(700, original=payment.run_id)
     till.refund(300, card="mastercard")

@@ -158,29 +158,30 @@ def audited(engine, register):
 
 
 def test_audit__an_edited_row_is_detected_at_its_seq(audited, backend):
-    backend.tamper("UPDATE workflow_audit_log SET detail = '{\"attempt\": 9}' WHERE seq = 5")
+    backend.edit_audit(5, detail={"attempt": 9})
     report = audited.verify_audit()
     assert not report.ok and report.broken_at == 5 and "edited" in report.reason
 
 
 def test_audit__a_deleted_row_is_detected(audited, backend):
-    backend.tamper("DELETE FROM workflow_audit_log WHERE seq = 7")
+    backend.delete_audit(7)
     report = audited.verify_audit()
     assert not report.ok and report.broken_at == 7 and "missing" in report.reason
 
 
 def test_audit__a_removed_tail_is_detected_by_the_head(audited, backend):
-    backend.tamper("DELETE FROM workflow_audit_log WHERE seq = 12")
+    backend.delete_audit(12)
     report = audited.verify_audit()
     assert not report.ok and report.broken_at == 12
 
 
 def test_audit__a_rechained_forgery_still_disagrees_with_the_head(audited, backend):
-    backend.tamper("DELETE FROM workflow_audit_log WHERE seq >= 11")
-    backend.execute("UPDATE audit_head SET seq = 99")
+    backend.delete_audit(11, 12)  # the last two of the 12 rows
+    backend.set_audit_head(99)
     assert not audited.verify_audit().ok
 
 
+@pytest.mark.sql_only
 def test_audit__the_log_refuses_updates_and_deletes(audited, backend):
     with pytest.raises(backend.refusal, match="append-only"):
         backend.execute("UPDATE workflow_audit_log SET event = 'x' WHERE seq = 1")
