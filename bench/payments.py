@@ -3,7 +3,7 @@ workflow; the daemon's idle RSS; its time from exec to READY.
 
     python bench/payments.py [--quick] [--payments N] [--starts N] [--idle-s S]
 
-Three legs run the terminal's ``payment`` workflow (``edge/terminal/workflows``) with the
+Three legs run the terminal's ``payment`` workflow (``edge/terminal/sale/workflows``) with the
 same mix of payments: alternately over the floor limit (online: an HTTP authorisation to
 a ``SimAcquirer`` on loopback) and under it (approved offline within the risk limits),
 cards rotating over visa/mastercard/amex; ``online_random_percent=0`` and offline caps
@@ -11,7 +11,7 @@ and velocity raised far beyond the run's size, so every payment is approved by t
 channel its amount picks. Each leg has its own ``SimAcquirer`` and a fresh data dir;
 the store is ``SqliteStore`` with ``synchronous=FULL``, as on a terminal.
 
-- ``engine`` (the baseline): ``edge.terminal.runtime.Terminal`` in this process, with
+- ``engine`` (the baseline): ``edge.terminal.service.terminal.Terminal`` in this process, with
   in-process simulators as its peripherals (``SimCardReader`` with the batch's cards
   queued before timing, ``SimPrinter``, ``SimNetworkLink`` up) and ``HttpAcquirer``;
   each payment is ``engine.start("payment", ...)`` then ``engine.get(run_id)``.
@@ -92,10 +92,10 @@ from hwsim.network import SimNetworkLink  # noqa: E402
 from hwsim.printer import SimPrinter  # noqa: E402
 
 from edge.engine import SystemClock  # noqa: E402
-from edge.terminal.acquirer_http import HttpAcquirer  # noqa: E402
 from edge.terminal.config import EdgeConfig, RiskLimits  # noqa: E402
-from edge.terminal.daemon import http_peripherals  # noqa: E402
-from edge.terminal.runtime import Peripherals, Terminal  # noqa: E402
+from edge.terminal.drivers.acquirer_http import HttpAcquirer  # noqa: E402
+from edge.terminal.service.daemon import http_peripherals  # noqa: E402
+from edge.terminal.service.terminal import Peripherals, Terminal  # noqa: E402
 
 DEFAULT_PAYMENTS = 300
 QUICK_PAYMENTS = 100
@@ -133,12 +133,12 @@ ACQUIRER_TIMEOUT_S = 5.0
 #: The daemon's modules, imported by the "imports only" start-up baseline.
 DAEMON_IMPORTS = (
     "edge.cli",
-    "edge.terminal.daemon",
-    "edge.terminal.runtime",
-    "edge.terminal.api",
-    "edge.terminal.acquirer_http",
-    "edge.terminal.devices_http",
-    "edge.terminal.payment_steps",
+    "edge.terminal.service.daemon",
+    "edge.terminal.service.terminal",
+    "edge.terminal.service.api",
+    "edge.terminal.drivers.acquirer_http",
+    "edge.terminal.drivers.devices_http",
+    "edge.terminal.sale.payment_steps",
     "edge.store.sqlite",
 )
 
@@ -755,7 +755,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {
         "benchmark": "payments",
         "quick": quick,
-        "workflow": "payment (edge/terminal/workflows/payment.yaml)",
+        "workflow": "payment (edge/terminal/sale/workflows/payment.yaml)",
         "mix": {
             "online_amount_minor": ONLINE_AMOUNT_MINOR,
             "offline_amount_minor": OFFLINE_AMOUNT_MINOR,

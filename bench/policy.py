@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: make `edge` importable
     sys.path.insert(0, str(ROOT))
 
-from edge.terminal.policy import (  # noqa: E402
+from edge.terminal.sale.policy import (  # noqa: E402
     PolicyDocument,
     Txn,
     compile_policy,

@@ -3,7 +3,7 @@ against the same traffic with retention off (the baseline, measured in the same 
 
     python bench/storage.py [--quick] [--days N] [--per-day N] [--retention-hours H]
 
-One ``edge.terminal.runtime.Terminal`` per leg, in this process, on ``SqliteStore``
+One ``edge.terminal.service.terminal.Terminal`` per leg, in this process, on ``SqliteStore``
 (FULL), a virtual clock (``FakeClock``), in-process simulators (card reader, printer,
 network link) and ``HttpAcquirer`` to a ``SimAcquirer`` on loopback. Each day has
 ``--per-day`` payments spread evenly; the link is down two hours a day (those sales are
@@ -36,9 +36,9 @@ from hwsim.network import SimNetworkLink
 from hwsim.printer import SimPrinter
 
 from edge.engine import FakeClock
-from edge.terminal.acquirer_http import HttpAcquirer
 from edge.terminal.config import EdgeConfig, RiskLimits
-from edge.terminal.runtime import Peripherals, Terminal
+from edge.terminal.drivers.acquirer_http import HttpAcquirer
+from edge.terminal.service.terminal import Peripherals, Terminal
 
 DAY = 86_400.0
 HOUR = 3_600.0

@@ -36,7 +36,7 @@ from edge.engine.imports import add_search_paths
 from edge.engine.loader import Workflow, load_file
 from edge.errors import ConfigError, DefinitionError, Problem, TillflowError
 from edge.store import DATABASE_URL_ENV, open_store
-from edge.terminal import cli as terminal_cli
+from edge.terminal.service import commands as terminal_cli
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_RUN_FAILED, EXIT_PROBLEMS = 0, 1, 2, 3, 4
 _UNHAPPY = {Status.FAILED, Status.ROLLED_BACK, Status.CANCELLED}
@@ -44,7 +44,7 @@ _UNHAPPY = {Status.FAILED, Status.ROLLED_BACK, Status.CANCELLED}
 
 def parent_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     """The options every command shares (``common``) and those of the commands that
-    open a database (``db``); ``tillflow-edge`` (edge.terminal.main) mounts them too."""
+    open a database (``db``); ``tillflow-edge`` (edge.terminal.service.main) mounts them too."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--path",

@@ -176,6 +176,7 @@ class StorageFull(StoreError):
 
 
 class BundleInvalid(TillflowError):
-    """A release bundle's signature or checksums do not verify (``edge.terminal.release``)."""
+    """A release bundle's signature or checksums do not verify
+    (``edge.terminal.service.release``)."""
 
     code = "bundle_invalid"

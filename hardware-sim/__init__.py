@@ -1,7 +1,8 @@
 """Simulated terminal hardware, for tests, CI and the fleet simulator.
 
-Each simulator implements one port of ``edge.terminal.ports`` (or the engine's ``Clock``)
-and lives in its own module; import the one you need (this package imports nothing):
+Each simulator implements one port of ``edge.terminal.drivers.contracts`` (or the
+engine's ``Clock``) and lives in its own module; import the one you need (this package
+imports nothing):
 
 * ``hwsim.card_reader`` -- ``SimCardReader``: a queue of presented cards (``TEST_CARDS``
   by name), timeouts and injected read failures.

@@ -1,7 +1,7 @@
 """A simulated acquirer: a real HTTP server on loopback speaking the HttpAcquirer protocol.
 
 ``SimAcquirer`` listens on ``127.0.0.1`` on a free port (``.url``), serves the wire format
-defined in ``edge.terminal.acquirer_http`` and keeps a **ledger**: one ``LedgerEntry`` per
+defined in ``edge.terminal.drivers.acquirer_http`` and keeps a **ledger**: one ``LedgerEntry`` per
 idempotency key, holding the operation, amount and *masked* PAN (never the clear one).
 Tests assert exactly-once effects on it.
 
@@ -50,7 +50,8 @@ from hwsim._server import LoopbackServer
 from pydantic import ValidationError
 
 from edge.engine.clock import Clock
-from edge.terminal.acquirer_http import (
+from edge.terminal.carddata import luhn_valid, mask_pan
+from edge.terminal.drivers.acquirer_http import (
     AUTHORIZE_PATH,
     IDEMPOTENCY_HEADER,
     REFUND_PATH,
@@ -59,8 +60,7 @@ from edge.terminal.acquirer_http import (
     ReverseBody,
     encode_result,
 )
-from edge.terminal.carddata import luhn_valid, mask_pan
-from edge.terminal.ports import AuthResponse
+from edge.terminal.drivers.contracts import AuthResponse
 
 __all__ = ["LedgerEntry", "Mode", "Operation", "SimAcquirer"]
 

@@ -1,7 +1,7 @@
 """A simulated card reader: a queue of cards the test "presents".
 
-``SimCardReader`` implements ``edge.terminal.ports.CardReader``. ``read()`` hands over the
-next queued card as read; with nothing queued it raises ``CardReadError("timeout")``,
+``SimCardReader`` implements ``edge.terminal.drivers.contracts.CardReader``. ``read()``
+hands over the next queued card as read; with nothing queued it raises ``CardReadError("timeout")``,
 having spent ``timeout_s`` on the clock if one was given. It does not judge the card: a
 ``bad_luhn`` or ``expired`` test card reads fine, because validating is the runtime's job.
 """
@@ -15,7 +15,7 @@ from typing import Literal
 
 from edge.engine.clock import Clock
 from edge.terminal.carddata import TEST_CARDS, CardRead, Sensitive
-from edge.terminal.ports import CardReadError, CardReadReason
+from edge.terminal.drivers.contracts import CardReadError, CardReadReason
 
 __all__ = ["SimCardReader", "make_card"]
 

@@ -1,7 +1,7 @@
 """Simulated terminal devices behind HTTP: what the daemon's device drivers talk to.
 
 ``SimDeviceServer`` listens on ``127.0.0.1`` (a free port unless ``port`` is given;
-``.url``) and serves the protocol of ``edge.terminal.devices_http`` from a
+``.url``) and serves the protocol of ``edge.terminal.drivers.devices_http`` from a
 ``SimCardReader``, a ``SimPrinter`` and, optionally, a ``SimNetworkLink``::
 
     POST /card/read       {"timeout_s": t}  the next queued card, waiting up to t for one
@@ -49,8 +49,8 @@ from hwsim.printer import PrinterState, SimPrinter
 
 from edge.engine.clock import Clock
 from edge.terminal.carddata import CardRead
-from edge.terminal.devices_http import CARD_READ_PATH, PRINT_PATH
-from edge.terminal.ports import CardReadError, CardReadReason, PaperOut, PrinterJam
+from edge.terminal.drivers.contracts import CardReadError, CardReadReason, PaperOut, PrinterJam
+from edge.terminal.drivers.devices_http import CARD_READ_PATH, PRINT_PATH
 
 __all__ = ["LINK_PATH", "MAX_LONG_POLL_S", "SimDeviceServer"]
 

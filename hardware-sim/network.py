@@ -1,7 +1,7 @@
 """A simulated network link: down windows on a clock, manual switches, seeded loss.
 
-``SimNetworkLink`` implements ``edge.terminal.ports.NetworkLink``. It is up unless one of
-these says down:
+``SimNetworkLink`` implements ``edge.terminal.drivers.contracts.NetworkLink``. It is up
+unless one of these says down:
 
 * ``down()`` was called (until ``up()``);
 * ``down_for(seconds)`` was called less than ``seconds`` of the clock ago (an outage

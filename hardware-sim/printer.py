@@ -1,6 +1,6 @@
 """A simulated receipt printer.
 
-``SimPrinter`` implements ``edge.terminal.ports.Printer``. ``state`` is ``"ok"``,
+``SimPrinter`` implements ``edge.terminal.drivers.contracts.Printer``. ``state`` is ``"ok"``,
 ``"paper_out"`` or ``"jam"``; while it is not ok every print fails (``PaperOut`` /
 ``PrinterJam``) and prints nothing, until ``refill()`` or ``clear_jam()``.
 ``fail_next(state)`` makes only the next print fail, as a jam that clears itself or a
@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 from typing import Literal, get_args
 
-from edge.terminal.ports import PaperOut, PrinterJam
+from edge.terminal.drivers.contracts import PaperOut, PrinterJam
 
 __all__ = ["PrinterState", "SimPrinter"]
 

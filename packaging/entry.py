@@ -1,5 +1,5 @@
-"""The frozen binary's script: everything else is ``edge.terminal.main``."""
+"""The frozen binary's script: everything else is ``edge.terminal.service.main``."""
 
-from edge.terminal.main import main
+from edge.terminal.service.main import main
 
 raise SystemExit(main())

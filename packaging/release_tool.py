@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: make `edge` importable
     sys.path.insert(0, str(ROOT))
 
-from edge.terminal.release import (  # noqa: E402
+from edge.terminal.service.release import (  # noqa: E402
     generate_keypair,
     sign_bundle,
     sums_text,

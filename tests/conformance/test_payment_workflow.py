@@ -15,15 +15,15 @@ from hwsim.card_reader import SimCardReader, make_card
 from hwsim.network import SimNetworkLink
 from hwsim.printer import SimPrinter
 
-import edge.terminal
 from edge.engine import Engine, FakeClock, InlineExecutor, Status
 from edge.engine.loader import load_file
 from edge.engine.runtime import DEFAULT_LEASE_S
-from edge.terminal.acquirer_http import HttpAcquirer
 from edge.terminal.carddata import DataKey
 from edge.terminal.config import RiskLimits
+from edge.terminal.drivers.acquirer_http import HttpAcquirer
+from edge.terminal.sale import WORKFLOWS
 
-WORKFLOW = Path(edge.terminal.__file__).with_name("workflows") / "payment.yaml"
+WORKFLOW = WORKFLOWS / "payment.yaml"
 LIMITS = RiskLimits(
     floor_limit_minor=2_000, offline_amount_cap_minor=3_000, offline_count_cap=5,
     online_random_percent=0,
@@ -193,7 +193,7 @@ class LosesTheAnswerThenTheLink:
             self.t.link.up()
 
     def authorize(self, req):
-        from edge.terminal.ports import AcquirerUnavailable
+        from edge.terminal.drivers.contracts import AcquirerUnavailable
 
         self.calls += 1
         if self.calls == 1:
@@ -205,7 +205,7 @@ class LosesTheAnswerThenTheLink:
         return self.t.http.authorize(req)  # link down: not sent
 
     def reverse(self, original_key, key):
-        from edge.terminal.views import run_view
+        from edge.terminal.sale.views import run_view
 
         self.reversals_tried += 1
         [run] = self.t.engine.list_runs()
@@ -356,7 +356,7 @@ def test_payment__a_reversal_after_a_jam_is_retried_through_an_outage(terminal, 
     """A jammed printer after approval reverses the authorisation (saga); with the link
     down the compensation waits -- the POS sees reversal_pending -- instead of ending
     FAILED with the customer charged."""
-    from edge.terminal.views import run_view
+    from edge.terminal.sale.views import run_view
 
     seen: list[dict[str, Any]] = []
 
@@ -387,7 +387,7 @@ def test_payment__a_reversal_after_a_jam_is_retried_through_an_outage(terminal, 
 
 
 def test_payment__a_policy_velocity_rule_counts_every_use_of_the_card(terminal):
-    from edge.terminal.policy import PolicyDocument, compile_policy
+    from edge.terminal.sale.policy import PolicyDocument, compile_policy
 
     doc = {"version": 1, "rules": [
         {"id": "burst", "type": "velocity", "max_count": 2, "window_s": 3600, "action": "decline"},

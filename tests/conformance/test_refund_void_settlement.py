@@ -15,14 +15,12 @@ from hwsim.acquirer import SimAcquirer
 from hwsim.card_reader import make_card
 from test_payment_workflow import Terminal
 
-import edge.terminal
 from edge.engine import Engine, InlineExecutor, Status
 from edge.engine.loader import load_file
 from edge.engine.records import Acknowledgement
 from edge.errors import InputError
-from edge.terminal.ports import AcquirerUnavailable
-
-WORKFLOWS = Path(edge.terminal.__file__).with_name("workflows")
+from edge.terminal.drivers.contracts import AcquirerUnavailable
+from edge.terminal.sale import WORKFLOWS
 
 
 class Till(Terminal):
@@ -424,7 +422,7 @@ def test_void__a_lost_reversal_then_an_hour_long_outage_still_ends_approved(till
     """As above, with the link down for an hour: the void's reversal is retried for as
     long as it takes (it used to give up after three attempts and roll the void back,
     telling the POS the payment stood while the acquirer had released it)."""
-    from edge.terminal.views import run_view
+    from edge.terminal.sale.views import run_view
 
     payment = till.pay(2_500)
     seen: list[dict[str, Any]] = []

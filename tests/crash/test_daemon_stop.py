@@ -18,8 +18,8 @@ import httpx
 import pytest
 from hwsim.devices import SimDeviceServer
 
-from edge.terminal.devices_http import CARD_READ_PATH
-from edge.terminal.httplimits import STOP_GRACE_S
+from edge.terminal.drivers.devices_http import CARD_READ_PATH
+from edge.terminal.service.httplimits import STOP_GRACE_S
 
 from .test_edge_daemon import daemon_world, start, wait_for
 

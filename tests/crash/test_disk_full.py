@@ -20,9 +20,9 @@ from hwsim.printer import SimPrinter
 
 from edge.engine import FakeClock, Status
 from edge.errors import StorageFull
-from edge.terminal.acquirer_http import HttpAcquirer
 from edge.terminal.config import EdgeConfig, RiskLimits
-from edge.terminal.runtime import Peripherals, Terminal
+from edge.terminal.drivers.acquirer_http import HttpAcquirer
+from edge.terminal.service.terminal import Peripherals, Terminal
 
 _names = itertools.count()
 

@@ -18,7 +18,7 @@ import httpx
 from conftest import REPO, WAIT_S, api, config_text, notify_socket, pay, wait_for
 from PyInstaller.archive.readers import CArchiveReader
 
-from edge.terminal.devices_http import CARD_READ_PATH
+from edge.terminal.drivers.devices_http import CARD_READ_PATH
 
 # What the terminal binary must never contain (DESIGN: edge, sync and five deps only).
 FORBIDDEN = ("cloud", "hwsim", "psycopg", "celery", "redis", "fastapi", "uvicorn", "pytest")
@@ -50,7 +50,8 @@ def test_binary__holds_no_cloud_simulator_or_test_module(binary):
         pyz = archive.open_embedded_archive(name)
         assert isinstance(pyz, ZlibArchiveReader)
         modules += list(pyz.toc)
-    assert "edge.terminal.daemon" in modules and "edge.terminal.payment_steps" in modules
+    assert "edge.terminal.service.daemon" in modules
+    assert "edge.terminal.sale.payment_steps" in modules
     leaked = [m for m in modules if m.split(".")[0] in FORBIDDEN]
     assert leaked == []
     internal = {p.name.split(".")[0].split("-")[0] for p in binary.parent.glob("_internal/*")}

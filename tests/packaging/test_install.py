@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, WAIT_S, api, config_text, pay
 
-from edge.terminal.release import generate_keypair
+from edge.terminal.service.release import generate_keypair
 
 TOOL = REPO / "packaging" / "release_tool.py"
 INSTALL_TIMEOUT_S = 120

@@ -26,8 +26,9 @@ from edge.engine import Engine, FakeClock, InlineExecutor, Status
 from edge.engine.loader import load_text
 from edge.errors import InputError
 from edge.store.sqlite import SqliteStore
-from edge.terminal.acquirer_http import HttpAcquirer
-from edge.terminal.api import (
+from edge.terminal.config import EdgeConfig, RiskLimits
+from edge.terminal.drivers.acquirer_http import HttpAcquirer
+from edge.terminal.service.api import (
     MAX_BODY_BYTES,
     MAX_INPUT_BYTES,
     ApiError,
@@ -35,8 +36,7 @@ from edge.terminal.api import (
     PaymentRequest,
     parse_request,
 )
-from edge.terminal.config import EdgeConfig, RiskLimits
-from edge.terminal.runtime import Peripherals, Terminal
+from edge.terminal.service.terminal import Peripherals, Terminal
 
 #: The public Visa test number: what a careless POS app might send.
 TEST_PAN = "4111111111111111"

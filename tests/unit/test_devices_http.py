@@ -24,13 +24,7 @@ from hwsim.printer import SimPrinter
 from edge.engine.clock import FakeClock
 from edge.errors import ConfigError
 from edge.terminal.carddata import TEST_CARDS, CardRead
-from edge.terminal.devices_http import (
-    HttpCardReader,
-    HttpNetworkLink,
-    HttpPrinter,
-    PrinterUnavailable,
-)
-from edge.terminal.ports import (
+from edge.terminal.drivers.contracts import (
     CardReader,
     CardReadError,
     NetworkLink,
@@ -38,6 +32,12 @@ from edge.terminal.ports import (
     Printer,
     PrinterError,
     PrinterJam,
+)
+from edge.terminal.drivers.devices_http import (
+    HttpCardReader,
+    HttpNetworkLink,
+    HttpPrinter,
+    PrinterUnavailable,
 )
 
 VISA = TEST_CARDS["visa"][0]
@@ -142,7 +142,7 @@ def test_card_reader__reads_a_card_inserted_through_control(devices, control, re
     assert card.entry_mode == "contactless"
     assert card.pan.reveal() == VISA and card.cvv is not None and card.cvv.reveal() == CVV
     assert card.track2 is None and card.pin_block is None
-    assert any(r.name == "edge.terminal.devices_http" for r in caplog.records)
+    assert any(r.name == "edge.terminal.drivers.devices_http" for r in caplog.records)
     assert_no_card_data(repr(card) + repr(reader) + repr(devices.received))
     assert_no_card_data("\n".join(r.getMessage() for r in caplog.records))
     assert_no_card_data(caplog.text + repr([r.__dict__ for r in caplog.records]), cvv=False)
@@ -444,7 +444,7 @@ def test_sim__with_a_virtual_clock_nothing_waits_on_the_wall_clock():
 
 
 def test_drivers__share_one_tls_context_that_verifies_certificates():
-    from edge.terminal._http import tls_context
+    from edge.terminal.drivers._http import tls_context
 
     reader, printer = HttpCardReader("https://127.0.0.1:9"), HttpPrinter("https://127.0.0.1:9")
     link = HttpNetworkLink("https://127.0.0.1:9/link")

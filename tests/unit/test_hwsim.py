@@ -22,9 +22,9 @@ from hwsim.printer import SimPrinter
 
 from edge.engine.clock import FakeClock
 from edge.errors import ConfigError, TillflowError
-from edge.terminal.acquirer_http import HttpAcquirer
 from edge.terminal.carddata import TEST_CARDS, Sensitive
-from edge.terminal.ports import (
+from edge.terminal.drivers.acquirer_http import HttpAcquirer
+from edge.terminal.drivers.contracts import (
     Acquirer,
     AcquirerError,
     AcquirerUnavailable,
@@ -500,7 +500,7 @@ def test_acquirer__no_clear_pan_in_ledger_errors_or_logs(sim, acquirer, caplog):
     assert_no_clear_pan(repr(sim.ledger) + repr(sim.received))
     for err in errors:
         assert_no_clear_pan("".join(traceback.format_exception(err)))
-    assert any(r.name == "edge.terminal.acquirer_http" for r in caplog.records)
+    assert any(r.name == "edge.terminal.drivers.acquirer_http" for r in caplog.records)
     assert_no_clear_pan(caplog.text + repr([r.__dict__ for r in caplog.records]))
 
 

@@ -18,10 +18,10 @@ from hwsim.printer import SimPrinter
 from pydantic import ValidationError
 
 from edge.engine import FakeClock
-from edge.terminal.acquirer_http import HttpAcquirer
-from edge.terminal.api import LocalApi, LocalApiServer
 from edge.terminal.config import EdgeConfig, RiskLimits
-from edge.terminal.runtime import Peripherals, Terminal
+from edge.terminal.drivers.acquirer_http import HttpAcquirer
+from edge.terminal.service.api import LocalApi, LocalApiServer
+from edge.terminal.service.terminal import Peripherals, Terminal
 
 #: The public Visa test number.
 TEST_PAN = "4111111111111111"

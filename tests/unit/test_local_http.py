@@ -1,4 +1,4 @@
-"""The local API's HTTP transport (edge.terminal.httpserver) against a hostile client: bad
+"""The local API's HTTP transport (edge.terminal.service.httpserver) against a hostile client: bad
 framing on raw sockets, bursts, idle connections, slow clients, routes that raise, a POS
 that hangs up, and stop() with connections open."""
 
@@ -24,8 +24,8 @@ from typing import Any
 import httpx
 import pytest
 
-from edge.terminal.httplimits import MAX_CONNECTIONS, Limits
-from edge.terminal.httpserver import UnixHttpServer
+from edge.terminal.service.httplimits import MAX_CONNECTIONS, Limits
+from edge.terminal.service.httpserver import UnixHttpServer
 
 REPO = Path(__file__).resolve().parents[2]
 PAN = "4111111111111111"  # a public test number
@@ -269,7 +269,7 @@ def post(headers: str, body: bytes = b"") -> bytes:
 def test_http__malformed_framing_gets_a_4xx_json_error_and_the_connection_closes(
     sock_dir, raw, status, code, caplog
 ):
-    caplog.set_level(logging.DEBUG, logger="edge.terminal.httpserver")
+    caplog.set_level(logging.DEBUG, logger="edge.terminal.service.httpserver")
     with serving(sock_dir) as server:
         c = Raw(server.socket_path)
         try:
@@ -360,7 +360,7 @@ def test_http__an_exception_escaping_the_route_is_a_500_logged_without_its_text(
         finally:
             c.close()
     [record] = [r for r in caplog.records if r.levelno == logging.ERROR]
-    assert record.name == "edge.terminal.httpserver" and escaped in record.getMessage()
+    assert record.name == "edge.terminal.service.httpserver" and escaped in record.getMessage()
     assert record.exc_info is None and record.exc_text is None
     for text in ("can't decode", "maximum recursion", "Exceeds the limit"):
         assert text not in caplog.text
@@ -388,9 +388,9 @@ SERVE_LOCAL_API = textwrap.dedent(
     """
     import logging, sys
     from pathlib import Path
-    from edge.terminal.api import LocalApi
-    from edge.terminal.daemon import configure_logging
-    from edge.terminal.httpserver import UnixHttpServer
+    from edge.terminal.service.api import LocalApi
+    from edge.terminal.service.daemon import configure_logging
+    from edge.terminal.service.httpserver import UnixHttpServer
 
     configure_logging("json")
     logging.getLogger().setLevel(logging.DEBUG)  # the hang-up is a debug line: show it

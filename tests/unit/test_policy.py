@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from edge.errors import TillflowError
-from edge.terminal.policy import (
+from edge.terminal.sale.policy import (
     NoPreviousPolicy,
     PolicyDecision,
     PolicyDocument,
@@ -28,7 +28,7 @@ from edge.terminal.policy import (
     load_policy_file,
 )
 
-DEFAULT_POLICY = Path(__file__).resolve().parents[2] / "edge/terminal/policies/default.yaml"
+DEFAULT_POLICY = Path(__file__).resolve().parents[2] / "edge/terminal/sale/policies/default.yaml"
 HASH_A = "a" * 64
 HASH_B = "b" * 64
 

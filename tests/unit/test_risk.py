@@ -9,8 +9,8 @@ import pytest
 from edge.engine import Engine, FakeClock, InlineExecutor, Status
 from edge.engine.loader import load_text
 from edge.store.sqlite import SqliteStore
-from edge.terminal import risk
 from edge.terminal.config import RiskLimits
+from edge.terminal.sale import risk
 
 LIMITS = RiskLimits(
     floor_limit_minor=2_000,

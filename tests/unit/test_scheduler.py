@@ -16,7 +16,7 @@ import pytest
 from edge.engine.clock import FakeClock
 from edge.errors import ConfigError, StoreError
 from edge.terminal.config import Schedule
-from edge.terminal.scheduler import (
+from edge.terminal.service.scheduler import (
     CronExpr,
     FileSchedulerState,
     MemorySchedulerState,

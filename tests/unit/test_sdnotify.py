@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from edge.terminal.sdnotify import Notifier, Watchdog
+from edge.terminal.service.sdnotify import Notifier, Watchdog
 
 # sockaddr_un.sun_path holds 108 bytes including the terminating NUL.
 _MAX_SOCKET_PATH = 107
@@ -181,7 +181,7 @@ def test_not_under_systemd__every_method_is_a_no_op(environ: dict[str, str]) -> 
 def test_unsupported_socket_address__disables_with_a_warning(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="edge.terminal.sdnotify"):
+    with caplog.at_level(logging.WARNING, logger="edge.terminal.service.sdnotify"):
         notifier = Notifier.from_environment({"NOTIFY_SOCKET": "relative/notify.sock"})
     assert not notifier.enabled
     assert _actions(caplog) == ["sd_notify_unsupported_socket"]
@@ -242,7 +242,7 @@ def test_send_failure__returns_false_logs_once_and_recovers(
         receiver.close()
         path.unlink()  # systemd went away
 
-        with caplog.at_level(logging.INFO, logger="edge.terminal.sdnotify"):
+        with caplog.at_level(logging.INFO, logger="edge.terminal.service.sdnotify"):
             assert not notifier.status("one")
             assert not notifier.watchdog_ping()
             assert not notifier.stopping()
@@ -251,7 +251,7 @@ def test_send_failure__returns_false_logs_once_and_recovers(
         caplog.clear()
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as back:
             back.bind(str(path))
-            with caplog.at_level(logging.INFO, logger="edge.terminal.sdnotify"):
+            with caplog.at_level(logging.INFO, logger="edge.terminal.service.sdnotify"):
                 assert notifier.status("back")
             back.settimeout(_RECV_TIMEOUT_S)
             assert back.recv(4096) == b"STATUS=back\n"
@@ -284,7 +284,7 @@ def test_watchdog__pings_while_alive_and_stops_when_the_loop_hangs(
     loop.start()
     try:
         assert turned.wait(_RECV_TIMEOUT_S)
-        with caplog.at_level(logging.ERROR, logger="edge.terminal.sdnotify"), watchdog:
+        with caplog.at_level(logging.ERROR, logger="edge.terminal.service.sdnotify"), watchdog:
             for _ in range(5):
                 assert systemd.receive() == b"WATCHDOG=1\n"
 
@@ -317,7 +317,7 @@ def test_watchdog__staleness_follows_the_injected_clock(
     clock = FakeClock()
     # The thread wakes every 10 ms of real time; alive-ness is judged on the fake clock.
     watchdog = Watchdog(notifier, 0.01, stale_after_s=15.0, clock=clock)
-    with caplog.at_level(logging.INFO, logger="edge.terminal.sdnotify"), watchdog:
+    with caplog.at_level(logging.INFO, logger="edge.terminal.service.sdnotify"), watchdog:
         # Never alive yet: no ping, and no alarm before stale_after_s has passed.
         assert systemd.receive_or_none(timeout=0.1) is None
         watchdog.alive()

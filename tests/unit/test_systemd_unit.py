@@ -103,8 +103,8 @@ def test_service__leaves_out_what_would_break_python_or_hardware(unit: Unit) -> 
 
 
 def test_watchdog__daemon_pings_every_15_s(unit: Unit) -> None:
-    # The daemon pings at half of WATCHDOG_USEC (edge.terminal.sdnotify).
-    from edge.terminal.sdnotify import Notifier
+    # The daemon pings at half of WATCHDOG_USEC (edge.terminal.service.sdnotify).
+    from edge.terminal.service.sdnotify import Notifier
 
     watchdog_usec = int(one(unit, "Service", "WatchdogSec")) * 1_000_000
     notifier = Notifier("@unused", watchdog_usec=watchdog_usec)

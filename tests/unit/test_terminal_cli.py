@@ -1,4 +1,4 @@
-"""``tillflow edge`` and ``tillflow-edge`` (``edge.terminal.main``): one set of terminal
+"""``tillflow edge`` and ``tillflow-edge`` (``edge.terminal.service.main``): one set of terminal
 commands, described, with the daemon's signals in ``run --help`` and an honest
 ``--version`` from source."""
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from edge.cli import main as tillflow
-from edge.terminal.main import main as tillflow_edge
+from edge.terminal.service.main import main as tillflow_edge
 
 REPO = Path(__file__).resolve().parents[2]
 TERMINAL_COMMANDS = {"run", "config", "outbox", "recover", "audit", "health", "verify-bundle"}

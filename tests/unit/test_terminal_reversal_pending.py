@@ -14,11 +14,11 @@ from hwsim.network import SimNetworkLink
 from hwsim.printer import SimPrinter
 
 from edge.engine import FakeClock, Status
-from edge.terminal.acquirer_http import HttpAcquirer
-from edge.terminal.api import LocalApi
 from edge.terminal.config import EdgeConfig, RiskLimits
-from edge.terminal.ports import AcquirerUnavailable
-from edge.terminal.runtime import Peripherals, Terminal
+from edge.terminal.drivers.acquirer_http import HttpAcquirer
+from edge.terminal.drivers.contracts import AcquirerUnavailable
+from edge.terminal.service.api import LocalApi
+from edge.terminal.service.terminal import Peripherals, Terminal
 
 
 class AnswerLostThenLinkDown:

@@ -21,10 +21,10 @@ from hwsim.printer import SimPrinter
 
 from edge.engine import FakeClock
 from edge.engine.records import Acknowledgement
-from edge.terminal.acquirer_http import HttpAcquirer
-from edge.terminal.api import LocalApiServer
 from edge.terminal.config import EdgeConfig, RiskLimits
-from edge.terminal.runtime import Peripherals, Terminal
+from edge.terminal.drivers.acquirer_http import HttpAcquirer
+from edge.terminal.service.api import LocalApiServer
+from edge.terminal.service.terminal import Peripherals, Terminal
 
 HOUR = 3600.0
 ROOMY = RiskLimits(  # risk limits out of the way: storage is what is under test

@@ -27,8 +27,8 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from edge.errors import ConfigError
-from edge.terminal._http import DIGIT_RUNS, HttpDriver, describe
-from edge.terminal.ports import (
+from edge.terminal.drivers._http import DIGIT_RUNS, HttpDriver, describe
+from edge.terminal.drivers.contracts import (
     AcquirerError,
     AcquirerUnavailable,
     AuthRequest,

@@ -1,6 +1,6 @@
 """The terminal runtime's seams to hardware: one small Protocol per device, and its errors.
 
-Real drivers (``edge.terminal.acquirer_http``) and the simulators in ``hwsim`` implement
+Real drivers (``edge.terminal.drivers.acquirer_http``) and the simulators in ``hwsim`` implement
 the same Protocols; the runtime sees nothing else. A device error says what failed and
 whether trying again may help::
 

@@ -42,9 +42,9 @@ import httpx
 from pydantic import ValidationError
 
 from edge.errors import ConfigError
-from edge.terminal._http import DIGIT_RUNS, HttpDriver, describe
 from edge.terminal.carddata import CardRead
-from edge.terminal.ports import (
+from edge.terminal.drivers._http import DIGIT_RUNS, HttpDriver, describe
+from edge.terminal.drivers.contracts import (
     CardReadError,
     CardReadReason,
     PaperOut,

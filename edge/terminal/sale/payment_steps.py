@@ -18,9 +18,14 @@ from typing import Any
 from edge.engine import StepContext
 from edge.engine.context import idempotency_key
 from edge.errors import StepError
-from edge.terminal import risk
 from edge.terminal.carddata import Sensitive, luhn_valid
-from edge.terminal.ports import AcquirerError, AcquirerUnavailable, AuthRequest, PaperOut
+from edge.terminal.drivers.contracts import (
+    AcquirerError,
+    AcquirerUnavailable,
+    AuthRequest,
+    PaperOut,
+)
+from edge.terminal.sale import risk
 
 State = dict[str, Any]
 
@@ -65,7 +70,7 @@ def screen(state: State, ctx: StepContext) -> State:
     reasons: list[str] = []
     wants_online = False
     if policy is not None:
-        from edge.terminal.policy import Txn
+        from edge.terminal.sale.policy import Txn
 
         now = ctx.clock.now()
         local = dt.datetime.fromtimestamp(now)

@@ -29,14 +29,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from edge.engine import Status, StepContext, Store
 from edge.errors import StepError
-from edge.terminal import payment_steps, risk
 from edge.terminal.carddata import Sensitive
-from edge.terminal.ports import (
+from edge.terminal.drivers.contracts import (
     AcquirerError,
     AcquirerUnavailable,
     AuthRequest,
     PaperOut,
 )
+from edge.terminal.sale import payment_steps, risk
 
 State = dict[str, Any]
 

@@ -53,10 +53,10 @@ from edge.engine import RunRecord, Status
 from edge.engine.definition import WaitStep
 from edge.errors import InputError, InvalidRunState, NotFound, StorageFull, TillflowError
 from edge.terminal.carddata import luhn_valid, scrub
-from edge.terminal.httplimits import MAX_BODY_BYTES
-from edge.terminal.httpserver import UnixHttpServer
-from edge.terminal.runtime import Terminal
-from edge.terminal.views import run_view
+from edge.terminal.sale.views import run_view
+from edge.terminal.service.httplimits import MAX_BODY_BYTES
+from edge.terminal.service.httpserver import UnixHttpServer
+from edge.terminal.service.terminal import Terminal
 
 log = logging.getLogger(__name__)
 
@@ -271,7 +271,7 @@ Route = tuple[str, re.Pattern[str], str]
 
 class LocalApi:
     """The routes, free of HTTP framing: ``handle(method, path, body)`` gives the status
-    and the JSON body. The transport (``edge.terminal.httpserver``) does the I/O."""
+    and the JSON body. The transport (``edge.terminal.service.httpserver``) does the I/O."""
 
     routes: tuple[Route, ...] = (
         ("POST", re.compile(r"^/v1/payments$"), "payment"),

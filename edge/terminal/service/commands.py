@@ -1,7 +1,7 @@
 """The terminal's commands: ``tillflow edge SUBCOMMAND`` and ``tillflow-edge SUBCOMMAND``.
 
 One set of subcommands, mounted by both ``edge.cli`` (under ``edge``) and
-``edge.terminal.main`` (the frozen binary's top level), so a command behaves alike from
+``edge.terminal.service.main`` (the frozen binary's top level), so a command behaves alike from
 source and frozen. Imports stay inside the commands, so the daemon does not load what
 only the other commands use.
 """
@@ -24,7 +24,7 @@ DESCRIPTION = (
     "The payment terminal: the daemon beside the POS app and its maintenance commands. "
     "The same commands as `tillflow-edge` (the frozen binary)."
 )
-# From edge/terminal/daemon.py's docstring: what the daemon does on each signal.
+# From edge/terminal/service/daemon.py's docstring: what the daemon does on each signal.
 RUN_EPILOG = """\
 signals:
   SIGTERM  graceful stop: stop accepting, let requests in flight finish their step,
@@ -105,7 +105,7 @@ def run(args: argparse.Namespace, open_store: OpenStore) -> int:
 
 
 def cmd_run(args: argparse.Namespace, open_store: OpenStore) -> int:
-    from edge.terminal.daemon import Daemon
+    from edge.terminal.service.daemon import Daemon
 
     return Daemon(Path(args.config)).run()
 
@@ -188,7 +188,7 @@ def cmd_health(args: argparse.Namespace, open_store: OpenStore) -> int:
 
 def cmd_verify_bundle(args: argparse.Namespace, open_store: OpenStore) -> int:
     from edge.errors import BundleInvalid
-    from edge.terminal.release import verify_bundle
+    from edge.terminal.service.release import verify_bundle
 
     try:
         files = verify_bundle(Path(args.bundle), Path(args.pubkey))

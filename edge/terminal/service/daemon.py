@@ -21,12 +21,12 @@ from typing import Any
 
 from edge.engine import Clock, SystemClock
 from edge.errors import ConfigError, TillflowError
-from edge.terminal.api import LocalApiServer
 from edge.terminal.carddata import RedactingFilter
 from edge.terminal.config import EdgeConfig, load_config
-from edge.terminal.runtime import Peripherals, Terminal
-from edge.terminal.scheduler import FileSchedulerState, Scheduler
-from edge.terminal.sdnotify import Notifier, Watchdog
+from edge.terminal.service.api import LocalApiServer
+from edge.terminal.service.scheduler import FileSchedulerState, Scheduler
+from edge.terminal.service.sdnotify import Notifier, Watchdog
+from edge.terminal.service.terminal import Peripherals, Terminal
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +69,8 @@ def configure_logging(fmt: str) -> None:
 
 def http_peripherals(cfg: EdgeConfig) -> Peripherals:
     """The drivers a config names: device endpoints over HTTP, and the acquirer host."""
-    from edge.terminal.acquirer_http import HttpAcquirer
-    from edge.terminal.devices_http import HttpCardReader, HttpNetworkLink, HttpPrinter
+    from edge.terminal.drivers.acquirer_http import HttpAcquirer
+    from edge.terminal.drivers.devices_http import HttpCardReader, HttpNetworkLink, HttpPrinter
 
     p = cfg.peripherals
     link = HttpNetworkLink(p.link.url)

@@ -1,5 +1,5 @@
 """The local API transport's limits and timeouts, each with its unit and its reason
-(``edge.terminal.httpserver`` enforces them; ``Limits`` lets a test shrink them)."""
+(``edge.terminal.service.httpserver`` enforces them; ``Limits`` lets a test shrink them)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The local API's HTTP transport over a Unix socket: framing, limits and timeouts. The
 routes are a callable ``app(method, path, body) -> (status, json_body)``
-(``edge.terminal.api``), given the path without its query string.
+(``edge.terminal.service.api``), given the path without its query string.
 
 Why h11 and not ``http.server``: the stdlib server is a thread per connection blocked in
 ``readline``, and hardening it means overriding most of it (its HTTP/0.9 fallback answers
@@ -48,14 +48,14 @@ from typing import Any
 
 import h11
 
-from edge.terminal.httplimits import (
+from edge.terminal.service.httplimits import (
     ACCEPT_BACKOFF_S,
     JOIN_MARGIN_S,
     READ_CHUNK_BYTES,
     REFUSAL_LOG_INTERVAL_S,
     Limits,
 )
-from edge.terminal.httpwire import (
+from edge.terminal.service.httpwire import (
     Rejected,
     closing_answer,
     describe_exception,

@@ -1,4 +1,4 @@
-"""What the local API's transport (``edge.terminal.httpserver``) says on the wire, free of
+"""What the local API's transport (``edge.terminal.service.httpserver``) says on the wire, free of
 I/O: its own error answers, the path of a request target, h11's errors translated, and
 exceptions described for the log without their text.
 

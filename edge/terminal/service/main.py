@@ -12,7 +12,7 @@ behaves alike from source and frozen) without the engine-only and cloud commands
     tillflow-edge verify-bundle DIR --pubkey FILE   a release bundle's signature + sums
     tillflow-edge --version                version, git commit, build date
 
-The commands are ``edge.terminal.cli``'s (where imports stay inside each command, so
+The commands are ``edge.terminal.service.commands``'s (where imports stay inside each command, so
 the daemon does not load what only the other commands use), as under ``tillflow edge``.
 The parser is built from ``edge.cli``'s shared parsers, which import the engine: even
 ``--version`` takes about 0.24 s and 36 MB (moving those parsers out of ``edge.cli``
@@ -55,7 +55,7 @@ def build_info() -> dict[str, str | None]:
 
 def _source_commit() -> str | None:
     """The short commit of the checkout this code runs from, when it is one."""
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
     if not (root / ".git").exists():  # installed, not a checkout: no other repo's commit
         return None
     try:
@@ -93,7 +93,7 @@ class _VersionAction(argparse.Action):
 
 def _parser() -> argparse.ArgumentParser:
     from edge.cli import parent_parsers
-    from edge.terminal import cli as terminal_cli
+    from edge.terminal.service import commands as terminal_cli
 
     common, db = parent_parsers()
     p = argparse.ArgumentParser(
@@ -109,7 +109,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _command(args: argparse.Namespace) -> int:
     from edge import cli
-    from edge.terminal import cli as terminal_cli
+    from edge.terminal.service import commands as terminal_cli
 
     return terminal_cli.run(args, cli._store)
 

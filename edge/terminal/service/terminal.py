@@ -1,6 +1,6 @@
 """A terminal assembled from its config: store, data key, policy, engine, workflows.
 
-The peripherals are ports (``edge.terminal.ports``): the daemon is given them (real
+The peripherals are ports (``edge.terminal.drivers.contracts``): the daemon is given them (real
 drivers, or ``hwsim`` simulators in tests and the demo), so nothing here imports a
 simulator.
 """
@@ -11,7 +11,6 @@ import dataclasses
 import logging
 import random
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from edge.engine import Clock, Engine, InlineExecutor, Status, SystemClock
@@ -19,15 +18,14 @@ from edge.engine.loader import load_file
 from edge.engine.records import Guard, OutboxMessage
 from edge.errors import StorageFull
 from edge.store.sqlite import SqliteStore, Storage
-from edge.terminal import risk
 from edge.terminal.carddata import DataKey
 from edge.terminal.config import EdgeConfig
-from edge.terminal.ports import Acquirer, CardReader, NetworkLink, Printer
-from edge.terminal.views import reversal_pending
+from edge.terminal.drivers.contracts import Acquirer, CardReader, NetworkLink, Printer
+from edge.terminal.sale import WORKFLOWS, risk
+from edge.terminal.sale.views import reversal_pending
 
 log = logging.getLogger(__name__)
 
-WORKFLOWS = Path(__file__).with_name("workflows")
 MIB = 1024 * 1024
 #: Health says ``full`` below this much room in the budget: a payment takes about 6 KB of
 #: rows, and a transaction may need a few fresh pages (4 KB each) besides.
@@ -101,7 +99,7 @@ class Terminal:
     def _load_policy(self) -> Any:
         if self.cfg.policy_file is None:
             return None
-        from edge.terminal.policy import PolicyRepository, load_policy_file
+        from edge.terminal.sale.policy import PolicyRepository, load_policy_file
 
         repo = PolicyRepository(self.cfg.data_dir / "policies")
         doc = load_policy_file(self.cfg.policy_file)

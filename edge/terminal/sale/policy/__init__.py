@@ -24,13 +24,13 @@ The package is split by concern:
 - ``compiled``: ``Txn``, ``PolicyDecision``, ``CompiledPolicy`` and ``compile_policy``
 - ``repository``: ``PolicyRepository``, the activated versions on disk
 
-Everything public is re-exported here; import from ``edge.terminal.policy``.
+Everything public is re-exported here; import from ``edge.terminal.sale.policy``.
 """
 
 from __future__ import annotations
 
-from edge.terminal.policy.compiled import CompiledPolicy, PolicyDecision, Txn, compile_policy
-from edge.terminal.policy.document import (
+from edge.terminal.sale.policy.compiled import CompiledPolicy, PolicyDecision, Txn, compile_policy
+from edge.terminal.sale.policy.document import (
     AmountOverRule,
     BinAllowRule,
     BinBlockRule,
@@ -49,7 +49,7 @@ from edge.terminal.policy.document import (
     VelocityRule,
     load_policy_file,
 )
-from edge.terminal.policy.repository import PolicyRepository
+from edge.terminal.sale.policy.repository import PolicyRepository
 
 __all__ = [
     "AmountOverRule",

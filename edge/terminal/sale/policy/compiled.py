@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias, TypeVar
 
-from edge.terminal.policy.document import (
+from edge.terminal.sale.policy.document import (
     AmountOverRule,
     BinAllowRule,
     BinBlockRule,

@@ -13,8 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from edge.terminal.policy.compiled import CompiledPolicy, compile_policy
-from edge.terminal.policy.document import (
+from edge.terminal.sale.policy.compiled import CompiledPolicy, compile_policy
+from edge.terminal.sale.policy.document import (
     NoPreviousPolicy,
     PolicyDocument,
     PolicyInvalid,
@@ -24,7 +24,7 @@ from edge.terminal.policy.document import (
 )
 
 #: Named for the package, as when this was one module, so log filters keep matching.
-log = logging.getLogger("edge.terminal.policy")
+log = logging.getLogger("edge.terminal.sale.policy")
 
 
 # --- the repository --------------------------------------------------------------------
