@@ -139,6 +139,10 @@ class Acknowledgement:
     makes (e.g. the offline exposure an offline sale held). A store applies them in the
     transaction that removes the messages, and only for messages that transaction really
     removes: an acknowledgement repeated, or raced by another, releases nothing twice.
+    A message's changes apply in order and stop at the first one its counter refuses (a
+    cap, or zero): put a once-only marker first (``max_count=1``) and what follows it is
+    given back once, by whichever of the acknowledgement or another commit (a void)
+    takes the marker first.
     """
 
     outbox_through: int | None = None

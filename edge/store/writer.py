@@ -207,33 +207,47 @@ def acknowledge(
 
     The DELETE says which messages it really removed: only their ``releases`` apply, so
     an acknowledgement repeated, or raced by another (the loser's DELETE finds nothing),
-    releases nothing twice. A release that would take a counter below zero is left out
-    with a warning: the acknowledgement itself always goes through.
+    releases nothing twice. A message's releases apply in order up to the first one its
+    counter refuses (below zero, or a once-only marker already taken): the rest of that
+    message's are left out, and the acknowledgement itself always goes through.
     """
     deleted: list[dict[str, Any]] = []
     if ack.outbox_through is not None:
         deleted = tx.q("ack_outbox", {"seq": ack.outbox_through}).rows()
-    released = [g for r in deleted for g in ack.releases.get(int(r["seq"]), ())]
-    changes = list(released)
+    released: list[Guard] = []
+    for r in deleted:  # a message's changes in order, up to the first one refused
+        for guard in ack.releases.get(int(r["seq"]), ()):
+            if not _apply_release(tx, guard, at):
+                break
+            released.append(guard)
     if outbox_bound is not None and deleted:
         size = sum(int(r["bytes"]) for r in deleted)
-        changes.append(Guard(OUTBOX_COUNTER, amount=-size, count=-len(deleted)))
-    for guard in changes:
-        params = guard_params(guard, at)
-        tx.q("ensure_counter", params)
-        if tx.q("apply_counter", params).count != 1:
-            log.warning(
-                "releasing %+d / %+d would take counter %r below zero; left as it is",
-                guard.amount,
-                guard.count,
-                guard.name,
-                extra={"action": "ack_release_below_zero", "counter": guard.name},
-            )
-            if guard in released:
-                released.remove(guard)
+        _apply_release(tx, Guard(OUTBOX_COUNTER, amount=-size, count=-len(deleted)), at)
     if ack.audit_through is not None:
         tx.q("ack_audit", {"seq": ack.audit_through, "genesis": GENESIS})
     return AckResult(messages=len(deleted), released=tuple(released))
+
+
+def _apply_release(tx: Tx, guard: Guard, at: float) -> bool:
+    """One counter change of an acknowledgement; False (and a log line) if its counter
+    refuses it. The acknowledgement itself always goes through."""
+    params = guard_params(guard, at)
+    tx.q("ensure_counter", params)
+    if tx.q("apply_counter", params).count == 1:
+        return True
+    capped = guard.max_amount is not None or guard.max_count is not None
+    # Past a cap: a once-only marker another commit took first, as designed. Below
+    # zero: a release of something never held, worth a warning.
+    log.log(
+        logging.INFO if capped else logging.WARNING,
+        "ack: counter %r refuses %+d / %+d (%s); the rest of that message's changes are left",
+        guard.name,
+        guard.amount,
+        guard.count,
+        "past its cap" if capped else "below zero",
+        extra={"action": "ack_release_refused", "counter": guard.name},
+    )
+    return False
 
 
 def compact(

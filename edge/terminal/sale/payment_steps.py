@@ -16,7 +16,7 @@ import datetime as dt
 from typing import Any
 
 from edge.engine import StepContext
-from edge.engine.context import idempotency_key
+from edge.engine.context import operation_key
 from edge.errors import StepError
 from edge.terminal.carddata import Sensitive, luhn_valid
 from edge.terminal.drivers.contracts import (
@@ -26,6 +26,7 @@ from edge.terminal.drivers.contracts import (
     PaperOut,
 )
 from edge.terminal.sale import risk
+from edge.terminal.sale.services import TerminalServices
 
 State = dict[str, Any]
 
@@ -44,9 +45,9 @@ def _declined(reason: str, **more: Any) -> State:
 
 
 def read_card(state: State, ctx: StepContext) -> State:
-    s = ctx.services
-    card = s["card_reader"].read(float(s.get("card_timeout_s", 30.0)))
-    protected = s["data_key"].protect(card)
+    s: TerminalServices = ctx.services
+    card = s.card_reader.read(s.card_timeout_s)
+    protected = s.data_key.protect(card)
     now = dt.datetime.fromtimestamp(ctx.clock.now(), tz=dt.UTC)
     if not luhn_valid(card.pan.reveal()):
         return _declined("card_invalid", card=protected.model_dump())
@@ -60,13 +61,14 @@ def screen(state: State, ctx: StepContext) -> State:
     policy or a random sample asks for it; else offline (within the risk limits)."""
     if state.get("decision") == "declined":
         return {}
-    s, card = ctx.services, state["card"]
-    room = s.get("outbox_max_messages")
-    if room is not None and s["store"].outbox_stats().depth >= room:
+    s: TerminalServices = ctx.services
+    card = state["card"]
+    room = s.outbox_max_messages
+    if room is not None and s.store.outbox_stats().depth >= room:
         # A sale the cloud cannot be told about is not taken (the store would refuse
         # its record anyway, after the customer was charged).
         return _declined("outbox_full")
-    policy = s.get("policy")
+    policy = s.policy
     reasons: list[str] = []
     wants_online = False
     if policy is not None:
@@ -77,7 +79,7 @@ def screen(state: State, ctx: StepContext) -> State:
         recent = 0
         if policy.velocity_windows:  # one window per policy (the document checks it)
             uses = risk.card_use_counter(card["pan_hash"], now, policy.velocity_windows[0])
-            recent = s["store"].counters().get(uses, (0, 0))[1]
+            recent = s.store.counters().get(uses, (0, 0))[1]
             ctx.guard(uses, count=1)  # this use counts for the next ones, with this step
         verdict = policy.evaluate(
             Txn(
@@ -85,7 +87,7 @@ def screen(state: State, ctx: StepContext) -> State:
                 currency=state["currency"],
                 bin6=card["bin6"],
                 pan_hash=card["pan_hash"],
-                mcc=str(s.get("mcc", "5999")),
+                mcc=s.mcc,
                 local_minute=local.hour * 60 + local.minute,
                 card_recent_count=recent,
             )
@@ -94,10 +96,10 @@ def screen(state: State, ctx: StepContext) -> State:
         if verdict.action == "decline":
             return _declined("policy", policy_reasons=reasons, policy_version=verdict.version)
         wants_online = verdict.action in ("online", "review")
-    limits = s["limits"]
-    sampled = s["rng"].random() * 100 < limits.online_random_percent
+    limits = s.limits
+    sampled = s.rng.random() * 100 < limits.online_random_percent
     over_floor = state["amount_minor"] > limits.floor_limit_minor
-    link_up = s["link"].is_up()
+    link_up = s.link.is_up()
     channel = "online" if link_up and (wants_online or over_floor or sampled) else "offline"
     return {"channel": channel, "policy_reasons": reasons}
 
@@ -105,8 +107,12 @@ def screen(state: State, ctx: StepContext) -> State:
 def authorization_key(ctx: StepContext) -> str:
     """One key for every attempt of this authorisation: a retry after a timeout may follow
     a request that did reach the acquirer, and must be recognised as the same payment
-    (a new key per attempt could charge the card twice)."""
-    return idempotency_key(ctx.run_id, "authorize_online", 1)
+    (a new key per attempt could charge the card twice). It is the step's operation key,
+    whatever the YAML names the step: the engine records it with the step, so whatever
+    undoes the authorisation reads it from there (or from the state this step records),
+    never rebuilds it from a step name. For a step named ``authorize_online`` it is the
+    key runs used before operation keys existed (``idempotency_key(run, step, 1)``)."""
+    return ctx.operation_key
 
 
 class AuthorizationNotSent(StepError):
@@ -130,7 +136,7 @@ def _nothing_ever_sent(ctx: StepContext, failure: AcquirerUnavailable) -> bool:
         return False
     earlier = [
         r
-        for r in ctx.services["store"].step_history(ctx.run_id)
+        for r in ctx.services.store.step_history(ctx.run_id)
         if r.kind == "step" and r.step == ctx.step and r.status == "RETRYING"
     ]
     return all((r.error or {}).get("code") == NOT_SENT for r in earlier)
@@ -142,8 +148,9 @@ def authorize_online(state: State, ctx: StepContext) -> State:
     decided offline, within the limits (``approve_offline``); if a request may have
     arrived the outcome is ``unknown``: recorded for the cloud in this commit, and the
     run goes on to reverse it (``reverse_unknown``), never a bare failure."""
-    s, card = ctx.services, state["card"]
-    pan = s["data_key"].decrypt_pan(card["pan_token"])
+    s: TerminalServices = ctx.services
+    card = state["card"]
+    pan = s.data_key.decrypt_pan(card["pan_token"])
     key = authorization_key(ctx)
     req = AuthRequest(
         pan=Sensitive(pan),
@@ -151,10 +158,10 @@ def authorize_online(state: State, ctx: StepContext) -> State:
         amount_minor=state["amount_minor"],
         currency=state["currency"],
         idempotency_key=key,
-        terminal_id=str(s["device_id"]),
+        terminal_id=str(s.device_id),
     )
     try:
-        answer = s["acquirer"].authorize(req)
+        answer = s.acquirer.authorize(req)
     except AcquirerUnavailable as exc:
         not_sent = _nothing_ever_sent(ctx, exc)
         if not ctx.last_attempt:
@@ -203,16 +210,29 @@ def _reverse(ctx: StepContext, key: str) -> Any:
     """Reverse under ``key``; every failure is worth retrying (the step retries forever):
     money the customer may be charged is never given up on."""
     try:
-        return ctx.services["acquirer"].reverse(key, ctx.idempotency_key)
+        return ctx.services.acquirer.reverse(key, ctx.idempotency_key)
     except (AcquirerUnavailable, AcquirerError) as exc:
         raise StepError(f"reversal not done yet: {exc.message}", retryable=True) from exc
+
+
+def _unknown_key(state: State, ctx: StepContext) -> str:
+    """The key of the authorisation whose outcome is unknown: the one ``authorize_online``
+    recorded in the state, else (a run in flight from a build that did not record it)
+    the operation key of the step that recorded the unknown outcome."""
+    if state.get("auth_key"):
+        return str(state["auth_key"])
+    for row in reversed(ctx.services.store.step_history(ctx.run_id)):
+        output = row.output if isinstance(row.output, dict) else {}
+        if row.kind == "step" and row.status == "COMPLETED" and output.get("decision") == "unknown":
+            return row.operation_key or operation_key(ctx.run_id, row.step)
+    raise StepError("no authorisation of unknown outcome is recorded", retryable=False)
 
 
 def reverse_unknown(state: State, ctx: StepContext) -> State:
     """Release an authorisation whose outcome is unknown, retried (durably, across
     restarts) until the acquirer answers. Then the sale is declined: the customer keeps
     their money, and ``record`` tells the cloud how it ended."""
-    answer = _reverse(ctx, state["auth_key"])
+    answer = _reverse(ctx, _unknown_key(state, ctx))
     return {
         "decision": "declined",
         "reason": ACQUIRER_UNREACHABLE,
@@ -223,10 +243,12 @@ def reverse_unknown(state: State, ctx: StepContext) -> State:
 
 def reverse_online(state: State, ctx: StepContext) -> State:
     """Compensation of an approved authorisation (a later step failed for good): retried
-    until the acquirer answers (``compensate_retry: forever``)."""
+    until the acquirer answers (``compensate_retry: forever``). It reverses under the
+    compensated step's operation key (``ctx.operation_key`` here is the one recorded
+    with the authorisation), the key that authorisation went under."""
     if state.get("decision") != "approved" or "auth_key" not in state:
         return {}
-    answer = _reverse(ctx, state["auth_key"])
+    answer = _reverse(ctx, ctx.operation_key)
     _record_reversal(state, ctx, "online")
     return {"reversed": bool(answer.approved), "decision": "reversed"}
 
@@ -236,10 +258,25 @@ def reverse_unanswered(state: State, ctx: StepContext) -> State:
     upgrade finish on it): reverse an authorisation that never got its answer."""
     if state.get("channel") != "online" or "auth_key" in state:
         return {}
-    key = idempotency_key(ctx.run_id, "authorize_online", 1)  # authorization_key's
+    key = _unanswered_key(ctx)
     answer = _reverse(ctx, key)
     _record_reversal(state, ctx, "online")
     return {"reversed": bool(answer.approved), "decision": "reversed", "auth_key": key}
+
+
+#: The authorisation step's name in payment version 1, whose definition is frozen: the
+#: key of an attempt that died before any row recorded it is found under it.
+_V1_AUTHORIZE = "authorize_online"
+
+
+def _unanswered_key(ctx: StepContext) -> str:
+    """The key of a version 1 authorisation that never got its answer: the operation key
+    recorded with its last attempt (the step that failed for good), else the one its
+    step name gives (version 1's YAML is frozen)."""
+    for row in reversed(ctx.services.store.step_history(ctx.run_id)):
+        if row.kind == "step" and row.status in ("FAILED", "RETRYING"):
+            return row.operation_key or operation_key(ctx.run_id, row.step)
+    return operation_key(ctx.run_id, _V1_AUTHORIZE)
 
 
 def _record_reversal(state: State, ctx: StepContext, channel: str) -> None:
@@ -261,7 +298,7 @@ def _emit_payment(state: State, ctx: StepContext, **fields: Any) -> None:
     ctx.emit(
         "payment",
         {
-            "device_id": ctx.services["device_id"],
+            "device_id": ctx.services.device_id,
             "run_id": ctx.run_id,
             "amount_minor": state["amount_minor"],
             "currency": state["currency"],
@@ -272,9 +309,10 @@ def _emit_payment(state: State, ctx: StepContext, **fields: Any) -> None:
 
 
 def approve_offline(state: State, ctx: StepContext) -> State:
-    s, card = ctx.services, state["card"]
-    store, limits, now = s["store"], s["limits"], ctx.clock.now()
-    storage_high = s.get("storage_high")
+    s: TerminalServices = ctx.services
+    card = state["card"]
+    store, limits, now = s.store, s.limits, ctx.clock.now()
+    storage_high = s.storage_high
     if storage_high is not None and storage_high():
         # The room left in the budget is for online sales, acknowledgements and
         # compaction: an offline sale adds to what must wait here for the cloud.
@@ -300,7 +338,11 @@ def approve_offline(state: State, ctx: StepContext) -> State:
 
 def release_offline(state: State, ctx: StepContext) -> State:
     if state.get("decision") == "approved" and state.get("offline"):
-        risk.release(ctx, amount_minor=state["amount_minor"])
+        store = ctx.services.store
+        released = store.counters().get(risk.released_marker(ctx.run_id), (0, 0))[1] > 0
+        risk.release(
+            ctx, payment_run_id=ctx.run_id, amount_minor=state["amount_minor"], released=released
+        )
         _record_reversal(state, ctx, "offline")
         return {"decision": "reversed"}
     return {}
@@ -309,13 +351,13 @@ def release_offline(state: State, ctx: StepContext) -> State:
 def print_receipt(state: State, ctx: StepContext) -> State:
     card = state["card"]
     lines = [
-        f"TERMINAL {ctx.services['device_id']}",
+        f"TERMINAL {ctx.services.device_id}",
         f"CARD {card['masked']}",
         f"AMOUNT {state['amount_minor'] / 100:.2f} {state['currency']}",
         f"{'OFFLINE ' if state.get('offline') else ''}APPROVED {state.get('auth_code') or ''}",
     ]
     try:
-        ctx.services["printer"].print_receipt(lines)
+        ctx.services.printer.print_receipt(lines)
     except PaperOut:
         return {"printer": "paper_out"}  # the workflow waits for an operator
     return {"printer": "printed"}
@@ -337,4 +379,4 @@ def record(state: State, ctx: StepContext) -> State:
         # An authorisation of unknown outcome that was reversed (reverse_unknown).
         reversed=state.get("reversed"),
     )
-    return {"recorded": True, "device_id": ctx.services["device_id"]}
+    return {"recorded": True, "device_id": ctx.services.device_id}

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from edge.engine.records import Guard
 from edge.terminal.config import RiskLimits
 
 #: Counter of unsent offline approvals: (amount in minor units, count).
@@ -29,6 +30,7 @@ OFFLINE_COUNT_CAP = "offline_count_cap"
 OFFLINE_AGE = "offline_age"
 VELOCITY = "velocity"
 STORAGE_FULL = "storage_full"
+ALREADY_RELEASED = "offline_already_released"
 
 
 class Guarding(Protocol):
@@ -106,6 +108,38 @@ def apply_guards(
     )
 
 
-def release(ctx: Guarding, *, amount_minor: int) -> None:
-    """Give back offline room: the cloud acknowledged the payment, or it was reversed."""
-    ctx.guard(OFFLINE, amount=-amount_minor, count=-1, reason="offline_release")
+def released_marker(payment_run_id: str) -> str:
+    """The counter that says an offline payment's exposure was given back (count 1).
+
+    Two things give it back: the cloud acknowledging the payment's approval, and a void
+    (or the payment's own compensation). Each takes this marker in the same transaction
+    (``max_count=1``), so whichever comes second releases nothing."""
+    return f"offline_released:{payment_run_id}"
+
+
+def release_guards(payment_run_id: str, amount_minor: int) -> tuple[Guard, ...]:
+    """The counter changes that give one offline payment's room back, marker first: a
+    store applying an acknowledgement stops at the first refused one (see
+    ``Acknowledgement``), so a taken marker leaves the exposure as it is."""
+    return (
+        Guard(released_marker(payment_run_id), count=1, max_count=1, reason=ALREADY_RELEASED),
+        Guard(OFFLINE, amount=-amount_minor, count=-1, reason="offline_release"),
+    )
+
+
+def release(ctx: Guarding, *, payment_run_id: str, amount_minor: int, released: bool) -> bool:
+    """Give back offline room in this step's commit (a void, a compensation), unless it
+    was given back already (``released``: the step read the marker set). Returns whether
+    it did. If the acknowledgement takes the marker between the read and the commit,
+    the commit is refused and the step runs again, reading the marker set this time."""
+    if released:
+        return False
+    for g in release_guards(payment_run_id, amount_minor):
+        ctx.guard(g.name, amount=g.amount, count=g.count, max_count=g.max_count, reason=g.reason)
+    return True
+
+
+def restore(ctx: Guarding, *, payment_run_id: str, amount_minor: int) -> None:
+    """Undo ``release`` (a void compensated): the exposure and the marker stand again."""
+    ctx.guard(OFFLINE, amount=amount_minor, count=1, reason="offline_restore")
+    ctx.guard(released_marker(payment_run_id), count=-1, reason="offline_restore")

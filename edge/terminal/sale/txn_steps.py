@@ -23,11 +23,12 @@ These counters are never pruned: one or two small rows per voided or refunded pa
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from edge.engine import Status, StepContext, Store
+from edge.engine.ports import Maintenance, OutboxSource
 from edge.errors import StepError
 from edge.terminal.carddata import Sensitive
 from edge.terminal.drivers.contracts import (
@@ -37,6 +38,7 @@ from edge.terminal.drivers.contracts import (
     PaperOut,
 )
 from edge.terminal.sale import payment_steps, risk
+from edge.terminal.sale.services import TerminalServices
 
 State = dict[str, Any]
 
@@ -147,8 +149,12 @@ def _declined(reason: str, **more: Any) -> State:
     return {"decision": "declined", "reason": reason, **more}
 
 
-def _store(ctx: StepContext) -> Store:
-    store: Store = ctx.services["store"]
+class _TerminalStore(Store, OutboxSource, Maintenance, Protocol):
+    """The store as the void and settlement steps read it: runs, the outbox, counters."""
+
+
+def _store(ctx: StepContext) -> _TerminalStore:
+    store: _TerminalStore = ctx.services.store
     return store
 
 
@@ -177,12 +183,12 @@ def payment_of_this_terminal(
     if state.get("decision") != "approved":
         return None, PAYMENT_NOT_APPROVED
     owner = state.get("device_id")
-    if owner is not None and owner != ctx.services["device_id"]:
+    if owner is not None and owner != ctx.services.device_id:
         return None, OTHER_TERMINAL
     return state, None
 
 
-def _pending_in_outbox(store: Store, run_id: str, topic: str) -> bool:
+def _pending_in_outbox(store: _TerminalStore, run_id: str, topic: str) -> bool:
     """Whether the message ``topic`` of ``run_id`` is still in the outbox (not acked)."""
     after = 0
     while True:
@@ -215,7 +221,7 @@ def check_original(state: RefundState, ctx: StepContext) -> State:
     replay of authorize_refund cannot tell whether its request reached the acquirer)."""
     if state.decision == "declined":
         return {}
-    if not ctx.services["link"].is_up():
+    if not ctx.services.link.is_up():
         return _declined(OFFLINE_REFUND_NOT_ALLOWED)
     if state.original_run_id is None:
         return {}
@@ -268,19 +274,19 @@ def authorize_refund(state: RefundState, ctx: StepContext) -> State:
     no retries, so a crash-replay presents the same key and gets the first answer, and
     no second key can ever refund twice. An outcome the terminal cannot know (a timeout
     after sending) is recorded as ``unknown`` with its key, for the cloud to reconcile."""
-    s = ctx.services
+    s: TerminalServices = ctx.services
     card = state.card or {}
     req = AuthRequest(
-        pan=Sensitive(s["data_key"].decrypt_pan(card["pan_token"])),
+        pan=Sensitive(s.data_key.decrypt_pan(card["pan_token"])),
         expiry=card["expiry"],
         amount_minor=state.amount_minor,
         currency=state.currency,
         idempotency_key=ctx.idempotency_key,
-        terminal_id=str(s["device_id"]),
+        terminal_id=str(s.device_id),
     )
     key = {"refund_key": ctx.idempotency_key}
     try:
-        answer = s["acquirer"].refund(req)
+        answer = s.acquirer.refund(req)
     except AcquirerUnavailable:
         # Even "not sent" (link down, no connection) is unknown here: this may be a
         # replay after a crash whose first request reached the acquirer and refunded.
@@ -325,7 +331,7 @@ def record_refund(state: RefundState, ctx: StepContext) -> State:
     message_id = ctx.emit(
         "refund",
         {
-            "device_id": ctx.services["device_id"],
+            "device_id": ctx.services.device_id,
             "run_id": ctx.run_id,
             "amount_minor": state.amount_minor,
             "currency": state.currency,
@@ -346,13 +352,13 @@ def record_refund(state: RefundState, ctx: StepContext) -> State:
 def print_refund_receipt(state: RefundState, ctx: StepContext) -> State:
     card = state.card or {}
     lines = [
-        f"TERMINAL {ctx.services['device_id']}",
+        f"TERMINAL {ctx.services.device_id}",
         f"CARD {card.get('masked')}",
         f"REFUND {state.amount_minor / 100:.2f} {state.currency}",
         f"APPROVED {state.auth_code or ''}",
     ]
     try:
-        ctx.services["printer"].print_receipt(lines)
+        ctx.services.printer.print_receipt(lines)
     except PaperOut:
         return {"printer": "paper_out"}  # the workflow waits for an operator
     return {"printer": "printed"}
@@ -389,7 +395,7 @@ def load_payment(state: VoidState, ctx: StepContext) -> State:
             return _declined(OFFLINE_PAYMENT_UPLOADED, **facts)
     elif not facts["auth_key"]:
         return _declined(PAYMENT_NOT_REVERSIBLE, **facts)
-    elif not ctx.services["link"].is_up():
+    elif not ctx.services.link.is_up():
         # Decided here, before anything is sent: once reverse_payment has run, a replay
         # of it (after a crash) cannot tell whether its reversal reached the acquirer.
         return _declined(OFFLINE_VOID_NOT_ALLOWED, **facts)
@@ -416,13 +422,13 @@ def release_void_claim(state: VoidState, ctx: StepContext) -> State:
 def reverse_payment(state: VoidState, ctx: StepContext) -> State:
     """Reverse the online authorisation. Reversals are idempotent by the original key at
     the acquirer, so a retry under a new attempt key cannot reverse twice."""
-    s = ctx.services
+    s: TerminalServices = ctx.services
     # No decline for a link that went down since load_payment: this may be a replay of
     # a reversal whose answer was lost (the daemon killed, a timeout), which the
     # acquirer may have applied. A decline would tell the POS "not voided" of a payment
     # the acquirer released. Retry instead: reversals are idempotent by original key.
     try:
-        answer = s["acquirer"].reverse(state.auth_key, ctx.idempotency_key)
+        answer = s.acquirer.reverse(state.auth_key, ctx.idempotency_key)
     except AcquirerUnavailable as exc:
         raise StepError(f"acquirer unavailable: {exc.message}") from exc
     except AcquirerError as exc:
@@ -442,8 +448,19 @@ def reverse_payment(state: VoidState, ctx: StepContext) -> State:
 
 def release_offline(state: VoidState, ctx: StepContext) -> State:
     """An offline payment never left the terminal: give its room under the offline caps
-    back (the acquirer never saw it, so there is nothing to call)."""
-    risk.release(ctx, amount_minor=int(state.amount_minor or 0))
+    back (the acquirer never saw it, so there is nothing to call).
+
+    If the cloud acknowledged the payment since ``load_payment`` looked (its exposure
+    went back with the acknowledgement, which took the release marker), the payment is
+    the acquirer's now: the void is declined as ``load_payment`` would have, and its
+    claim given back. The marker makes that exact: of the acknowledgement and this
+    commit, the second is refused, and this step runs again and sees it."""
+    pid = state.payment_run_id
+    released = _counter(ctx, risk.released_marker(pid))[1] > 0
+    if not risk.release(
+        ctx, payment_run_id=pid, amount_minor=int(state.amount_minor or 0), released=released
+    ):
+        return {**_declined(OFFLINE_PAYMENT_UPLOADED), **_give_back_void_claim(state, ctx)}
     return {"decision": "approved", "released": True}
 
 
@@ -452,7 +469,9 @@ def restore_offline(state: VoidState, ctx: StepContext) -> State:
     exposure (no cap: it was already approved)."""
     if not state.released:
         return {}
-    ctx.guard(risk.OFFLINE, amount=int(state.amount_minor or 0), count=1, reason="offline_restore")
+    risk.restore(
+        ctx, payment_run_id=state.payment_run_id, amount_minor=int(state.amount_minor or 0)
+    )
     return {"released": False, "decision": None}
 
 
@@ -460,7 +479,7 @@ def record_void(state: VoidState, ctx: StepContext) -> State:
     message_id = ctx.emit(
         "void",
         {
-            "device_id": ctx.services["device_id"],
+            "device_id": ctx.services.device_id,
             "run_id": ctx.run_id,
             "payment_run_id": state.payment_run_id,
             "amount_minor": state.amount_minor,
@@ -490,9 +509,9 @@ def settle(state: SettlementState, ctx: StepContext) -> State:
     this commit refused; the step runs again from the new seq. So every message is in
     exactly one batch.
     """
-    s = ctx.services
+    s: TerminalServices = ctx.services
     store = _store(ctx)
-    device_id = str(s["device_id"])
+    device_id = str(s.device_id)
     last, batches = store.counters().get(SETTLEMENT_COUNTER, (0, 0))
     totals: dict[str, dict[str, dict[str, int]]] = {}
     skipped: dict[str, int] = {}

@@ -10,12 +10,13 @@ SIGHUP: reload config and policy; runs go on.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import logging
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -90,11 +91,16 @@ class Daemon:
         notifier: Notifier | None = None,
         peripherals: Callable[[EdgeConfig], Peripherals] = http_peripherals,
         clock: Clock | None = None,
+        turns: Mapping[str, Callable[[Terminal], object]] | None = None,
     ) -> None:
+        """``turns``: more work for each turn of the main loop, by name (a store error in
+        one is logged and retried next turn, like the loop's own): the place of a sync
+        client (``hwsim.killsync`` puts the kill torture's there)."""
         self.config_path = config_path
         self.notifier = notifier or Notifier.from_environment()
         self.make_peripherals = peripherals
         self.clock = clock or SystemClock()
+        self.turns = dict(turns or {})
         self.stop = threading.Event()
         self.reload = threading.Event()
 
@@ -137,6 +143,8 @@ class Daemon:
                 # Retries whose backoff ended, WAIT timeouts, runs a full disk interrupted.
                 self._turn(terminal, "recover", terminal.engine.recover)
                 self._turn(terminal, "schedule", scheduler.tick)
+                for name, turn in self.turns.items():
+                    self._turn(terminal, name, functools.partial(turn, terminal))
                 due = scheduler.next_due()
                 wait = LOOP_S if due is None else min(LOOP_S, max(0.0, due - self.clock.now()))
                 self.stop.wait(wait)

@@ -15,7 +15,8 @@ from typing import Any
 
 from edge.engine import Clock, Engine, InlineExecutor, Status, SystemClock
 from edge.engine.loader import load_file
-from edge.engine.records import Guard, OutboxMessage
+from edge.engine.ports import OutboxSource
+from edge.engine.records import Acknowledgement, Guard, OutboxMessage
 from edge.errors import StorageFull
 from edge.store.sqlite import SqliteStore, Storage
 from edge.terminal.carddata import DataKey
@@ -32,6 +33,36 @@ MIB = 1024 * 1024
 FULL_ROOM_BYTES = 64 * 1024
 #: Live runs health looks at for pending reversals: a terminal has a handful in flight.
 REVERSALS_SCANNED = 1000
+
+
+def _offline_release(msg: OutboxMessage) -> tuple[Guard, ...] | None:
+    """The offline exposure an outbox message holds: an offline approval's amount, let
+    go when the cloud acknowledges the message (it now knows about the sale) -- unless a
+    void gave it back first: the release marker goes first, and a store stops at it."""
+    p = msg.payload
+    if msg.topic != "payment" or not p.get("offline") or p.get("decision") != "approved":
+        return None
+    return risk.release_guards(str(p["run_id"]), int(p["amount_minor"]))
+
+
+def offline_acknowledgement(
+    store: OutboxSource, outbox_through: int, audit_through: int | None = None
+) -> Acknowledgement:
+    """The acknowledgement of the outbox up to ``outbox_through``, with the offline
+    exposure each offline approval among those messages gives back (``_offline_release``)."""
+    releases: dict[int, tuple[Guard, ...]] = {}
+    after = 0
+    while after < outbox_through:
+        page = store.outbox(after_seq=after, limit=500)
+        for msg in page:
+            if msg.seq is not None and msg.seq <= outbox_through:
+                released = _offline_release(msg)
+                if released is not None:
+                    releases[msg.seq] = released
+        if not page or page[-1].seq is None:
+            break
+        after = page[-1].seq
+    return Acknowledgement(outbox_through, audit_through, releases)
 
 
 @dataclass
@@ -118,25 +149,14 @@ class Terminal:
     def acknowledge(self, outbox_through: int, audit_through: int | None = None) -> int:
         """The cloud holds the outbox up to ``outbox_through`` (and the audit log up to
         ``audit_through``): drop those messages and, in the same transaction, release the
-        offline exposure of the offline approvals among them. Returns messages dropped."""
+        offline exposure of the offline approvals among them. Returns messages dropped.
 
-        def sent_offline(messages: list[OutboxMessage]) -> list[Guard]:
-            approved = [
-                m.payload
-                for m in messages
-                if m.topic == "payment"
-                and m.payload.get("offline")
-                and m.payload.get("decision") == "approved"
-            ]
-            if not approved:
-                return []
-            amount = sum(int(p["amount_minor"]) for p in approved)
-            return [Guard(risk.OFFLINE, amount=-amount, count=-len(approved))]
-
-        dropped = self.store.ack_outbox_through(outbox_through, release=sent_offline)
-        if audit_through is not None:
-            self.store.ack_audit_through(audit_through)
-        return dropped
+        The releases are worked out per message beforehand; the store applies those of
+        the messages its transaction really removes, so a repeated or raced
+        acknowledgement releases nothing twice, and each goes behind the payment's
+        release marker, so a payment voided first is not released again."""
+        ack = offline_acknowledgement(self.store, outbox_through, audit_through)
+        return self.store.acknowledge(ack).messages
 
     # --- storage (invariant 7: the database stays within its budget) ---------------
 
