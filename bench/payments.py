@@ -94,8 +94,9 @@ from hwsim.printer import SimPrinter  # noqa: E402
 from edge.engine import SystemClock  # noqa: E402
 from edge.terminal.config import EdgeConfig, RiskLimits  # noqa: E402
 from edge.terminal.drivers.acquirer_http import HttpAcquirer  # noqa: E402
+from edge.terminal.sale.services import Peripherals  # noqa: E402
 from edge.terminal.service.daemon import http_peripherals  # noqa: E402
-from edge.terminal.service.terminal import Peripherals, Terminal  # noqa: E402
+from edge.terminal.service.terminal import Terminal  # noqa: E402
 
 DEFAULT_PAYMENTS = 300
 QUICK_PAYMENTS = 100

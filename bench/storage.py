@@ -38,7 +38,8 @@ from hwsim.printer import SimPrinter
 from edge.engine import FakeClock
 from edge.terminal.config import EdgeConfig, RiskLimits
 from edge.terminal.drivers.acquirer_http import HttpAcquirer
-from edge.terminal.service.terminal import Peripherals, Terminal
+from edge.terminal.sale.services import Peripherals
+from edge.terminal.service.terminal import Terminal
 
 DAY = 86_400.0
 HOUR = 3_600.0

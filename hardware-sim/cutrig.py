@@ -39,7 +39,8 @@ from edge.terminal.carddata import CardRead
 from edge.terminal.config import EdgeConfig, RiskLimits
 from edge.terminal.drivers.acquirer_http import HttpAcquirer
 from edge.terminal.drivers.contracts import AuthRequest, AuthResponse, CardReadError
-from edge.terminal.service.terminal import Peripherals, Terminal
+from edge.terminal.sale.services import Peripherals
+from edge.terminal.service.terminal import Terminal
 
 __all__ = ["PowerOff", "Seen", "Txn"]
 

@@ -4,6 +4,14 @@ overrides. Read once at the entry point (``tillflow edge run --config FILE``).
 Overrides: ``TILLFLOW_<FIELD>``, nested fields joined by ``__``, values parsed as YAML
 scalars — e.g. ``TILLFLOW_DEVICE_ID=T-0042``, ``TILLFLOW_RISK__FLOOR_LIMIT_MINOR=5000``.
 Every option is documented in the README (a test checks each one appears there).
+
+SIGHUP reloads the file. Each top-level option says what a reload does with it
+(``reload`` in its field's ``json_schema_extra``; ``reload_mode``): a ``live`` option
+takes effect at once; a ``restart`` option is read once, at start (it opens the
+database, binds the socket, builds the drivers, configures logging or the scheduler), so
+a changed value waits for the next start. ``on_reload`` puts the live ones in force and
+keeps the running value of the others, so what the terminal reports (health) is what it
+enforces; health lists the changes waiting in ``restart_pending``.
 """
 
 from __future__ import annotations
@@ -46,6 +54,12 @@ ISO_4217_CURRENCIES = frozenset(_ISO_4217_CODES.split())
 #: What a terminal accepts unless configured otherwise: the currency of every example,
 #: simulator and test here. A terminal elsewhere sets ``currencies``.
 DEFAULT_CURRENCIES = ("EUR",)
+
+ReloadMode = Literal["live", "restart"]
+#: ``json_schema_extra`` of a top-level option: applied by SIGHUP at once.
+LIVE: dict[str, Any] = {"reload": "live"}
+#: ``json_schema_extra`` of a top-level option: read at start; a change waits for a restart.
+RESTART: dict[str, Any] = {"reload": "restart"}
 
 
 class _Strict(BaseModel):
@@ -111,45 +125,80 @@ class Schedule(_Strict):
 
 
 class EdgeConfig(_Strict):
-    device_id: str = Field(min_length=1, max_length=64, description="this terminal's id")
-    data_dir: Path = Field(Path("/var/lib/tillflow"), description="database, keys, policies")
+    device_id: str = Field(
+        min_length=1, max_length=64, description="this terminal's id", json_schema_extra=RESTART
+    )
+    data_dir: Path = Field(
+        Path("/var/lib/tillflow"), description="database, keys, policies", json_schema_extra=RESTART
+    )
     socket_path: Path = Field(
-        Path("/run/tillflow/edge.sock"), description="Unix socket of the local API for the POS app"
+        Path("/run/tillflow/edge.sock"),
+        description="Unix socket of the local API for the POS app",
+        json_schema_extra=RESTART,
     )
     synchronous: Literal["FULL", "NORMAL"] = Field(
-        "FULL", description="SQLite durability; FULL survives power loss"
+        "FULL", description="SQLite durability; FULL survives power loss", json_schema_extra=RESTART
     )
     db_budget_mb: float = Field(
-        256, ge=0.25, description="database file budget (MiB); past it writes fail (storage_full)"
+        256,
+        ge=0.25,
+        description="database file budget (MiB); past it writes fail (storage_full)",
+        json_schema_extra=RESTART,
     )
     storage_high_water_percent: int = Field(
-        80, ge=10, le=99, description="above this share of the budget, offline sales are declined"
+        80,
+        ge=10,
+        le=99,
+        description="above this share of the budget, offline sales are declined",
+        json_schema_extra=LIVE,
     )
     retention_hours: float = Field(
-        168, ge=1, description="finished runs and acknowledged audit rows older are compacted"
+        168,
+        ge=1,
+        description="finished runs and acknowledged audit rows older are compacted",
+        json_schema_extra=LIVE,
     )
     wal_limit_mb: float = Field(
-        4, ge=0.25, description="WAL size checkpoints cut back to; health warns above it"
+        4,
+        ge=0.25,
+        description="WAL size checkpoints cut back to; health warns above it",
+        json_schema_extra=RESTART,
     )
     maintenance_interval_s: float = Field(
-        300, ge=1, description="seconds between retention, vacuum and checkpoint passes"
+        300,
+        ge=1,
+        description="seconds between retention, vacuum and checkpoint passes",
+        json_schema_extra=LIVE,
     )
     outbox_max_messages: int = Field(
-        10_000, ge=1, description="unsent messages kept; past it, new payments are declined"
+        10_000,
+        ge=1,
+        description="unsent messages kept; past it, new payments are declined",
+        json_schema_extra=RESTART,
     )
     outbox_max_mb: int = Field(
-        16, ge=1, description="unsent message bytes kept (MiB); past it, payments are declined"
+        16,
+        ge=1,
+        description="unsent message bytes kept (MiB); past it, payments are declined",
+        json_schema_extra=RESTART,
     )
     currencies: list[str] = Field(
         default_factory=lambda: list(DEFAULT_CURRENCIES),
         min_length=1,
         description="ISO 4217 codes accepted for payments and refunds; others: 422",
+        json_schema_extra=LIVE,
     )
-    policy_file: Path | None = Field(None, description="fraud policy to activate on start")
-    log_format: Literal["json", "text"] = Field("text", description="json under systemd")
-    risk: RiskLimits = RiskLimits()
-    peripherals: Peripherals = Peripherals()
-    schedules: list[Schedule] = Field(default_factory=list, description="cron-like triggers")
+    policy_file: Path | None = Field(
+        None, description="fraud policy to activate on start", json_schema_extra=LIVE
+    )
+    log_format: Literal["json", "text"] = Field(
+        "text", description="json under systemd", json_schema_extra=RESTART
+    )
+    risk: RiskLimits = Field(RiskLimits(), json_schema_extra=LIVE)
+    peripherals: Peripherals = Field(Peripherals(), json_schema_extra=RESTART)
+    schedules: list[Schedule] = Field(
+        default_factory=list, description="cron-like triggers", json_schema_extra=RESTART
+    )
 
     @field_validator("currencies")
     @classmethod
@@ -167,6 +216,30 @@ class EdgeConfig(_Strict):
     @property
     def database_path(self) -> Path:
         return self.data_dir / "terminal.db"
+
+
+def reload_mode(option: str) -> ReloadMode:
+    """``live`` or ``restart``: what a SIGHUP does with ``option`` (a dotted name; a
+    nested option goes with its top-level one, e.g. ``risk.floor_limit_minor``)."""
+    field = EdgeConfig.model_fields[option.split(".")[0]]
+    extra = field.json_schema_extra
+    mode = extra.get("reload") if isinstance(extra, dict) else None
+    if mode not in ("live", "restart"):
+        raise ValueError(f"option {option!r} does not say what a reload does with it")
+    return "live" if mode == "live" else "restart"
+
+
+def on_reload(running: EdgeConfig, loaded: EdgeConfig) -> tuple[EdgeConfig, list[str]]:
+    """The config a reload puts in force: ``loaded``'s live options and ``running``'s
+    restart-only ones; with the restart-only options ``loaded`` changes (they wait for
+    the next start)."""
+    kept = {
+        name: getattr(running, name)
+        for name in EdgeConfig.model_fields
+        if reload_mode(name) == "restart"
+    }
+    waiting = sorted(name for name, value in kept.items() if getattr(loaded, name) != value)
+    return loaded.model_copy(update=kept), waiting
 
 
 def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> EdgeConfig:

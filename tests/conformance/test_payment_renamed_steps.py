@@ -24,6 +24,7 @@ from edge.terminal.config import RiskLimits
 from edge.terminal.drivers.acquirer_http import HttpAcquirer
 from edge.terminal.drivers.contracts import AcquirerUnavailable, AuthRequest, AuthResponse
 from edge.terminal.sale import WORKFLOWS
+from edge.terminal.sale.services import Peripherals, build_services
 
 RENAMED = "charge_the_card"
 LIMITS = RiskLimits(floor_limit_minor=2_000, online_random_percent=0)
@@ -75,18 +76,14 @@ class Till:
             store,
             InlineExecutor(),
             clock=self.clock,
-            services={
-                "card_reader": self.reader,
-                "printer": self.printer,
-                "acquirer": self,
-                "link": self.link,
-                "data_key": DataKey.load_or_create(tmp / "keys"),
-                "policy": None,
-                "limits": LIMITS,
-                "store": store,
-                "device_id": "T-RENAMED",
-                "rng": random.Random(7),
-            },
+            services=build_services(
+                Peripherals(self.reader, self.printer, self, self.link),
+                store=store,
+                data_key=DataKey.load_or_create(tmp / "keys"),
+                limits=LIMITS,
+                device_id="T-RENAMED",
+                rng=random.Random(7),
+            ),
         )
         self.engine.register(load_file(_renamed_payment(tmp)))
 

@@ -3,6 +3,7 @@ a real HTTP acquirer on loopback; then every byte of the database is scanned for
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ from edge.terminal.carddata import DataKey
 from edge.terminal.config import RiskLimits
 from edge.terminal.drivers.acquirer_http import HttpAcquirer
 from edge.terminal.sale import WORKFLOWS
+from edge.terminal.sale.services import Peripherals, build_services
 
 WORKFLOW = WORKFLOWS / "payment.yaml"
 LIMITS = RiskLimits(
@@ -43,20 +45,20 @@ class Terminal:
             store,
             InlineExecutor(),
             clock=self.clock,
-            services={
-                "card_reader": self.reader,
-                "printer": self.printer,
-                "acquirer": self.http,
-                "link": self.link,
-                "data_key": DataKey.load_or_create(tmp / "keys"),
-                "policy": None,
-                "limits": LIMITS,
-                "store": store,
-                "device_id": "T-0001",
-                "rng": random.Random(7),
-            },
+            services=build_services(
+                Peripherals(self.reader, self.printer, self.http, self.link),
+                store=store,
+                data_key=DataKey.load_or_create(tmp / "keys"),
+                limits=LIMITS,
+                device_id="T-0001",
+                rng=random.Random(7),
+            ),
         )
         self.engine.register(load_file(WORKFLOW))
+
+    def use(self, **changes: Any) -> None:
+        """The steps from now on see these services changed (an acquirer that fails...)."""
+        self.engine.services = dataclasses.replace(self.engine.services, **changes)
 
     def pay(self, amount: int, card: str = "visa", key: str | None = None) -> Any:
         self.reader.insert(make_card(card, cvv="9731"))
@@ -163,7 +165,7 @@ def test_payment__a_retry_after_a_lost_answer_is_the_same_request_to_the_acquire
         def reverse(self, original_key, key):
             return terminal.http.reverse(original_key, key)
 
-    terminal.engine.services["acquirer"] = HealsAfterOneTimeout()
+    terminal.use(acquirer=HealsAfterOneTimeout())
     run = terminal.pay(2_500)
     assert run.status is Status.COMPLETED and run.state["decision"] == "approved"
     keys = {key for path, key in acquirer.received if path == "/authorize"}
@@ -171,7 +173,7 @@ def test_payment__a_retry_after_a_lost_answer_is_the_same_request_to_the_acquire
 
 
 def test_payment__declined_when_the_outbox_is_full(terminal):
-    terminal.engine.services["outbox_max_messages"] = 1
+    terminal.use(outbox_max_messages=1)
     assert terminal.pay(2_500).state["decision"] == "approved"
     full = terminal.pay(2_500, card="mastercard")
     assert (full.state["decision"], full.state["reason"]) == ("declined", "outbox_full")
@@ -222,7 +224,7 @@ def test_payment__a_lost_answer_then_a_long_outage_is_reversed_when_the_link_ret
     the unknown outcome is recorded for the cloud at once, the reversal is retried for as
     long as the outage lasts (an hour here), and the POS is told the truth meanwhile."""
     flaky = LosesTheAnswerThenTheLink(terminal, outage_s=3600)
-    terminal.engine.services["acquirer"] = flaky
+    terminal.use(acquirer=flaky)
     run = terminal.pay(2_500)
     assert run.status is Status.COMPLETED
     assert (run.state["decision"], run.state["reason"]) == ("declined", "acquirer_unreachable")
@@ -249,7 +251,7 @@ def test_payment__a_pending_reversal_survives_a_restart_and_completes_on_the_nex
     """The daemon's executor leaves a sleeping retry in the database; another process
     (a new Engine with another owner) picks the reversal up once it is due."""
     flaky = LosesTheAnswerThenTheLink(terminal, outage_s=float("inf"))
-    services = {**terminal.engine.services, "acquirer": flaky}
+    services = dataclasses.replace(terminal.engine.services, acquirer=flaky)
     first = Engine(store, InlineExecutor(sleep=False), clock=terminal.clock, services=services)
     first.register(load_file(WORKFLOW))
     terminal.reader.insert(make_card("visa"))
@@ -293,17 +295,16 @@ def test_payment__a_replayed_authorisation_that_sees_the_link_down_is_unknown_no
         def reverse(self, original_key, key):
             return terminal.http.reverse(original_key, key)
 
-    services = dict(terminal.engine.services)
+    limits = LIMITS.model_copy(update={"online_random_percent": 100})  # online, even if small
+    services = dataclasses.replace(terminal.engine.services, limits=limits)
     dying = Engine(
         store,
         InlineExecutor(),
         clock=terminal.clock,
-        services={**services, "acquirer": SentThenDied()},
+        services=dataclasses.replace(services, acquirer=SentThenDied()),
     )
     dying.register(load_file(WORKFLOW))
     terminal.reader.insert(make_card("visa"))
-    limits = LIMITS.model_copy(update={"online_random_percent": 100})  # online, even if small
-    services["limits"] = dying.services["limits"] = limits  # type: ignore[index]
     with pytest.raises(_Crash):
         dying.start("payment", {"amount_minor": 1_000, "currency": "EUR"})
     terminal.clock.advance(DEFAULT_LEASE_S + 1)  # its lease runs out: the run is taken over
@@ -337,7 +338,7 @@ def test_payment__nothing_sent_is_decided_offline_within_the_limits(terminal, ac
         def reverse(self, original_key, key):
             raise AssertionError("nothing was sent: nothing to reverse")
 
-    terminal.engine.services["acquirer"] = LinkDropsAfterScreening()
+    terminal.use(acquirer=LinkDropsAfterScreening())
     over_floor = terminal.pay(2_500)
     assert over_floor.status is Status.COMPLETED
     assert (over_floor.state["decision"], over_floor.state["reason"]) == (
@@ -345,7 +346,7 @@ def test_payment__nothing_sent_is_decided_offline_within_the_limits(terminal, ac
     )  # fmt: skip
     assert over_floor.state["offline_reason"] == "floor_limit"
     terminal.link.up()
-    terminal.engine.services["limits"] = LIMITS.model_copy(update={"online_random_percent": 100})
+    terminal.use(limits=LIMITS.model_copy(update={"online_random_percent": 100}))
     sampled = terminal.pay(1_000, card="mastercard")  # would have gone online
     assert (sampled.state["decision"], sampled.state["channel"]) == ("approved", "offline")
     assert acquirer.effects() == []
@@ -376,7 +377,7 @@ def test_payment__a_reversal_after_a_jam_is_retried_through_an_outage(terminal, 
                 terminal.link.up()
             return terminal.http.reverse(original_key, key)
 
-    terminal.engine.services["acquirer"] = DownForAWhile()
+    terminal.use(acquirer=DownForAWhile())
     terminal.printer.state = "jam"
     run = terminal.pay(2_500)
     assert run.status is Status.ROLLED_BACK and run.state["decision"] == "reversed"
@@ -392,7 +393,7 @@ def test_payment__a_policy_velocity_rule_counts_every_use_of_the_card(terminal):
     doc = {"version": 1, "rules": [
         {"id": "burst", "type": "velocity", "max_count": 2, "window_s": 3600, "action": "decline"},
     ]}  # fmt: skip
-    terminal.engine.services["policy"] = compile_policy(PolicyDocument.model_validate(doc))
+    terminal.use(policy=compile_policy(PolicyDocument.model_validate(doc)))
     first, second = terminal.pay(500), terminal.pay(900, card="visa")
     assert [r.state["decision"] for r in (first, second)] == ["approved", "approved"]
     third = terminal.pay(700)

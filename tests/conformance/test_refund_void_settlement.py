@@ -4,6 +4,7 @@ card data."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -54,7 +55,7 @@ class Till(Terminal):
             self.store,
             InlineExecutor(),
             clock=self.clock,
-            services={**self.engine.services, **services},
+            services=dataclasses.replace(self.engine.services, **services),
         )
         for name in ("payment", "refund", "void", "settlement"):
             eng.register(load_file(WORKFLOWS / f"{name}.yaml"))

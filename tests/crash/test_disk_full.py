@@ -22,7 +22,8 @@ from edge.engine import FakeClock, Status
 from edge.errors import StorageFull
 from edge.terminal.config import EdgeConfig, RiskLimits
 from edge.terminal.drivers.acquirer_http import HttpAcquirer
-from edge.terminal.service.terminal import Peripherals, Terminal
+from edge.terminal.sale.services import Peripherals
+from edge.terminal.service.terminal import Terminal
 
 _names = itertools.count()
 

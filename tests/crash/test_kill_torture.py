@@ -36,6 +36,7 @@ from edge.terminal.config import RiskLimits
 from edge.terminal.drivers.acquirer_http import HttpAcquirer
 from edge.terminal.drivers.contracts import AuthRequest, AuthResponse
 from edge.terminal.sale import WORKFLOWS
+from edge.terminal.sale.services import Peripherals, build_services
 
 KILLS = 200
 
@@ -129,18 +130,14 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             store,
             InlineExecutor(),
             clock=clock,
-            services={
-                "card_reader": reader,
-                "printer": SimPrinter(),
-                "acquirer": port,
-                "link": link,
-                "data_key": DataKey.load_or_create(tmp / "keys"),
-                "policy": None,
-                "limits": LIMITS,
-                "store": store,
-                "device_id": "T-CHECK",
-                "rng": random.Random(7),
-            },
+            services=build_services(
+                Peripherals(reader, SimPrinter(), port, link),
+                store=store,
+                data_key=DataKey.load_or_create(tmp / "keys"),
+                limits=LIMITS,
+                device_id="T-CHECK",
+                rng=random.Random(7),
+            ),
         )
         for name in ("payment", "refund", "void"):
             engine.register(load_file(WORKFLOWS / f"{name}.yaml"))

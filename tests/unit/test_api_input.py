@@ -28,6 +28,7 @@ from edge.errors import InputError
 from edge.store.sqlite import SqliteStore
 from edge.terminal.config import EdgeConfig, RiskLimits
 from edge.terminal.drivers.acquirer_http import HttpAcquirer
+from edge.terminal.sale.services import Peripherals
 from edge.terminal.service.api import (
     MAX_BODY_BYTES,
     MAX_INPUT_BYTES,
@@ -36,7 +37,7 @@ from edge.terminal.service.api import (
     PaymentRequest,
     parse_request,
 )
-from edge.terminal.service.terminal import Peripherals, Terminal
+from edge.terminal.service.terminal import Terminal
 
 #: The public Visa test number: what a careless POS app might send.
 TEST_PAN = "4111111111111111"

@@ -11,7 +11,7 @@ import pytest
 import edge.terminal
 from edge.cli import main
 from edge.errors import ConfigError
-from edge.terminal.config import load_config, options
+from edge.terminal.config import EdgeConfig, load_config, on_reload, options, reload_mode
 
 EXAMPLE = Path(edge.terminal.__file__).with_name("edge.example.yaml")
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -117,3 +117,32 @@ def test_config__the_readme_sections_the_example_names_exist():
     headings = {m for m in re.findall(r"^#+ (.+)$", README.read_text(), flags=re.M)}
     assert named, "the example points at no README section"
     assert [n for n in named if n not in headings] == []
+
+
+def test_config__every_option_says_whether_a_reload_applies_it_in_the_model_readme_and_example():
+    modes = {name: reload_mode(name) for name in EdgeConfig.model_fields}
+    assert set(modes.values()) == {"live", "restart"}  # reload_mode raises on one unsaid
+    readme = README.read_text()
+    for name, _, _ in options():  # nested options go with their top-level one
+        row = rf"^\| `{re.escape(name)}` \| [^|]+ \| {reload_mode(name)} \|"
+        assert re.search(row, readme, re.M), name
+    example = EXAMPLE.read_text()
+    listed: dict[str, str] = {}
+    for mode, names in re.findall(r"^#\s+(live|restart): ((?:.*\n#\s{4,}.*)*.*)$", example, re.M):
+        for name in re.split(r"[,\s#]+", names.strip()):
+            if name:
+                listed[name] = mode
+    assert listed == modes
+
+
+def test_config__on_reload_the_live_options_change_and_the_restart_only_ones_wait(tmp_path):
+    running = EdgeConfig(device_id="T-1", data_dir=tmp_path, db_budget_mb=8)
+    loaded = EdgeConfig(
+        device_id="T-1", data_dir=tmp_path, db_budget_mb=16, retention_hours=24,
+        risk={"floor_limit_minor": 5_000}, peripherals={"acquirer": {"timeout_s": 3}},
+    )  # fmt: skip
+    in_force, waiting = on_reload(running, loaded)
+    assert waiting == ["db_budget_mb", "peripherals"]
+    assert (in_force.db_budget_mb, in_force.peripherals) == (8, running.peripherals)
+    assert (in_force.retention_hours, in_force.risk.floor_limit_minor) == (24, 5_000)
+    assert on_reload(running, running) == (running, [])

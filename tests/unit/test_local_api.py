@@ -20,8 +20,9 @@ from pydantic import ValidationError
 from edge.engine import FakeClock
 from edge.terminal.config import EdgeConfig, RiskLimits
 from edge.terminal.drivers.acquirer_http import HttpAcquirer
+from edge.terminal.sale.services import Peripherals
 from edge.terminal.service.api import LocalApi, LocalApiServer
-from edge.terminal.service.terminal import Peripherals, Terminal
+from edge.terminal.service.terminal import Terminal
 
 #: The public Visa test number.
 TEST_PAN = "4111111111111111"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -80,7 +81,7 @@ steps:
 
 
 def approve_offline(state, ctx):
-    store, limits = ctx.services["store"], ctx.services["limits"]
+    store, limits = ctx.services.store, ctx.services.limits
     now = ctx.clock.now()
     decision = risk.check_offline(
         limits, amount_minor=state["amount"], pan_hash=state["card"], now=now,
@@ -96,7 +97,7 @@ def test_offline_approvals__stop_at_the_caps_in_the_database(tmp_path, monkeypat
     monkeypatch.syspath_prepend(str(Path(__file__).parent))  # steps: test_risk:approve_offline
     store = SqliteStore(tmp_path / "t.db")
     eng = Engine(store, InlineExecutor(), clock=FakeClock(NOW),
-                 services={"store": store, "limits": LIMITS})  # fmt: skip
+                 services=SimpleNamespace(store=store, limits=LIMITS))  # fmt: skip
     eng.register(load_text(APPROVE))
     results = []
     for i, amount in enumerate([1_500, 1_500, 1_500, 1_500]):

@@ -17,8 +17,9 @@ from edge.engine import FakeClock, Status
 from edge.terminal.config import EdgeConfig, RiskLimits
 from edge.terminal.drivers.acquirer_http import HttpAcquirer
 from edge.terminal.drivers.contracts import AcquirerUnavailable
+from edge.terminal.sale.services import Peripherals
 from edge.terminal.service.api import LocalApi
-from edge.terminal.service.terminal import Peripherals, Terminal
+from edge.terminal.service.terminal import Terminal
 
 
 class AnswerLostThenLinkDown:

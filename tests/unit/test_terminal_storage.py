@@ -23,8 +23,9 @@ from edge.engine import FakeClock
 from edge.engine.records import Acknowledgement
 from edge.terminal.config import EdgeConfig, RiskLimits
 from edge.terminal.drivers.acquirer_http import HttpAcquirer
+from edge.terminal.sale.services import Peripherals
 from edge.terminal.service.api import LocalApiServer
-from edge.terminal.service.terminal import Peripherals, Terminal
+from edge.terminal.service.terminal import Terminal
 
 HOUR = 3600.0
 ROOMY = RiskLimits(  # risk limits out of the way: storage is what is under test

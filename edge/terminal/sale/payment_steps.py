@@ -1,9 +1,9 @@
 """Steps of the terminal's payment workflow (``workflows/payment.yaml``).
 
-What they need comes from ``ctx.services`` (the runtime fills it; tests pass simulators):
-``card_reader``, ``printer``, ``acquirer``, ``link`` (ports), ``data_key`` (DataKey),
-``policy`` (CompiledPolicy or None), ``limits`` (RiskLimits), ``store`` (for counters and
-the outbox's age), ``device_id`` and ``rng`` (random.Random, for online sampling).
+What they need comes from ``ctx.services``, a ``TerminalServices`` (``sale/services.py``;
+the runtime builds it, tests build it with simulators): the ports (``card_reader``,
+``printer``, ``acquirer``, ``link``), ``data_key``, ``policy``, ``limits``, ``store`` (for
+counters and the outbox's age), ``device_id`` and ``rng`` (for online sampling).
 
 Card data: the card is read into memory, and only its ProtectedCard (token, keyed hash,
 masked PAN) enters the state. The clear PAN exists again only inside the authorisation

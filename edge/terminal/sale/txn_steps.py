@@ -1,9 +1,9 @@
 """Steps of the terminal's refund, void and settlement workflows
 (``workflows/refund.yaml``, ``void.yaml``, ``settlement.yaml``).
 
-They use the same ``ctx.services`` as the payment's steps (``payment_steps``): ports
-(``card_reader``, ``printer``, ``acquirer``, ``link``), ``data_key``, ``store`` (run
-lookup, counters, outbox), ``device_id``.
+They use the same ``ctx.services`` (a ``TerminalServices``) as the payment's steps
+(``payment_steps``): ports (``card_reader``, ``printer``, ``acquirer``, ``link``),
+``data_key``, ``store`` (run lookup, counters, outbox), ``device_id``.
 
 Each workflow has a strict state model (below): a run's input is checked at
 ``Engine.start`` (an InputError names the field), and every step sees a typed state.
@@ -427,6 +427,8 @@ def reverse_payment(state: VoidState, ctx: StepContext) -> State:
     # a reversal whose answer was lost (the daemon killed, a timeout), which the
     # acquirer may have applied. A decline would tell the POS "not voided" of a payment
     # the acquirer released. Retry instead: reversals are idempotent by original key.
+    if not state.auth_key:  # load_payment declined such a void: not reached
+        raise StepError("the payment has no authorisation key to reverse", retryable=False)
     try:
         answer = s.acquirer.reverse(state.auth_key, ctx.idempotency_key)
     except AcquirerUnavailable as exc:

@@ -24,10 +24,11 @@ from edge.engine import Clock, SystemClock
 from edge.errors import ConfigError, TillflowError
 from edge.terminal.carddata import RedactingFilter
 from edge.terminal.config import EdgeConfig, load_config
+from edge.terminal.sale.services import Peripherals
 from edge.terminal.service.api import LocalApiServer
 from edge.terminal.service.scheduler import FileSchedulerState, Scheduler
 from edge.terminal.service.sdnotify import Notifier, Watchdog
-from edge.terminal.service.terminal import Peripherals, Terminal
+from edge.terminal.service.terminal import Terminal
 
 log = logging.getLogger(__name__)
 
@@ -206,10 +207,14 @@ class Daemon:
             )
             self.notifier.reloaded(status="reload failed; old config kept")
             return
-        terminal.cfg = cfg
-        services = terminal.engine.services
-        assert isinstance(services, dict)
-        services["limits"] = cfg.risk
-        services["policy"] = terminal.policy = terminal._load_policy()
-        log.info("config and policy reloaded", extra={"action": "reload"})
-        self.notifier.reloaded(status="config reloaded")
+        waiting = terminal.reload(cfg)
+        if waiting:
+            log.warning(
+                "config reloaded; these options take effect at the next start: %s",
+                ", ".join(waiting),
+                extra={"action": "reload"},
+            )
+        else:
+            log.info("config and policy reloaded", extra={"action": "reload"})
+        status = f"config reloaded; restart to apply {', '.join(waiting)}" if waiting else None
+        self.notifier.reloaded(status=status or "config reloaded")

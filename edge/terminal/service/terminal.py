@@ -10,19 +10,23 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from edge.engine import Clock, Engine, InlineExecutor, Status, SystemClock
 from edge.engine.loader import load_file
 from edge.engine.ports import OutboxSource
 from edge.engine.records import Acknowledgement, Guard, OutboxMessage
 from edge.errors import StorageFull
-from edge.store.sqlite import SqliteStore, Storage
+from edge.store.sqlite import Checkpoint, CheckpointMode, SqliteStore, Storage
 from edge.terminal.carddata import DataKey
-from edge.terminal.config import EdgeConfig
-from edge.terminal.drivers.contracts import Acquirer, CardReader, NetworkLink, Printer
+from edge.terminal.config import EdgeConfig, on_reload
 from edge.terminal.sale import WORKFLOWS, risk
+from edge.terminal.sale.services import (
+    Peripherals,
+    TerminalServices,
+    TerminalStore,
+    build_services,
+)
 from edge.terminal.sale.views import reversal_pending
 
 log = logging.getLogger(__name__)
@@ -65,12 +69,28 @@ def offline_acknowledgement(
     return Acknowledgement(outbox_through, audit_through, releases)
 
 
-@dataclass
-class Peripherals:
-    card_reader: CardReader
-    printer: Printer
-    acquirer: Acquirer
-    link: NetworkLink
+class BudgetedStore(TerminalStore, Protocol):
+    """A terminal's store: what the steps use, and the upkeep of a database file held to
+    a size budget (invariant 7), which ``maintain`` and health call."""
+
+    def storage(self) -> Storage: ...
+
+    def reclaim(self, pages: int | None = None) -> int: ...
+
+    def checkpoint(self, mode: CheckpointMode = "TRUNCATE") -> Checkpoint: ...
+
+
+def open_store(cfg: EdgeConfig, *, vfs: str | None = None) -> SqliteStore:
+    """The SQLite store ``cfg`` describes: its file, durability, outbox caps and budget."""
+    return SqliteStore(
+        cfg.database_path,
+        synchronous=cfg.synchronous,
+        outbox_max_messages=cfg.outbox_max_messages,
+        outbox_max_bytes=cfg.outbox_max_mb * 1024 * 1024,
+        vfs=vfs,
+        max_bytes=int(cfg.db_budget_mb * MIB),
+        wal_limit_bytes=int(cfg.wal_limit_mb * MIB),
+    )
 
 
 class Terminal:
@@ -82,50 +102,63 @@ class Terminal:
         clock: Clock | None = None,
         rng: random.Random | None = None,
         vfs: str | None = None,
+        store: BudgetedStore | None = None,
     ) -> None:
-        """``vfs``: open the database through this registered apsw VFS (crash tests)."""
+        """``store``: the terminal's database; by default the SQLite store the config
+        describes (``open_store``), opened through the apsw VFS ``vfs`` if one is named
+        (crash tests). A store given is the terminal's from then on: ``close`` closes it."""
         self.cfg = cfg
         self.clock = clock or SystemClock()
         cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.store = SqliteStore(
-            cfg.database_path,
-            synchronous=cfg.synchronous,
-            outbox_max_messages=cfg.outbox_max_messages,
-            outbox_max_bytes=cfg.outbox_max_mb * 1024 * 1024,
-            vfs=vfs,
-            max_bytes=int(cfg.db_budget_mb * MIB),
-            wal_limit_bytes=int(cfg.wal_limit_mb * MIB),
-        )
+        self.store: BudgetedStore = store if store is not None else open_store(cfg, vfs=vfs)
         self.last_maintenance: dict[str, Any] | None = None
         self.data_key = DataKey.load_or_create(cfg.data_dir / "keys")
         self.policy = self._load_policy()
         self.peripherals = peripherals
         self.last_error: str | None = None
+        #: Restart-only options a reload changed: in force at the next start.
+        self.restart_pending: list[str] = []
         self.engine = Engine(
             self.store,
             # A daemon never sleeps a request thread through a backoff: recover() and the
             # main loop pick sleeping runs up when they are due.
             InlineExecutor(sleep=False),
             clock=self.clock,
-            services={
-                "card_reader": peripherals.card_reader,
-                "printer": peripherals.printer,
-                "acquirer": peripherals.acquirer,
-                "link": peripherals.link,
-                "data_key": self.data_key,
-                "policy": self.policy,
-                "limits": cfg.risk,
-                "store": self.store,
-                "device_id": cfg.device_id,
-                "card_timeout_s": cfg.peripherals.card_reader.timeout_s,
-                "outbox_max_messages": cfg.outbox_max_messages,
-                "storage_high": self.storage_high,
-                "rng": rng or random.Random(),
-            },
+            services=build_services(
+                peripherals,
+                store=self.store,
+                data_key=self.data_key,
+                limits=cfg.risk,
+                device_id=cfg.device_id,
+                policy=self.policy,
+                card_timeout_s=cfg.peripherals.card_reader.timeout_s,
+                outbox_max_messages=cfg.outbox_max_messages,
+                storage_high=self.storage_high,
+                rng=rng,
+            ),
         )
         self.workflows = [
             self.engine.register(load_file(p)) for p in sorted(WORKFLOWS.glob("*.yaml"))
         ]
+
+    @property
+    def services(self) -> TerminalServices:
+        """What the steps are handed (``ctx.services``)."""
+        services: TerminalServices = self.engine.services
+        return services
+
+    def reload(self, loaded: EdgeConfig) -> list[str]:
+        """SIGHUP: put ``loaded``'s live options in force (the risk limits and the policy
+        for the next steps, the storage high-water mark, retention, ...) and keep the
+        running value of each restart-only one (``config.reload_mode``), so that ``cfg``,
+        and health, say what is enforced. Returns the restart-only options that changed,
+        also in health's ``restart_pending``: they wait for the next start."""
+        self.cfg, self.restart_pending = on_reload(self.cfg, loaded)
+        self.policy = self._load_policy()
+        self.engine.services = dataclasses.replace(
+            self.services, limits=self.cfg.risk, policy=self.policy
+        )
+        return self.restart_pending
 
     def _load_policy(self) -> Any:
         if self.cfg.policy_file is None:
@@ -249,6 +282,7 @@ class Terminal:
             "policy_version": None if self.policy is None else self.policy.version,
             "link_up": self.peripherals.link.is_up(),
             "last_error": self.last_error,
+            "restart_pending": list(self.restart_pending),
         }
 
     def _reversals_pending(self) -> int:
