@@ -57,6 +57,7 @@ from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import core_schema
 
 from edge.errors import TillflowError
+from edge.terminal.files import write_durably
 
 __all__ = [
     "KEY_FILE_NAME",
@@ -483,36 +484,15 @@ def _publish_key_file(path: Path, key: bytes) -> bool:
     The key goes to a temporary file first and is hard-linked into place, so a crash never
     leaves a short key file, and a concurrent creator's key is never replaced (an
     ``os.replace`` could swap out a key that already encrypted a card)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
-        try:
-            os.fchmod(fd, 0o600)  # exact mode before any key byte lands, whatever the umask
-            view = memoryview(key)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            return False
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # the new name survives a power cut
-        finally:
-            os.close(dir_fd)
-        return True
+        return write_durably(path, key, mode=0o600, exclusive=True)
     except OSError as exc:
         raise CardKeyError(
             f"cannot create card-data key file {path}: {exc.strerror}",
             hint="the data directory must exist or be creatable, and be writable by the "
             "terminal service, on a filesystem with hard links",
         ) from exc
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # --- logging -------------------------------------------------------------------------------

@@ -67,7 +67,6 @@ Not thread-safe: one loop owns a :class:`Scheduler`.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
@@ -84,6 +83,7 @@ from typing import Any, Protocol
 from edge.engine.clock import Clock
 from edge.errors import ConfigError, StoreError
 from edge.terminal.config import Schedule
+from edge.terminal.files import write_durably
 
 __all__ = [
     "CronExpr",
@@ -405,25 +405,9 @@ class FileSchedulerState:
         return out
 
     def _write(self, data: bytes) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, self.path)
-            dir_fd = os.open(self.path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)  # the rename survives a power cut
-            finally:
-                os.close(dir_fd)
+            write_durably(self.path, data)
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
             raise StoreError(
                 f"cannot write scheduler state {self.path}: {exc.strerror or exc}",
                 operation="write",

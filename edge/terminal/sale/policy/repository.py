@@ -4,7 +4,6 @@ atomically, remembering the one before for ``rollback``.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import threading
@@ -13,6 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from edge.terminal.files import fsync_directory, write_durably
 from edge.terminal.sale.policy.compiled import CompiledPolicy, compile_policy
 from edge.terminal.sale.policy.document import (
     NoPreviousPolicy,
@@ -235,31 +235,15 @@ class PolicyRepository:
         self._cache = ((st.st_ino, st.st_mtime_ns, st.st_size), pointer, compiled)
 
     def _write_atomically(self, path: Path, data: bytes) -> None:
-        tmp = path.with_name(path.name + ".tmp")
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
+            write_durably(path, data)
         except OSError as exc:
-            with contextlib.suppress(OSError):  # best effort: the next write truncates it
-                tmp.unlink(missing_ok=True)
             raise self._store_error("write", path, exc) from exc
-        self._fsync_directory()
 
     def _fsync_directory(self) -> None:
         try:
-            fd = os.open(self.directory, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_directory(self.directory)
         except OSError as exc:
             raise self._store_error("fsync", self.directory, exc) from exc
 
