@@ -25,7 +25,8 @@ database created for it and dropped at the end:
 - workers: N runs started first (``PollingExecutor``: nobody advances them), then 1, 2
   and 4 worker processes (spawned; ``Worker.run_once`` until idle) drive them; wall
   time from "go" to no run left in flight, plus where the workers' time went: the wait
-  for the audit chain's one locked row (``audit_head``, timed per commit) and
+  for the locked head rows of the audit chains a commit appends to (``audit_head``, one
+  row per stream, ``PostgresStore(audit_streams=...)``; timed per commit) and
   ``pg_stat_activity`` wait events sampled meanwhile.
 """
 

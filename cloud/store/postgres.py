@@ -45,6 +45,12 @@ DEFAULT_BACKOFF_S = 0.05
 #: Connections per store: a worker process advances one run at a time, plus the
 #: heartbeat thread, plus one for a concurrent reader.
 DEFAULT_POOL_SIZE = 4
+#: Audit chains (streams): each commit locks only its runs' streams' head rows, so W
+#: workers wait on each other about W/N of the time instead of always (one chain). 16
+#: keeps that small for the worker counts a control plane runs (4-8 per host) while the
+#: verifier's cost stays one pass over the rows. Changing it later is safe: each row is
+#: chained in the stream it was written to, and a run's later rows may go to another.
+DEFAULT_AUDIT_STREAMS = 16
 #: Any 64-bit number of ours: serialises migrations across processes.
 _MIGRATION_LOCK = 0x7417_F10E
 
@@ -69,9 +75,14 @@ class PostgresStore(RowReads):
         sleep: Callable[[float], None] = time.sleep,
         migrate: bool = True,
         fault: Callable[[str], None] | None = None,
+        audit_streams: int = DEFAULT_AUDIT_STREAMS,
     ) -> None:
         """``fault`` is a fault-injection seam for tests: called with "before_commit"
-        (inside the transaction) and "after_commit" (after it committed) on each write."""
+        (inside the transaction) and "after_commit" (after it committed) on each write.
+        ``audit_streams``: how many audit chains to spread runs over (see the constant)."""
+        if audit_streams < 1:
+            raise ValueError(f"audit_streams must be at least 1, not {audit_streams}")
+        self.audit_streams = audit_streams
         self.url = url
         self.path = _redact(url)
         self.retries = retries
@@ -240,13 +251,25 @@ class PostgresStore(RowReads):
 
     def start(self, commit: Commit) -> tuple[str, bool]:
         def insert(conn: Conn, attempt: int) -> tuple[str, bool]:
-            return writer.start_run(_Tx(conn), commit, retry=attempt > 0, where=self.path)
+            return writer.start_run(
+                _Tx(conn, self._q),
+                commit,
+                retry=attempt > 0,
+                streams=self.audit_streams,
+                where=self.path,
+            )
 
         return self._run("start", insert, pipeline=True)
 
     def commit(self, commit: Commit) -> None:
         def write(conn: Conn, attempt: int) -> None:
-            writer.write_commit(_Tx(conn), commit, retry=attempt > 0, where=self.path)
+            writer.write_commit(
+                _Tx(conn, self._q),
+                commit,
+                retry=attempt > 0,
+                streams=self.audit_streams,
+                where=self.path,
+            )
 
         try:
             self._run("commit", write, pipeline=True)
@@ -294,7 +317,7 @@ class PostgresStore(RowReads):
 
     def acknowledge(self, ack: Acknowledgement) -> AckResult:
         def ack_in(conn: Conn, _: int) -> AckResult:
-            return writer.acknowledge(_Tx(conn), ack, outbox_bound=None, at=time.time())
+            return writer.acknowledge(_Tx(conn, self._q), ack, outbox_bound=None, at=time.time())
 
         return self._run("acknowledge", ack_in)
 
@@ -307,7 +330,7 @@ class PostgresStore(RowReads):
     ) -> Compaction:
         def compact_in(conn: Conn, _: int) -> Compaction:
             return writer.compact(
-                _Tx(conn),
+                _Tx(conn, self._q),
                 before=before,
                 counter_prefix=counter_prefix,
                 counters_before=counters_before,
@@ -339,8 +362,8 @@ class _Tx:
     """The writer's seam on a connection in a transaction: a batch is a pipeline, sent
     in one round trip and synced when it ends."""
 
-    def __init__(self, conn: Conn) -> None:
-        self._conn = conn
+    def __init__(self, conn: Conn, run: Callable[[Conn, str, Mapping[str, Any] | None], Any]):
+        self._conn, self._run = conn, run  # run: the store's _q (a bench counts through it)
 
     def encode(self, value: Any) -> Jsonb:
         return Jsonb(value)
@@ -349,7 +372,7 @@ class _Tx:
         return list(ids)  # = ANY(%(run_ids)s) takes an array
 
     def q(self, name: str, params: Mapping[str, Any] | None = None) -> _Result:
-        return _Result(self._conn.execute(_QUERIES[name], params or {}))
+        return _Result(self._run(self._conn, name, params))
 
     def batch(self) -> contextlib.AbstractContextManager[Any]:
         return self._conn.pipeline()

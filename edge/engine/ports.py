@@ -100,13 +100,16 @@ class Store(Protocol):
 
     # --- audit and outbox ------------------------------------------------------------
     def audit_rows(self, run_id: str | None = None) -> Iterator[AuditRow]:
-        """Audit rows in ``seq`` order, for one run or the whole database."""
+        """Audit rows in (stream, seq) order, for one run or the whole database."""
 
-    def audit_head(self) -> tuple[int, str] | None:
-        """(seq, hash) of the last appended audit row, kept in the same transaction."""
+    def audit_head(self, stream: int = 0) -> tuple[int, str] | None:
+        """(seq, hash) of a stream's last audit row, kept in the same transaction."""
 
-    def audit_retention(self) -> AuditRetention | None:
-        """Where retention has compacted the chain to; None if nothing was acknowledged."""
+    def audit_heads(self) -> dict[int, tuple[int, str]]:
+        """Every stream's (seq, hash) head, for the verifier (``audit.verify_streams``)."""
+
+    def audit_retention(self, stream: int = 0) -> AuditRetention | None:
+        """Where retention has compacted a stream to; None if nothing was acknowledged."""
 
     def close(self) -> None: ...
 

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ValidationError
 
 from edge.engine import newrun, outcomes, saga, settle, waits
 from edge.engine import steps as stepexec
-from edge.engine.audit import ChainReport, verify_chain
+from edge.engine.audit import ChainReport, verify_streams
 from edge.engine.clock import Clock, SystemClock
 from edge.engine.context import StepContext, idempotency_key, operation_key
 from edge.engine.definition import ActionStep, SubWorkflowStep, WaitStep
@@ -596,9 +596,10 @@ class Engine:
         return self.store.list_runs([status] if status else None, limit)
 
     def verify_audit(self) -> ChainReport:
-        kept = self.store.audit_retention()
-        base = (kept.base_seq, kept.base_hash) if kept and kept.base_seq else None
-        return verify_chain(self.store.audit_rows(), self.store.audit_head(), base)
+        heads = self.store.audit_heads()
+        kept = {s: self.store.audit_retention(s) for s in heads}
+        bases = {s: (k.base_seq, k.base_hash) for s, k in kept.items() if k and k.base_seq}
+        return verify_streams(self.store.audit_rows(), heads, bases)
 
     def close(self) -> None:
         """Stop the heartbeat; the store stays open (its owner closes it)."""

@@ -89,14 +89,19 @@ class RowReads:
         for r in found:
             yield rowmap.audit_from_row(r, self._decode)
 
-    def audit_head(self) -> tuple[int, str] | None:
-        head = self._rows("audit_head")
+    def audit_head(self, stream: int = 0) -> tuple[int, str] | None:
+        head = self._rows("audit_head", {"stream": stream})
         if not head or int(head[0]["seq"]) == 0:
             return None  # an empty chain, however the dialect seeds its head
         return int(head[0]["seq"]), str(head[0]["hash"])
 
-    def audit_retention(self) -> AuditRetention | None:
-        found = self._rows("audit_retention")
+    def audit_heads(self) -> dict[int, tuple[int, str]]:
+        return {
+            int(h["stream"]): (int(h["seq"]), str(h["hash"])) for h in self._rows("audit_heads")
+        }
+
+    def audit_retention(self, stream: int = 0) -> AuditRetention | None:
+        found = self._rows("audit_retention", {"stream": stream})
         if not found:
             return None
         r = found[0]

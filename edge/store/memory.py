@@ -96,7 +96,11 @@ class MemoryStore(RowReads):
         *,
         outbox_max_messages: int | None = None,
         outbox_max_bytes: int | None = None,
+        audit_streams: int = 1,
     ) -> None:
+        """``audit_streams``: how many audit chains (one, as a terminal; more, to test a
+        workflow's audit as the cloud keeps it)."""
+        self.audit_streams = audit_streams
         self.db = database if database is not None else MemoryDatabase()
         self.outbox_bound = writer.outbox_bound(outbox_max_messages, outbox_max_bytes)
         self._queries = _Queries(self.db)
@@ -136,11 +140,17 @@ class MemoryStore(RowReads):
 
     def start(self, commit: Commit) -> tuple[str, bool]:
         with self._tx() as tx:
-            return writer.start_run(tx, commit, where=self.path)
+            return writer.start_run(tx, commit, streams=self.audit_streams, where=self.path)
 
     def commit(self, commit: Commit) -> None:
         with self._tx() as tx:
-            writer.write_commit(tx, commit, outbox_bound=self.outbox_bound, where=self.path)
+            writer.write_commit(
+                tx,
+                commit,
+                outbox_bound=self.outbox_bound,
+                streams=self.audit_streams,
+                where=self.path,
+            )
 
     def claim(
         self, run_id: str, expected_revision: int, owner: str, lease_expires_at: float

@@ -95,8 +95,12 @@ def step_from_row(r: dict[str, Any], dec: Codec) -> StepRecord:
     )
 
 
-def audit_params(seq: int, ev: AuditEvent, prev: str, digest: str, enc: Codec) -> dict[str, Any]:
+def audit_params(
+    seq: int, ev: AuditEvent, prev: str, digest: str, enc: Codec, *, stream: int, version: int
+) -> dict[str, Any]:
     return {
+        "stream": stream,
+        "version": version,
         "seq": seq,
         "run_id": ev.run_id,
         "event": ev.event,
@@ -118,6 +122,8 @@ def audit_from_row(r: dict[str, Any], dec: Codec) -> AuditRow:
         at=r["at"],
         prev_hash=r["prev_hash"],
         hash=r["hash"],
+        stream=r["stream"],
+        version=r["version"],
     )
 
 

@@ -23,8 +23,16 @@ from contextlib import AbstractContextManager
 from dataclasses import replace
 from typing import Any, Protocol
 
-from edge.engine.audit import GENESIS, link
-from edge.engine.records import Acknowledgement, AckResult, Commit, Compaction, Guard, RunRecord
+from edge.engine.audit import GENESIS, HASH_VERSION, link, stream_of
+from edge.engine.records import (
+    Acknowledgement,
+    AckResult,
+    AuditEvent,
+    Commit,
+    Compaction,
+    Guard,
+    RunRecord,
+)
 from edge.errors import LeaseLost, StoreError
 from edge.store import rows as rowmap
 from edge.store.base import OUTBOX_COUNTER, guard_params, guard_refused
@@ -93,7 +101,9 @@ def landed(tx: Tx, c: Commit) -> bool:
     return bool(found) and found[0].get("commit_token") == c.token
 
 
-def start_run(tx: Tx, c: Commit, *, retry: bool = False, where: str = "") -> tuple[str, bool]:
+def start_run(
+    tx: Tx, c: Commit, *, retry: bool = False, streams: int = 1, where: str = ""
+) -> tuple[str, bool]:
     """Insert a new run and everything its first commit holds; an idempotency key
     already taken inserts nothing and answers ``(existing_run_id, False)``."""
     if retry and tx.q("get_run", {"run_id": c.run.run_id}).rows():
@@ -103,7 +113,7 @@ def start_run(tx: Tx, c: Commit, *, retry: bool = False, where: str = "") -> tup
     if not inserted.rows():
         found = tx.q("run_by_idempotency_key", {"idempotency_key": c.run.idempotency_key})
         return str(found.rows()[0]["run_id"]), False
-    write_commit(tx, c, started=True, where=where)
+    write_commit(tx, c, started=True, streams=streams, where=where)
     return c.run.run_id, True
 
 
@@ -114,6 +124,7 @@ def write_commit(
     started: bool = False,
     retry: bool = False,
     outbox_bound: Guard | None = None,
+    streams: int = 1,
     where: str = "",
 ) -> None:
     """Write one outcome in two batches: everything up to the audit head's lock, then
@@ -121,6 +132,8 @@ def write_commit(
 
     ``started``: ``c.run`` was just inserted by ``start_run`` (no compare-and-set).
     ``retry``: an earlier try may have landed unheard; ask before writing (AlreadyApplied).
+    ``streams``: how many audit chains the store keeps; each event goes to its run's
+    (``audit.stream_of``), and the heads are locked in stream order (no deadlock).
     ``where``: the store's path, for error messages.
     """
     if retry and not started and landed(tx, c):
@@ -151,8 +164,15 @@ def write_commit(
         outbox = [tx.q("insert_outbox", rowmap.outbox_params(m, enc)) for m in c.outbox]
         for parent in c.wake:
             tx.q("wake_run", {"run_id": parent, "at": c.run.updated_at})
-        # Last, so the chain's lock is held only for the second batch and COMMIT.
-        head = tx.q("audit_head") if c.audit else None
+        # Last, so the chains' locks are held only for the second batch and COMMIT.
+        chains: dict[int, list[AuditEvent]] = {}
+        for ev in c.audit:
+            chains.setdefault(stream_of(ev.run_id, streams), []).append(ev)
+        heads = {}
+        for stream in sorted(chains):
+            at = {"stream": stream, "genesis": GENESIS}
+            tx.q("ensure_audit_head", at)
+            heads[stream] = tx.q("audit_head", at)
     if update is not None and update.count != 1:
         if landed(tx, c):
             raise AlreadyApplied
@@ -177,16 +197,23 @@ def write_commit(
         step.seq = int(result.rows()[0]["seq"])
     for msg, result in zip(c.outbox, outbox, strict=True):
         msg.seq = int(result.rows()[0]["seq"])
-    if head is not None:
-        found = head.rows()
-        seq, prev = (int(found[0]["seq"]), str(found[0]["hash"])) if found else (0, GENESIS)
+    if chains:
         with tx.batch():
-            for ev in c.audit:
-                seq += 1
-                digest = link(prev, seq, ev)
-                tx.q("insert_audit", rowmap.audit_params(seq, ev, prev, digest, enc))
-                prev = digest
-            tx.q("set_audit_head", {"seq": seq, "hash": prev})
+            for stream, events in chains.items():
+                _append(tx, stream, events, heads[stream].rows())
+
+
+def _append(tx: Tx, stream: int, events: list[AuditEvent], head: list[dict[str, Any]]) -> None:
+    seq, prev = (int(head[0]["seq"]), str(head[0]["hash"])) if head else (0, GENESIS)
+    for ev in events:
+        seq += 1
+        digest = link(prev, seq, ev, stream=stream)
+        params = rowmap.audit_params(
+            seq, ev, prev, digest, tx.encode, stream=stream, version=HASH_VERSION
+        )
+        tx.q("insert_audit", params)
+        prev = digest
+    tx.q("set_audit_head", {"stream": stream, "seq": seq, "hash": prev})
 
 
 def _run_params(tx: Tx, run: RunRecord, token: str) -> dict[str, Any]:
@@ -224,7 +251,8 @@ def acknowledge(
         size = sum(int(r["bytes"]) for r in deleted)
         _apply_release(tx, Guard(OUTBOX_COUNTER, amount=-size, count=-len(deleted)), at)
     if ack.audit_through is not None:
-        tx.q("ack_audit", {"seq": ack.audit_through, "genesis": GENESIS})
+        # A terminal's one stream: the cloud acknowledges what a terminal sent it.
+        tx.q("ack_audit", {"stream": 0, "seq": ack.audit_through, "genesis": GENESIS})
     return AckResult(messages=len(deleted), released=tuple(released))
 
 
@@ -266,14 +294,14 @@ def compact(
         tx.q("delete_inputs_of_runs", {"run_ids": ids})
         runs = tx.q("delete_runs", {"run_ids": ids}).count
     audit = 0
-    retention = tx.q("audit_retention").rows()
-    if retention:
-        base, acked = int(retention[0]["base_seq"]), int(retention[0]["acked_seq"])
-        point = tx.q("audit_compact_point", {"acked_seq": acked, "before": before}).rows()
+    for kept in tx.q("audit_retentions").rows():
+        stream, base, acked = int(kept["stream"]), int(kept["base_seq"]), int(kept["acked_seq"])
+        at = {"stream": stream, "acked_seq": acked, "before": before}
+        point = tx.q("audit_compact_point", at).rows()
         if point and int(point[0]["seq"]) > base:
             seq = int(point[0]["seq"])
-            tx.q("set_audit_base", {"seq": seq, "hash": str(point[0]["hash"])})
-            audit = tx.q("delete_audit_through", {"seq": seq}).count
+            tx.q("set_audit_base", {"stream": stream, "seq": seq, "hash": str(point[0]["hash"])})
+            audit += tx.q("delete_audit_through", {"stream": stream, "seq": seq}).count
     counters = 0
     if counter_prefix is not None and counters_before is not None:
         params = {"prefix": counter_prefix, "before": counters_before}

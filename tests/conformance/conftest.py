@@ -84,16 +84,19 @@ class Backend:
     """What a test needs to know about the database under the store: direct access, as
     someone with the database (not the store) in hand would have."""
 
-    def __init__(self, name: str, target: Any) -> None:
+    def __init__(self, name: str, target: Any, streams: int = 1) -> None:
         self.name = name
         self.target = target  # file path (sqlite), URL (postgresql), MemoryDatabase
+        self.streams = streams  # audit chains (SQLite has one)
 
     def open(self) -> Store:
         if self.name == "memory":
-            return MemoryStore(self.target)
+            return MemoryStore(self.target, audit_streams=self.streams)
         if self.name == "sqlite":
             return SqliteStore(self.target)
-        return PostgresStore(self.target, pool_size=2)
+        # One chain, so the tests that name rows by their seq mean one row; the streams
+        # of the cloud's default are tested in test_audit_streams.py.
+        return PostgresStore(self.target, pool_size=2, audit_streams=self.streams)
 
     def execute(self, sql: str) -> None:
         """Run SQL as someone with direct access to the database would."""
@@ -128,7 +131,7 @@ class Backend:
                 del self.target.audit[(stream, seq)]
             return
         listed = ", ".join(str(int(s)) for s in seqs)
-        self.tamper(f"DELETE FROM workflow_audit_log WHERE seq IN ({listed})")
+        self.tamper(f"DELETE FROM workflow_audit_log WHERE stream = {stream} AND seq IN ({listed})")
 
     def edit_audit(self, seq: int, *, detail: dict[str, Any], stream: int = 0) -> None:
         """Change one audit row's detail behind the store's back."""
@@ -137,14 +140,39 @@ class Backend:
             self.target.audit[(stream, seq)] = {**row, "detail": json.dumps(detail)}
             return
         text = json.dumps(detail).replace("'", "''")
-        self.tamper(f"UPDATE workflow_audit_log SET detail = '{text}' WHERE seq = {int(seq)}")
+        where = f"WHERE stream = {stream} AND seq = {int(seq)}"
+        self.tamper(f"UPDATE workflow_audit_log SET detail = '{text}' {where}")
+
+    def delete_audit_of_run(self, run_id: str) -> None:
+        """Remove every audit row of one run (as if the run had never been)."""
+        if self.name == "memory":
+            for key in [k for k, r in self.target.audit.items() if r["run_id"] == run_id]:
+                del self.target.audit[key]
+            return
+        self.tamper(f"DELETE FROM workflow_audit_log WHERE run_id = '{run_id}'")
+
+    def swap_audit(self, a: int, b: int, *, stream: int = 0) -> None:
+        """Exchange the places of two audit rows of a stream (reorder them)."""
+        if self.name == "memory":
+            ra, rb = self.target.audit[(stream, a)], self.target.audit[(stream, b)]
+            self.target.audit[(stream, a)] = {**rb, "seq": a}
+            self.target.audit[(stream, b)] = {**ra, "seq": b}
+            return
+        where = f"WHERE stream = {stream} AND seq ="
+        self.tamper(
+            f"UPDATE workflow_audit_log SET seq = -1 {where} {int(a)};"
+            f"UPDATE workflow_audit_log SET seq = {int(a)} {where} {int(b)};"
+            f"UPDATE workflow_audit_log SET seq = {int(b)} {where} -1"
+        )
 
     def set_audit_head(self, seq: int, *, stream: int = 0) -> None:
         """Move a chain's head behind the store's back."""
         if self.name == "memory":
             self.target.heads[stream] = {**self.target.heads[stream], "seq": seq}
             return
-        self.execute(f"UPDATE audit_head SET seq = {int(seq)}")
+        column = "id" if self.name == "sqlite" else "stream"  # SQLite's one head is id 1
+        key = 1 if self.name == "sqlite" else stream
+        self.execute(f"UPDATE audit_head SET seq = {int(seq)} WHERE {column} = {key}")
 
     @property
     def refusal(self) -> type[Exception]:

@@ -61,7 +61,7 @@ CATALOG = {
         WHERE n.nspname = current_schema()
         ORDER BY 1, 2""",
     # Seed rows are part of the schema: the audit chain starts from this head.
-    "audit_head": "SELECT id, seq, hash FROM audit_head ORDER BY id",
+    "audit_head": "SELECT stream, seq, hash FROM audit_head ORDER BY stream",
 }
 
 
@@ -195,7 +195,7 @@ _TEXT = {
 }  # fmt: skip
 _INT = {
     "revision", "expected_revision", "attempt", "seq", "ref_seq", "limit", "after_seq",
-    "amount", "count", "max_amount", "max_count", "acked_seq",
+    "amount", "count", "max_amount", "max_count", "acked_seq", "stream",
 }  # fmt: skip
 _FLOAT = {
     "at", "now", "created_at", "updated_at", "lease_expires_at", "next_attempt_at",

@@ -3,6 +3,7 @@ in the database, and every named query compiles against what the migrations buil
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from importlib import resources
@@ -11,6 +12,10 @@ from pathlib import Path
 import apsw
 import pytest
 
+from edge.engine import Engine, FakeClock, InlineExecutor
+from edge.engine.audit import GENESIS, link
+from edge.engine.loader import load_text
+from edge.engine.records import AuditEvent
 from edge.errors import MigrationError, StoreError
 from edge.store.queries import load_migrations, load_queries, load_schema, parse_queries
 from edge.store.sqlite import SqliteStore
@@ -148,9 +153,15 @@ def test_load_migrations__orders_by_number_not_by_listing(fake_package):
 
 def test_migrate__a_fresh_database_ends_at_the_latest_version(migrated, migrated_conn):
     latest = len(load_migrations("sqlite"))
-    assert migrated.schema_version() == latest == 4
+    assert migrated.schema_version() == latest == 5
     rows = migrated_conn.execute("SELECT version, name FROM schema_migrations").fetchall()
-    assert rows == [(1, "initial"), (2, "counters"), (3, "retention"), (4, "operation_key")]
+    assert rows == [
+        (1, "initial"),
+        (2, "counters"),
+        (3, "retention"),
+        (4, "operation_key"),
+        (5, "audit_streams"),
+    ]
 
 
 def test_migrate__reopening_a_migrated_database_is_a_no_op(migrated, migrated_conn):
@@ -158,11 +169,11 @@ def test_migrate__reopening_a_migrated_database_is_a_no_op(migrated, migrated_co
     migrated.close()
     again = SqliteStore(migrated.path)
     try:
-        assert again.schema_version() == 4
-        assert again.migrate() == 4
+        assert again.schema_version() == 5
+        assert again.migrate() == 5
     finally:
         again.close()
-    assert migrated_conn.execute("SELECT count(*) FROM schema_migrations").fetchall() == [(4,)]
+    assert migrated_conn.execute("SELECT count(*) FROM schema_migrations").fetchall() == [(5,)]
     assert schema_of(migrated_conn) == before
 
 
@@ -310,3 +321,47 @@ def test_migrate__step_rows_written_before_operation_keys_read_back_as_none(tmp_
         assert (row.step, row.status, row.operation_key) == ("pay", "COMPLETED", None)
     finally:
         store.close()
+
+
+def test_migrate__audit_rows_from_before_streams_keep_verifying_and_the_chain_goes_on(tmp_path):
+    """A schema-4 database whose chain was written with hash version 1: after 0005 its
+    rows are version 1 on stream 0, they still verify, and new rows (version 2) continue
+    the same chain from its head."""
+    path = str(tmp_path / "old.db")
+    conn = apsw.Connection(path)
+    conn.execute(load_queries("sqlite")["create_migrations_table"])
+    for mig in load_migrations("sqlite")[:4]:
+        conn.execute(mig.sql)
+        conn.execute("INSERT INTO schema_migrations VALUES (?, ?, 0)", (mig.version, mig.name))
+    prev = GENESIS
+    for seq in (1, 2):
+        ev = AuditEvent(None, "config_changed", 1_700_000_000.25 + seq, None, {"n": seq})
+        digest = link(prev, seq, ev, version=1)
+        conn.execute(
+            "INSERT INTO workflow_audit_log (seq, run_id, event, step, detail, at, prev_hash,"
+            " hash) VALUES (?, NULL, ?, NULL, ?, ?, ?, ?)",
+            (seq, ev.event, json.dumps(ev.detail), ev.at, prev, digest),
+        )
+        prev = digest
+    conn.execute("INSERT INTO audit_head (id, seq, hash) VALUES (1, 2, ?)", (prev,))
+    conn.close()
+    store = SqliteStore(path)
+    try:
+        engine = Engine(store, InlineExecutor(), clock=FakeClock())
+        engine.register(load_text(ONE_STEP))
+        engine.start("one", {})
+        rows = list(store.audit_rows())
+        assert [(r.stream, r.version) for r in rows[:2]] == [(0, 1), (0, 1)]
+        assert {r.version for r in rows[2:]} == {2} and rows[2].prev_hash == prev
+        report = engine.verify_audit()
+        assert report.ok and report.rows == len(rows) > 2, report
+    finally:
+        store.close()
+
+
+ONE_STEP = """
+workflow_type: one
+version: 1
+steps:
+  - {name: noop, type: STANDARD, function: "tf_steps:noop"}
+"""

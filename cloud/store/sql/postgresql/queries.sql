@@ -135,26 +135,37 @@ RETURNING seq;
 -- A run's step rows in order.
 SELECT * FROM workflow_steps WHERE run_id = %(run_id)s ORDER BY seq;
 
+-- name: ensure_audit_head
+-- A stream's head row at genesis, if the stream has none yet (so it can be locked).
+INSERT INTO audit_head (stream, seq, hash) VALUES (%(stream)s, 0, %(genesis)s)
+ON CONFLICT (stream) DO NOTHING;
+
 -- name: audit_head
--- The chain's last link, locked until the appending transaction ends.
-SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE;
+-- A stream's last link, locked until the appending transaction ends.
+SELECT seq, hash FROM audit_head WHERE stream = %(stream)s FOR UPDATE;
+
+-- name: audit_heads
+-- Every stream's last link, for the verifier.
+SELECT stream, seq, hash FROM audit_head WHERE seq > 0 ORDER BY stream;
 
 -- name: set_audit_head
--- Move the chain's last link.
-UPDATE audit_head SET seq = %(seq)s, hash = %(hash)s WHERE id = 1;
+-- Move a stream's last link.
+UPDATE audit_head SET seq = %(seq)s, hash = %(hash)s WHERE stream = %(stream)s;
 
 -- name: insert_audit
 -- Append one audit row.
-INSERT INTO workflow_audit_log (seq, run_id, event, step, detail, at, prev_hash, hash)
-VALUES (%(seq)s, %(run_id)s, %(event)s, %(step)s, %(detail)s, %(at)s, %(prev_hash)s, %(hash)s);
+INSERT INTO workflow_audit_log (seq, run_id, event, step, detail, at, prev_hash, hash,
+    stream, version)
+VALUES (%(seq)s, %(run_id)s, %(event)s, %(step)s, %(detail)s, %(at)s, %(prev_hash)s, %(hash)s,
+    %(stream)s, %(version)s);
 
 -- name: audit_rows
--- The whole chain in order.
-SELECT * FROM workflow_audit_log ORDER BY seq;
+-- Every stream's chain, in (stream, seq) order.
+SELECT * FROM workflow_audit_log ORDER BY stream, seq;
 
 -- name: audit_rows_for_run
 -- One run's audit rows in order.
-SELECT * FROM workflow_audit_log WHERE run_id = %(run_id)s ORDER BY seq;
+SELECT * FROM workflow_audit_log WHERE run_id = %(run_id)s ORDER BY stream, seq;
 
 -- name: insert_outbox
 -- Queue one message; returns its seq.
@@ -194,30 +205,34 @@ FROM outbox;
 DELETE FROM outbox WHERE seq <= %(seq)s RETURNING seq, octet_length(payload::text) AS bytes;
 
 -- name: audit_retention
--- The retention base (the last compacted row) and how far the cloud acknowledged.
-SELECT base_seq, base_hash, acked_seq FROM audit_retention WHERE id = 1;
+-- A stream's retention base (the last compacted row) and how far the cloud acknowledged.
+SELECT base_seq, base_hash, acked_seq FROM audit_retention WHERE stream = %(stream)s;
+
+-- name: audit_retentions
+-- Every stream's retention row.
+SELECT stream, base_seq, base_hash, acked_seq FROM audit_retention ORDER BY stream;
 
 -- name: ack_audit
--- The cloud holds the audit log up to a seq (never moves back).
-INSERT INTO audit_retention (id, base_seq, base_hash, acked_seq)
-VALUES (1, 0, %(genesis)s, %(seq)s)
-ON CONFLICT (id) DO UPDATE
+-- The cloud holds a stream's audit log up to a seq (never moves back).
+INSERT INTO audit_retention (stream, base_seq, base_hash, acked_seq)
+VALUES (%(stream)s, 0, %(genesis)s, %(seq)s)
+ON CONFLICT (stream) DO UPDATE
 SET acked_seq = greatest(audit_retention.acked_seq, excluded.acked_seq);
 
 -- name: audit_compact_point
--- The newest acknowledged row written before a time: compaction removes up to here.
+-- A stream's newest acknowledged row written before a time: compaction removes up to here.
 SELECT seq, hash FROM workflow_audit_log
-WHERE seq <= %(acked_seq)s AND at < %(before)s
+WHERE stream = %(stream)s AND seq <= %(acked_seq)s AND at < %(before)s
 ORDER BY seq DESC LIMIT 1;
 
 -- name: set_audit_base
--- Move the retention base forward (first, so the delete trigger lets the rows go).
+-- Move a stream's retention base forward (first, so the delete trigger lets the rows go).
 UPDATE audit_retention SET base_seq = %(seq)s, base_hash = %(hash)s
-WHERE id = 1 AND base_seq < %(seq)s;
+WHERE stream = %(stream)s AND base_seq < %(seq)s;
 
 -- name: delete_audit_through
--- Remove compacted audit rows, up to and including the base.
-DELETE FROM workflow_audit_log WHERE seq <= %(seq)s;
+-- Remove a stream's compacted audit rows, up to and including the base.
+DELETE FROM workflow_audit_log WHERE stream = %(stream)s AND seq <= %(seq)s;
 
 -- name: compactable_runs
 -- Finished runs changed before a time, but not the ancestors of any run that stays.

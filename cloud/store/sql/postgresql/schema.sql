@@ -67,19 +67,22 @@ CREATE TABLE workflow_steps (
 
 CREATE INDEX workflow_steps_by_run ON workflow_steps (run_id, seq);
 
--- Append-only, hash-chained per database (see edge/engine/audit.py), as on SQLite.
+-- Append-only, hash-chained per stream (see edge/engine/audit.py).
 CREATE TABLE workflow_audit_log (
-    seq       bigint PRIMARY KEY,
+    seq       bigint NOT NULL,
     run_id    text,
     event     text NOT NULL,
     step      text,
     detail    jsonb NOT NULL,
     at        double precision NOT NULL,
     prev_hash text NOT NULL,
-    hash      text NOT NULL
+    hash      text NOT NULL,
+    stream    integer NOT NULL DEFAULT 0,  -- audit.stream_of(run_id, streams)
+    version   integer NOT NULL DEFAULT 1,  -- the hash rule (1: before version 2)
+    PRIMARY KEY (stream, seq)
 );
 
-CREATE INDEX workflow_audit_log_by_run ON workflow_audit_log (run_id, seq);
+CREATE INDEX workflow_audit_log_by_run ON workflow_audit_log (run_id, stream, seq);
 
 CREATE FUNCTION workflow_audit_log_append_only() RETURNS trigger
 LANGUAGE plpgsql AS $$
@@ -94,7 +97,8 @@ CREATE TRIGGER workflow_audit_log_no_update BEFORE UPDATE ON workflow_audit_log
 CREATE FUNCTION workflow_audit_log_delete_behind_base() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    IF OLD.seq > coalesce((SELECT base_seq FROM audit_retention WHERE id = 1), 0) THEN
+    IF OLD.seq > coalesce(
+        (SELECT base_seq FROM audit_retention WHERE stream = OLD.stream), 0) THEN
         RAISE EXCEPTION 'workflow_audit_log is append-only';
     END IF;
     RETURN OLD;
@@ -109,22 +113,23 @@ CREATE TRIGGER workflow_audit_log_no_truncate BEFORE TRUNCATE ON workflow_audit_
 -- Retention: the last compacted row (the kept chain starts from its hash) and how far
 -- the cloud has acknowledged the log.
 CREATE TABLE audit_retention (
-    id        integer PRIMARY KEY CHECK (id = 1),
+    stream    integer PRIMARY KEY,
     base_seq  bigint NOT NULL,
     base_hash text NOT NULL,
     acked_seq bigint NOT NULL
 );
 
--- The chain's last link. Appenders lock this one row (FOR UPDATE), last in their
--- transaction: that orders the chain across workers and holds the lock only briefly.
+-- Each stream's last link. Appenders lock their streams' rows (FOR UPDATE, in stream
+-- order), last in their transaction: that orders each chain across workers and holds
+-- the lock only briefly; workers on different streams do not wait on each other.
 CREATE TABLE audit_head (
-    id   integer PRIMARY KEY CHECK (id = 1),
-    seq  bigint NOT NULL,
-    hash text NOT NULL
+    stream integer PRIMARY KEY,
+    seq    bigint NOT NULL,
+    hash   text NOT NULL
 );
 
-INSERT INTO audit_head (id, seq, hash)
-VALUES (1, 0, '0000000000000000000000000000000000000000000000000000000000000000');
+INSERT INTO audit_head (stream, seq, hash)
+VALUES (0, 0, '0000000000000000000000000000000000000000000000000000000000000000');
 
 CREATE TABLE outbox (
     seq        bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,

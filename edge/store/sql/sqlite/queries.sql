@@ -127,27 +127,36 @@ RETURNING seq;
 -- A run's step rows in order.
 SELECT * FROM workflow_steps WHERE run_id = :run_id ORDER BY seq;
 
+-- name: ensure_audit_head
+-- Nothing to do: a terminal's one head row is created by set_audit_head (an upsert).
+SELECT 1 WHERE :stream = 0;
+
 -- name: audit_head
--- The chain's last link.
-SELECT seq, hash FROM audit_head WHERE id = 1;
+-- A stream's last link (a terminal has one stream, 0).
+SELECT seq, hash FROM audit_head WHERE id = 1 AND :stream = 0;
+
+-- name: audit_heads
+-- Every stream's last link, for the verifier.
+SELECT 0 AS stream, seq, hash FROM audit_head WHERE id = 1 AND seq > 0;
 
 -- name: set_audit_head
--- Move the chain's last link.
-INSERT INTO audit_head (id, seq, hash) VALUES (1, :seq, :hash)
+-- Move a stream's last link.
+INSERT INTO audit_head (id, seq, hash) SELECT 1, :seq, :hash WHERE :stream = 0
 ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash;
 
 -- name: insert_audit
 -- Append one audit row.
-INSERT INTO workflow_audit_log (seq, run_id, event, step, detail, at, prev_hash, hash)
-VALUES (:seq, :run_id, :event, :step, :detail, :at, :prev_hash, :hash);
+INSERT INTO workflow_audit_log (seq, run_id, event, step, detail, at, prev_hash, hash,
+    stream, version)
+VALUES (:seq, :run_id, :event, :step, :detail, :at, :prev_hash, :hash, :stream, :version);
 
 -- name: audit_rows
--- The whole chain in order.
-SELECT * FROM workflow_audit_log ORDER BY seq;
+-- Every stream's chain, in (stream, seq) order.
+SELECT * FROM workflow_audit_log ORDER BY stream, seq;
 
 -- name: audit_rows_for_run
 -- One run's audit rows in order.
-SELECT * FROM workflow_audit_log WHERE run_id = :run_id ORDER BY seq;
+SELECT * FROM workflow_audit_log WHERE run_id = :run_id ORDER BY stream, seq;
 
 -- name: insert_outbox
 -- Queue one message for the cloud; returns its seq.
@@ -187,29 +196,33 @@ FROM outbox;
 DELETE FROM outbox WHERE seq <= :seq RETURNING seq, length(payload) AS bytes;
 
 -- name: audit_retention
--- The retention base (the last compacted row) and how far the cloud acknowledged.
-SELECT base_seq, base_hash, acked_seq FROM audit_retention WHERE id = 1;
+-- A stream's retention base (the last compacted row) and how far the cloud acknowledged.
+SELECT base_seq, base_hash, acked_seq FROM audit_retention WHERE id = 1 AND :stream = 0;
+
+-- name: audit_retentions
+-- Every stream's retention row.
+SELECT 0 AS stream, base_seq, base_hash, acked_seq FROM audit_retention WHERE id = 1;
 
 -- name: ack_audit
--- The cloud holds the audit log up to a seq (never moves back).
+-- The cloud holds a stream's audit log up to a seq (never moves back).
 INSERT INTO audit_retention (id, base_seq, base_hash, acked_seq)
-VALUES (1, 0, :genesis, :seq)
+SELECT 1, 0, :genesis, :seq WHERE :stream = 0
 ON CONFLICT (id) DO UPDATE SET acked_seq = max(audit_retention.acked_seq, excluded.acked_seq);
 
 -- name: audit_compact_point
--- The newest acknowledged row written before a time: compaction removes up to here.
+-- A stream's newest acknowledged row written before a time: compaction removes up to here.
 SELECT seq, hash FROM workflow_audit_log
-WHERE seq <= :acked_seq AND at < :before
+WHERE stream = :stream AND seq <= :acked_seq AND at < :before
 ORDER BY seq DESC LIMIT 1;
 
 -- name: set_audit_base
--- Move the retention base forward (first, so the delete trigger lets the rows go).
+-- Move a stream's retention base forward (first, so the delete trigger lets the rows go).
 UPDATE audit_retention SET base_seq = :seq, base_hash = :hash
-WHERE id = 1 AND base_seq < :seq;
+WHERE id = 1 AND :stream = 0 AND base_seq < :seq;
 
 -- name: delete_audit_through
--- Remove compacted audit rows, up to and including the base.
-DELETE FROM workflow_audit_log WHERE seq <= :seq;
+-- Remove a stream's compacted audit rows, up to and including the base.
+DELETE FROM workflow_audit_log WHERE stream = :stream AND seq <= :seq;
 
 -- name: compactable_runs
 -- Finished runs changed before a time, but not the ancestors of any run that stays.

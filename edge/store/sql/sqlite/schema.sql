@@ -63,7 +63,8 @@ CREATE TABLE workflow_steps (
 
 CREATE INDEX workflow_steps_by_run ON workflow_steps (run_id, seq);
 
--- Append-only, hash-chained (see edge/engine/audit.py). The triggers make an honest
+-- Append-only, hash-chained (see edge/engine/audit.py); a terminal has one stream (0),
+-- version is the hash rule each row was written with (1: before version 2 existed). The triggers make an honest
 -- mistake fail loudly; the chain makes a deliberate edit detectable.
 CREATE TABLE workflow_audit_log (
     seq       INTEGER PRIMARY KEY,
@@ -73,7 +74,9 @@ CREATE TABLE workflow_audit_log (
     detail    TEXT NOT NULL,
     at        REAL NOT NULL,
     prev_hash TEXT NOT NULL,
-    hash      TEXT NOT NULL
+    hash      TEXT NOT NULL,
+    stream    INTEGER NOT NULL DEFAULT 0,
+    version   INTEGER NOT NULL DEFAULT 1
 ) STRICT;
 
 CREATE INDEX workflow_audit_log_by_run ON workflow_audit_log (run_id, seq);
