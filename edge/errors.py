@@ -5,6 +5,7 @@
     TillflowError
     ├── DefinitionError        a workflow YAML is invalid (carries every Problem found)
     ├── ExpressionError        an expression is outside the safe subset, or failed to evaluate
+    ├── ImportPathError        a step's import path does not import (edge.engine.imports)
     ├── ConfigError            a command-line or settings value is unusable
     ├── NotFound
     │   ├── RunNotFound
@@ -13,15 +14,38 @@
     ├── InputError             resume input does not match the WAIT step's schema
     ├── StepError              raised by step code; ``retryable`` picks retry vs. fail now
     │   ├── StepTimeout
-    │   └── MergeConflict      PARALLEL results collided with ``on_conflict: error``
+    │   ├── MergeConflict      PARALLEL results collided with ``on_conflict: error``
+    │   ├── AuthorizationNotSent      the request never left the terminal (sale.payment_steps)
+    │   ├── AuthorizationUnanswered   sent, no answer: the outcome is unknown
+    │   └── RefundIrreversible        an approved refund cannot be undone (sale.txn_steps)
     ├── CodeChanged            a step's code changed under a running run (on_code_change: fail)
     ├── LimitExceeded          a step's guarded counter would pass its cap (``reason`` says which)
     ├── StoreError             the database refused or failed (translated from the driver)
     │   ├── MigrationError
     │   ├── LeaseLost          another worker advanced the run; this outcome was not committed
     │   └── StorageFull        the database cannot grow; new work is declined, nothing lost
-    └── BundleInvalid          a release bundle's signature or checksums do not verify
+    ├── BundleInvalid          a release bundle's signature or checksums do not verify
+    ├── CardDataError          card data unusable (edge.terminal.carddata)
+    │   ├── PanInvalid         not a card number
+    │   ├── CardKeyError       the card-data key file is missing, short or unreadable
+    │   └── CardTokenError     a PAN token does not decrypt under this key
+    ├── DeviceError            a peripheral or the acquirer failed (terminal.drivers.contracts)
+    │   ├── CardReadError
+    │   ├── PrinterError
+    │   │   ├── PaperOut       the operator refills, the run waits
+    │   │   └── PrinterJam
+    │   │       └── PrinterUnavailable   the printer service does not answer (devices_http)
+    │   ├── AcquirerUnavailable        not reached, or no answer (``outcome_unknown``)
+    │   └── AcquirerError              the acquirer answered with an error
+    └── PolicyError            a fraud policy problem (edge.terminal.sale.policy)
+        ├── PolicyInvalid
+        ├── PolicyVersionConflict
+        ├── NoPreviousPolicy
+        ├── PolicyStoreError
+        └── PolicyInputError
 
+Every error class of ``edge`` is drawn here, wherever it is defined
+(tests/unit/test_public_api.py walks the package and fails on one left out).
 Driver exceptions (apsw, psycopg) are translated where they are raised, with
 ``raise ... from exc``; nothing above the store sees a driver type.
 """

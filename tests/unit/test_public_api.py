@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import pkgutil
 import re
 
 import pytest
 
+import edge
 import edge.engine
 import edge.errors
 from edge.errors import StepError, StoreError, TillflowError
@@ -124,7 +126,8 @@ def test_errors__codes_are_distinct_and_non_empty():
     assert len(set(codes)) == len(codes)
 
 
-def test_errors__the_docstring_draws_the_same_tree():
+def drawn_tree() -> dict[str, str | None]:
+    """class -> parent, as ``edge.errors``' docstring draws them."""
     drawn: dict[str, str | None] = {}
     stack: list[str] = []
     root_column = None
@@ -140,7 +143,34 @@ def test_errors__the_docstring_draws_the_same_tree():
         del stack[depth:]
         drawn[m.group(1)] = stack[-1] if stack else None
         stack.append(m.group(1))
-    assert drawn == {name: parent for name, (parent, _, _) in ERROR_TREE.items()}
+    return drawn
+
+
+def every_error_class_of_edge() -> dict[str, str | None]:
+    """class -> parent, of every subclass of TillflowError that ``edge`` defines."""
+    for mod in pkgutil.walk_packages(edge.__path__, "edge."):
+        importlib.import_module(mod.name)
+    found: dict[str, str | None] = {"TillflowError": None}
+    todo = [TillflowError]
+    while todo:
+        cls = todo.pop()
+        for sub in cls.__subclasses__():
+            if sub.__module__.split(".")[0] == "edge":
+                assert sub.__name__ not in found, f"two error classes named {sub.__name__}"
+                found[sub.__name__] = cls.__name__
+                todo.append(sub)
+    return found
+
+
+def test_errors__the_docstring_draws_the_same_tree():
+    drawn = drawn_tree()
+    assert {n: drawn.get(n, "(not drawn)") for n in ERROR_TREE} == {
+        name: parent for name, (parent, _, _) in ERROR_TREE.items()
+    }
+
+
+def test_errors__the_docstring_draws_every_error_class_of_edge_wherever_it_is_defined():
+    assert drawn_tree() == every_error_class_of_edge()
 
 
 def test_errors__step_error_retryable_is_chosen_by_the_raiser():
