@@ -45,11 +45,9 @@ DEFAULT_BACKOFF_S = 0.05
 #: Connections per store: a worker process advances one run at a time, plus the
 #: heartbeat thread, plus one for a concurrent reader.
 DEFAULT_POOL_SIZE = 4
-#: Audit chains (streams): each commit locks only its runs' streams' head rows, so W
-#: workers wait on each other about W/N of the time instead of always (one chain). 16
-#: keeps that small for the worker counts a control plane runs (4-8 per host) while the
-#: verifier's cost stays one pass over the rows. Changing it later is safe: each row is
-#: chained in the stream it was written to, and a run's later rows may go to another.
+#: Audit chains: a commit locks only its runs' streams' head rows, so W workers collide
+#: about W/N of the time, not always; 16 keeps that small for 4-8 workers a host, and
+#: verifying costs one pass whatever N is. Safe to change: a row stays in its stream.
 DEFAULT_AUDIT_STREAMS = 16
 #: Any 64-bit number of ours: serialises migrations across processes.
 _MIGRATION_LOCK = 0x7417_F10E
@@ -83,6 +81,7 @@ class PostgresStore(RowReads):
         if audit_streams < 1:
             raise ValueError(f"audit_streams must be at least 1, not {audit_streams}")
         self.audit_streams = audit_streams
+        self._opts: dict[str, Any] = {"streams": audit_streams, "where": _redact(url)}
         self.url = url
         self.path = _redact(url)
         self.retries = retries
@@ -180,6 +179,9 @@ class PostgresStore(RowReads):
                 f"{type(exc).__name__}: {exc}".strip(), operation=operation, path=self.path
             ) from exc
 
+    def _tx(self, conn: Conn) -> _Tx:
+        return _Tx(conn, self._q)  # through _q: the bench counts statements there
+
     @staticmethod
     def _q(conn: Conn, name: str, params: Mapping[str, Any] | None = None) -> psycopg.Cursor[Any]:
         return conn.execute(_QUERIES[name], params or {})
@@ -251,25 +253,13 @@ class PostgresStore(RowReads):
 
     def start(self, commit: Commit) -> tuple[str, bool]:
         def insert(conn: Conn, attempt: int) -> tuple[str, bool]:
-            return writer.start_run(
-                _Tx(conn, self._q),
-                commit,
-                retry=attempt > 0,
-                streams=self.audit_streams,
-                where=self.path,
-            )
+            return writer.start_run(self._tx(conn), commit, retry=attempt > 0, **self._opts)
 
         return self._run("start", insert, pipeline=True)
 
     def commit(self, commit: Commit) -> None:
         def write(conn: Conn, attempt: int) -> None:
-            writer.write_commit(
-                _Tx(conn, self._q),
-                commit,
-                retry=attempt > 0,
-                streams=self.audit_streams,
-                where=self.path,
-            )
+            writer.write_commit(self._tx(conn), commit, retry=attempt > 0, **self._opts)
 
         try:
             self._run("commit", write, pipeline=True)
@@ -283,12 +273,8 @@ class PostgresStore(RowReads):
     def claim(
         self, run_id: str, expected_revision: int, owner: str, lease_expires_at: float
     ) -> RunRecord | None:
-        params = {
-            "run_id": run_id,
-            "expected_revision": expected_revision,
-            "owner": owner,
-            "lease_expires_at": lease_expires_at,
-        }
+        params = {"run_id": run_id, "expected_revision": expected_revision, "owner": owner}
+        params["lease_expires_at"] = lease_expires_at
 
         def take(conn: Conn, _: int) -> RunRecord | None:
             if self._q(conn, "claim_run", params).rowcount != 1:
@@ -317,7 +303,7 @@ class PostgresStore(RowReads):
 
     def acknowledge(self, ack: Acknowledgement) -> AckResult:
         def ack_in(conn: Conn, _: int) -> AckResult:
-            return writer.acknowledge(_Tx(conn, self._q), ack, outbox_bound=None, at=time.time())
+            return writer.acknowledge(self._tx(conn), ack, outbox_bound=None, at=time.time())
 
         return self._run("acknowledge", ack_in)
 
@@ -330,7 +316,7 @@ class PostgresStore(RowReads):
     ) -> Compaction:
         def compact_in(conn: Conn, _: int) -> Compaction:
             return writer.compact(
-                _Tx(conn, self._q),
+                self._tx(conn),
                 before=before,
                 counter_prefix=counter_prefix,
                 counters_before=counters_before,
@@ -363,7 +349,7 @@ class _Tx:
     in one round trip and synced when it ends."""
 
     def __init__(self, conn: Conn, run: Callable[[Conn, str, Mapping[str, Any] | None], Any]):
-        self._conn, self._run = conn, run  # run: the store's _q (a bench counts through it)
+        self._conn, self._run = conn, run
 
     def encode(self, value: Any) -> Jsonb:
         return Jsonb(value)
