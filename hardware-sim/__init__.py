@@ -27,7 +27,12 @@ imports nothing):
 * ``hwsim.killtorture`` -- the daemon SIGKILLed at random moments under payment load;
   ``hwsim.killcheck`` checks invariant 2 after each kill. Its parts:
   ``hwsim.killfaults`` (the kill hooks, the lost answer, the weather),
-  ``hwsim.killdaemon`` (the daemon process) and ``hwsim.killpos`` (the POS app).
+  ``hwsim.killdaemon`` (the daemon process), ``hwsim.killpos`` (the POS app) and
+  ``hwsim.killsync`` (a simulated cloud acknowledging through ``Terminal.acknowledge``
+  inside the daemon's loop).
+* ``hwsim.invariants`` -- the one checker of both tortures: the POS's book against the
+  acquirer's ledger, money held, reversals, the outbox, the offline exposure (released
+  exactly once per acknowledged or voided offline approval).
 * ``hwsim.torture`` -- ``make torture``: both, and the sweeps, with one JSON tally.
 * ``hwsim.demo`` -- ``make demo``: a simulated terminal through a network outage.
 * ``hwsim.demorig`` -- the demo's rig: the daemon as a process, the hardware controls.
