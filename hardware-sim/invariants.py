@@ -47,6 +47,7 @@ from hwsim.acquirer import LedgerEntry
 
 from edge.engine.context import idempotency_key
 from edge.store.base import OUTBOX_COUNTER
+from edge.terminal.sale.risk import released_marker
 
 __all__ = [
     "TERMINAL_STATUSES",
@@ -560,9 +561,13 @@ def _counters(snap: Snapshot) -> list[str]:
     for r in snap.runs.values():
         if r.workflow != "payment" or r.decision != "approved" or not r.offline:
             continue
-        if r.run_id in acked and r.run_id in voids_released:
-            twice.append(r.run_id)
-        if r.run_id not in acked and r.run_id not in voids_released:
+        # Acknowledged, voided, or both (a void, then the cloud's ack of the approval):
+        # given back once either way, which the payment's release marker records.
+        gone = r.run_id in acked or r.run_id in voids_released
+        marker = snap.counters.get(released_marker(r.run_id), (0, 0))[1]
+        if marker != int(gone):
+            twice.append((r.run_id, marker, gone))
+        if not gone:
             amount, count = amount + r.amount, count + 1
     held = tuple(snap.counters.get(OFFLINE_COUNTER, (0, 0)))
     if held != (amount, count):
@@ -572,7 +577,10 @@ def _counters(snap: Snapshot) -> list[str]:
             "offline counter is not released exactly once per acknowledged offline approval"
         )
     problems += [
-        f"offline payment {run_id} was released twice: voided and acknowledged" for run_id in twice
+        f"offline payment {run_id}'s release marker is {marker}, but it was "
+        f"{'acknowledged or voided' if gone else 'neither acknowledged nor voided'}: its "
+        "exposure was not given back exactly once"
+        for run_id, marker, gone in twice
     ]
     claims: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for r in snap.runs.values():
