@@ -32,7 +32,8 @@ imports nothing):
   inside the daemon's loop).
 * ``hwsim.invariants`` -- the one checker of both tortures: the POS's book against the
   acquirer's ledger, money held, reversals, the outbox, the offline exposure (released
-  exactly once per acknowledged or voided offline approval).
+  exactly once per acknowledged or voided offline approval); ``hwsim.readings``, the
+  data it reads (what the POS saw, the terminal as read).
 * ``hwsim.torture`` -- ``make torture``: both, and the sweeps, with one JSON tally.
 * ``hwsim.demo`` -- ``make demo``: a simulated terminal through a network outage.
 * ``hwsim.demorig`` -- the demo's rig: the daemon as a process, the hardware controls.

@@ -10,8 +10,8 @@ from edge.engine.context import StepContext
 from edge.engine.executor import InlineExecutor, PollingExecutor
 from edge.engine.loader import Workflow, load_file, load_text
 from edge.engine.ports import Executor, Store
-from edge.engine.records import RunRecord, Status
-from edge.engine.runtime import Engine, RunView
+from edge.engine.records import RunRecord, RunView, Status
+from edge.engine.runtime import Engine
 from edge.engine.worker import Worker
 
 __all__ = [

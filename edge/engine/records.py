@@ -198,3 +198,12 @@ class Commit:
     #: Identifies this commit, so a store that lost its connection during COMMIT can
     #: tell whether it landed (and must not be applied again).
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+@dataclass
+class RunView:
+    """Everything ``show`` reports about one run."""
+
+    run: RunRecord
+    steps: list[StepRecord]
+    audit: list[AuditRow]

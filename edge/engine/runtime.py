@@ -14,7 +14,6 @@ import random
 import threading
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -34,7 +33,7 @@ from edge.engine.loader import Workflow
 from edge.engine.navigation import Frames, Settled, step_path
 from edge.engine.outcomes import NO_RETRY
 from edge.engine.ports import Executor, Store
-from edge.engine.records import AuditEvent, AuditRow, Commit, RunRecord, Status, StepRecord
+from edge.engine.records import AuditEvent, Commit, RunRecord, RunView, Status, StepRecord
 from edge.engine.registry import Registry
 from edge.errors import (
     InputError,
@@ -55,15 +54,6 @@ DEFAULT_LEASE_S = 30.0
 #: reads the counters first decides differently on the second run; a third refusal
 #: means it ignores them.
 GUARD_RERUNS = 3
-
-
-@dataclass
-class RunView:
-    """Everything ``show`` reports about one run."""
-
-    run: RunRecord
-    steps: list[StepRecord]
-    audit: list[AuditRow]
 
 
 class Engine:
