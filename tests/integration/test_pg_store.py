@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -156,14 +155,14 @@ def _terminate_store_connections(url: str) -> set[int]:
     victims = _others(url)
     assert victims, "the store holds no connection to lose"
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
-        )
-    deadline = time.monotonic() + TERMINATE_TIMEOUT_S
-    while _others(url) & victims:
-        assert time.monotonic() < deadline, "the server did not terminate the backends"
-        time.sleep(0.02)
+        # With a timeout, pg_terminate_backend waits until the backend is gone (PG 14+).
+        done = conn.execute(
+            "SELECT pg_terminate_backend(pid, %s) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()",
+            (int(TERMINATE_TIMEOUT_S * 1000),),
+        ).fetchall()
+    assert all(ok for (ok,) in done), "the server did not terminate the backends in time"
+    assert not _others(url) & victims
     return victims
 
 
