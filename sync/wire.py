@@ -24,6 +24,7 @@ import base64
 import binascii
 import hashlib
 import json
+import math
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -40,11 +41,17 @@ MAX_BATCH_BYTES = 4 * 1024 * 1024  # decompressed body
 MAX_COMPRESSED_BYTES = 1024 * 1024
 MAX_FIELD_CHARS = 256  # ids, topics, names, reasons
 MAX_PAYLOAD_BYTES = 64 * 1024  # one outbox payload or audit detail, as canonical JSON
+#: How deep objects and arrays may nest in a message (the whole message, its own
+#: structure included): deeper is refused at decode, before anything recurses over it
+#: (``canonical_json`` would run out of stack a few hundred levels down).
+MAX_JSON_DEPTH = 32
+#: The largest integer a seq or count may be: what a signed 64-bit column holds.
+MAX_INT64 = 2**63 - 1
 
 Id = Annotated[str, Field(min_length=1, max_length=MAX_FIELD_CHARS)]
 Hex64 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 B64 = Annotated[str, Field(min_length=1, max_length=MAX_PAYLOAD_BYTES * 2)]
-Seq = Annotated[int, Field(ge=1)]
+Seq = Annotated[int, Field(ge=1, le=MAX_INT64)]
 
 
 class WireError(ValueError):
@@ -62,7 +69,8 @@ class WireError(ValueError):
 
 class _Wire(BaseModel):
     # strict: no coercion ("5" is not 5); ignore: a newer peer's extra fields are dropped.
-    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+    # allow_inf_nan=False: NaN and infinities have no canonical JSON form (nor a JSON one).
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True, allow_inf_nan=False)
 
 
 class _Message(_Wire):
@@ -135,7 +143,8 @@ class AuditEntry(_Wire):
     """One audit row, with every field its hash covers (``edge.engine.audit``)."""
 
     seq: Seq
-    chain: int = Field(0, ge=0)  # the row's audit stream on the device (a terminal: 0)
+    #: The row's audit stream on the device (a terminal: 0).
+    chain: int = Field(0, ge=0, le=MAX_INT64)
     run_id: str | None = Field(None, max_length=MAX_FIELD_CHARS)
     event: Id
     step: str | None = Field(None, max_length=MAX_FIELD_CHARS)
@@ -149,7 +158,7 @@ class AuditEntry(_Wire):
 class AuditBase(_Wire):
     """Where the device's kept audit chain starts (retention removed what is before)."""
 
-    seq: int = Field(ge=0)
+    seq: int = Field(ge=0, le=MAX_INT64)
     hash: Hex64
 
 
@@ -183,7 +192,7 @@ class SyncRequest(_Message):
     heartbeat: Heartbeat
     #: The highest command seq the device has taken (applied or refused): the server
     #: sends only commands after it.
-    commands_through: int = Field(0, ge=0)
+    commands_through: int = Field(0, ge=0, le=MAX_INT64)
 
 
 EntryStatus = Literal["applied", "duplicate", "conflict", "rejected"]
@@ -197,7 +206,7 @@ class EntryResult(_Wire):
 
 class ChainState(_Wire):
     state: Literal["ok", "broken"]
-    head_seq: int = Field(ge=0)
+    head_seq: int = Field(ge=0, le=MAX_INT64)
     first_bad_seq: int | None = None
     reason: str | None = None
 
@@ -233,7 +242,7 @@ class Document(_Wire):
     only grows (a rollback is a new version with the old content), and the content."""
 
     kind: Literal["config", "policy"]
-    version: int = Field(ge=1)
+    version: int = Field(ge=1, le=MAX_INT64)
     content: dict[str, Any]
 
 
@@ -305,14 +314,18 @@ def decode(data: bytes | str | Any, expect: type[M]) -> M:
     a known one and be ``expect``'s, and ``protocol_version`` one this side speaks."""
     if isinstance(data, bytes | str):
         try:
-            data = json.loads(data)
+            data = json.loads(data, parse_constant=_no_constant, parse_float=_finite)
         except (ValueError, UnicodeDecodeError) as exc:
             raise WireError("malformed_json", f"the body is not JSON: {exc}") from None
+        except RecursionError:
+            raise WireError("too_deep", f"nested deeper than {MAX_JSON_DEPTH} levels") from None
     if not isinstance(data, dict):
         raise WireError("wrong_type", f"expected a JSON object, got {type(data).__name__}")
+    if _too_deep(data, MAX_JSON_DEPTH):
+        raise WireError("too_deep", f"nested deeper than {MAX_JSON_DEPTH} levels")
     if issubclass(expect, _Message):
         kind = data.get("kind")
-        if kind not in MESSAGES:
+        if not isinstance(kind, str) or kind not in MESSAGES:
             raise WireError("unknown_kind", f"unknown message kind {kind!r}", "kind")
         if MESSAGES[kind] is not expect:
             want = expect.model_fields["kind"].default
@@ -329,6 +342,33 @@ def decode(data: bytes | str | Any, expect: type[M]) -> M:
         return expect.model_validate(data)
     except ValidationError as exc:
         raise _wire_error(exc) from None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return number
+
+
+def _too_deep(value: Any, room: int) -> bool:
+    """True when ``value`` nests objects/arrays more than ``room`` levels deep."""
+    if type(value) is dict:
+        items: Any = value.values()
+    elif type(value) is list:
+        items = value
+    else:
+        return False
+    if room == 0:
+        return True
+    for item in items:
+        if (type(item) is dict or type(item) is list) and _too_deep(item, room - 1):
+            return True
+    return False
 
 
 def _wire_error(exc: ValidationError) -> WireError:
