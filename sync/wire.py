@@ -326,7 +326,7 @@ def decode(data: bytes | str | Any, expect: type[M]) -> M:
     if issubclass(expect, _Message):
         kind = data.get("kind")
         if not isinstance(kind, str) or kind not in MESSAGES:
-            raise WireError("unknown_kind", f"unknown message kind {kind!r}", "kind")
+            raise WireError("unknown_kind", f"unknown message kind {kind!r:.80}", "kind")
         if MESSAGES[kind] is not expect:
             want = expect.model_fields["kind"].default
             raise WireError("wrong_kind", f"expected a {want}, got a {kind}", "kind")
@@ -334,7 +334,7 @@ def decode(data: bytes | str | Any, expect: type[M]) -> M:
         if type(version) is not int or version not in SUPPORTED_VERSIONS:
             raise WireError(
                 "unsupported_protocol_version",
-                f"protocol_version {version!r} is not served here; supported: "
+                f"protocol_version {version!r:.40} is not served here; supported: "
                 f"{', '.join(map(str, SUPPORTED_VERSIONS))}",
                 "protocol_version",
             )
