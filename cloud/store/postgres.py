@@ -24,7 +24,14 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from edge.engine.records import Acknowledgement, AckResult, Commit, Compaction, RunRecord
+from edge.engine.records import (
+    Acknowledgement,
+    AckResult,
+    CommandRecord,
+    Commit,
+    Compaction,
+    RunRecord,
+)
 from edge.errors import MigrationError, StorageFull, StoreError
 from edge.store import rows as rowmap
 from edge.store import writer
@@ -306,6 +313,18 @@ class PostgresStore(RowReads):
             return writer.acknowledge(self._tx(conn), ack, outbox_bound=None, at=time.time())
 
         return self._run("acknowledge", ack_in)
+
+    def record_command(self, rec: CommandRecord) -> bool:
+        def record(conn: Conn, attempt: int) -> bool:
+            return writer.record_command(
+                self._tx(conn),
+                rec,
+                outbox_bound=None,
+                streams=self.audit_streams,
+                retry=attempt > 0,
+            )
+
+        return self._run("record_command", record)
 
     def compact(
         self,

@@ -9,7 +9,7 @@ checked by ``tests/conformance`` against every store.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from edge.engine.clock import Clock
 from edge.engine.records import (
@@ -17,6 +17,7 @@ from edge.engine.records import (
     AckResult,
     AuditRetention,
     AuditRow,
+    CommandRecord,
     Commit,
     Compaction,
     OutboxMessage,
@@ -124,11 +125,43 @@ class OutboxSource(Protocol):
     def outbox_stats(self) -> OutboxStats:
         """Depth, payload bytes, oldest message time and last seq of the outbox."""
 
+    def database_id(self) -> str:
+        """The database's own id (32 lowercase hex), drawn once when it was created and
+        never changed: the sync protocol's ``stream``. A re-flashed or replaced database
+        draws a new one, so its outbox seqs never collide with the old database's."""
+
+    def audit_after(self, after_seq: int, limit: int, stream: int = 0) -> list[AuditRow]:
+        """Up to ``limit`` audit rows of ``stream`` with a seq above ``after_seq``, in seq
+        order (what the sync client uploads after the last acknowledged row)."""
+
     def acknowledge(self, ack: Acknowledgement) -> AckResult:
         """In one transaction: delete outbox messages up to ``ack.outbox_through``, apply
         ``ack.releases`` of exactly the messages deleted (never below zero: an ack always
         goes through), and mark the audit log held up to ``ack.audit_through`` (rows up
         to it may be compacted). Repeating an acknowledgement changes nothing."""
+
+
+class CommandLedger(Protocol):
+    """The commands a terminal took from the control plane, and the documents they
+    brought into force (DESIGN.md invariants 8 and 10). The engine never calls it."""
+
+    def command_high_water(self) -> int:
+        """The highest command seq recorded (applied or refused); 0 if none."""
+
+    def trusted_time(self) -> float | None:
+        """The latest ``issued_at`` of a recorded command (a time the control plane
+        signed): the terminal's clock may not be set back behind it. None if none."""
+
+    def active_document(self, kind: str) -> tuple[int, dict[str, Any]] | None:
+        """(version, content) of the highest version of a ``kind`` document, or None."""
+
+    def record_command(self, rec: CommandRecord) -> bool:
+        """In ONE transaction: if ``rec.seq`` is not None, compare-and-set it above the
+        high water (an equal or lower seq returns False and writes nothing), insert the
+        ledger row and ``rec.document``; then append ``rec.audit`` (chained as a
+        commit's) and ``rec.outbox`` (within the outbox bound, as a commit's). A part
+        that fails rolls back every part. With ``seq`` None only the audit events and
+        outbox messages are written. True when it was written."""
 
 
 class Maintenance(Protocol):

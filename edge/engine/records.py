@@ -6,7 +6,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 
 class Status(StrEnum):
@@ -198,6 +198,30 @@ class Commit:
     #: Identifies this commit, so a store that lost its connection during COMMIT can
     #: tell whether it landed (and must not be applied again).
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+@dataclass(frozen=True)
+class CommandRecord:
+    """A command from the control plane, as the terminal takes it: ONE transaction
+    (``CommandLedger.record_command``, DESIGN.md invariant 8).
+
+    ``seq`` not None: the ledger row (compare-and-set: ``seq`` must be above every seq
+    recorded, else nothing is written), the ``document`` it brings into force (only with
+    ``status`` applied: ``(kind, version, content)``), then ``audit`` and ``outbox``.
+    ``seq`` None: a command that never gets a ledger row (forged, replayed): only its
+    ``audit`` events (and ``outbox`` messages, if any) are written.
+    """
+
+    seq: int | None
+    command_id: str
+    action: str
+    status: Literal["applied", "refused"]
+    reason: str | None
+    issued_at: float
+    at: float
+    document: tuple[str, int, dict[str, Any]] | None = None
+    audit: list[AuditEvent] = field(default_factory=list)
+    outbox: list[OutboxMessage] = field(default_factory=list)
 
 
 @dataclass

@@ -20,7 +20,7 @@ from edge.engine.records import (
     Status,
     StepRecord,
 )
-from edge.errors import LimitExceeded
+from edge.errors import LimitExceeded, StoreError
 from edge.store import rows as rowmap
 
 log = logging.getLogger(__name__)
@@ -119,6 +119,37 @@ class RowReads:
             oldest=row["oldest"],
             last_seq=int(row["last_seq"]),
         )
+
+    def database_id(self) -> str:
+        value = self._scalar("database_id")
+        if value is None:
+            raise StoreError(
+                "the database has no stream id (database_meta); it was not migrated",
+                operation="database_id",
+                path=str(getattr(self, "path", "")),
+                hint="open it with migrate=True (schema 6 or later)",
+            )
+        return str(value)
+
+    def audit_after(self, after_seq: int, limit: int, stream: int = 0) -> list[AuditRow]:
+        params = {"stream": stream, "after_seq": after_seq, "limit": limit}
+        return [rowmap.audit_from_row(r, self._decode) for r in self._rows("audit_after", params)]
+
+    # --- CommandLedger (reads) ---------------------------------------------------------
+
+    def command_high_water(self) -> int:
+        return int(self._scalar("command_high_water") or 0)
+
+    def trusted_time(self) -> float | None:
+        value = self._scalar("trusted_time")
+        return None if value is None else float(value)
+
+    def active_document(self, kind: str) -> tuple[int, dict[str, Any]] | None:
+        found = self._rows("active_document", {"kind": kind})
+        if not found:
+            return None
+        content = self._decode(found[0]["content"])
+        return int(found[0]["version"]), dict(content)
 
     def counters(self) -> dict[str, tuple[int, int]]:
         return {r["name"]: (int(r["amount"]), int(r["count"])) for r in self._rows("counters")}

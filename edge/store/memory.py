@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -27,6 +28,7 @@ from edge.engine.records import (
     TERMINAL,
     Acknowledgement,
     AckResult,
+    CommandRecord,
     Commit,
     Compaction,
     RunRecord,
@@ -64,6 +66,10 @@ class MemoryDatabase:
     retention: dict[int, Row] = field(default_factory=dict)
     outbox: dict[int, Row] = field(default_factory=dict)
     counters: dict[str, Row] = field(default_factory=dict)
+    #: The database's own id, drawn when it is made (``OutboxSource.database_id``).
+    meta: dict[str, str] = field(default_factory=lambda: {"stream": secrets.token_hex(16)})
+    commands: dict[int, Row] = field(default_factory=dict)
+    documents: dict[tuple[str, int], Row] = field(default_factory=dict)
     #: Sequences, never reused (as SQLite's AUTOINCREMENT): steps, outbox, insertion order.
     last: dict[str, int] = field(default_factory=lambda: {"step": 0, "outbox": 0, "order": 0})
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
@@ -183,6 +189,12 @@ class MemoryStore(RowReads):
     def acknowledge(self, ack: Acknowledgement) -> AckResult:
         with self._tx() as tx:
             return writer.acknowledge(tx, ack, outbox_bound=self.outbox_bound, at=time.time())
+
+    def record_command(self, rec: CommandRecord) -> bool:
+        with self._tx() as tx:
+            return writer.record_command(
+                tx, rec, outbox_bound=self.outbox_bound, streams=self.audit_streams
+            )
 
     def compact(
         self,
@@ -526,6 +538,59 @@ class _Queries:
         for name in gone:
             del self.db.counters[name]
         return _answer(count=len(gone))
+
+    # --- sync: the database's id, the command ledger, documents ---------------------------
+
+    def q_database_id(self, p: P) -> writer.Answer:
+        return _answer([{"value": self.db.meta["stream"]}] if "stream" in self.db.meta else [])
+
+    def q_audit_after(self, p: P) -> writer.Answer:
+        found = [
+            r
+            for (s, seq), r in sorted(self.db.audit.items())
+            if s == p["stream"] and seq > p["after_seq"]
+        ]
+        return _answer(found[: p["limit"]])
+
+    def q_lock_command_ledger(self, p: P) -> writer.Answer:
+        return self.q_database_id(p)  # the store's one lock serialises every transaction
+
+    def q_insert_command(self, p: P) -> writer.Answer:
+        high = max(self.db.commands, default=0)
+        taken = any(c["command_id"] == p["command_id"] for c in self.db.commands.values())
+        if p["seq"] <= high or taken:
+            return _answer()
+        fields = ("seq", "command_id", "action", "status", "reason", "issued_at", "at")
+        self.db.commands[p["seq"]] = {k: p[k] for k in fields}
+        return _answer(count=1)
+
+    def q_get_command(self, p: P) -> writer.Answer:
+        found = [c for c in self.db.commands.values() if c["command_id"] == p["command_id"]]
+        return _answer(found)
+
+    def q_command_high_water(self, p: P) -> writer.Answer:
+        return _answer([{"seq": max(self.db.commands, default=0)}])
+
+    def q_trusted_time(self, p: P) -> writer.Answer:
+        times = [c["issued_at"] for c in self.db.commands.values()]
+        return _answer([{"at": max(times) if times else None}])
+
+    def q_insert_document(self, p: P) -> writer.Answer:
+        key = (p["kind"], p["version"])
+        if key in self.db.documents:
+            raise _conflict(f"document {key} exists")
+        if p["seq"] not in self.db.commands:
+            raise _conflict(f"document {key} names no ledger row {p['seq']}")
+        row = {k: p[k] for k in ("kind", "version", "content", "at")}
+        self.db.documents[key] = {**row, "command_seq": p["seq"]}
+        return _answer(count=1)
+
+    def q_active_document(self, p: P) -> writer.Answer:
+        mine = [d for (kind, _), d in sorted(self.db.documents.items()) if kind == p["kind"]]
+        found = max(mine, key=lambda d: d["version"]) if mine else None
+        return _answer(
+            [{"version": found["version"], "content": found["content"]}] if found else []
+        )
 
     # --- retention of runs ----------------------------------------------------------------
 

@@ -17,7 +17,14 @@ from typing import Any, Literal
 
 import apsw
 
-from edge.engine.records import Acknowledgement, AckResult, Commit, Compaction, RunRecord
+from edge.engine.records import (
+    Acknowledgement,
+    AckResult,
+    CommandRecord,
+    Commit,
+    Compaction,
+    RunRecord,
+)
 from edge.errors import MigrationError, StorageFull, StoreError
 from edge.store import writer
 from edge.store.base import RowReads
@@ -281,6 +288,10 @@ class SqliteStore(RowReads, FileUpkeep):
     def acknowledge(self, ack: Acknowledgement) -> AckResult:
         with self._tx("acknowledge") as tx:
             return writer.acknowledge(tx, ack, outbox_bound=self.outbox_bound, at=time.time())
+
+    def record_command(self, rec: CommandRecord) -> bool:
+        with self._tx("record_command") as tx:
+            return writer.record_command(tx, rec, outbox_bound=self.outbox_bound)
 
     def compact(
         self,

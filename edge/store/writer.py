@@ -28,9 +28,11 @@ from edge.engine.records import (
     Acknowledgement,
     AckResult,
     AuditEvent,
+    CommandRecord,
     Commit,
     Compaction,
     Guard,
+    OutboxMessage,
     RunRecord,
 )
 from edge.errors import LeaseLost, StoreError
@@ -139,10 +141,7 @@ def write_commit(
     if retry and not started and landed(tx, c):
         raise AlreadyApplied
     enc = tx.encode
-    guards = list(c.guards)
-    if outbox_bound is not None and c.outbox:
-        size = sum(len(_dumps(m.payload)) for m in c.outbox)
-        guards.append(replace(outbox_bound, amount=size, count=len(c.outbox)))
+    guards = list(c.guards) + _outbox_guard(c.outbox, outbox_bound)
     with tx.batch():
         if started:
             _insert_input(tx, c.run, None)
@@ -165,14 +164,7 @@ def write_commit(
         for parent in c.wake:
             tx.q("wake_run", {"run_id": parent, "at": c.run.updated_at})
         # Last, so the chains' locks are held only for the second batch and COMMIT.
-        chains: dict[int, list[AuditEvent]] = {}
-        for ev in c.audit:
-            chains.setdefault(stream_of(ev.run_id, streams), []).append(ev)
-        heads = {}
-        for stream in sorted(chains):
-            at = {"stream": stream, "genesis": GENESIS}
-            tx.q("ensure_audit_head", at)
-            heads[stream] = tx.q("audit_head", at)
+        chains, heads = _lock_heads(tx, c.audit, streams)
     if update is not None and update.count != 1:
         if landed(tx, c):
             raise AlreadyApplied
@@ -197,10 +189,96 @@ def write_commit(
         step.seq = int(result.rows()[0]["seq"])
     for msg, result in zip(c.outbox, outbox, strict=True):
         msg.seq = int(result.rows()[0]["seq"])
+    _append_chains(tx, chains, heads)
+
+
+def _outbox_guard(outbox: list[OutboxMessage], bound: Guard | None) -> list[Guard]:
+    """The outbox bound's change for ``outbox`` (none when unbounded or nothing queued)."""
+    if bound is None or not outbox:
+        return []
+    size = sum(len(_dumps(m.payload)) for m in outbox)
+    return [replace(bound, amount=size, count=len(outbox))]
+
+
+def _lock_heads(
+    tx: Tx, events: list[AuditEvent], streams: int
+) -> tuple[dict[int, list[AuditEvent]], dict[int, Result]]:
+    """Send the head locks of the streams ``events`` go to, in stream order (no
+    deadlock); the events by stream, and each stream's head result."""
+    chains: dict[int, list[AuditEvent]] = {}
+    for ev in events:
+        chains.setdefault(stream_of(ev.run_id, streams), []).append(ev)
+    heads = {}
+    for stream in sorted(chains):
+        at = {"stream": stream, "genesis": GENESIS}
+        tx.q("ensure_audit_head", at)
+        heads[stream] = tx.q("audit_head", at)
+    return chains, heads
+
+
+def _append_chains(
+    tx: Tx, chains: dict[int, list[AuditEvent]], heads: Mapping[int, Result]
+) -> None:
     if chains:
         with tx.batch():
             for stream, events in chains.items():
                 _append(tx, stream, events, heads[stream].rows())
+
+
+def record_command(
+    tx: Tx,
+    rec: CommandRecord,
+    *,
+    outbox_bound: Guard | None,
+    streams: int = 1,
+    retry: bool = False,
+) -> bool:
+    """One command from the control plane, in the caller's transaction
+    (``CommandLedger.record_command``): the ledger row by compare-and-set on the seq and
+    the document it brings, then its audit rows and outbox messages as a commit writes
+    them (chained, within the outbox bound). False, with nothing written, when the seq
+    is not above the high water. ``retry``: an earlier try may have landed unheard (the
+    ledger row is there with this seq): True without writing again."""
+    if rec.seq is not None:
+        if rec.document is not None and rec.status != "applied":
+            raise ValueError(f"command {rec.command_id}: a refused command brings no document")
+        if retry:
+            found = tx.q("get_command", {"command_id": rec.command_id}).rows()
+            if found and int(found[0]["seq"]) == rec.seq:
+                return True
+        tx.q("lock_command_ledger")
+        row = {
+            "seq": rec.seq,
+            "command_id": rec.command_id,
+            "action": rec.action,
+            "status": rec.status,
+            "reason": rec.reason,
+            "issued_at": rec.issued_at,
+            "at": rec.at,
+        }
+        if tx.q("insert_command", row).count != 1:
+            return False
+        if rec.document is not None:
+            kind, version, content = rec.document
+            params = {"kind": kind, "version": version, "content": tx.encode(content)}
+            tx.q("insert_document", {**params, "seq": rec.seq, "at": rec.at})
+    guards = _outbox_guard(rec.outbox, outbox_bound)
+    with tx.batch():
+        applied = []
+        for g in guards:
+            params = guard_params(g, rec.at)
+            tx.q("ensure_counter", params)
+            applied.append(tx.q("apply_counter", params))
+        enc = tx.encode
+        outbox = [tx.q("insert_outbox", rowmap.outbox_params(m, enc)) for m in rec.outbox]
+        chains, heads = _lock_heads(tx, rec.audit, streams)
+    for guard, result in zip(guards, applied, strict=True):
+        if result.count != 1:
+            raise guard_refused(guard)
+    for msg, result in zip(rec.outbox, outbox, strict=True):
+        msg.seq = int(result.rows()[0]["seq"])
+    _append_chains(tx, chains, heads)
+    return True
 
 
 def _append(tx: Tx, stream: int, events: list[AuditEvent], head: list[dict[str, Any]]) -> None:

@@ -153,7 +153,7 @@ def test_load_migrations__orders_by_number_not_by_listing(fake_package):
 
 def test_migrate__a_fresh_database_ends_at_the_latest_version(migrated, migrated_conn):
     latest = len(load_migrations("sqlite"))
-    assert migrated.schema_version() == latest == 5
+    assert migrated.schema_version() == latest == 6
     rows = migrated_conn.execute("SELECT version, name FROM schema_migrations").fetchall()
     assert rows == [
         (1, "initial"),
@@ -161,6 +161,7 @@ def test_migrate__a_fresh_database_ends_at_the_latest_version(migrated, migrated
         (3, "retention"),
         (4, "operation_key"),
         (5, "audit_streams"),
+        (6, "sync"),
     ]
 
 
@@ -169,11 +170,11 @@ def test_migrate__reopening_a_migrated_database_is_a_no_op(migrated, migrated_co
     migrated.close()
     again = SqliteStore(migrated.path)
     try:
-        assert again.schema_version() == 5
-        assert again.migrate() == 5
+        assert again.schema_version() == 6
+        assert again.migrate() == 6
     finally:
         again.close()
-    assert migrated_conn.execute("SELECT count(*) FROM schema_migrations").fetchall() == [(5,)]
+    assert migrated_conn.execute("SELECT count(*) FROM schema_migrations").fetchall() == [(6,)]
     assert schema_of(migrated_conn) == before
 
 

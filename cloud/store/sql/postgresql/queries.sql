@@ -265,3 +265,46 @@ DELETE FROM workflow_runs WHERE run_id = ANY(%(run_ids)s);
 -- name: delete_idle_counters
 -- Counters under a name prefix nobody has changed since a time (ended windows).
 DELETE FROM counters WHERE name LIKE %(prefix)s || '%%' AND updated_at < %(before)s;
+
+-- name: database_id
+-- The database's own id (the sync protocol's stream), drawn when it was created.
+SELECT value FROM database_meta WHERE key = 'stream';
+
+-- name: audit_after
+-- A stream's audit rows after a seq, in order (what the sync client uploads).
+SELECT * FROM workflow_audit_log WHERE stream = %(stream)s AND seq > %(after_seq)s
+ORDER BY seq LIMIT %(limit)s;
+
+-- name: lock_command_ledger
+-- Serialise commands: a concurrent one waits here, then sees this one's seq.
+SELECT value FROM database_meta WHERE key = 'stream' FOR UPDATE;
+
+-- name: insert_command
+-- A command's ledger row, only if its seq is above every seq recorded (compare-and-set).
+INSERT INTO command_ledger (seq, command_id, action, status, reason, issued_at, at)
+SELECT %(seq)s::bigint, %(command_id)s::text, %(action)s::text, %(status)s::text,
+    %(reason)s::text, %(issued_at)s::double precision, %(at)s::double precision
+WHERE %(seq)s::bigint > (SELECT coalesce(max(seq), 0) FROM command_ledger)
+  AND NOT EXISTS (SELECT 1 FROM command_ledger WHERE command_id = %(command_id)s);
+
+-- name: get_command
+-- A command's ledger row by its id.
+SELECT * FROM command_ledger WHERE command_id = %(command_id)s;
+
+-- name: command_high_water
+-- The highest command seq recorded (0 if none).
+SELECT coalesce(max(seq), 0) AS seq FROM command_ledger;
+
+-- name: trusted_time
+-- The latest time the control plane signed a recorded command at.
+SELECT max(issued_at) AS at FROM command_ledger;
+
+-- name: insert_document
+-- A document a command brought into force.
+INSERT INTO documents (kind, version, content, command_seq, at)
+VALUES (%(kind)s, %(version)s, %(content)s, %(seq)s, %(at)s);
+
+-- name: active_document
+-- The highest version of a kind of document.
+SELECT version, content FROM documents WHERE kind = %(kind)s
+ORDER BY version DESC LIMIT 1;

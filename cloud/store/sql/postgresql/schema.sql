@@ -147,3 +147,33 @@ CREATE TABLE counters (
     count      bigint NOT NULL DEFAULT 0,
     updated_at double precision NOT NULL
 );
+
+-- The database's own id (the sync protocol's stream), drawn once when it is created.
+CREATE TABLE database_meta (
+    key   text PRIMARY KEY,
+    value text NOT NULL
+);
+
+INSERT INTO database_meta (key, value)
+VALUES ('stream', md5(random()::text || clock_timestamp()::text));
+
+-- Commands taken from the control plane (applied or refused), one row per seq.
+CREATE TABLE command_ledger (
+    seq        bigint PRIMARY KEY,
+    command_id text NOT NULL UNIQUE,
+    action     text NOT NULL,
+    status     text NOT NULL CHECK (status IN ('applied', 'refused')),
+    reason     text,
+    issued_at  double precision NOT NULL,
+    at         double precision NOT NULL
+);
+
+-- Config and policy documents; the highest version of a kind is in force.
+CREATE TABLE documents (
+    kind        text NOT NULL,
+    version     bigint NOT NULL,
+    content     jsonb NOT NULL,
+    command_seq bigint NOT NULL REFERENCES command_ledger (seq),
+    at          double precision NOT NULL,
+    PRIMARY KEY (kind, version)
+);

@@ -254,3 +254,44 @@ DELETE FROM workflow_runs WHERE run_id IN (SELECT value FROM json_each(:run_ids)
 -- name: delete_idle_counters
 -- Counters under a name prefix nobody has changed since a time (ended windows).
 DELETE FROM counters WHERE name LIKE :prefix || '%' AND updated_at < :before;
+
+-- name: database_id
+-- The database's own id (the sync protocol's stream), drawn when it was created.
+SELECT value FROM database_meta WHERE key = 'stream';
+
+-- name: audit_after
+-- A stream's audit rows after a seq, in order (what the sync client uploads).
+SELECT * FROM workflow_audit_log WHERE stream = :stream AND seq > :after_seq
+ORDER BY seq LIMIT :limit;
+
+-- name: lock_command_ledger
+-- Serialise commands (SQLite: BEGIN IMMEDIATE already holds the write lock).
+SELECT value FROM database_meta WHERE key = 'stream';
+
+-- name: insert_command
+-- A command's ledger row, only if its seq is above every seq recorded (compare-and-set).
+INSERT INTO command_ledger (seq, command_id, action, status, reason, issued_at, at)
+SELECT :seq, :command_id, :action, :status, :reason, :issued_at, :at
+WHERE :seq > (SELECT coalesce(max(seq), 0) FROM command_ledger)
+  AND NOT EXISTS (SELECT 1 FROM command_ledger WHERE command_id = :command_id);
+
+-- name: get_command
+-- A command's ledger row by its id.
+SELECT * FROM command_ledger WHERE command_id = :command_id;
+
+-- name: command_high_water
+-- The highest command seq recorded (0 if none).
+SELECT coalesce(max(seq), 0) AS seq FROM command_ledger;
+
+-- name: trusted_time
+-- The latest time the control plane signed a recorded command at.
+SELECT max(issued_at) AS at FROM command_ledger;
+
+-- name: insert_document
+-- A document a command brought into force.
+INSERT INTO documents (kind, version, content, command_seq, at)
+VALUES (:kind, :version, :content, :seq, :at);
+
+-- name: active_document
+-- The highest version of a kind of document.
+SELECT version, content FROM documents WHERE kind = :kind ORDER BY version DESC LIMIT 1;

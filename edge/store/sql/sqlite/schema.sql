@@ -124,3 +124,32 @@ CREATE TABLE counters (
     count      INTEGER NOT NULL DEFAULT 0,
     updated_at REAL NOT NULL
 ) STRICT;
+
+-- The database's own id (the sync protocol's stream), drawn once when it is created.
+CREATE TABLE database_meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) STRICT;
+
+INSERT INTO database_meta (key, value) VALUES ('stream', lower(hex(randomblob(16))));
+
+-- Commands taken from the control plane (applied or refused), one row per seq.
+CREATE TABLE command_ledger (
+    seq        INTEGER PRIMARY KEY,
+    command_id TEXT NOT NULL UNIQUE,
+    action     TEXT NOT NULL,
+    status     TEXT NOT NULL CHECK (status IN ('applied', 'refused')),
+    reason     TEXT,
+    issued_at  REAL NOT NULL,
+    at         REAL NOT NULL
+) STRICT;
+
+-- Config and policy documents; the highest version of a kind is in force.
+CREATE TABLE documents (
+    kind        TEXT NOT NULL,
+    version     INTEGER NOT NULL,
+    content     TEXT NOT NULL,
+    command_seq INTEGER NOT NULL REFERENCES command_ledger (seq),
+    at          REAL NOT NULL,
+    PRIMARY KEY (kind, version)
+) STRICT;
