@@ -51,6 +51,12 @@ BINARY_VERSION = "1.4.0"
 AUDIT_BASE_HASH = hashlib.sha256(b"tillflow golden: the last row retention removed").hexdigest()
 
 
+def load(name: str, version: int = wire.PROTOCOL_VERSION) -> dict[str, Any]:
+    """The committed golden file ``name`` (without ``.json``) of protocol ``version``."""
+    content: dict[str, Any] = json.loads((GOLDEN / f"v{version}" / f"{name}.json").read_text())
+    return content
+
+
 def _key(name: str) -> Ed25519PrivateKey:
     return signing.load_private(KEY_BYTES[name])
 
