@@ -34,6 +34,9 @@ imports nothing):
   acquirer's ledger, money held, reversals, the outbox, the offline exposure (released
   exactly once per acknowledged or voided offline approval); ``hwsim.readings``, the
   data it reads (what the POS saw, the terminal as read).
+* ``hwsim.faultproxy`` -- ``FaultProxy``: a seeded HTTP/1.1 proxy between a terminal and
+  the cloud that drops, duplicates, delays, reorders and cuts requests mid-request and
+  mid-response; ``down``/``up``/``heal`` for outages.
 * ``hwsim.torture`` -- ``make torture``: both, and the sweeps, with one JSON tally.
 * ``hwsim.demo`` -- ``make demo``: a simulated terminal through a network outage.
 * ``hwsim.demorig`` -- the demo's rig: the daemon as a process, the hardware controls.
