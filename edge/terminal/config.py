@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -124,6 +125,50 @@ class Schedule(_Strict):
     input: dict[str, Any] = Field(default_factory=dict, description="run input")
 
 
+class ConfigDocument(_Strict):
+    """The content of a ``config`` document the control plane sends (``update_config``):
+    ``{"risk": {...}}``. The risk limits it names override the config file's; those it
+    leaves out keep the file's value (``with_document``). Validated whole before the
+    command is recorded as applied: a bad field refuses the command, never half of it."""
+
+    risk: dict[str, Any] = Field(
+        default_factory=dict, description="risk limits to override (RiskLimits fields)"
+    )
+
+    @field_validator("risk")
+    @classmethod
+    def _risk_limits(cls, risk: dict[str, Any]) -> dict[str, Any]:
+        RiskLimits.model_validate(risk)  # unknown names and bad values are errors
+        return risk
+
+    def with_document(self, risk: RiskLimits) -> RiskLimits:
+        """``risk`` (the file's limits) with this document's overrides in force."""
+        return RiskLimits.model_validate({**risk.model_dump(), **self.risk})
+
+
+#: Bytes in a KiB, for the cloud batch default.
+KIB = 1024
+
+
+class CloudConfig(_Strict):
+    """The control plane this terminal syncs with (``tillflow-edge enroll`` / ``run``)."""
+
+    url: str = Field(
+        min_length=1, description="control plane base URL, e.g. https://fleet.example.com"
+    )
+    enroll_token: str | None = Field(
+        None, description="one-time enrollment token, used on the first start if not enrolled"
+    )
+    sync_interval_s: float = Field(30, gt=0, description="seconds between syncs when idle")
+    batch_max_entries: int = Field(
+        500, ge=1, le=2000, description="outbox entries (and audit rows) per sync request"
+    )
+    batch_max_bytes: int = Field(
+        512 * KIB, ge=64 * KIB, description="bytes of entries per sync request, before gzip"
+    )
+    timeout_s: float = Field(10, gt=0, description="per-request timeout talking to the cloud")
+
+
 class EdgeConfig(_Strict):
     device_id: str = Field(
         min_length=1, max_length=64, description="this terminal's id", json_schema_extra=RESTART
@@ -198,6 +243,11 @@ class EdgeConfig(_Strict):
     peripherals: Peripherals = Field(Peripherals(), json_schema_extra=RESTART)
     schedules: list[Schedule] = Field(
         default_factory=list, description="cron-like triggers", json_schema_extra=RESTART
+    )
+    cloud: CloudConfig | None = Field(
+        None,
+        description="the control plane to sync with; none: the terminal never syncs",
+        json_schema_extra=RESTART,
     )
 
     @field_validator("currencies")
@@ -301,8 +351,17 @@ def options() -> list[tuple[str, str, str]]:
     def walk(model: type[BaseModel], prefix: str) -> None:
         for name, field in model.model_fields.items():
             ann = field.annotation
+            # An optional section (``cloud: CloudConfig | None``) lists its options too.
+            optional = get_origin(ann) in (Union, UnionType)
+            models = [
+                a
+                for a in (get_args(ann) if optional else ())
+                if isinstance(a, type) and issubclass(a, BaseModel)
+            ]
             if isinstance(ann, type) and issubclass(ann, BaseModel):
-                walk(ann, f"{prefix}{name}.")
+                models = [ann]
+            if models:
+                walk(models[0], f"{prefix}{name}.")
                 continue
             if field.is_required():
                 default = "required"

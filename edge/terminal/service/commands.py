@@ -34,6 +34,9 @@ signals:
 
 OpenStore = Callable[[argparse.Namespace], Any]
 
+#: What ``config check`` shows in place of a secret (the cloud enrollment token).
+REDACTED = "<redacted>"
+
 
 def add_commands(sub: Any, common: argparse.ArgumentParser, db: argparse.ArgumentParser) -> None:
     """``tillflow edge``: the terminal's subcommands under one ``edge`` command."""
@@ -115,6 +118,8 @@ def cmd_config(args: argparse.Namespace, open_store: OpenStore) -> int:
 
     cfg = load_config(args.file)
     dumped = cfg.model_dump(mode="json")
+    if isinstance(dumped.get("cloud"), dict) and dumped["cloud"].get("enroll_token"):
+        dumped["cloud"]["enroll_token"] = REDACTED  # a secret: never printed or logged
     if args.json:
         print(json.dumps(dumped, indent=2))
         return EXIT_OK
@@ -123,7 +128,7 @@ def cmd_config(args: argparse.Namespace, open_store: OpenStore) -> int:
     for name, _default, _ in options():
         value: Any = dumped
         for part in name.split("."):
-            value = value[part]
+            value = None if value is None else value[part]  # an absent section: null
         print(f"  {name:<40} {json.dumps(value, ensure_ascii=False)}")
     return EXIT_OK
 

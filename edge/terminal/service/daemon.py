@@ -16,7 +16,8 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,12 @@ log = logging.getLogger(__name__)
 #: Seconds the main loop waits between turns when nothing is due: short enough to keep
 #: the watchdog fed (it pings every WatchdogSec/2 = 15 s) and to run due retries promptly.
 LOOP_S = 1.0
+#: How long a stop waits for the background services (from the moment it begins, so it
+#: overlaps the POS requests' grace): inside the unit's TimeoutStopSec=30 with the rest.
+BACKGROUND_JOIN_S = 10.0
+
+#: A background service: runs until ``stop`` is set (``Daemon(background=...)``).
+Background = Callable[[Terminal, threading.Event], None]
 
 
 class JsonFormatter(logging.Formatter):
@@ -93,15 +100,23 @@ class Daemon:
         peripherals: Callable[[EdgeConfig], Peripherals] = http_peripherals,
         clock: Clock | None = None,
         turns: Mapping[str, Callable[[Terminal], object]] | None = None,
+        background: Sequence[Background] = (),
     ) -> None:
         """``turns``: more work for each turn of the main loop, by name (a store error in
-        one is logged and retried next turn, like the loop's own): the place of a sync
-        client (``hwsim.killsync`` puts the kill torture's there)."""
+        one is logged and retried next turn, like the loop's own; ``hwsim.killsync``
+        puts the kill torture's there).
+
+        ``background``: services that run beside the main loop, each in its own thread,
+        as ``service(terminal, stop)``: started after READY, told to stop by ``stop`` (the
+        daemon's own stop event, set by SIGTERM), and joined -- for at most
+        ``BACKGROUND_JOIN_S`` -- before the terminal closes. The sync client is one
+        (``sync.device``); one that raises is logged and recorded in ``last_error``."""
         self.config_path = config_path
         self.notifier = notifier or Notifier.from_environment()
         self.make_peripherals = peripherals
         self.clock = clock or SystemClock()
         self.turns = dict(turns or {})
+        self.background = list(background)
         self.stop = threading.Event()
         self.reload = threading.Event()
 
@@ -131,6 +146,7 @@ class Daemon:
             extra={"action": "ready", "device_id": cfg.device_id},
         )
         watchdog.start()
+        threads = [self._start_background(terminal, service) for service in self.background]
         next_maintenance = self.clock.now()  # once at start, then every interval
         try:
             while not self.stop.is_set():
@@ -150,6 +166,8 @@ class Daemon:
                 wait = LOOP_S if due is None else min(LOOP_S, max(0.0, due - self.clock.now()))
                 self.stop.wait(wait)
         finally:
+            self.stop.set()  # the background services stop alongside the server
+            joined_by = time.monotonic() + BACKGROUND_JOIN_S
             self.notifier.stopping(status="finishing requests in flight")
             watchdog.stop()
             try:
@@ -158,10 +176,39 @@ class Daemon:
                 # checkpoint below runs well inside the unit's TimeoutStopSec=30.
                 server.stop()
             finally:
+                self._join_background(threads, joined_by)
                 terminal.store.checkpoint()
                 terminal.close()
             log.info("terminal %s stopped", cfg.device_id, extra={"action": "stopped"})
         return 0
+
+    def _start_background(self, terminal: Terminal, service: Background) -> threading.Thread:
+        name = getattr(service, "__name__", type(service).__name__)
+
+        def run() -> None:
+            try:
+                service(terminal, self.stop)
+            except Exception as exc:  # a background service never takes the daemon down
+                terminal.last_error = f"{name} stopped: {type(exc).__name__}: {exc}"
+                log.exception("background service %s stopped", name, extra={"action": name})
+
+        thread = threading.Thread(target=run, name=f"tillflow-{name}", daemon=True)
+        thread.start()
+        return thread
+
+    @staticmethod
+    def _join_background(threads: list[threading.Thread], by: float) -> None:
+        """Wait for the background services until ``by`` (monotonic); one still running
+        then is left (a daemon thread) and named in the log, the stop goes on."""
+        for thread in threads:
+            thread.join(max(0.0, by - time.monotonic()))
+            if thread.is_alive():
+                log.warning(
+                    "background service %s did not stop within %.0f s; closing anyway",
+                    thread.name,
+                    BACKGROUND_JOIN_S,
+                    extra={"action": "background_join"},
+                )
 
     @staticmethod
     def _turn(terminal: Terminal, what: str, fn: Callable[[], object]) -> None:

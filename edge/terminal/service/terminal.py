@@ -12,6 +12,8 @@ import logging
 import random
 from typing import Any, Protocol
 
+from pydantic import ValidationError
+
 from edge.engine import Clock, Engine, InlineExecutor, Status, SystemClock
 from edge.engine.loader import load_file
 from edge.engine.ports import OutboxSource
@@ -19,7 +21,7 @@ from edge.engine.records import Acknowledgement, Guard, OutboxMessage
 from edge.errors import StorageFull
 from edge.store.sqlite import Checkpoint, CheckpointMode, SqliteStore, Storage
 from edge.terminal.carddata import DataKey
-from edge.terminal.config import EdgeConfig, on_reload
+from edge.terminal.config import ConfigDocument, EdgeConfig, RiskLimits, on_reload
 from edge.terminal.sale import WORKFLOWS, risk
 from edge.terminal.sale.services import (
     Peripherals,
@@ -70,8 +72,11 @@ def offline_acknowledgement(
 
 
 class BudgetedStore(TerminalStore, Protocol):
-    """A terminal's store: what the steps use, and the upkeep of a database file held to
-    a size budget (invariant 7), which ``maintain`` and health call."""
+    """A terminal's store: what the steps use, the upkeep of a database file held to a
+    size budget (invariant 7), which ``maintain`` and health call, and the documents the
+    control plane's commands brought into force (``refresh_documents``)."""
+
+    def active_document(self, kind: str) -> tuple[int, dict[str, Any]] | None: ...
 
     def storage(self) -> Storage: ...
 
@@ -113,11 +118,15 @@ class Terminal:
         self.store: BudgetedStore = store if store is not None else open_store(cfg, vfs=vfs)
         self.last_maintenance: dict[str, Any] | None = None
         self.data_key = DataKey.load_or_create(cfg.data_dir / "keys")
-        self.policy = self._load_policy()
         self.peripherals = peripherals
         self.last_error: str | None = None
         #: Restart-only options a reload changed: in force at the next start.
         self.restart_pending: list[str] = []
+        #: The version of the config document in force (None: the file's limits alone).
+        self.config_version: int | None = None
+        self._compiled_documents: dict[int, Any] = {}  # policy document version -> compiled
+        self._file_policy = self._load_policy()
+        limits, self.policy = self._in_force()
         self.engine = Engine(
             self.store,
             # A daemon never sleeps a request thread through a backoff: recover() and the
@@ -128,7 +137,7 @@ class Terminal:
                 peripherals,
                 store=self.store,
                 data_key=self.data_key,
-                limits=cfg.risk,
+                limits=limits,
                 device_id=cfg.device_id,
                 policy=self.policy,
                 card_timeout_s=cfg.peripherals.card_reader.timeout_s,
@@ -154,11 +163,67 @@ class Terminal:
         and health, say what is enforced. Returns the restart-only options that changed,
         also in health's ``restart_pending``: they wait for the next start."""
         self.cfg, self.restart_pending = on_reload(self.cfg, loaded)
-        self.policy = self._load_policy()
-        self.engine.services = dataclasses.replace(
-            self.services, limits=self.cfg.risk, policy=self.policy
-        )
+        self._file_policy = self._load_policy()
+        self._put_in_force()
         return self.restart_pending
+
+    def refresh_documents(self) -> None:
+        """Take the documents the control plane's commands stored into use, as a reload
+        would: the active config document's risk limits over the file's, and the active
+        policy document when its version is above the file's policy. Called by the sync
+        client after a command committed; at start the terminal reads them itself."""
+        self._put_in_force()
+
+    def active_policy_version(self) -> int | None:
+        """The version of the fraud policy in force (file or document), or None."""
+        return None if self.policy is None else int(self.policy.version)
+
+    def _put_in_force(self) -> None:
+        limits, self.policy = self._in_force()
+        self.engine.services = dataclasses.replace(self.services, limits=limits, policy=self.policy)
+
+    def _in_force(self) -> tuple[RiskLimits, Any]:
+        """The risk limits and the fraud policy in force: the file's, with the stored
+        documents over them (a config document's limits; a policy document of a higher
+        version than the file's). A document this build cannot read is reported in
+        ``last_error`` and left out, never fatal."""
+        limits, policy = self.cfg.risk, self._file_policy
+        self.config_version = None
+        found = self.store.active_document("config")
+        if found is not None:
+            version, content = found
+            try:
+                limits = ConfigDocument.model_validate(content).with_document(limits)
+                self.config_version = version
+            except ValidationError as exc:
+                self._document_error("config", version, exc)
+        found = self.store.active_document("policy")
+        if found is not None and (policy is None or found[0] > policy.version):
+            version, content = found
+            try:
+                policy = self._compiled_document(version, content)
+            except ValidationError as exc:
+                self._document_error("policy", version, exc)
+        return limits, policy
+
+    def _compiled_document(self, version: int, content: dict[str, Any]) -> Any:
+        from edge.terminal.sale.policy import PolicyDocument, compile_policy
+
+        if version not in self._compiled_documents:  # a document's version never changes
+            self._compiled_documents = {
+                version: compile_policy(PolicyDocument.model_validate(content))
+            }
+        return self._compiled_documents[version]
+
+    def _document_error(self, kind: str, version: int, exc: ValidationError) -> None:
+        self.last_error = f"{kind} document version {version} is unusable: {exc.errors()[0]['msg']}"
+        log.error(
+            "%s document version %d is unusable, left out: %s",
+            kind,
+            version,
+            exc,
+            extra={"action": "document_unusable"},
+        )
 
     def _load_policy(self) -> Any:
         if self.cfg.policy_file is None:
@@ -279,7 +344,9 @@ class Terminal:
             # Runs retrying a reversal (an authorisation with no answer, a void): money
             # may be held until the acquirer answers; more than a few means a long outage.
             "reversals_pending": self._reversals_pending(),
-            "policy_version": None if self.policy is None else self.policy.version,
+            "policy_version": self.active_policy_version(),
+            # The control plane's config document in force (None: the file's limits).
+            "config_version": self.config_version,
             "link_up": self.peripherals.link.is_up(),
             "last_error": self.last_error,
             "restart_pending": list(self.restart_pending),
