@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from pydantic import BaseModel
 
 from edge.engine.audit import link
 from edge.engine.records import AuditEvent
@@ -72,7 +71,7 @@ def _keys(*names: str) -> dict[str, dict[str, str]]:
     }
 
 
-def _json(model: BaseModel) -> Any:
+def _json(model: wire._Wire) -> Any:
     return json.loads(wire.encode(model))
 
 
