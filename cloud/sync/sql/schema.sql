@@ -1,0 +1,165 @@
+-- The sync service's full current schema: what applying every migration in
+-- migrations/ produces (a test checks the two converge; change both together).
+
+CREATE TABLE devices (
+    device_id           text PRIMARY KEY,
+    store               text NOT NULL,
+    group_name          text,
+    public_key          text NOT NULL,
+    status              text NOT NULL CHECK (status IN ('active', 'revoked')),
+    enrolled_at         double precision NOT NULL,
+    binary_version      text,
+    hardware            jsonb NOT NULL DEFAULT '{}',
+    previous_public_key text,
+    rotated_at          double precision,
+    revoked_at          double precision,
+    -- the last command seq allocated to the device (the next is this + 1)
+    command_seq         bigint NOT NULL DEFAULT 0,
+    -- outbox entries whose key was held with other content (quarantined)
+    conflicts           bigint NOT NULL DEFAULT 0
+);
+
+CREATE INDEX devices_by_store ON devices (store, device_id);
+
+-- Only the token's SHA-256 is kept; the clear token is shown once, when it is made.
+CREATE TABLE enroll_tokens (
+    token_hash text PRIMARY KEY,
+    store      text NOT NULL,
+    group_name text,
+    created_at double precision NOT NULL,
+    expires_at double precision NOT NULL,
+    used_at    double precision,
+    device_id  text
+);
+
+-- Request nonces per device, kept twice the skew window (then pruned).
+CREATE TABLE device_nonces (
+    device_id text NOT NULL REFERENCES devices (device_id) ON DELETE CASCADE,
+    nonce     text NOT NULL,
+    seen_at   double precision NOT NULL,
+    PRIMARY KEY (device_id, nonce)
+);
+
+CREATE INDEX device_nonces_by_age ON device_nonces (device_id, seen_at);
+
+-- Per device database (stream): the highest outbox seq acknowledged (never lowered).
+CREATE TABLE sync_streams (
+    device_id    text NOT NULL,
+    stream       text NOT NULL,
+    outbox_acked bigint NOT NULL,
+    updated_at   double precision NOT NULL,
+    PRIMARY KEY (device_id, stream)
+);
+
+-- Outbox messages, applied once per (device, stream, seq). No foreign key: the bulk
+-- insert of a batch checks nothing per row but its key.
+CREATE TABLE sync_messages (
+    device_id    text NOT NULL,
+    stream       text NOT NULL,
+    seq          bigint NOT NULL,
+    message_id   text NOT NULL,
+    run_id       text,
+    step         text,
+    topic        text NOT NULL,
+    payload      jsonb NOT NULL,
+    created_at   double precision NOT NULL,
+    content_hash text NOT NULL,
+    received_at  double precision NOT NULL,
+    PRIMARY KEY (device_id, stream, seq)
+);
+
+-- The devices' audit rows, every field the hash covers, verified before they land.
+CREATE TABLE device_audit (
+    device_id text NOT NULL,
+    stream    text NOT NULL,
+    chain     bigint NOT NULL,
+    seq       bigint NOT NULL,
+    run_id    text,
+    event     text NOT NULL,
+    step      text,
+    detail    jsonb NOT NULL,
+    at        double precision NOT NULL,
+    prev_hash text NOT NULL,
+    hash      text NOT NULL,
+    version   integer NOT NULL,
+    PRIMARY KEY (device_id, stream, chain, seq)
+);
+
+-- One row per device audit chain: where it starts (base), the last row verified
+-- (head), and whether it broke (first bad seq, why, when).
+CREATE TABLE audit_chains (
+    device_id     text NOT NULL,
+    stream        text NOT NULL,
+    chain         bigint NOT NULL,
+    base_seq      bigint NOT NULL,
+    base_hash     text NOT NULL,
+    head_seq      bigint NOT NULL,
+    head_hash     text NOT NULL,
+    state         text NOT NULL CHECK (state IN ('ok', 'broken')),
+    first_bad_seq bigint,
+    reason        text,
+    broken_at     double precision,
+    updated_at    double precision NOT NULL,
+    PRIMARY KEY (device_id, stream, chain)
+);
+
+-- Rejected and conflicting outbox entries, and audit rows a chain could not take:
+-- acknowledged (outbox) yet kept for an operator to replay or discard. ``entry`` is
+-- JSON text (ASCII-escaped) so that anything a device sent can be kept as sent.
+CREATE TABLE quarantine (
+    quarantine_id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    device_id     text NOT NULL,
+    stream        text NOT NULL,
+    seq           bigint NOT NULL,
+    kind          text NOT NULL CHECK (kind IN ('outbox', 'audit')),
+    reason        text NOT NULL,
+    detail        text NOT NULL,
+    entry         text NOT NULL,
+    fingerprint   text NOT NULL,
+    received_at   double precision NOT NULL,
+    status        text NOT NULL DEFAULT 'open'
+                  CHECK (status IN ('open', 'replayed', 'discarded')),
+    UNIQUE (device_id, stream, kind, seq, fingerprint)
+);
+
+CREATE INDEX quarantine_open ON quarantine (device_id, received_at) WHERE status = 'open';
+
+-- Commands, sealed when made: ``envelope`` is the wire.Envelope JSON sent as is.
+CREATE TABLE commands (
+    command_id   text PRIMARY KEY,
+    device_id    text NOT NULL REFERENCES devices (device_id),
+    seq          bigint NOT NULL,
+    action       text NOT NULL,
+    envelope     text NOT NULL,
+    document     jsonb,
+    status       text NOT NULL DEFAULT 'queued'
+                 CHECK (status IN ('queued', 'delivered', 'applied', 'refused', 'expired')),
+    reason       text,
+    created_at   double precision NOT NULL,
+    expires_at   double precision NOT NULL,
+    delivered_at double precision,
+    result_at    double precision,
+    UNIQUE (device_id, seq)
+);
+
+CREATE INDEX commands_pending ON commands (device_id, seq)
+    WHERE status IN ('queued', 'delivered');
+
+-- Config and policy documents the control plane sends; a version only grows per kind,
+-- fleet-wide. (Not ``documents``: that is the engine store's table of the documents in
+-- force on a database, which a terminal's own store has.)
+CREATE TABLE sync_documents (
+    kind       text NOT NULL CHECK (kind IN ('config', 'policy')),
+    version    bigint NOT NULL,
+    content    jsonb NOT NULL,
+    created_at double precision NOT NULL,
+    PRIMARY KEY (kind, version)
+);
+
+-- The latest heartbeat per device, and when it was last seen.
+CREATE TABLE device_health (
+    device_id    text PRIMARY KEY REFERENCES devices (device_id) ON DELETE CASCADE,
+    stream       text NOT NULL,
+    heartbeat    jsonb NOT NULL,
+    last_seen_at double precision NOT NULL
+);
