@@ -1,5 +1,5 @@
-"""The frozen binary's script: everything else is ``edge.terminal.service.main``."""
+"""The frozen binary's script: everything else is ``sync.device.main``."""
 
-from edge.terminal.service.main import main
+from sync.device.main import main
 
 raise SystemExit(main())

@@ -183,7 +183,7 @@ class Daemon:
         return 0
 
     def _start_background(self, terminal: Terminal, service: Background) -> threading.Thread:
-        name = getattr(service, "__name__", type(service).__name__)
+        name = str(getattr(service, "name", None) or getattr(service, "__name__", "background"))
 
         def run() -> None:
             try:

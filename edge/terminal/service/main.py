@@ -1,4 +1,9 @@
-"""``tillflow-edge``: the terminal's own command, and the frozen binary's entry point.
+"""The terminal's commands as one parser: what ``tillflow-edge`` is made of.
+
+The ``tillflow-edge`` console script and the frozen binary's entry point are
+``sync.device.main``, which mounts these same commands and adds what needs ``sync``
+(``enroll``, the daemon with its sync client); edge never imports sync. This module keeps
+``build_info`` and ``--version`` for it, and ``main`` for the commands without sync.
 
 It mounts the terminal's commands of ``tillflow`` (the same functions, so a command
 behaves alike from source and frozen) without the engine-only and cloud commands::
@@ -28,7 +33,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["build_info", "main"]
+__all__ = ["VersionAction", "build_info", "main", "version_line"]
 
 #: Module the PyInstaller spec (packaging/tillflow-edge.spec) writes at build time.
 BUILD_INFO_MODULE = "tillflow_build_info"
@@ -72,7 +77,7 @@ def _source_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def _version_line() -> str:
+def version_line() -> str:
     b = build_info()
     if b["built"] is None:
         commit = f", commit {b['commit']}" if b["commit"] else ""
@@ -80,14 +85,14 @@ def _version_line() -> str:
     return f"tillflow-edge {b['version']} (commit {b['commit']}, built {b['built']})"
 
 
-class _VersionAction(argparse.Action):
+class VersionAction(argparse.Action):
     """``--version`` that reads the build info only when asked."""
 
     def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
         super().__init__(option_strings, dest, nargs=0, help="print version, commit, build date")
 
     def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
-        print(_version_line())
+        print(version_line())
         parser.exit()
 
 
@@ -101,7 +106,7 @@ def _parser() -> argparse.ArgumentParser:
         description="The Tillflow payment terminal: the daemon beside the POS app and its "
         "maintenance commands (from source also `tillflow edge COMMAND`).",
     )
-    p.add_argument("--version", action=_VersionAction)
+    p.add_argument("--version", action=VersionAction)
     sub = p.add_subparsers(dest="edge_command", required=True, metavar="COMMAND")
     terminal_cli.add_subcommands(sub, common, db)
     return p

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from edge.engine import Clock, Engine, InlineExecutor, Status, SystemClock
 from edge.engine.loader import load_file
-from edge.engine.ports import OutboxSource
+from edge.engine.ports import CommandLedger, OutboxSource
 from edge.engine.records import Acknowledgement, Guard, OutboxMessage
 from edge.errors import StorageFull
 from edge.store.sqlite import Checkpoint, CheckpointMode, SqliteStore, Storage
@@ -71,12 +71,10 @@ def offline_acknowledgement(
     return Acknowledgement(outbox_through, audit_through, releases)
 
 
-class BudgetedStore(TerminalStore, Protocol):
+class BudgetedStore(TerminalStore, CommandLedger, Protocol):
     """A terminal's store: what the steps use, the upkeep of a database file held to a
-    size budget (invariant 7), which ``maintain`` and health call, and the documents the
-    control plane's commands brought into force (``refresh_documents``)."""
-
-    def active_document(self, kind: str) -> tuple[int, dict[str, Any]] | None: ...
+    size budget (invariant 7), which ``maintain`` and health call, and the ledger of the
+    control plane's commands, whose documents ``refresh_documents`` puts in force."""
 
     def storage(self) -> Storage: ...
 

@@ -1,0 +1,312 @@
+"""The control plane's commands, as the terminal takes them (DESIGN.md invariants 8, 10).
+
+Each envelope of a sync response is checked, in this order:
+
+1. **signature** with the pinned control-plane key, over the exact bytes carried
+   (``signing.open_envelope``): a bad one is *forged*;
+2. **sequence**: strictly above every seq taken (``command_high_water``), else *replayed*;
+3. **audience** (``device_id`` is this device's), else *misaddressed*;
+4. **schema version** one this build reads (``wire.COMMAND_SCHEMA_VERSIONS``), else
+   *unsupported_schema*;
+5. **expiry** against trusted time -- the later of this terminal's clock and the latest
+   time the control plane signed a recorded command at (``trusted_time``) -- else
+   *expired*: setting the clock back does not revive an expired command;
+6. **the document**: present and of the kind the action needs, valid content, and a
+   version above the one in force (versions only grow: a rollback is a new version
+   with the old content), else *invalid_document* or *stale_version*.
+
+A forged or replayed command gets no ledger row: one ``command_refused`` audit row says
+why, and nothing else changes (``record_command(seq=None)``). Any other refusal is a
+ledger row with status ``refused`` (the seq advances, so one bad command never stalls
+those behind it), a ``command_refused`` audit row and a ``command_result`` outbox
+message. A valid command's effect -- the document stored, or a ``health`` message
+queued -- commits in the same transaction as its ledger row, its ``command_applied``
+audit row and its ``command_result``; the terminal then puts the documents in force
+(``refresh_documents``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import ValidationError
+
+from edge.engine.clock import Clock
+from edge.engine.records import AuditEvent, CommandRecord, OutboxMessage
+from edge.terminal.config import ConfigDocument
+from edge.terminal.sale.policy import PolicyDocument
+from sync import signing, wire
+from sync.device.identity import DeviceIdentity
+from sync.device.ports import SyncStore, TerminalHooks
+
+log = logging.getLogger(__name__)
+
+#: Why a command was refused (the ledger's ``reason``, the audit row's, the result's).
+FORGED = "forged"
+REPLAYED = "replayed"
+MISADDRESSED = "misaddressed"
+UNSUPPORTED_SCHEMA = "unsupported_schema"
+EXPIRED = "expired"
+INVALID_DOCUMENT = "invalid_document"
+STALE_VERSION = "stale_version"
+INVALID_COMMAND = "invalid_command"
+
+RESULT_TOPIC = "command_result"
+HEALTH_TOPIC = "health"
+#: The document kind each action brings into force.
+DOCUMENT_OF = {"update_config": "config", "activate_policy": "policy"}
+
+
+@dataclass(frozen=True)
+class CommandOutcome:
+    """What became of one envelope. ``ignored``: forged or replayed, no ledger row."""
+
+    command_id: str | None
+    seq: int | None
+    action: str | None
+    status: Literal["applied", "refused", "ignored"]
+    reason: str | None = None
+    #: (kind, version) of the document an applied command brought into force.
+    document: tuple[str, int] | None = None
+
+
+class CommandProcessor:
+    """Verifies and takes the commands of sync responses for one enrolled device."""
+
+    def __init__(
+        self, identity: DeviceIdentity, store: SyncStore, terminal: TerminalHooks, clock: Clock
+    ) -> None:
+        self.identity = identity
+        self.store = store
+        self.terminal = terminal
+        self.clock = clock
+        self._public = identity.control_plane_public()
+
+    def handle_all(self, envelopes: Iterable[wire.Envelope]) -> list[CommandOutcome]:
+        """Each envelope in order; then, once, the documents applied come into force
+        (also when a later envelope's recording failed: what committed is in force)."""
+        outcomes: list[CommandOutcome] = []
+        try:
+            for envelope in envelopes:
+                outcomes.append(self.handle(envelope))
+        finally:
+            if any(o.document is not None for o in outcomes):
+                self.terminal.refresh_documents()
+        return outcomes
+
+    def handle(self, envelope: wire.Envelope) -> CommandOutcome:
+        """Verify one envelope and record it (applied, refused or ignored) in one
+        transaction. A store error (a full disk) is raised: nothing was recorded, and
+        the command comes again with the next sync."""
+        try:
+            cmd = signing.open_envelope(self._public, envelope)
+        except wire.WireError as exc:
+            if exc.code == "bad_signature" or exc.field in ("payload", "signature"):
+                digest = hashlib.sha256(envelope.payload.encode()).hexdigest()[:16]
+                why = f"{exc.message} (key_id {envelope.key_id}, payload sha256 {digest}…)"
+                return self._ignore(None, None, None, FORGED, why)
+            return self._undecodable(envelope, exc)  # authentic bytes, not a command we read
+        high = self.store.command_high_water()
+        if cmd.seq <= high:
+            why = f"seq {cmd.seq} is not above the last taken, {high}"
+            return self._ignore(cmd.command_id, cmd.seq, cmd.action, REPLAYED, why)
+        refusal = self._refusal(cmd)
+        if refusal is not None:
+            return self._refuse(cmd.seq, cmd.command_id, cmd.action, cmd.issued_at, *refusal)
+        return self._apply(cmd)
+
+    # --- checks -----------------------------------------------------------------------
+
+    def _refusal(self, cmd: wire.Command) -> tuple[str, str] | None:
+        if cmd.device_id != self.identity.device_id:
+            return MISADDRESSED, f"addressed to {cmd.device_id}, this is {self.identity.device_id}"
+        if cmd.schema_version not in wire.COMMAND_SCHEMA_VERSIONS:
+            known = ", ".join(map(str, wire.COMMAND_SCHEMA_VERSIONS))
+            return UNSUPPORTED_SCHEMA, f"schema_version {cmd.schema_version}; this build: {known}"
+        now, signed = self.clock.now(), self.store.trusted_time()
+        trusted = now if signed is None else max(now, signed)
+        if cmd.expires_at <= trusted:
+            return EXPIRED, f"expired at {cmd.expires_at:.3f}, trusted time is {trusted:.3f}"
+        return self._document_refusal(cmd)
+
+    def _document_refusal(self, cmd: wire.Command) -> tuple[str, str] | None:
+        doc, kind = cmd.document, DOCUMENT_OF.get(cmd.action)
+        if kind is None:
+            if doc is not None:
+                return INVALID_DOCUMENT, f"{cmd.action} carries no document, this one has one"
+            return None
+        if doc is None or doc.kind != kind:
+            got = "none" if doc is None else f"a {doc.kind} document"
+            return INVALID_DOCUMENT, f"{cmd.action} needs a {kind} document, got {got}"
+        try:
+            if kind == "config":
+                ConfigDocument.model_validate(doc.content)
+            else:
+                policy = PolicyDocument.model_validate(doc.content)
+                if policy.version != doc.version:
+                    why = f"the policy says version {policy.version}, its document {doc.version}"
+                    return INVALID_DOCUMENT, why
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "content"
+            return (
+                INVALID_DOCUMENT,
+                f"{kind} document version {doc.version}: {where}: {first['msg']}",
+            )
+        active = self.store.active_document(kind)
+        in_force = 0 if active is None else active[0]
+        if kind == "policy":
+            in_force = max(in_force, self.terminal.active_policy_version() or 0)
+        if doc.version <= in_force:
+            why = f"{kind} version {doc.version} is not above the one in force, {in_force}"
+            return STALE_VERSION, why
+        return None
+
+    # --- recording ------------------------------------------------------------------------
+
+    def _apply(self, cmd: wire.Command) -> CommandOutcome:
+        at = self.clock.now()
+        doc = cmd.document
+        detail: dict[str, Any] = {"command_id": cmd.command_id, "seq": cmd.seq}
+        detail["action"] = cmd.action
+        if doc is not None:
+            detail["document"] = {"kind": doc.kind, "version": doc.version}
+        outbox = []
+        if cmd.action == "request_health":
+            health = {"command_id": cmd.command_id, **self.terminal.health()}
+            outbox.append(_message(HEALTH_TOPIC, health, at))
+        result = wire.CommandResult(
+            command_id=cmd.command_id, seq=cmd.seq, status="applied", reason=None, at=at
+        )
+        outbox.append(_message(RESULT_TOPIC, result.model_dump(mode="json"), at))
+        rec = CommandRecord(
+            seq=cmd.seq,
+            command_id=cmd.command_id,
+            action=cmd.action,
+            status="applied",
+            reason=None,
+            issued_at=cmd.issued_at,
+            at=at,
+            document=None if doc is None else (doc.kind, doc.version, dict(doc.content)),
+            audit=[AuditEvent(None, "command_applied", at, None, detail)],
+            outbox=outbox,
+        )
+        if not self.store.record_command(rec):  # another taker got there first
+            why = f"seq {cmd.seq} was taken while this one was checked"
+            return self._ignore(cmd.command_id, cmd.seq, cmd.action, REPLAYED, why)
+        log.info(
+            "command %s (%s, seq %d) applied",
+            cmd.command_id,
+            cmd.action,
+            cmd.seq,
+            extra={"action": "command_applied"},
+        )
+        kept = None if doc is None else (doc.kind, doc.version)
+        return CommandOutcome(cmd.command_id, cmd.seq, cmd.action, "applied", None, kept)
+
+    def _refuse(
+        self, seq: int, command_id: str, action: str, issued_at: float, reason: str, why: str
+    ) -> CommandOutcome:
+        """A ledger row with status refused, its audit row and its result, together."""
+        at = self.clock.now()
+        result = wire.CommandResult(
+            command_id=command_id, seq=seq, status="refused", reason=f"{reason}: {why}", at=at
+        )
+        rec = CommandRecord(
+            seq=seq,
+            command_id=command_id,
+            action=action,
+            status="refused",
+            reason=reason,
+            issued_at=issued_at,
+            at=at,
+            audit=[_refused_event(at, command_id, seq, action, reason, why)],
+            outbox=[_message(RESULT_TOPIC, result.model_dump(mode="json"), at)],
+        )
+        if not self.store.record_command(rec):
+            return self._ignore(command_id, seq, action, REPLAYED, f"seq {seq} was taken")
+        log.warning(
+            "command %s (%s, seq %d) refused: %s: %s",
+            command_id,
+            action,
+            seq,
+            reason,
+            why,
+            extra={"action": "command_refused"},
+        )
+        return CommandOutcome(command_id, seq, action, "refused", reason)
+
+    def _ignore(
+        self, command_id: str | None, seq: int | None, action: str | None, reason: str, why: str
+    ) -> CommandOutcome:
+        """Forged or replayed: one audit row says so, nothing else changes."""
+        at = self.clock.now()
+        rec = CommandRecord(
+            seq=None,
+            command_id=command_id or "",
+            action=action or "unknown",
+            status="refused",
+            reason=reason,
+            issued_at=at,
+            at=at,
+            audit=[_refused_event(at, command_id, seq, action, reason, why)],
+        )
+        self.store.record_command(rec)
+        log.warning(
+            "command %s refused (%s): %s",
+            command_id or "(unknown)",
+            reason,
+            why,
+            extra={"action": "command_refused"},
+        )
+        return CommandOutcome(command_id, seq, action, "ignored", reason)
+
+    def _undecodable(self, envelope: wire.Envelope, exc: wire.WireError) -> CommandOutcome:
+        """Bytes the control plane signed that this build cannot read as a command (a
+        newer schema, say): refused on its seq when it names one, so it stalls nothing."""
+        try:
+            raw = json.loads(wire.b64d(envelope.payload, "payload"))
+        except (ValueError, wire.WireError):
+            raw = None
+        seq = raw.get("seq") if isinstance(raw, dict) else None
+        command_id = raw.get("command_id") if isinstance(raw, dict) else None
+        usable_seq = type(seq) is int and seq >= 1
+        usable_id = isinstance(command_id, str) and 0 < len(command_id) <= wire.MAX_FIELD_CHARS
+        if not (isinstance(raw, dict) and usable_seq and usable_id):
+            return self._ignore(None, None, None, INVALID_COMMAND, f"not a command: {exc.message}")
+        assert isinstance(seq, int) and isinstance(command_id, str)
+        action = str(raw.get("action") or "unknown")[: wire.MAX_FIELD_CHARS]
+        high = self.store.command_high_water()
+        if seq <= high:
+            why = f"seq {seq} is not above the last taken, {high}"
+            return self._ignore(command_id, seq, action, REPLAYED, why)
+        schema = raw.get("schema_version")
+        issued = raw.get("issued_at")
+        issued_at = float(issued) if isinstance(issued, int | float) else self.clock.now()
+        if schema not in wire.COMMAND_SCHEMA_VERSIONS:
+            known = ", ".join(map(str, wire.COMMAND_SCHEMA_VERSIONS))
+            why = f"schema_version {schema!r}; this build: {known}"
+            return self._refuse(seq, command_id, action, issued_at, UNSUPPORTED_SCHEMA, why)
+        return self._refuse(seq, command_id, action, issued_at, INVALID_COMMAND, exc.message)
+
+
+def _message(topic: str, payload: dict[str, Any], at: float) -> OutboxMessage:
+    return OutboxMessage(uuid.uuid4().hex, None, None, topic, payload, at)
+
+
+def _refused_event(
+    at: float,
+    command_id: str | None,
+    seq: int | None,
+    action: str | None,
+    reason: str,
+    why: str,
+) -> AuditEvent:
+    detail = {"command_id": command_id, "seq": seq, "action": action, "reason": reason}
+    return AuditEvent(None, "command_refused", at, None, {**detail, "detail": why})
