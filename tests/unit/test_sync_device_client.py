@@ -333,3 +333,20 @@ def test_error__a_200_that_is_no_sync_response_acknowledges_nothing():
     with pytest.raises(SyncUnavailable, match="not a sync response"):
         rig.client.sync_once()
     _untouched(rig, 1)
+
+
+def test_request__the_device_key_is_never_sent_nor_logged(caplog):
+    import base64
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    rig = Rig()
+    fill(rig.store, 2, 2)
+    rig.client.sync_once()
+    raw = signing.private_bytes(DEVICE_KEY)
+    forms = [raw.hex(), base64.b64encode(raw).decode()[:40], wire.b64e(raw)[:40]]
+    ((req, _),) = rig.cloud.requests
+    sent = gzip.decompress(req.content) + req.content + str(req.headers).encode()
+    for form in forms:
+        assert form not in caplog.text and form.encode() not in sent
+    assert raw not in sent
