@@ -40,7 +40,12 @@ class DemoError(Exception):
 class Terminal:
     """The daemon process, its notify socket, and the POS side of its local API."""
 
-    def __init__(self, work: Path, sock_dir: Path, devices: str, acquirer: str) -> None:
+    #: The program that runs the daemon (``hwsim.syncrig`` runs ``tillflow-edge``'s, with sync).
+    PROGRAM = ("edge.cli", "edge")
+
+    def __init__(
+        self, work: Path, sock_dir: Path, devices: str, acquirer: str, extra_config: str = ""
+    ) -> None:
         self.work = work
         self.data_dir = work / "data"
         self.socket_path = sock_dir / "edge.sock"
@@ -62,7 +67,7 @@ class Terminal:
             f"  card_reader: {{url: '{devices}', timeout_s: 5}}\n"
             f"  printer: {{url: '{devices}'}}\n"
             f"  link: {{url: '{devices}/link'}}\n"
-            f"  acquirer: {{url: '{acquirer}', timeout_s: 5}}\n",
+            f"  acquirer: {{url: '{acquirer}', timeout_s: 5}}\n" + extra_config,
             encoding="utf-8",
         )
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -76,7 +81,8 @@ class Terminal:
         self._drain()
         env = {k: v for k, v in os.environ.items() if not k.startswith("TILLFLOW_")}
         env["NOTIFY_SOCKET"] = str(self.notify_path)
-        cmd = [sys.executable, "-m", "edge.cli", "edge", "run", "--config", str(self.config)]
+        module, *prefix = self.PROGRAM
+        cmd = [sys.executable, "-m", module, *prefix, "run", "--config", str(self.config)]
         with open(self.log, "ab") as log:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
         message = self.wait_notify("READY=1", READY_TIMEOUT_S)
