@@ -17,6 +17,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,11 @@ from edge.store import DATABASE_URL_ENV, open_store
 from edge.terminal.service import commands as terminal_cli
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_RUN_FAILED, EXIT_PROBLEMS = 0, 1, 2, 3, 4
+#: Entry-point group of commands other distributions add to ``tillflow`` (the cloud
+#: extra's ``cloud``), so this module never imports them. Each entry point is a
+#: ``register(subparsers, common) -> handler`` that adds the subcommand named as the
+#: entry point; ``handler(args) -> exit status`` runs it.
+COMMANDS_GROUP = "tillflow.commands"
 _UNHAPPY = {Status.FAILED, Status.ROLLED_BACK, Status.CANCELLED}
 
 
@@ -157,12 +163,28 @@ def _parser() -> argparse.ArgumentParser:
     dbsub = s.add_subparsers(dest="db_command", required=True, metavar="SUBCOMMAND")
     dbsub.add_parser("migrate", parents=[common, db], help="apply pending migrations")
     dbsub.add_parser("status", parents=[common, db], help="show the schema version")
+    _add_plugin_commands(sub, common)
     return p
+
+
+def _add_plugin_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Mount the ``tillflow.commands`` entry points; one whose extra is not installed
+    (its import fails) is left out, and ``tillflow`` works without it."""
+    for ep in entry_points(group=COMMANDS_GROUP):
+        if ep.name in _COMMANDS or ep.name in sub.choices:
+            continue
+        try:
+            register = ep.load()
+        except ImportError as exc:
+            logging.getLogger(__name__).debug("command %s left out: %s", ep.name, exc)
+            continue
+        handler = register(sub, common)
+        sub.choices[ep.name].set_defaults(plugin_command=handler)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    return execute(args, _COMMANDS[args.command])
+    return execute(args, getattr(args, "plugin_command", None) or _COMMANDS[args.command])
 
 
 def execute(args: argparse.Namespace, command: Callable[[argparse.Namespace], int]) -> int:

@@ -1,0 +1,160 @@
+"""The sync service's HTTP face: a FastAPI app that moves bytes to ``SyncService``.
+
+Routes (and nothing else: every other path is a 404 in the error shape):
+
+- ``POST /v1/enroll``      the one-time token is the credential
+- ``POST /v1/sync``        signed by the device key (``sync.signing``)
+- ``POST /v1/rotate-key``  signed by the device's current key
+- ``GET  /v1/health``      ok, and the database's schema versions
+
+The raw body is read with a cap (more is 413 before it is all in memory) and passed,
+with the method, the path and the headers, to the service, which runs in a worker
+thread (it blocks on the database). The service answers every bad input itself with a
+4xx; the handlers here make sure nothing that is not a bug becomes a 5xx (an
+unexpected exception is a logged 500, a real bug).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+
+from sync import wire
+from sync.server import MAX_ENROLL_BYTES, BackendUnavailable, SyncService
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[str, str, Mapping[str, str], bytes], tuple[int, dict[str, Any]]]
+
+#: The largest body read for each route (a sync body may be sent without gzip).
+SYNC_BODY_CAP = max(wire.MAX_BATCH_BYTES, wire.MAX_COMPRESSED_BYTES)
+SMALL_BODY_CAP = MAX_ENROLL_BYTES
+
+
+class _TooLarge(Exception):
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+
+
+def _error(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
+    body = wire.WireError(code, message).body() | extra
+    headers = {}
+    if "retry_after" in extra:
+        headers["Retry-After"] = str(math.ceil(extra["retry_after"]))
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _answer(status: int, body: dict[str, Any]) -> JSONResponse:
+    headers = {}
+    if status == 503 and "retry_after" in body:
+        headers["Retry-After"] = str(math.ceil(float(body["retry_after"])))
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+async def _body(request: Request, cap: int) -> bytes:
+    """The raw body, at most ``cap`` bytes (a longer one is refused as it arrives)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > cap:
+        raise _TooLarge(cap)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > cap:
+            raise _TooLarge(cap)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(service: SyncService, *, close: Callable[[], None] | None = None) -> FastAPI:
+    """The app serving ``service`` (deny by default: only the routes above). ``close``
+    runs when the server shuts down (the backend's pool)."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            if close is not None:
+                await run_in_threadpool(close)
+
+    app = FastAPI(
+        title="Tillflow sync service",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        lifespan=lifespan,
+    )
+
+    async def signed(request: Request, handler: Handler, cap: int) -> JSONResponse:
+        body = await _body(request, cap)
+        status, answer = await run_in_threadpool(
+            handler, request.method, request.url.path, request.headers, body
+        )
+        return _answer(status, answer)
+
+    @app.post("/v1/enroll")
+    async def enroll(request: Request) -> JSONResponse:
+        body = await _body(request, SMALL_BODY_CAP)
+        status, answer = await run_in_threadpool(service.enroll, body)
+        return _answer(status, answer)
+
+    @app.post("/v1/sync")
+    async def sync(request: Request) -> JSONResponse:
+        return await signed(request, service.sync, SYNC_BODY_CAP)
+
+    @app.post("/v1/rotate-key")
+    async def rotate_key(request: Request) -> JSONResponse:
+        return await signed(request, service.rotate_key, SMALL_BODY_CAP)
+
+    @app.get("/v1/health")
+    async def health() -> JSONResponse:
+        try:
+            versions = await run_in_threadpool(service.backend.schema_versions)
+        except BackendUnavailable as exc:
+            return _error(503, "unavailable", exc.message, ok=False, retry_after=exc.retry_after_s)
+        return JSONResponse(
+            {
+                "ok": True,
+                "schema_versions": versions,
+                "protocol_versions": list(wire.SUPPORTED_VERSIONS),
+            }
+        )
+
+    @app.exception_handler(_TooLarge)
+    async def too_large(request: Request, exc: _TooLarge) -> JSONResponse:
+        return _error(413, "body_too_large", f"the body is over {exc.cap} bytes")
+
+    @app.exception_handler(ClientDisconnect)
+    async def gone(request: Request, exc: ClientDisconnect) -> JSONResponse:
+        # the connection dropped mid-body: nothing was read whole, nothing was done
+        log.info("client went away mid-request", extra={"action": "client_disconnect"})
+        return _error(400, "incomplete_body", "the connection closed before the body ended")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        code = codes.get(exc.status_code, "bad_request")
+        message = {
+            404: f"no route {request.url.path[:200]}",
+            405: f"{request.method} is not served at {request.url.path[:200]}",
+        }.get(exc.status_code, str(exc.detail))
+        return _error(exc.status_code, code, message)
+
+    @app.exception_handler(Exception)
+    async def bug(request: Request, exc: Exception) -> JSONResponse:
+        log.exception(
+            "unexpected error serving %s %s", request.method, request.url.path[:200],
+            extra={"action": "http_500"},
+        )  # fmt: skip
+        return _error(500, "internal", "an unexpected error; it is logged")
+
+    return app
