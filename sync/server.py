@@ -56,6 +56,7 @@ from sync.server_ingest import (
     ParsedSync,
     Refusal,
     clean_json,
+    clean_text,
     contiguous_through,
     header,
     outbox_problem,
@@ -365,7 +366,8 @@ class SyncService:
             with self.backend.transaction() as tx:
                 device = self._authenticate(tx, method, path, headers, body)
                 device_id = device.device_id
-                parsed = parse_sync(parse_json(read_body(headers, body)))
+                raw = read_body(headers, body)
+                parsed = parse_sync(parse_json(raw), clean=clean_text(raw))
                 response = self._exchange(tx, device, parsed)
         except Refusal as refusal:
             return self._refused("sync", device_id, refusal)
@@ -481,9 +483,11 @@ class SyncService:
                 422, "mixed_audit_chains", "a request carries the rows of one audit chain", "audit"
             )
         now = self.clock.now()
-        results, outbox_through = self._take_outbox(tx, device, request.stream, parsed.outbox, now)
+        results, outbox_through = self._take_outbox(
+            tx, device, request.stream, parsed.outbox, now, parsed.clean
+        )
         chain = chains.pop() if chains else 0
-        walk = self._take_audit(tx, device, request, chain, parsed.audit, now)
+        walk = self._take_audit(tx, device, request, chain, parsed.audit, now, parsed.clean)
         heartbeat = _clean_heartbeat(request.heartbeat)
         tx.save_heartbeat(device.device_id, request.stream, heartbeat, now)
         envelopes = tx.take_commands(device.device_id, request.commands_through, now, MAX_COMMANDS)
@@ -511,6 +515,7 @@ class SyncService:
         stream: str,
         entries: Sequence[wire.OutboxEntry | BadItem],
         now: float,
+        clean: bool,
     ) -> tuple[list[wire.EntryResult], int | None]:
         """Judge each entry alone; insert the good ones in one statement; quarantine the
         rest; acknowledge all of them."""
@@ -530,7 +535,7 @@ class SyncService:
                     quarantine_item("outbox", item.seq, "invalid_entry", item.message, item.raw)
                 )
                 continue
-            problem = outbox_problem(item)
+            problem = outbox_problem(item, clean=clean)
             if problem:
                 reason, detail = problem
                 verdicts.append((item.seq, "rejected", reason))
@@ -623,6 +628,7 @@ class SyncService:
         chain: int,
         rows: Sequence[wire.AuditEntry | BadItem],
         now: float,
+        clean: bool,
     ) -> ChainWalk:
         device_id, stream = device.device_id, request.stream
         start = tx.chain(device_id, stream, chain)
@@ -645,7 +651,7 @@ class SyncService:
             if start.base_seq < r.seq <= start.head_seq and not isinstance(r, BadItem)
         }
         held = tx.audit_hashes(device_id, stream, chain, at_or_below) if at_or_below else {}
-        walk = walk_chain(start, rows, held, now)
+        walk = walk_chain(start, rows, held, now, clean=clean)
         if walk.accepted:
             tx.insert_audit(device_id, stream, walk.accepted, now)
         if walk.quarantined:

@@ -11,12 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from edge.engine.audit import canonical_json, link
+from edge.engine.audit import at_micros, canonical_json, link
 from edge.engine.records import AuditEvent
 from sync import wire
 from sync.server_records import ChainRecord, QuarantineItem
@@ -134,9 +135,24 @@ class ParsedSync:
     request: wire.SyncRequest  # with ``outbox`` and ``audit`` empty: they are below
     outbox: list[wire.OutboxEntry | BadItem]
     audit: list[wire.AuditEntry | BadItem]
+    #: No string anywhere in the body can hold a NUL or a lone surrogate (``clean_text``):
+    #: the per-entry text checks may be skipped.
+    clean: bool = False
 
 
-def parse_sync(data: Any) -> ParsedSync:
+#: How a NUL or a lone surrogate can get into a parsed JSON string: only as an escape
+#: (``\u0000``, ``\ud800``..``\udfff``) or as CESU-style UTF-8 bytes of a surrogate
+#: (which ``json.loads`` lets through). A match may be a false alarm (an escaped
+#: backslash before ``u0000``): then every entry is checked one by one.
+_SUSPECT_TEXT = re.compile(rb"\\u0000|\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
+
+
+def clean_text(body: bytes) -> bool:
+    """True when no string in the JSON ``body`` can hold a NUL or a lone surrogate."""
+    return _SUSPECT_TEXT.search(body) is None
+
+
+def parse_sync(data: Any, *, clean: bool = False) -> ParsedSync:
     """A decoded sync request, each outbox entry and audit row validated on its own: one
     over-long field makes that entry a ``BadItem``, never the batch a 4xx. What cannot be
     keyed (an entry without a readable ``seq``) or bounded refuses the request."""
@@ -165,7 +181,7 @@ def parse_sync(data: Any) -> ParsedSync:
     audit: list[wire.AuditEntry | BadItem] = [
         _item(raw, i, "audit", wire.AuditEntry) for i, raw in enumerate(lists["audit"])
     ]
-    return ParsedSync(request, outbox, audit)
+    return ParsedSync(request, outbox, audit, clean)
 
 
 def _item(raw: Any, index: int, name: str, model: type[wire.M]) -> wire.M | BadItem:
@@ -208,18 +224,20 @@ def text_problem(value: Any) -> str | None:
     return None
 
 
-def outbox_problem(entry: wire.OutboxEntry) -> tuple[str, str] | None:
+def outbox_problem(entry: wire.OutboxEntry, *, clean: bool = False) -> tuple[str, str] | None:
     """Why ``entry`` is rejected, as (reason code, detail), or None when it may be
     stored: text the database cannot hold, content that cannot be hashed, a
     ``content_hash`` other than the content's, a payload over ``MAX_PAYLOAD_BYTES``, or
     a ``command_result`` that is not one."""
-    problem = text_problem([entry.message_id, entry.run_id, entry.step, entry.topic])
-    problem = problem or text_problem(entry.payload)
-    if problem:
-        return "invalid_text", f"entry {entry.seq} {problem}"
+    if not clean:
+        problem = text_problem([entry.message_id, entry.run_id, entry.step, entry.topic])
+        problem = problem or text_problem(entry.payload)
+        if problem:
+            return "invalid_text", f"entry {entry.seq} {problem}"
     try:
-        expected = wire.entry_hash(entry)
-        size = len(canonical_json(entry.payload).encode())
+        payload = canonical(entry.payload)
+        expected = outbox_hash(entry, payload)
+        size = len(payload.encode())
     except (ValueError, TypeError, OverflowError, RecursionError) as exc:
         return "unhashable", f"entry {entry.seq} cannot be hashed: {exc}"
     if expected != entry.content_hash:
@@ -309,6 +327,8 @@ def walk_chain(
     rows: Sequence[wire.AuditEntry | BadItem],
     held: Mapping[int, str],
     at: float,
+    *,
+    clean: bool = False,
 ) -> ChainWalk:
     """Take ``rows`` (in the order sent) onto the chain ``start``.
 
@@ -347,7 +367,7 @@ def walk_chain(
         if isinstance(row, BadItem):
             brk(row.seq, f"invalid_row: row {row.seq}: {row.message}", row)
             continue
-        problem = text_problem([row.run_id, row.event, row.step, row.detail])
+        problem = None if clean else text_problem([row.run_id, row.event, row.step, row.detail])
         if problem:
             brk(row.seq, f"unstorable: row {row.seq} {problem}", row)
             continue
@@ -402,8 +422,66 @@ def _verifies(row: wire.AuditEntry) -> bool:
 
 
 def _row_hash(row: wire.AuditEntry) -> str:
-    event = AuditEvent(row.run_id, row.event, row.at, row.step, row.detail)
-    return link(row.prev_hash, row.seq, event, stream=row.chain, version=row.version)
+    return audit_hash(row)
+
+
+# --- hashing, fast -------------------------------------------------------------------------
+#
+# ``canonical_json`` (edge.engine.audit) is pure Python and the largest cost of taking a
+# batch. For JSON without floats its text is exactly ``json.dumps(sort_keys=True,
+# separators=(",", ":"), ensure_ascii=False)`` (the same string escaper, keys in code
+# point order, integers as ``str``), which runs in C; a value holding a float takes the
+# canonical encoder. tests/unit/test_sync_server.py pins both hashes below to
+# ``edge.engine.audit.link`` and ``wire.content_hash``.
+
+_dumps = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+).encode
+
+
+def _has_float(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if type(item) is float:
+            return True
+        if type(item) is dict:
+            stack.extend(item.values())
+        elif type(item) is list:
+            stack.extend(item)
+        elif not (item is None or type(item) in (str, int, bool)):
+            return True  # anything else: let the canonical encoder judge it
+    return False
+
+
+def canonical(value: Any) -> str:
+    """``canonical_json(value)``, by the C encoder when ``value`` holds no float."""
+    if not _has_float(value):
+        return _dumps(value)
+    if type(value) is list:  # one float field does not send the rest the slow way
+        return "[" + ",".join(map(canonical, value)) + "]"
+    return canonical_json(value)
+
+
+def audit_hash(row: wire.AuditEntry) -> str:
+    """The row's hash as ``edge.engine.audit.link`` computes it (version 2 here, older
+    versions by ``link`` itself)."""
+    if row.version != 2:
+        event = AuditEvent(row.run_id, row.event, row.at, row.step, row.detail)
+        return link(row.prev_hash, row.seq, event, stream=row.chain, version=row.version)
+    # every field but the detail is an int, a str or None (validated): only the detail
+    # can hold a float
+    head = ["tillflow.audit", 2, row.chain, row.seq, row.prev_hash, row.run_id, row.event]
+    head += [row.step, at_micros(row.at)]
+    return hashlib.sha256(f"{_dumps(head)[:-1]},{canonical(row.detail)}]".encode()).hexdigest()
+
+
+def outbox_hash(entry: wire.OutboxEntry, payload: str | None = None) -> str:
+    """``wire.entry_hash(entry)``; ``payload``: the payload's canonical text if known."""
+    head = ["tillflow.outbox", 1, entry.message_id, entry.run_id, entry.step, entry.topic]
+    body = canonical(entry.payload) if payload is None else payload
+    text = f"{_dumps(head)[:-1]},{canonical_json(entry.created_at)},{body}]"
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _audit_item(row: wire.AuditEntry | BadItem, reason: str, detail: str) -> QuarantineItem:

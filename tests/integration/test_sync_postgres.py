@@ -330,3 +330,18 @@ def test_fault__a_database_refusing_connections_is_503_then_recovers(sync_url, p
         with psycopg.connect(pg_server, autocommit=True) as admin:
             admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
         backend.close()
+
+
+def test_sync__audit_rows_already_held_above_the_head_do_not_fail_the_copy(service, sync_url):
+    """The audit rows go in by COPY; a row there already (a chain reset by hand) makes
+    the batch fall back to an insert that skips it, not a failed exchange."""
+    term = enroll(service)
+    rows = term.grow_audit(3)
+    ok(service, term, audit=rows)
+    with psycopg.connect(sync_url) as conn:
+        conn.execute("UPDATE audit_chains SET head_seq = 1, head_hash = %s", (rows[0]["hash"],))
+        conn.execute("DELETE FROM device_audit WHERE seq = 2")
+    body = ok(service, term, audit=rows[1:])
+    assert body["chain"]["state"] == "ok" and body["audit_through"] == 3
+    assert scalar(sync_url, "SELECT count(*) FROM device_audit") == 3
+    assert service.verify_device_audit(term.device_id).ok

@@ -9,15 +9,20 @@ import gzip
 import json
 import logging
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from sync_memory import MemoryBackend, Terminal, outbox_entry
 
-from edge.engine.audit import GENESIS
+from edge.engine.audit import GENESIS, link
 from edge.engine.clock import FakeClock
+from edge.engine.records import AuditEvent
 from sync import signing, wire
 from sync.server import NewDocument, ServiceError, SyncService
+from sync.server_ingest import audit_hash, clean_text, outbox_hash, text_problem
 
 SKEW = 300.0
 
@@ -673,3 +678,74 @@ def test_chain_record_defaults_are_genesis():
     record = ChainRecord()
     assert (record.head_seq, record.head_hash, record.state) == (0, GENESIS, "ok")
     assert replace(record, head_seq=3).head_seq == 3
+
+
+# --- the fast hashes are the canonical ones -------------------------------------------------
+
+GOLDEN = Path(__file__).parents[1] / "golden"
+
+_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=12)
+)
+_json = st.recursive(
+    _scalars,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+def _row(detail: dict[str, Any], at: float, seq: int = 7, chain: int = 0) -> wire.AuditEntry:
+    event = AuditEvent('run-é"\\', "step_completed", at, "charge", detail)
+    h = link("a" * 64, seq, event, stream=chain)
+    return wire.AuditEntry(
+        seq=seq, chain=chain, run_id=event.run_id, event=event.event, step=event.step,
+        detail=detail, at=at, prev_hash="a" * 64, hash=h,
+    )  # fmt: skip
+
+
+@given(
+    st.dictionaries(st.text(max_size=6), _json, max_size=5), st.floats(0, 4e9), st.integers(0, 9)
+)
+def test_fast_audit_hash__is_edge_engine_audit_link(detail, at, chain):
+    row = _row(detail, at, chain=chain)
+    assert audit_hash(row) == row.hash
+
+
+@given(_json, st.floats(0, 4e9))
+def test_fast_outbox_hash__is_wire_content_hash(payload, created_at):
+    entry = wire.OutboxEntry(
+        seq=1, message_id="m\u2028", run_id=None, step="s", topic="t", payload=payload,
+        created_at=created_at, content_hash="0" * 64,
+    )  # fmt: skip
+    assert outbox_hash(entry) == wire.entry_hash(entry)
+
+
+def test_fast_audit_hash__matches_the_golden_vectors():
+    vectors = json.loads((GOLDEN / "audit_hash_v2.json").read_text())["vectors"]
+    for v in vectors:
+        e = v["event"]
+        row = wire.AuditEntry(
+            seq=v["seq"], chain=v["stream"], run_id=e["run_id"], event=e["event"],
+            step=e["step"], detail=e["detail"], at=e["at"], prev_hash=v["prev_hash"],
+            hash=v["hash"],
+        )  # fmt: skip
+        assert audit_hash(row) == v["hash"], v["name"]
+
+
+_risky = st.sampled_from(["\x00", "\ud800", "\udbff", "\udfff", "\\", "u", "0", "\u00ed"])
+
+
+@given(st.text(alphabet=st.characters() | _risky))
+def test_clean_text__never_passes_a_string_that_cannot_be_stored(text):
+    for body in (
+        json.dumps({"s": text}).encode("utf-8", "surrogatepass"),
+        json.dumps({"s": text}, ensure_ascii=False).encode("utf-8", "surrogatepass"),
+    ):
+        if clean_text(body):
+            assert text_problem(json.loads(body)) is None

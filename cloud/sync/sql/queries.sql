@@ -93,15 +93,15 @@ ON CONFLICT DO NOTHING
 RETURNING 1;
 
 -- name: insert_messages
--- A batch of outbox entries in one statement; the seqs inserted come back.
+-- A batch of outbox entries in one statement (the rows as one JSON array, parsed by the
+-- server); the seqs inserted come back.
 INSERT INTO sync_messages (device_id, stream, seq, message_id, run_id, step, topic, payload,
                            created_at, content_hash, received_at)
 SELECT %(device_id)s, %(stream)s, t.seq, t.message_id, t.run_id, t.step, t.topic,
-       t.payload::jsonb, t.created_at, t.content_hash, %(at)s
-FROM unnest(%(seqs)s::bigint[], %(message_ids)s::text[], %(run_ids)s::text[],
-            %(steps)s::text[], %(topics)s::text[], %(payloads)s::text[],
-            %(created)s::double precision[], %(hashes)s::text[])
-     AS t(seq, message_id, run_id, step, topic, payload, created_at, content_hash)
+       coalesce(t.payload, 'null'::jsonb), t.created_at, t.content_hash, %(at)s
+FROM json_to_recordset(%(rows)s::json)
+     AS t(seq bigint, message_id text, run_id text, step text, topic text, payload jsonb,
+          created_at double precision, content_hash text)
 ON CONFLICT DO NOTHING
 RETURNING seq;
 
@@ -124,9 +124,8 @@ INSERT INTO quarantine (device_id, stream, seq, kind, reason, detail, entry, fin
                         received_at)
 SELECT %(device_id)s, %(stream)s, t.seq, t.kind, t.reason, t.detail, t.entry,
        t.fingerprint, %(at)s
-FROM unnest(%(seqs)s::bigint[], %(kinds)s::text[], %(reasons)s::text[], %(details)s::text[],
-            %(entries)s::text[], %(fingerprints)s::text[])
-     AS t(seq, kind, reason, detail, entry, fingerprint)
+FROM json_to_recordset(%(rows)s::json)
+     AS t(seq bigint, kind text, reason text, detail text, entry text, fingerprint text)
 ON CONFLICT DO NOTHING
 RETURNING 1;
 
@@ -149,17 +148,20 @@ SELECT seq, hash FROM device_audit
 WHERE device_id = %(device_id)s AND stream = %(stream)s AND chain = %(chain)s
   AND seq = ANY(%(seqs)s::bigint[]);
 
+-- name: copy_audit
+-- Verified audit rows of a batch, by COPY (the fast path of insert_audit).
+COPY device_audit (device_id, stream, chain, seq, run_id, event, step, detail, at,
+                   prev_hash, hash, version) FROM STDIN;
+
 -- name: insert_audit
--- A batch of verified audit rows in one statement.
+-- A batch of verified audit rows in one statement (one JSON array, parsed by the server).
 INSERT INTO device_audit (device_id, stream, chain, seq, run_id, event, step, detail, at,
                           prev_hash, hash, version)
-SELECT %(device_id)s, %(stream)s, t.chain, t.seq, t.run_id, t.event, t.step,
-       t.detail::jsonb, t.at, t.prev_hash, t.hash, t.version
-FROM unnest(%(chains)s::bigint[], %(seqs)s::bigint[], %(run_ids)s::text[],
-            %(events)s::text[], %(steps)s::text[], %(details)s::text[],
-            %(ats)s::double precision[], %(prev_hashes)s::text[], %(hashes)s::text[],
-            %(versions)s::integer[])
-     AS t(chain, seq, run_id, event, step, detail, at, prev_hash, hash, version)
+SELECT %(device_id)s, %(stream)s, t.chain, t.seq, t.run_id, t.event, t.step, t.detail, t.at,
+       t.prev_hash, t.hash, t.version
+FROM json_to_recordset(%(rows)s::json)
+     AS t(chain bigint, seq bigint, run_id text, event text, step text, detail jsonb,
+          at double precision, prev_hash text, hash text, version integer)
 ON CONFLICT DO NOTHING;
 
 -- name: save_chain
