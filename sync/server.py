@@ -42,7 +42,7 @@ from contextlib import AbstractContextManager
 from dataclasses import replace
 from typing import Any, Protocol
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from edge.engine.audit import verify_chain
 from edge.engine.clock import Clock
@@ -310,7 +310,7 @@ class SyncService:
                 )
             try:
                 request = wire.decode(parse_json(body), wire.EnrollRequest)
-                signing.load_public(request.public_key)
+                _public_key(request.public_key, "public_key")
             except wire.WireError as exc:
                 raise Refusal.from_wire(exc) from None
             hardware = request.hardware.model_dump()
@@ -390,7 +390,7 @@ class SyncService:
                     request = wire.decode(
                         parse_json(read_body(headers, body)), wire.RotateKeyRequest
                     )
-                    new_key = signing.load_public(request.new_public_key)
+                    new_key = _public_key(request.new_public_key, "new_public_key")
                     proof = wire.b64d(request.proof, "proof")
                 except wire.WireError as exc:
                     raise Refusal.from_wire(exc) from None
@@ -947,6 +947,16 @@ def _paged_rows(
         if len(page) < VERIFY_PAGE:
             return
         after = page[-1].seq
+
+
+def _public_key(text: str, field: str) -> Ed25519PublicKey:
+    """The key ``text`` names, which must be written the one way keys are written
+    (``signing.public_text``): the lenient base64 decoder would take stray characters
+    (a NUL among them) that the database then cannot store."""
+    key = signing.load_public(text)
+    if signing.public_text(key) != text:
+        raise wire.WireError("invalid_field", f"{field}: not a canonical base64url key", field)
+    return key
 
 
 def _claimed_device(headers: Mapping[str, str]) -> str | None:

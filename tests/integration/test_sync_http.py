@@ -275,3 +275,11 @@ def test_cli__the_commands_say_what_is_missing(capsys, tmp_path, sync_url):
     assert code == 1 and "no control-plane signing key" in capsys.readouterr().err
     assert main(["cloud", "audit", "verify", "--device", "dev_x", "--database-url", sync_url]) == 1
     assert "no device dev_x" in capsys.readouterr().err
+
+
+def test_cli__tillflow_database_url_is_the_default_database(sync_url, capsys, monkeypatch):
+    monkeypatch.setenv("TILLFLOW_DATABASE_URL", sync_url)
+    code, out = cli(capsys, "enroll-token", "create", "--store", "env-store", "--json")
+    assert code == 0 and json.loads(out)["store"] == "env-store"
+    code, out = cli(capsys, "device", "list")
+    assert (code, out.strip()) == (0, "no devices")

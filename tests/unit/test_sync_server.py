@@ -116,6 +116,13 @@ def test_enroll__a_token_is_single_use_expires_and_unknown_is_the_same_answer(se
             "invalid_field",
         ),
         (b"x" * 70_000, 413, "body_too_large"),
+        (
+            # a valid key with a stray NUL the lenient base64 decoder would skip
+            b'{"kind": "enroll_request", "protocol_version": 1, "token": "t", '
+            b'"public_key": "' + b"A" * 43 + b'\\u0000", "binary_version": "1"}',
+            422,
+            "invalid_field",
+        ),
     ],
 )
 def test_enroll__bad_bodies_are_4xx_with_the_error_shape(service, body, status, code):
