@@ -106,13 +106,16 @@ def register(
         description="Seal a command with the control plane's key under the device's next "
         "command seq. update_config and activate_policy take a --document: YAML or JSON, "
         "either the content itself or {kind, version, content}; the version defaults to "
-        "the next of its kind (a rollback is a new version with the old content).",
+        "the content's own `version` (a policy states one), else the next of its kind (a "
+        "rollback is a new version with the old content).",
     )
     c.add_argument("--device", required=True, metavar="DEVICE", help="the device's id")
     c.add_argument("--action", required=True, choices=ACTIONS, help="what the device is to do")
     c.add_argument("--document", metavar="FILE", help="the config or policy (.yaml/.json)")
     c.add_argument(
-        "--version", type=int, help="the document version (default: the next of its kind)"
+        "--version",
+        type=int,
+        help="the document version (default: the content's own, else the next of its kind)",
     )
     c.add_argument(
         "--ttl-seconds", type=float, default=3600.0, help="seconds until it expires (3600)"

@@ -778,9 +778,10 @@ class SyncService:
         """Seal a command for ``device_id`` under the device's next command seq; it goes
         down with the device's next sync. ``document`` (config for update_config, policy
         for activate_policy) is stored under a version that only grows per kind,
-        fleet-wide: the next free one, or the one given, which must be new and higher
-        than every other, or name an existing version with the same content (one
-        document sent to many devices)."""
+        fleet-wide: the one given, else the content's own ``version`` (a policy states
+        one), else the next free one. A version given must be higher than every other,
+        or name an existing version with the same content (one document sent to many
+        devices)."""
         key = self._signing_key()
         if action not in ACTION_DOCUMENT:
             known = ", ".join(sorted(ACTION_DOCUMENT))
@@ -871,8 +872,16 @@ class SyncService:
             raise ServiceError("bad_document", f"the {kind} document is not valid: {exc}") from None
         if text_problem(content):
             raise ServiceError("bad_document", f"the {kind} document {text_problem(content)}")
+        # A document that states its own version (a fraud policy does, and the terminal
+        # holds the two equal) is sent under that version.
+        own = content.get("version")
+        own = own if type(own) is int and own >= 1 else None
+        if own is not None and document.version is not None and own != document.version:
+            raise ServiceError(
+                "bad_document", f"the {kind} says version {own}, not {document.version}"
+            )
         head = tx.documents_head(kind)
-        version = document.version
+        version = document.version if document.version is not None else own
         if version is None:
             version = head + 1
         elif version <= head:

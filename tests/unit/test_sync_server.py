@@ -563,6 +563,15 @@ def test_queue_command__document_versions_only_grow_per_kind(service, term, cloc
     )
     # a rollback is a new version with the old content
     assert q(term.device_id, "update_config", NewDocument({"a": 1})).document_version == 8
+    # a document stating its own version (a policy) goes under it, and must agree
+    policy = {"version": 5, "name": "p", "rules": []}
+    assert q(term.device_id, "activate_policy", NewDocument(policy)).document_version == 5
+    with pytest.raises(ServiceError, match="says version 6, not 7") as exc:
+        q(term.device_id, "activate_policy", NewDocument(policy | {"version": 6}, version=7))
+    assert exc.value.code == "bad_document"
+    with pytest.raises(ServiceError) as exc:
+        q(term.device_id, "activate_policy", NewDocument(policy | {"rules": [1]}))
+    assert exc.value.code == "stale_version"
 
 
 @pytest.mark.parametrize(
