@@ -68,6 +68,7 @@ class Cloud:
         assert self.proc is not None
         self.proc.kill()
         self.proc.wait(10)
+        self._reap()
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -77,14 +78,19 @@ class Cloud:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+        self._reap()
+
+    def _reap(self) -> None:
+        if self.proc is not None and self.proc.stdout is not None:
+            self.proc.stdout.close()
 
     def cli(self, *args: str) -> str:
         """One ``tillflow cloud`` command on this cloud's database; its stdout."""
         cmd = [sys.executable, "-m", "edge.cli", "cloud", *args]
         cmd += ["--database-url", self.database_url]
-        out = subprocess.run(
-            cmd, env=_env(), capture_output=True, text=True, timeout=CLI_TIMEOUT_S
-        )
+        if args[0] == "command":
+            cmd += ["--signing-key", str(self.signing_key)]
+        out = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
         if out.returncode != 0:
             raise DemoError(f"tillflow cloud {' '.join(args)}: exit {out.returncode}: {out.stderr}")
         return out.stdout
@@ -128,6 +134,7 @@ class SyncTerminal(Terminal):
             f"  batch_max_entries: {batch_max_entries}\n"
             "  timeout_s: 5\n"
         )
+        work.mkdir(parents=True, exist_ok=True)
         super().__init__(work, sock_dir, devices, acquirer, extra_config=cloud)
 
     def health(self) -> dict[str, Any]:
