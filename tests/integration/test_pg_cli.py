@@ -20,7 +20,7 @@ def test_cli__db_status_and_migrate_on_a_new_postgresql_database(new_database, c
     assert json.loads(capsys.readouterr().out)["schema_version"] == 0
     assert main(["db", "migrate", "--database-url", url, "--json"]) == 0
     latest = len(load_migrations("postgresql", package="cloud.store"))
-    assert json.loads(capsys.readouterr().out)["schema_version"] == latest == 5
+    assert json.loads(capsys.readouterr().out)["schema_version"] == latest == 6
 
 
 def test_cli__run_list_show_and_audit_verify_on_postgresql(pg_url, capsys):
