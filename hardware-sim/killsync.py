@@ -15,8 +15,10 @@ checks that exposure was released exactly once per acknowledged offline approval
   outbox, page by page, and acknowledges what the cloud answered it holds.
 * ``python -m hwsim.killsync --config edge.yaml --cloud URL``: the terminal daemon
   (``edge.terminal.service.daemon.Daemon``, as ``edge run`` starts it) with
-  ``CloudSync`` as a turn of its loop. The daemon has no sync client yet (the sync
-  protocol comes with the sync issue); this is the torture's stand-in for one.
+  ``CloudSync`` as a turn of its loop: the torture's own small cloud, in its process,
+  so it can time a kill to land around one acknowledgement. The real protocol (signed,
+  gzip'd, per-entry answers; ``sync.device``) is proved under kills and network faults
+  against the real server in ``tests/integration/test_sync_faults.py``.
 """
 
 from __future__ import annotations
