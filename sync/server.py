@@ -449,6 +449,7 @@ class SyncService:
                 "clock_skew",
                 f"Tillflow-Time {time_text[:40]!r} is not within {self.skew_s:g} s of the "
                 f"server's {now:.3f}",
+                server_time=now,
             )
         try:
             sig = wire.b64d(signature, "signature")

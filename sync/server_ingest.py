@@ -27,12 +27,25 @@ class Refusal(Exception):
     """A request the service answers with a 4xx (or 503): ``status``, and the error
     body's ``code``, ``message``, ``field``."""
 
-    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        field: str | None = None,
+        *,
+        server_time: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.field = status, code, message, field
+        #: Sent with ``clock_skew``: the device corrects the time it signs with by it.
+        self.server_time = server_time
 
     def body(self) -> dict[str, Any]:
-        return wire.WireError(self.code, self.message, self.field).body()
+        body = wire.WireError(self.code, self.message, self.field).body()
+        if self.server_time is not None:
+            body["error"]["server_time"] = self.server_time
+        return body
 
     @classmethod
     def from_wire(cls, exc: wire.WireError) -> Refusal:

@@ -280,6 +280,9 @@ class ErrorDetail(_Wire):
     code: str
     message: str
     field: str | None = None
+    #: With ``clock_skew``: the server's time, so the device can sign with it. Left out
+    #: of the encoding when absent (version 1's error body, as its golden file has it).
+    server_time: float | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class ErrorBody(_Wire):

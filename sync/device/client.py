@@ -41,7 +41,7 @@ from edge.engine.clock import Clock
 from edge.engine.records import AuditRow, OutboxMessage
 from sync import signing, wire
 from sync.device.commands import CommandOutcome, CommandProcessor
-from sync.device.errors import SyncRefused, SyncUnavailable, server_said
+from sync.device.errors import SyncRefused, SyncUnavailable, server_said, server_time_of
 from sync.device.identity import DeviceIdentity
 from sync.device.ports import SyncStore, TerminalHooks
 
@@ -126,6 +126,11 @@ class SyncClient:
         #: The path the signature covers: the URL's own path (a prefix included).
         self.path = urlsplit(base).path + SYNC_PATH
         self.commands = CommandProcessor(identity, store, terminal, clock)
+        #: Seconds the server's clock is ahead of ours, learnt from its answers: requests
+        #: are signed with our clock plus this, so a terminal whose clock is off (no
+        #: NTP in the shop, a flat RTC battery) still syncs. Command expiry does not use
+        #: it (trusted time: ``commands.py``).
+        self.clock_offset = 0.0
 
     def close(self) -> None:
         if self._own_http:
@@ -191,7 +196,12 @@ class SyncClient:
 
     def headers(self, body: bytes) -> dict[str, str]:
         signed = signing.sign_request(
-            self._key, "POST", self.path, body, self.identity.device_id, self.clock.now()
+            self._key,
+            "POST",
+            self.path,
+            body,
+            self.identity.device_id,
+            self.clock.now() + self.clock_offset,
         )
         return {"content-type": "application/json", "content-encoding": "gzip", **signed}
 
@@ -199,7 +209,21 @@ class SyncClient:
 
     def sync_once(self) -> SyncOutcome:
         batch = self.build()
-        response = self._post(batch.body)
+        try:
+            response = self._post(batch.body)
+        except SyncRefused as exc:
+            if exc.server_code != "clock_skew" or exc.server_time is None:
+                raise
+            # Our clock is off by more than the server's window: sign with its time.
+            self.clock_offset = exc.server_time - self.clock.now()
+            log.warning(
+                "the control plane's clock is %+.0f s from ours: signing with its time",
+                self.clock_offset,
+                extra={"action": "sync_clock_offset"},
+            )
+            response = self._post(batch.body)
+        if self.clock_offset:  # keep up with our clock's drift
+            self.clock_offset = response.server_time - self.clock.now()
         outbox_through = _capped(response.outbox_through, batch.outbox_max_seq)
         audit_through = _capped(response.audit_through, batch.audit_max_seq)
         removed = 0
@@ -255,7 +279,9 @@ class SyncClient:
         text = f"{self.url} answered {resp.status_code} {code}: {message}"
         if resp.status_code == 429 or resp.status_code >= 500:
             raise SyncUnavailable(text, server_code=code, status=resp.status_code)
-        raise SyncRefused(text, server_code=code, status=resp.status_code)
+        refused = SyncRefused(text, server_code=code, status=resp.status_code)
+        refused.server_time = server_time_of(resp.content)
+        raise refused
 
 
 _BAD = ("conflict", "rejected")

@@ -47,6 +47,8 @@ class SyncRefused(SyncError):
     """The cloud refused the request (4xx): retrying the same request will not help."""
 
     code = "sync_refused"
+    #: The server's time, when it sent it (a ``clock_skew`` refusal does).
+    server_time: float | None = None
 
 
 class EnrollError(SyncError):
@@ -66,3 +68,11 @@ def server_said(status: int, body: bytes) -> tuple[str, str]:
         text = body[:200].decode("utf-8", "replace").strip()
         return f"http_{status}", text or "(no body)"
     return err.code, err.message + (f" (field {err.field})" if err.field else "")
+
+
+def server_time_of(body: bytes) -> float | None:
+    """The ``server_time`` an error answer carries (``clock_skew`` does), or None."""
+    try:
+        return decode(body, ErrorBody).error.server_time
+    except WireError:
+        return None
