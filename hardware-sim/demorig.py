@@ -44,8 +44,22 @@ class Terminal:
     PROGRAM = ("edge.cli", "edge")
 
     def __init__(
-        self, work: Path, sock_dir: Path, devices: str, acquirer: str, extra_config: str = ""
+        self,
+        work: Path,
+        sock_dir: Path,
+        devices: str,
+        acquirer: str,
+        extra_config: str = "",
+        risk: dict[str, int] | None = None,
     ) -> None:
+        """``risk``: more ``risk:`` options (or other values), ``extra_config``: more
+        top-level config text."""
+        limits = {
+            "floor_limit_minor": FLOOR_LIMIT,
+            "offline_amount_cap_minor": OFFLINE_CAP,
+            "online_random_percent": 0,
+            **(risk or {}),
+        }
         self.work = work
         self.data_dir = work / "data"
         self.socket_path = sock_dir / "edge.sock"
@@ -60,10 +74,8 @@ class Terminal:
             f"socket_path: {self.socket_path}\n"
             "log_format: text\n"
             "risk:\n"
-            f"  floor_limit_minor: {FLOOR_LIMIT}\n"
-            f"  offline_amount_cap_minor: {OFFLINE_CAP}\n"
-            "  online_random_percent: 0\n"
-            "peripherals:\n"
+            + "".join(f"  {name}: {value}\n" for name, value in limits.items())
+            + "peripherals:\n"
             f"  card_reader: {{url: '{devices}', timeout_s: 5}}\n"
             f"  printer: {{url: '{devices}'}}\n"
             f"  link: {{url: '{devices}/link'}}\n"

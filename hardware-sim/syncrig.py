@@ -125,6 +125,7 @@ class SyncTerminal(Terminal):
         token: str,
         interval_s: float = 1.0,
         batch_max_entries: int = 200,
+        risk: dict[str, int] | None = None,
     ) -> None:
         cloud = (
             "cloud:\n"
@@ -135,7 +136,7 @@ class SyncTerminal(Terminal):
             "  timeout_s: 5\n"
         )
         work.mkdir(parents=True, exist_ok=True)
-        super().__init__(work, sock_dir, devices, acquirer, extra_config=cloud)
+        super().__init__(work, sock_dir, devices, acquirer, extra_config=cloud, risk=risk)
 
     def health(self) -> dict[str, Any]:
         return dict(self.request("GET", "/v1/health"))
