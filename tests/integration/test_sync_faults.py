@@ -69,13 +69,14 @@ class Rig:
     approved: set[str]
 
     def pay(self, n: int, tag: str, rng: random.Random, *, online: bool = True) -> None:
-        """``n`` sales: over the floor limit (the acquirer approves them online), or
+        """``n`` sales: over the floor limit (3,000 once the config command is in; the
+        acquirer approves them online), or
         ``online=False`` small ones the terminal approves offline within its cap."""
         for i in range(n):
             self.hw.insert(rng.choice(CARDS))
-            amount = rng.randrange(2_600, 9_000) if online else rng.randrange(100, 400)
+            amount = rng.randrange(3_100, 9_000) if online else rng.randrange(100, 400)
             view = self.term.pay(amount, f"{tag}-{i}")
-            assert view.get("decision") == "approved", view
+            assert view.get("decision") == "approved", (amount, view.get("reason"), view)
             self.approved.add(view["run_id"])
 
     def wait(
