@@ -87,6 +87,8 @@ log = logging.getLogger(__name__)
 MAX_COMMANDS = 50
 #: An enrollment request is small; more is refused before it is parsed.
 MAX_ENROLL_BYTES = 64 * 1024
+#: The enroll route, as its signature covers it.
+ENROLL_PATH = "/v1/enroll"
 DEFAULT_TOKEN_TTL_S = 600.0
 DEFAULT_COMMAND_TTL_S = 3600.0
 #: What a 503 tells the device to wait before it tries again (seconds).
@@ -143,6 +145,9 @@ class SyncTransaction(Protocol):
     def consume_token(self, token_hash: str, now: float, device_id: str) -> TokenGrant | None:
         """Take the token for ``device_id`` if it is unused and unexpired, else None. A
         single compare-and-set: of two racing takers exactly one gets the grant."""
+
+    def token_holder(self, token_hash: str) -> str | None:
+        """The device a used token enrolled, or None (unknown or unused token)."""
 
     def add_device(self, device: DeviceRecord) -> None: ...
 
@@ -299,9 +304,17 @@ class SyncService:
 
     # --- device calls ------------------------------------------------------------------
 
-    def enroll(self, body: bytes) -> tuple[int, dict[str, Any]]:
+    def enroll(
+        self, body: bytes, headers: Mapping[str, str] | None = None, path: str = ENROLL_PATH
+    ) -> tuple[int, dict[str, Any]]:
         """Consume a one-time token and register the device's public key (module doc).
-        Unknown, used and expired tokens are one answer (``invalid_token``): no oracle."""
+
+        The request is signed like every device request (``signing.request_bytes``), by
+        the key it registers, with ``Tillflow-Device`` = that public key's text: proof
+        that the caller holds the key. A retry by the same key of an enrollment that
+        went through (its answer was lost) gets the same answer again, and nothing new
+        is stored; unknown, used (by another key) and expired tokens are one answer
+        (``invalid_token``): no oracle."""
         try:
             key = self._signing_key()
             if len(body) > MAX_ENROLL_BYTES:
@@ -310,38 +323,48 @@ class SyncService:
                 )
             try:
                 request = wire.decode(parse_json(body), wire.EnrollRequest)
-                _public_key(request.public_key, "public_key")
+                public = _public_key(request.public_key, "public_key")
             except wire.WireError as exc:
                 raise Refusal.from_wire(exc) from None
+            self._proof_of_key(headers or {}, path, body, request.public_key, public)
             hardware = request.hardware.model_dump()
             problem = text_problem([request.token, request.binary_version, hardware])
             if problem:
                 raise Refusal(400, "invalid_field", f"the enroll request {problem}")
             now = self.clock.now()
             device_id = "dev_" + secrets.token_hex(8)
+            token_hash = _token_hash(request.token)
+            again = False
             with self.backend.transaction() as tx:
-                grant = tx.consume_token(_token_hash(request.token), now, device_id)
+                grant = tx.consume_token(token_hash, now, device_id)
                 if grant is None:
-                    raise Refusal(401, "invalid_token", "the enrollment token is not valid")
-                tx.add_device(
-                    DeviceRecord(
-                        device_id=device_id,
-                        store=grant.store,
-                        group=grant.group,
-                        public_key=request.public_key,
-                        status="active",
-                        enrolled_at=now,
-                        binary_version=request.binary_version,
-                        hardware=hardware,
+                    known = self._enrolled_by(tx, token_hash, request.public_key)
+                    if known is None:
+                        raise Refusal(401, "invalid_token", "the enrollment token is not valid")
+                    again = True
+                    device_id = known.device_id
+                    grant = TokenGrant(known.store, known.group, 0.0)
+                else:
+                    tx.add_device(
+                        DeviceRecord(
+                            device_id=device_id,
+                            store=grant.store,
+                            group=grant.group,
+                            public_key=request.public_key,
+                            status="active",
+                            enrolled_at=now,
+                            binary_version=request.binary_version,
+                            hardware=hardware,
+                        )
                     )
-                )
         except Refusal as refusal:
             return self._refused("enroll", None, refusal)
         except BackendUnavailable as exc:
             return self._unavailable("enroll", None, exc)
         log.info(
-            "device %s enrolled in store %s",
+            "device %s %s in store %s",
             device_id,
+            "asked again for its enrollment" if again else "enrolled",
             grant.store,
             extra={"action": "device_enrolled", "device_id": device_id, "store": grant.store},
         )
@@ -354,6 +377,49 @@ class SyncService:
             server_time=now,
         )
         return 200, response.model_dump(mode="json")
+
+    def _proof_of_key(
+        self,
+        headers: Mapping[str, str],
+        path: str,
+        body: bytes,
+        public_text: str,
+        public: Ed25519PublicKey,
+    ) -> None:
+        """An enroll request must be signed by the key it registers, recently."""
+        got = signing.request_headers(headers)
+        if got is None:
+            raise Refusal(401, "missing_signature", "an enroll request is signed by its key")
+        claimed, time_text, nonce, signature = got
+        if claimed != public_text:
+            raise Refusal(401, "bad_signature", "Tillflow-Device must be the key enrolled")
+        try:
+            sent_at = float(time_text)
+        except ValueError:
+            raise Refusal(401, "clock_skew", "Tillflow-Time is not a number") from None
+        now = self.clock.now()
+        if not math.isfinite(sent_at) or abs(sent_at - now) > self.skew_s:
+            raise Refusal(
+                401, "clock_skew", f"Tillflow-Time is not within {self.skew_s:g} s of the "
+                f"server's {now:.3f}", server_time=now,
+            )  # fmt: skip
+        try:
+            sig = wire.b64d(signature, "signature")
+        except wire.WireError:
+            raise Refusal(401, "bad_signature", "the signature does not verify") from None
+        data = signing.request_bytes("POST", path, body, time_text, nonce, claimed)
+        if not signing.verify(public, sig, data):
+            raise Refusal(401, "bad_signature", "the signature does not verify")
+
+    @staticmethod
+    def _enrolled_by(tx: SyncTransaction, token_hash: str, public_key: str) -> DeviceRecord | None:
+        """The device this token enrolled, if it holds ``public_key`` (an enrollment whose
+        answer was lost, asked again)."""
+        holder = tx.token_holder(token_hash)
+        device = None if holder is None else tx.device(holder)
+        if device is None or device.public_key != public_key or device.status != "active":
+            return None
+        return device
 
     def sync(
         self, method: str, path: str, headers: Mapping[str, str], body: bytes

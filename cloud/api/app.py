@@ -104,7 +104,9 @@ def create_app(service: SyncService, *, close: Callable[[], None] | None = None)
     @app.post("/v1/enroll")
     async def enroll(request: Request) -> JSONResponse:
         body = await _body(request, SMALL_BODY_CAP)
-        status, answer = await run_in_threadpool(service.enroll, body)
+        status, answer = await run_in_threadpool(
+            service.enroll, body, request.headers, request.url.path
+        )
         return _answer(status, answer)
 
     @app.post("/v1/sync")

@@ -219,6 +219,10 @@ class PostgresSyncTx:
         ).fetchone()
         return None if row is None else TokenGrant(row[0], row[1], row[2])
 
+    def token_holder(self, token_hash: str) -> str | None:
+        row = self._x("token_holder", {"token_hash": token_hash}).fetchone()
+        return None if row is None else row[0]
+
     def add_device(self, device: DeviceRecord) -> None:
         self._x(
             "add_device",

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -187,7 +188,13 @@ def enroll(
         hardware=hardware or wire.Hardware(),
     )
     base = url.rstrip("/")
-    answer = _post(http, base + ENROLL_PATH, wire.encode(request), timeout_s)
+    body = wire.encode(request)
+    # Signed by the key it registers (device id: that key's text): the server knows the
+    # caller holds the key, and answers a retry after a lost answer the same again.
+    public = signing.public_text(key)
+    path = urlsplit(base).path + ENROLL_PATH
+    signed = signing.sign_request(key, "POST", path, body, public, clock())
+    answer = _post(http, base + ENROLL_PATH, body, timeout_s, signed)
     try:
         response = wire.decode(answer, wire.EnrollResponse)
         signing.load_public(response.control_plane_key)
@@ -204,11 +211,11 @@ def enroll(
         url=base,
         enrolled_at=clock(),
     )
-    path = identity_path(data_dir)
+    where = identity_path(data_dir)
     try:
-        write_durably(path, identity.to_json(), mode=0o600)
+        write_durably(where, identity.to_json(), mode=0o600)
     except OSError as exc:
-        raise IdentityError(f"{path}: cannot write the identity: {exc.strerror}") from exc
+        raise IdentityError(f"{where}: cannot write the identity: {exc.strerror}") from exc
     log.info(
         "enrolled as device %s (store %s) at %s",
         identity.device_id,
@@ -219,10 +226,12 @@ def enroll(
     return identity
 
 
-def _post(http: httpx.Client | None, url: str, body: bytes, timeout_s: float) -> bytes:
+def _post(
+    http: httpx.Client | None, url: str, body: bytes, timeout_s: float, signed: dict[str, str]
+) -> bytes:
     own = http is None
     client = httpx.Client(timeout=timeout_s, trust_env=False) if http is None else http
-    headers: dict[str, Any] = {"content-type": "application/json"}
+    headers: dict[str, Any] = {"content-type": "application/json", **signed}
     try:
         resp = client.post(url, content=body, headers=headers)
     except httpx.HTTPError as exc:

@@ -116,7 +116,7 @@ def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
 
 def enroll_over_http(client: httpx.Client, token: str) -> Terminal:
     term = Terminal(SystemClock())
-    answer = client.post("/v1/enroll", content=term.enroll_body(token))
+    answer = client.post("/v1/enroll", **term.enroll_request(token))
     assert answer.status_code == 200, answer.text
     term.device_id = answer.json()["device_id"]
     return term
@@ -139,7 +139,7 @@ def test_http__enroll_sync_commands_and_the_operator_commands(server, client, sy
     token = json.loads(out)
     assert code == 0 and (token["store"], token["group"]) == ("s-1", "g")
     term = enroll_over_http(client, token["token"])
-    pinned = client.post("/v1/enroll", content=Terminal(SystemClock()).enroll_body(token["token"]))
+    pinned = client.post("/v1/enroll", **Terminal(SystemClock()).enroll_request(token["token"]))
     assert pinned.status_code == 401 and pinned.json()["error"]["code"] == "invalid_token"
 
     request = term.request(

@@ -57,7 +57,7 @@ def service(backend: PostgresSyncBackend, clock: Any) -> SyncService:
 
 def enroll(service: SyncService) -> Terminal:
     term = Terminal(service.clock)
-    status, body = service.enroll(term.enroll_body(service.create_enroll_token("s1").token))
+    status, body = term.enroll(service, service.create_enroll_token("s1").token)
     assert status == 200, body
     term.device_id = body["device_id"]
     return term
@@ -207,15 +207,15 @@ def test_sync__refusals_store_nothing_on_postgresql(service, sync_url):
 def test_enroll__two_terminals_racing_one_token_exactly_one_wins(service, sync_url):
     for _ in range(5):
         token = service.create_enroll_token("race").token
-        bodies = [Terminal(service.clock).enroll_body(token) for _ in range(2)]
+        terms = [Terminal(service.clock) for _ in range(2)]
         barrier = threading.Barrier(2)
         answers: list[tuple[int, dict[str, Any]]] = []
 
-        def go(body: bytes, barrier: threading.Barrier, answers: list[Any]) -> None:
+        def go(term: Terminal, token: str, barrier: threading.Barrier, answers: list[Any]) -> None:
             barrier.wait(timeout=10)
-            answers.append(service.enroll(body))
+            answers.append(term.enroll(service, token))
 
-        threads = [threading.Thread(target=go, args=(b, barrier, answers)) for b in bodies]
+        threads = [threading.Thread(target=go, args=(t, token, barrier, answers)) for t in terms]
         for t in threads:
             t.start()
         for t in threads:

@@ -92,6 +92,10 @@ class MemoryTx:
         t["used_at"], t["device_id"] = now, device_id
         return TokenGrant(t["store"], t["group"], t["expires_at"])
 
+    def token_holder(self, token_hash: str) -> str | None:
+        t = self.s.tokens.get(token_hash)
+        return None if t is None or t["used_at"] is None else t["device_id"]
+
     def add_device(self, device: DeviceRecord) -> None:
         assert device.device_id not in self.s.devices
         self.s.devices[device.device_id] = device
@@ -350,6 +354,23 @@ class Terminal:
             protocol_version=1, token=token, public_key=self.public, binary_version="1.0.0"
         )
         return wire.encode(req)
+
+    def enroll_headers(self, body: bytes, path: str = "/v1/enroll") -> dict[str, str]:
+        """An enroll request's signature: by the key it enrolls, named by its text."""
+        from sync import signing
+
+        return signing.sign_request(self.key, "POST", path, body, self.public, self.clock.now())
+
+    def enroll_request(self, token: str) -> dict[str, Any]:
+        """``content`` and ``headers`` of a signed enroll request (for an HTTP client)."""
+        body = self.enroll_body(token)
+        return {"content": body, "headers": self.enroll_headers(body)}
+
+    def enroll(self, service: Any, token: str) -> tuple[int, dict[str, Any]]:
+        """Enroll through ``service`` (a ``SyncService``), signed."""
+        body = self.enroll_body(token)
+        result: tuple[int, dict[str, Any]] = service.enroll(body, self.enroll_headers(body))
+        return result
 
     def grow_audit(self, n: int, chain: int = 0, tag: str | None = None) -> list[dict[str, Any]]:
         """Append ``n`` rows to this terminal's chain; returns them (wire JSON). ``tag``

@@ -45,7 +45,7 @@ def service(backend: MemoryBackend, clock: FakeClock) -> SyncService:
 def enroll(service: SyncService, clock: FakeClock, store: str = "store-1") -> Terminal:
     term = Terminal(clock)
     token = service.create_enroll_token(store, "north")
-    status, body = service.enroll(term.enroll_body(token.token))
+    status, body = term.enroll(service, token.token)
     assert status == 200, body
     term.device_id = body["device_id"]
     return term
@@ -78,7 +78,7 @@ def statuses(body: dict[str, Any]) -> list[tuple[int, str, str | None]]:
 def test_enroll__registers_the_key_and_answers_the_control_plane_key(service, backend, clock):
     term = Terminal(clock)
     token = service.create_enroll_token("store-9", "south", ttl_s=60)
-    status, body = service.enroll(term.enroll_body(token.token))
+    status, body = term.enroll(service, token.token)
     assert status == 200
     response = wire.decode(body, wire.EnrollResponse)
     assert response.device_id.startswith("dev_") and len(response.device_id) == 20
@@ -91,14 +91,51 @@ def test_enroll__registers_the_key_and_answers_the_control_plane_key(service, ba
     assert list(backend.state.tokens) == [signing.body_digest(token.token.encode())]
 
 
+def test_enroll__asked_again_by_the_same_key_after_a_lost_answer_gets_the_same_device(
+    service, backend, clock
+):
+    term = Terminal(clock)
+    token = service.create_enroll_token("s1", "north", ttl_s=60).token
+    first = term.enroll(service, token)
+    clock.advance(5)
+    again = term.enroll(service, token)  # the first answer never reached the terminal
+    assert first[0] == again[0] == 200
+    assert again[1]["device_id"] == first[1]["device_id"]
+    assert (again[1]["store"], again[1]["group"]) == ("s1", "north")
+    assert list(backend.state.devices) == [first[1]["device_id"]]
+    # Another key with the same token is a stranger: the one answer for a bad token.
+    other = Terminal(clock).enroll(service, token)
+    assert (other[0], other[1]["error"]["code"]) == (401, "invalid_token")
+
+
+def test_enroll__must_be_signed_by_the_key_it_registers(service, backend, clock):
+    term, thief = Terminal(clock), Terminal(clock)
+    token = service.create_enroll_token("s1", ttl_s=3600).token
+    body = term.enroll_body(token)
+    unsigned = service.enroll(body, {})
+    # Signed by another key (naming the enrolled key, or its own): not the key's holder.
+    forged = thief.enroll_headers(body)
+    forged_as = dict(forged, **{signing.H_DEVICE: term.public})
+    assert (unsigned[0], unsigned[1]["error"]["code"]) == (401, "missing_signature")
+    for headers in (forged, forged_as):
+        got = service.enroll(body, headers)
+        assert (got[0], got[1]["error"]["code"]) == (401, "bad_signature")
+    late = term.enroll_headers(body)
+    clock.advance(400)  # outside the 300 s window
+    stale = service.enroll(body, late)
+    assert (stale[0], stale[1]["error"]["code"]) == (401, "clock_skew")
+    assert backend.state.devices == {}  # and the token is still good for its holder
+    assert term.enroll(service, token)[0] == 200
+
+
 def test_enroll__a_token_is_single_use_expires_and_unknown_is_the_same_answer(service, clock):
     token = service.create_enroll_token("s1", ttl_s=60)
-    assert service.enroll(Terminal(clock).enroll_body(token.token))[0] == 200
-    used = service.enroll(Terminal(clock).enroll_body(token.token))
-    unknown = service.enroll(Terminal(clock).enroll_body("no-such-token"))
+    assert Terminal(clock).enroll(service, token.token)[0] == 200
+    used = Terminal(clock).enroll(service, token.token)
+    unknown = Terminal(clock).enroll(service, "no-such-token")
     late = service.create_enroll_token("s1", ttl_s=60)
     clock.advance(61)
-    expired = service.enroll(Terminal(clock).enroll_body(late.token))
+    expired = Terminal(clock).enroll(service, late.token)
     assert used == unknown == expired
     assert used[0] == 401 and used[1]["error"]["code"] == "invalid_token"
 
@@ -676,9 +713,9 @@ def test_fault__enroll_on_a_backend_fault_is_503_and_the_token_stays_usable(
 ):
     token = service.create_enroll_token("s")
     backend.fail_on = "add_device"
-    status, body = service.enroll(Terminal(clock).enroll_body(token.token))
+    status, body = Terminal(clock).enroll(service, token.token)
     assert status == 503 and body["error"]["code"] == "unavailable"
-    assert service.enroll(Terminal(clock).enroll_body(token.token))[0] == 200
+    assert Terminal(clock).enroll(service, token.token)[0] == 200
 
 
 def test_service__without_a_signing_key_enroll_and_commands_say_so(backend, clock):

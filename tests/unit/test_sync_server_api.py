@@ -51,7 +51,7 @@ def client(service: SyncService) -> Iterator[Any]:
 def term(service: SyncService, client: Any) -> Terminal:
     term = Terminal(service.clock)
     token = service.create_enroll_token("s1").token
-    answer = client.post("/v1/enroll", content=term.enroll_body(token))
+    answer = client.post("/v1/enroll", **term.enroll_request(token))
     assert answer.status_code == 200, answer.text
     term.device_id = answer.json()["device_id"]
     return term

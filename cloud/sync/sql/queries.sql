@@ -37,6 +37,10 @@ UPDATE enroll_tokens SET used_at = %(now)s, device_id = %(device_id)s
 WHERE token_hash = %(token_hash)s AND used_at IS NULL AND expires_at > %(now)s
 RETURNING store, group_name, expires_at;
 
+-- name: token_holder
+-- The device a used token enrolled (an enrollment asked again after a lost answer).
+SELECT device_id FROM enroll_tokens WHERE token_hash = %(token_hash)s AND used_at IS NOT NULL;
+
 -- name: add_device
 -- Register an enrolled device.
 INSERT INTO devices (device_id, store, group_name, public_key, status, enrolled_at,
