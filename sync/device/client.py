@@ -30,6 +30,7 @@ import logging
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -42,7 +43,7 @@ from edge.engine.records import AuditRow, OutboxMessage
 from sync import signing, wire
 from sync.device.commands import CommandOutcome, CommandProcessor
 from sync.device.errors import SyncRefused, SyncUnavailable, server_said, server_time_of
-from sync.device.identity import DeviceIdentity
+from sync.device.identity import DeviceIdentity, load_key, promote_next_key
 from sync.device.ports import SyncStore, TerminalHooks
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,7 @@ class SyncClient:
         max_entries: int = DEFAULT_MAX_ENTRIES,
         max_bytes: int = DEFAULT_MAX_BYTES,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        key_dir: Path | None = None,
     ) -> None:
         """``http``: the client to send with (the caller's, kept open); None: one of
         our own, closed by ``close``. ``max_entries`` bounds each of the outbox and the
@@ -113,6 +115,9 @@ class SyncClient:
             raise ValueError(f"max_entries must be 1..{wire.MAX_BATCH_ENTRIES}, not {max_entries}")
         self.identity = identity
         self._key = key
+        #: The data dir the key lives in: when the cloud refuses the key, a rotation
+        #: (``tillflow-edge rotate-key``) may have replaced it there, or left one pending.
+        self.key_dir = key_dir
         self.store = store
         self.terminal = terminal
         self.clock = clock
@@ -212,6 +217,8 @@ class SyncClient:
         try:
             response = self._post(batch.body)
         except SyncRefused as exc:
+            if exc.server_code == "bad_signature" and self._key_changed():
+                return self.sync_once()
             if exc.server_code != "clock_skew" or exc.server_time is None:
                 raise
             # Our clock is off by more than the server's window: sign with its time.
@@ -256,6 +263,20 @@ class SyncClient:
             commands=outcomes,
             more=batch.more,
         )
+
+    def _key_changed(self) -> bool:
+        """After a refused signature: the key on disk (a pending rotation's, promoted
+        first) if it differs from ours; then True, and the next request uses it."""
+        if self.key_dir is None:
+            return False
+        promote_next_key(self.key_dir)
+        disk = load_key(self.key_dir)
+        if signing.public_text(disk) == signing.public_text(self._key):
+            return False
+        self._key = disk
+        log.warning("signing with the device key a rotation put in place",
+                    extra={"action": "key_rotated"})  # fmt: skip
+        return True
 
     def _post(self, body: bytes) -> wire.SyncResponse:
         try:

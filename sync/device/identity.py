@@ -227,7 +227,12 @@ def enroll(
 
 
 def _post(
-    http: httpx.Client | None, url: str, body: bytes, timeout_s: float, signed: dict[str, str]
+    http: httpx.Client | None,
+    url: str,
+    body: bytes,
+    timeout_s: float,
+    signed: dict[str, str],
+    what: str = "enrollment",
 ) -> bytes:
     own = http is None
     client = httpx.Client(timeout=timeout_s, trust_env=False) if http is None else http
@@ -246,8 +251,105 @@ def _post(
         return resp.content
     code, message = server_said(resp.status_code, resp.content)
     raise EnrollError(
-        f"enrollment refused by {url}: {resp.status_code} {code}: {message}",
+        f"{what} refused by {url}: {resp.status_code} {code}: {message}",
         server_code=code,
         status=resp.status_code,
         retryable=resp.status_code >= 500 or resp.status_code == 429,
     )
+
+
+# --- key rotation ------------------------------------------------------------------------
+
+ROTATE_PATH = "/v1/rotate-key"
+
+
+def next_key_path(data_dir: Path) -> Path:
+    """Where a rotation keeps the new key until the cloud has taken it."""
+    return sync_dir(data_dir) / "device.key.new"
+
+
+def rotate_key(
+    data_dir: Path,
+    http: httpx.Client | None = None,
+    *,
+    url: str | None = None,
+    clock: Callable[[], float] = time.time,
+    timeout_s: float = ENROLL_TIMEOUT_S,
+) -> str:
+    """Replace the device key: a new key is made (kept in ``device.key.new``, 0600,
+    durable, before anything is sent), the cloud is asked to take it in a request signed
+    by the current key, with the new key's signature over ``signing.rotation_bytes`` as
+    its proof; once the cloud answers, the new key replaces ``device.key``. Returns the
+    new public key. If the answer was lost, the cloud may hold the new key already:
+    ``promote_next_key`` (the sync client calls it when the current key is refused)
+    finishes the rotation; running this again retries with the same new key."""
+    identity = load_identity(data_dir)
+    if identity is None:
+        raise IdentityError("this terminal is not enrolled", hint="tillflow-edge enroll first")
+    current = load_key(data_dir)
+    pending = next_key_path(data_dir)
+    if pending.exists():
+        new = _read_key(pending)
+    else:
+        new = signing.new_key()
+        try:
+            write_durably(pending, signing.private_bytes(new), mode=0o600)
+        except OSError as exc:
+            raise IdentityError(f"{pending}: cannot write the new key: {exc.strerror}") from exc
+    new_public = signing.public_text(new)
+    request = wire.RotateKeyRequest(
+        protocol_version=wire.PROTOCOL_VERSION,
+        new_public_key=new_public,
+        proof=wire.b64e(new.sign(signing.rotation_bytes(identity.device_id, new_public))),
+    )
+    base = (url or identity.url).rstrip("/")
+    body = wire.encode(request)
+    path = urlsplit(base).path + ROTATE_PATH
+    signed = signing.sign_request(current, "POST", path, body, identity.device_id, clock())
+    try:
+        answer = _post(http, base + ROTATE_PATH, body, timeout_s, signed, "key rotation")
+    except EnrollError as exc:
+        if exc.server_code == "bad_signature" and promote_next_key(data_dir):
+            return new_public  # an earlier attempt's answer was lost: it had landed
+        raise
+    wire.decode(answer, wire.RotateKeyResponse)
+    _promote(data_dir, pending)
+    log.info(
+        "device key rotated for device %s",
+        identity.device_id,
+        extra={"action": "key_rotated", "device_id": identity.device_id},
+    )
+    return new_public
+
+
+def promote_next_key(data_dir: Path) -> bool:
+    """Make a pending rotation's new key the device key (the cloud refused the current
+    one: it holds the new one). False when no rotation is pending."""
+    pending = next_key_path(data_dir)
+    if not pending.exists():
+        return False
+    _promote(data_dir, pending)
+    log.warning(
+        "the cloud refused the device key: a rotation had landed, the new key is in use",
+        extra={"action": "key_rotated"},
+    )
+    return True
+
+
+def _promote(data_dir: Path, pending: Path) -> None:
+    try:
+        os.replace(pending, key_path(data_dir))
+        fd = os.open(sync_dir(data_dir), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise IdentityError(f"{pending}: cannot put the new key in place: {exc.strerror}") from exc
+
+
+def _read_key(path: Path) -> Ed25519PrivateKey:
+    raw = path.read_bytes()
+    if len(raw) != 32 or stat.S_IMODE(path.stat().st_mode) & 0o077:
+        raise IdentityError(f"{path}: not a private Ed25519 key (32 bytes, mode 0600)")
+    return signing.load_private(raw)

@@ -22,6 +22,7 @@ from pathlib import Path
 __all__ = ["main"]
 
 ENROLL_HELP = "enroll this terminal with the control plane (its key stays here, mode 0600)"
+ROTATE_HELP = "replace this terminal's device key with a new one the cloud takes"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -52,7 +53,34 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--token", metavar="T", help="one-time enrollment token (default: cloud.enroll_token)"
     )
+    r = sub.add_parser(
+        "rotate-key",
+        parents=[common],
+        help=ROTATE_HELP,
+        description=ROTATE_HELP + ". The new key is kept beside the old one until the cloud "
+        "has taken it (the request is signed by the current key, with the new key's "
+        "signature as proof); a lost answer is finished by running it again, or by the "
+        "daemon's next sync. A running daemon picks the new key up by itself.",
+    )
+    r.add_argument("--config", required=True, metavar="FILE", help="terminal config (YAML)")
     return p
+
+
+def cmd_rotate_key(args: argparse.Namespace) -> int:
+    from edge.terminal.config import load_config
+    from sync.device.identity import load_identity, rotate_key
+
+    cfg = load_config(args.config)
+    url = cfg.cloud.url if cfg.cloud else None
+    timeout = cfg.cloud.timeout_s if cfg.cloud else 10.0
+    public = rotate_key(cfg.data_dir, url=url, timeout_s=timeout)
+    identity = load_identity(cfg.data_dir)
+    device = identity.device_id if identity else "?"
+    if args.json:
+        print(json.dumps({"device_id": device, "public_key": public}, indent=2))
+    else:
+        print(f"device {device} now signs with key {public}")
+    return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -100,6 +128,8 @@ def _command(args: argparse.Namespace) -> int:
         return cmd_run(args)
     if args.edge_command == "enroll":
         return cmd_enroll(args)
+    if args.edge_command == "rotate-key":
+        return cmd_rotate_key(args)
     return terminal_cli.run(args, cli._store)
 
 

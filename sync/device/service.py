@@ -83,9 +83,10 @@ class SyncService:
                 binary_version=version,
                 max_entries=cloud.batch_max_entries,
                 max_bytes=cloud.batch_max_bytes,
+                key_dir=terminal.cfg.data_dir,
             )
             log.info(
-                "syncing as device %s with %s every %.0f s",
+                "syncing as device %s with %s every %g s",
                 identity.device_id,
                 identity.url,
                 cloud.sync_interval_s,
