@@ -128,6 +128,49 @@ def test_enroll__must_be_signed_by_the_key_it_registers(service, backend, clock)
     assert term.enroll(service, token)[0] == 200
 
 
+def test_enroll__the_same_signed_request_twice_is_a_replay_and_a_bad_nonce_is_refused(
+    service, backend, clock
+):
+    term = Terminal(clock)
+    token = service.create_enroll_token("s1", ttl_s=60).token
+    body = term.enroll_body(token)
+    headers = term.enroll_headers(body)
+    first = service.enroll(body, headers)
+    assert first[0] == 200
+    # The very bytes and headers again (a replay, not a retry: a retry signs anew).
+    before = copy.deepcopy(backend.state)
+    replay = service.enroll(body, headers)
+    assert (replay[0], replay[1]["error"]["code"]) == (401, "replayed_nonce")
+    assert backend.state == before
+    # A retry signs anew: the same device, and the nonce is kept under it.
+    again = term.enroll(service, token)
+    assert (again[0], again[1]["device_id"]) == (200, first[1]["device_id"])
+    assert {d for d, _ in backend.state.nonces} == {first[1]["device_id"]}
+    # A nonce that is not one (signed all the same) is refused before the token is used.
+    fresh = Terminal(clock)
+    other = service.create_enroll_token("s1", ttl_s=60).token
+    body = fresh.enroll_body(other)
+    time_text = f"{clock.now():.3f}"
+    data = signing.request_bytes("POST", "/v1/enroll", body, time_text, "short", fresh.public)
+    bad = {
+        signing.H_DEVICE: fresh.public,
+        signing.H_TIME: time_text,
+        signing.H_NONCE: "short",
+        signing.H_SIGNATURE: wire.b64e(fresh.key.sign(data)),
+    }
+    assert service.enroll(body, bad)[1]["error"]["code"] == "bad_nonce"
+    assert fresh.enroll(service, other)[0] == 200
+
+
+def test_enroll__a_time_that_is_not_a_number_is_clock_skew_with_the_servers_time(service, clock):
+    term = Terminal(clock)
+    body = term.enroll_body(service.create_enroll_token("s1").token)
+    headers = dict(term.enroll_headers(body), **{signing.H_TIME: "soon"})
+    status, answer = service.enroll(body, headers)
+    assert (status, answer["error"]["code"]) == (401, "clock_skew")
+    assert answer["error"]["server_time"] == clock.now()
+
+
 def test_enroll__a_token_is_single_use_expires_and_unknown_is_the_same_answer(service, clock):
     token = service.create_enroll_token("s1", ttl_s=60)
     assert Terminal(clock).enroll(service, token.token)[0] == 200
