@@ -13,10 +13,12 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
+from hwsim.syncrig import Cloud
 from psycopg import conninfo
 
 from cloud.store.postgres import PostgresStore
@@ -104,3 +106,15 @@ def new_database(pg_server: str) -> Iterator[NewDatabase]:
     finally:
         for name in made:
             _drop(name)
+
+
+@pytest.fixture
+def cloud(new_database: NewDatabase, tmp_path: Path) -> Iterator[Cloud]:
+    """``tillflow cloud serve`` on an empty database of this test's own (migrated by the
+    server's start), stopped when the test ends."""
+    c = Cloud(new_database(), tmp_path)
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()

@@ -23,7 +23,6 @@ import json
 import os
 import random
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import with_dbname
+from conftest import NewDatabase, with_dbname
 from hwsim.acquirer import SimAcquirer
 from hwsim.demorig import MAX_SOCKET_PATH, Hardware
 from hwsim.devices import SimDeviceServer
@@ -103,15 +102,8 @@ class Rig:
 
 
 @pytest.fixture
-def cloud_db(pg_server: str) -> Iterator[str]:
-    name = f"tillflow_syncf_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(pg_server, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield with_dbname(pg_server, name)
-    finally:
-        with psycopg.connect(pg_server, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+def cloud_db(new_database: NewDatabase) -> str:
+    return new_database()
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ import stat
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
-from conftest import with_dbname
+from conftest import NewDatabase
 from sync_memory import Terminal, outbox_entry
 
 from edge.cli import main
@@ -32,15 +31,9 @@ START_TIMEOUT_S = 60
 
 
 @pytest.fixture
-def sync_url(pg_server: str) -> Iterator[str]:
-    name = f"tillflow_synchttp_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(pg_server, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield with_dbname(pg_server, name)
-    finally:
-        with psycopg.connect(pg_server, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+def sync_url(new_database: NewDatabase) -> str:
+    """A new, empty database of this test's own, dropped when it ends."""
+    return new_database()
 
 
 class Server:

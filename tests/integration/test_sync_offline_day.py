@@ -14,13 +14,10 @@ offline exposure is released, the cloud's chain ends at the terminal's head.
 from __future__ import annotations
 
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import with_dbname
 from hwsim.acquirer import SimAcquirer
 from hwsim.card_reader import SimCardReader, make_card
 from hwsim.faultproxy import FaultPlan, FaultProxy
@@ -43,21 +40,6 @@ HOUR = 3600.0
 SALES_PER_HOUR = 6
 #: How far ahead of the server the terminal's clock runs (more than the 300 s window).
 SKEW_S = 86_400.0
-
-
-@pytest.fixture
-def cloud(pg_server: str, tmp_path: Path) -> Iterator[Cloud]:
-    name = f"tillflow_syncday_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(pg_server, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    c = Cloud(with_dbname(pg_server, name), tmp_path)
-    try:
-        c.start()
-        yield c
-    finally:
-        c.stop()
-        with psycopg.connect(pg_server, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def test_a_day_offline_with_a_skewed_clock_drains_once_back(cloud: Cloud, tmp_path: Path) -> None:

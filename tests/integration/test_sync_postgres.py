@@ -13,7 +13,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import with_dbname
+from conftest import NewDatabase, with_dbname
 from sync_memory import Terminal, outbox_entry
 
 from cloud.sync.postgres import PostgresSyncBackend, load_migrations, load_schema
@@ -24,16 +24,9 @@ from sync.server import NewDocument, ServiceError, SyncService
 
 
 @pytest.fixture
-def sync_url(pg_server: str) -> Iterator[str]:
+def sync_url(new_database: NewDatabase) -> str:
     """A new, empty database of this test's own, dropped when it ends."""
-    name = f"tillflow_sync_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(pg_server, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield with_dbname(pg_server, name)
-    finally:
-        with psycopg.connect(pg_server, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    return new_database()
 
 
 @pytest.fixture

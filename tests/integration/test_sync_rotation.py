@@ -9,14 +9,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
-from conftest import with_dbname
 from hwsim.faultproxy import FaultPlan, FaultProxy
 from hwsim.syncrig import Cloud
 
@@ -48,21 +45,6 @@ class Hooks:
 
     def active_policy_version(self) -> int | None:
         return None
-
-
-@pytest.fixture
-def cloud(pg_server: str, tmp_path: Path) -> Iterator[Cloud]:
-    name = f"tillflow_syncrot_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(pg_server, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    c = Cloud(with_dbname(pg_server, name), tmp_path)
-    try:
-        c.start()
-        yield c
-    finally:
-        c.stop()
-        with psycopg.connect(pg_server, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture
