@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 __all__ = ["main"]
 
@@ -83,11 +85,20 @@ def cmd_rotate_key(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from edge.terminal.service.daemon import Daemon
+def sync(terminal: Any, stop: threading.Event) -> None:
+    """The daemon's sync service, imported only by a terminal whose config has a
+    ``cloud:`` section: one without never loads the sync client (idle RSS, start time)."""
+    if terminal.cfg.cloud is None:
+        return
     from sync.device.service import SyncService
 
-    return Daemon(Path(args.config), background=[SyncService()]).run()
+    SyncService()(terminal, stop)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from edge.terminal.service.daemon import Daemon
+
+    return Daemon(Path(args.config), background=[sync]).run()
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
