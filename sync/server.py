@@ -8,6 +8,10 @@ rolls it back, so a refused request stores nothing, and a server-side fault
 timeout) is a 503 with a ``retry_after`` hint, never a rejection and never a partial
 result.
 
+Enrollment (``SyncService.enroll``) is signed too, by the key it registers (the
+device id signed is that key's text): a retry after a lost answer, by the same key, gets
+the same device again; any other use of a spent token is ``invalid_token``.
+
 The exchange (``SyncService.sync``), in order:
 
 1. **Auth**, before the body is parsed: the four signature headers
@@ -309,11 +313,25 @@ class SyncService:
     ) -> tuple[int, dict[str, Any]]:
         """Consume a one-time token and register the device's public key (module doc).
 
-        The request is signed like every device request (``signing.request_bytes``), by
-        the key it registers, with ``Tillflow-Device`` = that public key's text: proof
-        that the caller holds the key. A retry by the same key of an enrollment that
-        went through (its answer was lost) gets the same answer again, and nothing new
-        is stored; unknown, used (by another key) and expired tokens are one answer
+        The request is signed like every device request, by the key it registers. The
+        signed bytes are ``signing.request_bytes("POST", path, body, time, nonce,
+        public_key)``::
+
+            tillflow-request-v1 \\n POST \\n /v1/enroll \\n sha256-hex(body)
+                \\n time \\n nonce \\n public_key
+
+        ``body`` the request's bytes as sent, ``public_key`` the request's own
+        ``public_key`` text, which ``Tillflow-Device`` carries: proof that the caller
+        holds the key. No signature is 401 ``missing_signature``; another key's, or a
+        ``Tillflow-Device`` that is not the key enrolled, ``bad_signature``; the time
+        window (``clock_skew``, with the server's time) and the nonce rules
+        (``bad_nonce``; ``replayed_nonce``, the nonce kept under the device) are the
+        sync exchange's.
+
+        A retry by the same key of an enrollment that went through (its answer was
+        lost) gets the same answer again -- the same device id -- and nothing new is
+        stored but the nonce; unknown, expired and used tokens (by another key, or by a
+        device since revoked or rotated to another key) are one answer
         (``invalid_token``): no oracle."""
         try:
             key = self._signing_key()
@@ -326,7 +344,7 @@ class SyncService:
                 public = _public_key(request.public_key, "public_key")
             except wire.WireError as exc:
                 raise Refusal.from_wire(exc) from None
-            self._proof_of_key(headers or {}, path, body, request.public_key, public)
+            nonce = self._proof_of_key(headers or {}, path, body, request.public_key, public)
             hardware = request.hardware.model_dump()
             problem = text_problem([request.token, request.binary_version, hardware])
             if problem:
@@ -357,6 +375,10 @@ class SyncService:
                             hardware=hardware,
                         )
                     )
+                # Kept under the device the key now is (nonces are per device): the same
+                # signed request twice is a replay, a retry signs anew.
+                if not tx.record_nonce(device_id, nonce, now, now - 2 * self.skew_s):
+                    raise Refusal(401, "replayed_nonce", "this request was seen before")
         except Refusal as refusal:
             return self._refused("enroll", None, refusal)
         except BackendUnavailable as exc:
@@ -385,31 +407,53 @@ class SyncService:
         body: bytes,
         public_text: str,
         public: Ed25519PublicKey,
-    ) -> None:
-        """An enroll request must be signed by the key it registers, recently."""
+    ) -> str:
+        """An enroll request must be signed by the key it registers, recently, under a
+        well-formed nonce (returned: ``enroll`` records it under the device, so the same
+        signed request sent twice is a replay)."""
         got = signing.request_headers(headers)
         if got is None:
             raise Refusal(401, "missing_signature", "an enroll request is signed by its key")
-        claimed, time_text, nonce, signature = got
-        if claimed != public_text:
+        if got[0] != public_text:
             raise Refusal(401, "bad_signature", "Tillflow-Device must be the key enrolled")
+        self._verify_signed(public, "POST", path, body, got)
+        return got[2]
+
+    def _verify_signed(
+        self,
+        public: Ed25519PublicKey,
+        method: str,
+        path: str,
+        body: bytes,
+        got: tuple[str, str, str, str],
+    ) -> float:
+        """The request's time inside the skew window (else ``clock_skew``, with the
+        server's time) and its signature over ``signing.request_bytes`` under ``public``
+        (else ``bad_signature``). Returns the server's time."""
+        claimed, time_text, nonce, signature = got
         try:
             sent_at = float(time_text)
         except ValueError:
-            raise Refusal(401, "clock_skew", "Tillflow-Time is not a number") from None
+            sent_at = math.nan
         now = self.clock.now()
         if not math.isfinite(sent_at) or abs(sent_at - now) > self.skew_s:
             raise Refusal(
-                401, "clock_skew", f"Tillflow-Time is not within {self.skew_s:g} s of the "
-                f"server's {now:.3f}", server_time=now,
-            )  # fmt: skip
+                401,
+                "clock_skew",
+                f"Tillflow-Time {time_text[:40]!r} is not within {self.skew_s:g} s of the "
+                f"server's {now:.3f}",
+                server_time=now,
+            )
         try:
             sig = wire.b64d(signature, "signature")
         except wire.WireError:
             raise Refusal(401, "bad_signature", "the signature does not verify") from None
-        data = signing.request_bytes("POST", path, body, time_text, nonce, claimed)
-        if not signing.verify(public, sig, data):
+        signed = signing.request_bytes(method, path, body, time_text, nonce, claimed)
+        if not signing.verify(public, sig, signed):
             raise Refusal(401, "bad_signature", "the signature does not verify")
+        if not _NONCE.match(nonce):
+            raise Refusal(401, "bad_nonce", "Tillflow-Nonce must be 16-64 of [0-9A-Za-z_-]")
+        return now
 
     @staticmethod
     def _enrolled_by(tx: SyncTransaction, token_hash: str, public_key: str) -> DeviceRecord | None:
@@ -496,7 +540,7 @@ class SyncService:
         got = signing.request_headers(headers)
         if got is None:
             raise Refusal(401, "missing_signature", "the request is not signed")
-        device_id, time_text, nonce, signature = got
+        device_id, _, nonce, _ = got
         if len(device_id) > wire.MAX_FIELD_CHARS or text_problem(device_id):
             raise Refusal(401, "unknown_device", "no such device")
         device = tx.device(device_id, lock=True)
@@ -505,28 +549,10 @@ class SyncService:
         if device.status != "active":
             raise Refusal(403, "device_revoked", f"device {device_id} is revoked")
         try:
-            sent_at = float(time_text)
-        except ValueError:
-            sent_at = math.nan
-        now = self.clock.now()
-        if not math.isfinite(sent_at) or abs(sent_at - now) > self.skew_s:
-            raise Refusal(
-                401,
-                "clock_skew",
-                f"Tillflow-Time {time_text[:40]!r} is not within {self.skew_s:g} s of the "
-                f"server's {now:.3f}",
-                server_time=now,
-            )
-        try:
-            sig = wire.b64d(signature, "signature")
             public = signing.load_public(device.public_key)
         except wire.WireError:
             raise Refusal(401, "bad_signature", "the signature does not verify") from None
-        signed = signing.request_bytes(method, path, body, time_text, nonce, device_id)
-        if not signing.verify(public, sig, signed):
-            raise Refusal(401, "bad_signature", "the signature does not verify")
-        if not _NONCE.match(nonce):
-            raise Refusal(401, "bad_nonce", "Tillflow-Nonce must be 16-64 of [0-9A-Za-z_-]")
+        now = self._verify_signed(public, method, path, body, got)
         if not tx.record_nonce(device_id, nonce, now, now - 2 * self.skew_s):
             raise Refusal(401, "replayed_nonce", "this request was seen before")
         return device

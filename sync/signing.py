@@ -14,6 +14,18 @@ Two things are signed:
   Headers: ``Tillflow-Device``, ``Tillflow-Time`` (Unix seconds), ``Tillflow-Nonce``
   (32 hex), ``Tillflow-Signature`` (base64url).
 
+  **Enrollment** is signed the same way, by the key it registers, before the device
+  has an id: ``device_id`` is the request's ``public_key`` text (base64url of the raw
+  32 bytes), so the signed bytes of ``POST /v1/enroll`` are::
+
+      tillflow-request-v1 \\n POST \\n /v1/enroll \\n sha256-hex(body) \\n time \\n nonce
+          \\n public_key
+
+  (``Tillflow-Device`` carries that same ``public_key``; the path is the URL's own,
+  a prefix included). It proves the caller holds the key, so the server can answer a
+  retry by the same key after a lost answer with the same device
+  (``sync.server.SyncService.enroll``).
+
 * **Every command and document**, by the control plane's key: an ``Envelope`` carries
   the canonical JSON bytes of a ``Command`` (base64url) and the signature over exactly
   those bytes; the terminal verifies the bytes, then decodes them.

@@ -190,7 +190,8 @@ def test_sync__refusals_store_nothing_on_postgresql(service, sync_url):
     assert service.sync(*request)[0] == 200
     status, body = service.sync(*request)
     assert (status, body["error"]["code"]) == (401, "replayed_nonce")
-    assert scalar(sync_url, "SELECT count(*) FROM device_nonces") == 1
+    # The enrollment's nonce and the first request's: the replay stored nothing.
+    assert scalar(sync_url, "SELECT count(*) FROM device_nonces") == 2
     service.revoke_device(term.device_id)
     status, body = service.sync(*term.signed(term.request([outbox_entry(2)])))
     assert (status, body["error"]["code"]) == (403, "device_revoked")
@@ -286,7 +287,8 @@ def test_fault__a_connection_killed_mid_sync_is_503_and_nothing_committed(sync_u
         assert body["error"]["code"] == "unavailable" and body["retry_after"] > 0
         assert scalar(sync_url, "SELECT count(*) FROM sync_messages") == 0
         assert scalar(sync_url, "SELECT count(*) FROM device_audit") == 0
-        assert scalar(sync_url, "SELECT count(*) FROM device_nonces") == 0
+        # only the enrollment's nonce: the failed exchange's was rolled back with it
+        assert scalar(sync_url, "SELECT count(*) FROM device_nonces") == 1
         # the retry (a new signature) is taken whole on a fresh connection
         body = ok(service, term, outbox=[outbox_entry(1)], audit=term.audit_rows)
         assert (body["outbox_through"], body["audit_through"]) == (1, 2)

@@ -108,6 +108,15 @@ def test_enroll__asked_again_by_the_same_key_after_a_lost_answer_gets_the_same_d
     assert (other[0], other[1]["error"]["code"]) == (401, "invalid_token")
 
 
+def test_enroll__the_same_signed_request_twice_is_a_replay(service, clock):
+    term = Terminal(clock)
+    body = term.enroll_body(service.create_enroll_token("s1", ttl_s=60).token)
+    headers = term.enroll_headers(body)
+    assert service.enroll(body, headers)[0] == 200
+    status, again = service.enroll(body, headers)  # a retry signs anew; a copy does not
+    assert (status, again["error"]["code"]) == (401, "replayed_nonce")
+
+
 def test_enroll__must_be_signed_by_the_key_it_registers(service, backend, clock):
     term, thief = Terminal(clock), Terminal(clock)
     token = service.create_enroll_token("s1", ttl_s=3600).token
@@ -289,7 +298,7 @@ def test_auth__a_replayed_nonce_is_refused_and_nonces_are_pruned_after_twice_the
     request = term.signed(term.request([outbox_entry(1)]))
     assert service.sync(*request)[0] == 200
     assert refused(service, backend, *request) == (401, "replayed_nonce")
-    assert len(backend.state.nonces) == 1
+    assert len(backend.state.nonces) == 2  # the enrollment's and this request's
     clock.advance(2 * SKEW + 1)
     ok(service, term)
     assert len(backend.state.nonces) == 1  # the old one pruned, this one kept
