@@ -19,6 +19,8 @@ from sync.wire import ErrorBody, WireError, decode
 
 class SyncError(TillflowError):
     code = "sync_error"
+    #: The server's time, when it sent it (a ``clock_skew`` refusal does).
+    server_time: float | None = None
 
     def __init__(
         self,
@@ -47,8 +49,6 @@ class SyncRefused(SyncError):
     """The cloud refused the request (4xx): retrying the same request will not help."""
 
     code = "sync_refused"
-    #: The server's time, when it sent it (a ``clock_skew`` refusal does).
-    server_time: float | None = None
 
 
 class EnrollError(SyncError):

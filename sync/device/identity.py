@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from edge.terminal.files import write_durably
 from sync import signing, wire
-from sync.device.errors import EnrollError, IdentityError, server_said
+from sync.device.errors import EnrollError, IdentityError, server_said, server_time_of
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +194,21 @@ def enroll(
     public = signing.public_text(key)
     path = urlsplit(base).path + ENROLL_PATH
     signed = signing.sign_request(key, "POST", path, body, public, clock())
-    answer = _post(http, base + ENROLL_PATH, body, timeout_s, signed)
+    try:
+        answer = _post(http, base + ENROLL_PATH, body, timeout_s, signed)
+    except EnrollError as exc:
+        if exc.server_code != "clock_skew" or exc.server_time is None:
+            raise
+        # Our clock is off by more than the server's window (a terminal whose RTC lost
+        # its battery): sign once more with the server's time, as the sync client does.
+        offset = exc.server_time - clock()
+        log.warning(
+            "enroll: the control plane's clock is %+.0f s from ours: signing with its time",
+            offset,
+            extra={"action": "enroll_clock_offset"},
+        )
+        signed = signing.sign_request(key, "POST", path, body, public, clock() + offset)
+        answer = _post(http, base + ENROLL_PATH, body, timeout_s, signed)
     try:
         response = wire.decode(answer, wire.EnrollResponse)
         signing.load_public(response.control_plane_key)
@@ -250,12 +264,18 @@ def _post(
     if resp.status_code in (200, 201):
         return resp.content
     code, message = server_said(resp.status_code, resp.content)
-    raise EnrollError(
+    # A replayed nonce is this very request arriving twice (a retrying middlebox sent it
+    # again and we got the second answer): the first copy may well have landed, and a
+    # retry is signed anew (fresh time and nonce), which the server answers as before.
+    retryable = resp.status_code >= 500 or resp.status_code == 429 or code == "replayed_nonce"
+    refused = EnrollError(
         f"{what} refused by {url}: {resp.status_code} {code}: {message}",
         server_code=code,
         status=resp.status_code,
-        retryable=resp.status_code >= 500 or resp.status_code == 429,
+        retryable=retryable,
     )
+    refused.server_time = server_time_of(resp.content)
+    raise refused
 
 
 # --- key rotation ------------------------------------------------------------------------

@@ -136,6 +136,33 @@ def test_enroll__a_retry_after_a_failure_sends_the_same_key(tmp_path):
     assert wire.decode(cloud.requests[0].content, wire.EnrollRequest).public_key == first
 
 
+def test_enroll__a_replayed_nonce_is_retried_signed_anew(tmp_path):
+    # A middlebox sent the request twice and we got the second copy's answer.
+    replayed = {"error": {"code": "replayed_nonce", "message": "this request was seen before"}}
+    twice = Cloud(lambda r: httpx.Response(401, json=replayed))
+    with pytest.raises(EnrollError) as info:
+        _enroll(tmp_path, twice)
+    assert info.value.retryable and info.value.server_code == "replayed_nonce"
+    cloud = Cloud()
+    _enroll(tmp_path, cloud)
+    nonces = [c.requests[0].headers["tillflow-nonce"] for c in (twice, cloud)]
+    assert nonces[0] != nonces[1]
+
+
+def test_enroll__a_clock_far_off_signs_again_with_the_servers_time(tmp_path):
+    skew = {"error": {"code": "clock_skew", "message": "off", "server_time": 86_405.0}}
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if float(request.headers["tillflow-time"]) < 80_000:
+            return httpx.Response(401, json=skew)
+        return Cloud.accept(request)
+
+    cloud = Cloud(answer)
+    assert _enroll(tmp_path, cloud).device_id == "dev-42"
+    times = [float(r.headers["tillflow-time"]) for r in cloud.requests]
+    assert times == [5.0, 86_405.0]  # our clock says 5.0; the server's said 86,405
+
+
 def test_enroll__unreachable_is_retryable(tmp_path):
     def unreachable(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("connection refused", request=request)
