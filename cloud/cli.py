@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib
 import json
 import os
 import sys
@@ -129,10 +130,22 @@ def register(
         help="re-check a device's audit chains as the cloud holds them (exit 4: broken)",
     )
     a.add_argument("--device", required=True, metavar="DEVICE", help="the device's id")
+    for name in PLUGINS:
+        module = importlib.import_module(name)
+        _HANDLERS.update(module.add_parsers(cloud, common=common, db=db, key=key))
     return run
 
 
+#: Modules that add ``tillflow cloud`` subcommands of their own, each with
+#: ``add_parsers(cloud_subparsers, *, common, db, key) -> {command: handler}``; they are
+#: imported to build the parser, so they import only argparse at module level.
+PLUGINS: tuple[str, ...] = ()
+_HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.cloud_command in _HANDLERS:
+        return _HANDLERS[args.cloud_command](args)
     if args.cloud_command == "serve":
         return _serve(args)
     service = _service(args, signing=args.cloud_command == "command")

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
-import time
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from importlib import resources
 from typing import Any
@@ -29,8 +27,8 @@ import psycopg.errors
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from cloud.pgschema import SchemaSet
 from edge.engine.records import AuditRow
-from edge.errors import MigrationError
 from edge.store.queries import Migration, parse_queries
 from sync import wire
 from sync.server import BackendUnavailable
@@ -61,21 +59,17 @@ UNAVAILABLE: tuple[type[BaseException], ...] = (
 )
 
 
+#: The sync service's tables: their migrations and version table (``cloud.pgschema``).
+SCHEMA = SchemaSet("sync", "cloud.sync", _MIGRATION_LOCK)
+
+
 def load_migrations() -> list[Migration]:
     """The numbered migrations ``NNNN_name.sql``, in order; numbers must be 1..n."""
-    found = []
-    for entry in _SQL.joinpath("migrations").iterdir():
-        m = re.fullmatch(r"(\d{4})_([a-z0-9_]+)\.sql", entry.name)
-        if m:
-            found.append(Migration(int(m.group(1)), m.group(2), entry.read_text()))
-    found.sort(key=lambda mig: mig.version)
-    if [mig.version for mig in found] != list(range(1, len(found) + 1)):
-        raise ValueError(f"sync migrations are not numbered 1..n: {[m.version for m in found]}")
-    return found
+    return SCHEMA.migrations()
 
 
 def load_schema() -> str:
-    return _SQL.joinpath("schema.sql").read_text()
+    return SCHEMA.schema()
 
 
 class PostgresSyncBackend:
@@ -136,38 +130,8 @@ class PostgresSyncBackend:
     def migrate(self) -> int:
         """Apply the pending migrations, once across processes (an advisory lock), each
         in its own savepoint; returns the version the database is at."""
-        migrations = load_migrations()
         with self.transaction() as tx:
-            conn = tx.conn
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
-            conn.execute(_Q["create_migrations_table"])
-            row = conn.execute(_Q["schema_version"]).fetchone()
-            current = int(row[0]) if row else 0
-            if current > len(migrations):
-                raise MigrationError(
-                    f"the sync schema is at version {current}, newer than this build knows "
-                    f"({len(migrations)})",
-                    operation="migrate",
-                    path=self.where,
-                    hint="upgrade tillflow, or point it at the matching database",
-                )
-            for mig in migrations[current:]:
-                try:
-                    with conn.transaction():
-                        conn.execute(mig.sql.encode())  # bytes: sent as-is, no placeholders
-                        conn.execute(
-                            _Q["record_migration"],
-                            {"version": mig.version, "name": mig.name, "at": time.time()},
-                        )
-                except UNAVAILABLE:
-                    raise
-                except psycopg.Error as exc:
-                    raise MigrationError(
-                        f"sync migration {mig.version:04d}_{mig.name} failed: {exc}",
-                        operation="migrate",
-                        path=self.where,
-                    ) from exc
-            return max(current, len(migrations))
+            return SCHEMA.migrate(tx.conn, where=self.where, unavailable=UNAVAILABLE)
 
     def close(self) -> None:
         self.pool.close()
