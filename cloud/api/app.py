@@ -1,11 +1,18 @@
-"""The sync service's HTTP face: a FastAPI app that moves bytes to ``SyncService``.
+"""The control plane's HTTP face: the sync service's routes, which move bytes to
+``SyncService``, and (given a ``FleetContext``) the Fleet API under ``/api/v1`` with its
+OpenAPI at ``/openapi.json`` (``cloud.api.fleet``).
 
-Routes (and nothing else: every other path is a 404 in the error shape):
+The sync routes (and, without the Fleet API, nothing else: every other path is a 404 in
+the error shape):
 
 - ``POST /v1/enroll``      the one-time token is the credential
 - ``POST /v1/sync``        signed by the device key (``sync.signing``)
 - ``POST /v1/rotate-key``  signed by the device's current key
 - ``GET  /v1/health``      ok, and the database's schema versions
+
+Every route carries one access rule (``cloud.api.fleet.auth``): the device routes are
+``device_signed``, health is ``public``, the Fleet API's say which permission they
+need. The app is not built if a route has none (``check_rules``).
 
 The raw body is read with a cap (more is 413 before it is all in memory) and passed,
 with the method, the path and the headers, to the service, which runs in a worker
@@ -19,17 +26,21 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from cloud.api.fleet.auth import check_rules, device_signed, public, require_rule
 from sync import wire
 from sync.server import MAX_ENROLL_BYTES, BackendUnavailable, SyncService
+
+if TYPE_CHECKING:
+    from cloud.api.fleet.context import FleetContext
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +85,21 @@ async def _body(request: Request, cap: int) -> bytes:
     return b"".join(chunks)
 
 
-def create_app(service: SyncService, *, close: Callable[[], None] | None = None) -> FastAPI:
-    """The app serving ``service`` (deny by default: only the routes above). ``close``
-    runs when the server shuts down (the backend's pool)."""
+def create_app(
+    service: SyncService,
+    *,
+    close: Callable[[], None] | None = None,
+    fleet: FleetContext | None = None,
+    fleet_routers: Iterable[APIRouter] | None = None,
+) -> FastAPI:
+    """The app serving ``service`` (deny by default: only the routes above) and, with
+    ``fleet``, the Fleet API (``fleet_routers``, else every routes module found).
+    ``close`` runs when the server shuts down (the backend's pool). Raises
+    ``RouteRuleError`` if a route has no access rule."""
 
     @contextlib.asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        check_rules(app)  # again: a route added after the build does not start either
         try:
             yield
         finally:
@@ -90,9 +110,11 @@ def create_app(service: SyncService, *, close: Callable[[], None] | None = None)
         title="Tillflow sync service",
         docs_url=None,
         redoc_url=None,
-        openapi_url=None,
+        openapi_url=None,  # the Fleet API serves its own, under a public rule
         lifespan=lifespan,
+        dependencies=[Depends(require_rule)],
     )
+    signed_rule = [Depends(device_signed())]
 
     async def signed(request: Request, handler: Handler, cap: int) -> JSONResponse:
         body = await _body(request, cap)
@@ -101,7 +123,7 @@ def create_app(service: SyncService, *, close: Callable[[], None] | None = None)
         )
         return _answer(status, answer)
 
-    @app.post("/v1/enroll")
+    @app.post("/v1/enroll", dependencies=signed_rule, include_in_schema=False)
     async def enroll(request: Request) -> JSONResponse:
         body = await _body(request, SMALL_BODY_CAP)
         status, answer = await run_in_threadpool(
@@ -109,15 +131,15 @@ def create_app(service: SyncService, *, close: Callable[[], None] | None = None)
         )
         return _answer(status, answer)
 
-    @app.post("/v1/sync")
+    @app.post("/v1/sync", dependencies=signed_rule, include_in_schema=False)
     async def sync(request: Request) -> JSONResponse:
         return await signed(request, service.sync, SYNC_BODY_CAP)
 
-    @app.post("/v1/rotate-key")
+    @app.post("/v1/rotate-key", dependencies=signed_rule, include_in_schema=False)
     async def rotate_key(request: Request) -> JSONResponse:
         return await signed(request, service.rotate_key, SMALL_BODY_CAP)
 
-    @app.get("/v1/health")
+    @app.get("/v1/health", dependencies=[Depends(public())])
     async def health() -> JSONResponse:
         try:
             versions = await run_in_threadpool(service.backend.schema_versions)
@@ -159,4 +181,10 @@ def create_app(service: SyncService, *, close: Callable[[], None] | None = None)
         )  # fmt: skip
         return _error(500, "internal", "an unexpected error; it is logged")
 
+    if fleet is not None:
+        from cloud.api.fleet import mount_fleet
+
+        app.title = "Tillflow control plane"
+        mount_fleet(app, fleet, fleet_routers)
+    check_rules(app)
     return app
