@@ -1,11 +1,15 @@
-"""``tillflow cloud serve``: the sync service under uvicorn, on PostgreSQL.
+"""``tillflow cloud serve``: the sync service and the Fleet API under uvicorn, on
+PostgreSQL, with the options of ``cloud.settings`` (``--config FILE``, ``TILLFLOW_*``,
+then the command's flags).
 
-The database is migrated once, in this process, before any worker starts; the socket is
+The database is migrated once (the sync service's tables, then the Fleet API's), in
+this process, before any worker starts; the socket is
 bound here too, so ``--port 0`` can print the port the kernel chose
 (``listening on http://HOST:PORT`` on stdout) before the first request is served:
 connections that arrive meanwhile wait in the listen queue. With ``--workers N`` > 1,
 uvicorn's supervisor starts N processes on that one socket; each builds its app from
-the environment (``app_from_environment``).
+the environment (``app_from_environment``: the settings as this process read them, the
+database URL and key file set in its environment by ``serve``).
 """
 
 from __future__ import annotations
@@ -18,16 +22,20 @@ from pathlib import Path
 from typing import TextIO
 
 import uvicorn
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi import FastAPI
 from uvicorn.supervisors import Multiprocess
 
 from cloud.api.app import create_app
+from cloud.api.fleet.context import FleetContext
+from cloud.fleet import SCHEMA as FLEET_SCHEMA
+from cloud.settings import CONFIG_ENV, CloudSettings, load_settings
 from cloud.sync.keys import KEY_FILE_ENV, load_key, load_or_create_key
-from cloud.sync.postgres import PostgresSyncBackend
+from cloud.sync.postgres import UNAVAILABLE, PostgresSyncBackend
 from edge.engine.clock import SystemClock
 from edge.errors import ConfigError
 from edge.store import DATABASE_URL_ENV
-from sync.server import SyncService
+from sync.server import BackendUnavailable, SyncService
 
 #: What each worker process imports to build its app (``--workers`` > 1).
 APP_FACTORY = "cloud.api.serve:app_from_environment"
@@ -37,15 +45,71 @@ DEFAULT_POOL_SIZE = 10
 
 
 def app_from_environment() -> FastAPI:
-    """A worker's app: the database from ``TILLFLOW_DATABASE_URL``, the signing key
-    from ``TILLFLOW_SIGNING_KEY_FILE`` (set by ``serve``)."""
+    """A worker's app: the settings from the environment (``TILLFLOW_CLOUD_CONFIG`` and
+    ``TILLFLOW_*``), the database from ``TILLFLOW_DATABASE_URL``, the signing key from
+    ``TILLFLOW_SIGNING_KEY_FILE`` (set by ``serve``)."""
     url = os.environ.get(DATABASE_URL_ENV)
     key_file = os.environ.get(KEY_FILE_ENV)
     if not url or not key_file:
         raise ConfigError(f"{DATABASE_URL_ENV} and {KEY_FILE_ENV} must be set")
+    settings = load_settings()
     backend = PostgresSyncBackend(url, migrate=False, pool_size=DEFAULT_POOL_SIZE)
-    service = SyncService(backend, SystemClock(), load_key(Path(key_file)))
-    return create_app(service, close=backend.close)
+    try:
+        return build_app(settings, backend, load_key(Path(key_file)))
+    except BaseException:
+        backend.close()
+        raise
+
+
+def build_app(
+    settings: CloudSettings, backend: PostgresSyncBackend, key: Ed25519PrivateKey
+) -> FastAPI:
+    """The app on ``backend``: the sync routes and the Fleet API, sharing its pool."""
+    clock = SystemClock()
+    service = SyncService(backend, clock, key)
+    fleet = FleetContext(settings, backend.pool, service, clock, key)
+    return create_app(service, close=backend.close, fleet=fleet)
+
+
+def migrate_fleet(backend: PostgresSyncBackend) -> int:
+    """Apply the Fleet API's pending migrations (after the sync service's: its tables
+    refer to theirs); returns the version the database is at."""
+    try:
+        with backend.pool.connection() as conn, conn.transaction():
+            return FLEET_SCHEMA.migrate(conn, where=backend.where, unavailable=UNAVAILABLE)
+    except UNAVAILABLE as exc:
+        raise BackendUnavailable(
+            f"PostgreSQL at {backend.where}: {type(exc).__name__}: {str(exc).strip()[:200]}"
+        ) from exc
+
+
+def serve_settings(
+    settings: CloudSettings,
+    *,
+    config: str | None = None,
+    access_log: bool = False,
+    out: TextIO = sys.stdout,
+) -> int:
+    """``serve`` with every option from ``settings`` (``config``: the file they were
+    read from, handed to the worker processes)."""
+    if not settings.database_url:
+        raise ConfigError(
+            "no database given",
+            hint=f"pass --database-url postgresql://USER@HOST:PORT/DB, set {DATABASE_URL_ENV}, "
+            "or database_url in the --config file",
+        )
+    if config:
+        os.environ[CONFIG_ENV] = str(Path(config).resolve())
+    return serve(
+        settings.database_url,
+        host=settings.host,
+        port=settings.port,
+        key_file=settings.key_path(),
+        workers=settings.api_workers,
+        access_log=access_log,
+        out=out,
+        settings=settings,
+    )
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -76,15 +140,24 @@ def serve(
     workers: int = 1,
     access_log: bool = False,
     out: TextIO = sys.stdout,
+    settings: CloudSettings | None = None,
 ) -> int:
-    """Migrate, bind, announce, serve until SIGINT/SIGTERM; returns the exit status."""
+    """Migrate, bind, announce, serve until SIGINT/SIGTERM; returns the exit status.
+    ``settings``: the rest of the options (default: the defaults, with these)."""
     if workers < 1:
         raise ConfigError(f"--workers must be at least 1, not {workers}")
+    if settings is None:
+        settings = CloudSettings(
+            database_url=database_url, host=host, port=port, signing_key_file=key_file,
+            api_workers=workers,
+        )  # fmt: skip
     key, made = load_or_create_key(key_file)
     if made:
         print(f"created the control-plane signing key {key_file}", file=sys.stderr, flush=True)
     backend = PostgresSyncBackend(database_url, pool_size=DEFAULT_POOL_SIZE)  # migrates
     try:
+        migrate_fleet(backend)
+        app = build_app(settings, backend, key) if workers == 1 else None
         sock = bind(host, port)
     except BaseException:
         backend.close()
@@ -97,8 +170,7 @@ def serve(
     print(f"listening on http://{shown}:{sock.getsockname()[1]}", file=out, flush=True)
     options = {"access_log": access_log, "log_level": "info", "timeout_graceful_shutdown": 10}
     try:
-        if workers == 1:
-            app = create_app(SyncService(backend, SystemClock(), key), close=backend.close)
+        if app is not None:
             uvicorn.Server(uvicorn.Config(app, **options)).run(sockets=[sock])  # type: ignore[arg-type]
         else:
             backend.close()
