@@ -6,6 +6,9 @@ A route states its rule as a dependency, and the app will not build without one:
     _: None = Depends(public())                  # anyone (only /openapi.json, health)
     _: None = Depends(device_signed())           # the sync routes: the device's signature
 
+The same as parameter types (no ``Depends`` default for ruff's B008 to flag):
+``who: CanRead``, ``CanAudit``, ``CanOperate``, ``CanAdmin``.
+
 Permissions and the roles holding them: ``read`` (admin, operator, auditor, read_only),
 ``audit`` (admin, operator, auditor), ``operate`` (admin, operator), ``admin`` (admin).
 
@@ -99,6 +102,14 @@ def allow(permission: Permission) -> Allow:
     if permission not in _ALLOW:
         raise ValueError(f"unknown permission {permission!r}; one of: {', '.join(PERMISSIONS)}")
     return _ALLOW[permission]
+
+
+#: The rules as parameter types (ruff's B008 flags a ``Depends(...)`` default):
+#: ``def f(who: CanOperate, ctx: Ctx)`` is ``who: Principal = Depends(allow("operate"))``.
+CanRead = Annotated[Principal, Depends(allow("read"))]
+CanAudit = Annotated[Principal, Depends(allow("audit"))]
+CanOperate = Annotated[Principal, Depends(allow("operate"))]
+CanAdmin = Annotated[Principal, Depends(allow("admin"))]
 
 
 def public() -> Public:
@@ -246,6 +257,10 @@ def route_permission(route: BaseRoute) -> str:
 
 __all__ = [
     "Allow",
+    "CanAdmin",
+    "CanAudit",
+    "CanOperate",
+    "CanRead",
     "DeviceSigned",
     "Permission",
     "Principal",

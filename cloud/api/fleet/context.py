@@ -20,10 +20,10 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from fastapi import Request
+from fastapi import Depends, Request
 from psycopg_pool import ConnectionPool
 
 from cloud.fleet import audit, tokens
@@ -120,4 +120,7 @@ def fleet_context(request: Request) -> FleetContext:
     return ctx
 
 
-__all__ = ["FleetContext", "fleet_context"]
+#: ``ctx: Ctx`` is ``ctx: FleetContext = Depends(fleet_context)``.
+Ctx = Annotated[FleetContext, Depends(fleet_context)]
+
+__all__ = ["Ctx", "FleetContext", "fleet_context"]
