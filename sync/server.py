@@ -75,6 +75,8 @@ from sync.server_records import (
     AuditVerification,
     ChainRecord,
     ChainVerification,
+    CommandBatch,
+    CommandTarget,
     DeviceRecord,
     DocumentKind,
     EnrollToken,
@@ -244,6 +246,17 @@ class SyncTransaction(Protocol):
         """Allocate the device's next command seq (1, 2, ...), atomically."""
 
     def add_command(self, command: NewCommand) -> None: ...
+
+    def target_devices(self, group: str | None, store: str | None) -> list[str]:
+        """The active devices of ``group`` or of ``store`` (the one given), by id, their
+        rows locked until the transaction ends (as ``device(lock=True)``, in id order, so
+        two sends never wait on each other in a circle)."""
+
+    def next_command_seqs(self, device_ids: Sequence[str]) -> dict[str, int]:
+        """Allocate each device's next command seq, atomically, in one statement."""
+
+    def add_commands(self, commands: Sequence[NewCommand]) -> None:
+        """Queue many sealed commands (a batch), without a round trip per command."""
 
     def documents_head(self, kind: str) -> int:
         """The highest version of ``kind`` (0 if none), holding the kind's lock until
@@ -876,18 +889,7 @@ class SyncService:
         or name an existing version with the same content (one document sent to many
         devices)."""
         key = self._signing_key()
-        if action not in ACTION_DOCUMENT:
-            known = ", ".join(sorted(ACTION_DOCUMENT))
-            raise ServiceError("bad_action", f"unknown action {action!r}; one of: {known}")
-        wanted = ACTION_DOCUMENT[action]
-        if not ttl_s > 0:
-            raise ServiceError(
-                "bad_argument", f"the command's lifetime must be positive, not {ttl_s}"
-            )
-        if wanted is None and document is not None:
-            raise ServiceError("bad_document", f"{action} carries no document")
-        if wanted is not None and document is None:
-            raise ServiceError("bad_document", f"{action} needs a {wanted} document")
+        wanted = self._check_command(action, document, ttl_s)
         now = self.clock.now()
         with self.backend.transaction() as tx:
             device = tx.device(device_id, lock=True)
@@ -903,51 +905,92 @@ class SyncService:
             if document is not None and wanted is not None:
                 doc = self._document(tx, document, wanted, now)
             seq = tx.next_command_seq(device_id)
-            command = wire.Command(
-                schema_version=1,
-                command_id="cmd_" + uuid.uuid4().hex,
-                device_id=device_id,
-                group=group,
-                seq=seq,
-                action=action,  # type: ignore[arg-type]
-                issued_at=now,
-                expires_at=now + ttl_s,
-                document=doc,
-            )
-            envelope = signing.seal(key, command)
-            tx.add_command(
-                NewCommand(
-                    command_id=command.command_id,
-                    device_id=device_id,
-                    seq=seq,
-                    action=action,
-                    envelope=wire.encode(envelope).decode(),
-                    document=doc.model_dump(mode="json") if doc else None,
-                    created_at=now,
-                    expires_at=command.expires_at,
+            new = _sealed(key, device_id, seq, action, group, now, ttl_s, doc, None)
+            tx.add_command(new)
+        _log_queued(new)
+        return _queued(new, doc)
+
+    def queue_commands(
+        self,
+        target: CommandTarget,
+        action: str,
+        document: NewDocument | None = None,
+        ttl_s: float = DEFAULT_COMMAND_TTL_S,
+    ) -> CommandBatch:
+        """One call, one transaction: a sealed command for ``target`` -- one device, or
+        every active device of a group or a store (revoked ones are left out) -- each
+        under its own device's next seq, all sharing a batch id (``commands.batch_id``)
+        and one document version (stored once, as ``queue_command`` says). A group or
+        store with no active device is ``no_devices``; a device target is refused as
+        ``queue_command`` refuses it."""
+        key = self._signing_key()
+        wanted = self._check_command(action, document, ttl_s)
+        for name, value in (("group", target.group), ("store", target.store)):
+            if value is not None and (not value or len(value) > wire.MAX_FIELD_CHARS):
+                raise ServiceError(
+                    "bad_argument", f"{name} must be 1-{wire.MAX_FIELD_CHARS} characters"
                 )
-            )
+        now = self.clock.now()
+        batch_id = "bat_" + uuid.uuid4().hex
+        with self.backend.transaction() as tx:
+            if target.device_id is not None:
+                device = tx.device(target.device_id, lock=True)
+                if device is None:
+                    raise ServiceError("unknown_device", f"no device {target.device_id}")
+                if device.status != "active":
+                    raise ServiceError("device_revoked", f"device {target.device_id} is revoked")
+                device_ids = [target.device_id]
+            else:
+                device_ids = tx.target_devices(target.group, target.store)
+                if not device_ids:
+                    raise ServiceError(
+                        "no_devices", f"no active device in {target.scope} {target.value!r}"
+                    )
+            doc = None
+            if document is not None and wanted is not None:
+                doc = self._document(tx, document, wanted, now)
+            seqs = tx.next_command_seqs(device_ids)
+            made = [
+                _sealed(key, d, seqs[d], action, target.group, now, ttl_s, doc, batch_id)
+                for d in device_ids
+            ]
+            tx.add_commands(made)
         log.info(
-            "command %s (%s) queued for device %s as seq %d",
-            command.command_id,
+            "batch %s: %s queued for %d device(s) of %s %s",
+            batch_id,
             action,
-            device_id,
-            seq,
-            extra={
-                "action": "command_queued",
-                "device_id": device_id,
-                "command_id": command.command_id,
-            },
+            len(made),
+            target.scope,
+            target.value,
+            extra={"action": "commands_queued", "batch_id": batch_id, "count": len(made)},
         )
-        return QueuedCommand(
-            command.command_id,
-            device_id,
-            seq,
+        return CommandBatch(
+            batch_id,
+            target,
             action,
-            command.expires_at,
+            now + ttl_s,
+            tuple(_queued(c, doc) for c in made),
             doc.kind if doc else None,
             doc.version if doc else None,
         )
+
+    def _check_command(
+        self, action: str, document: NewDocument | None, ttl_s: float
+    ) -> DocumentKind | None:
+        """The document kind ``action`` carries, once the request is known to be sound."""
+        if action not in ACTION_DOCUMENT:
+            known = ", ".join(sorted(ACTION_DOCUMENT))
+            raise ServiceError("bad_action", f"unknown action {action!r}; one of: {known}")
+        wanted = ACTION_DOCUMENT[action]
+        if not (ttl_s > 0 and math.isfinite(ttl_s)):
+            raise ServiceError(
+                "bad_argument", f"the command's lifetime must be positive, not {ttl_s}"
+            )
+        if wanted is None and document is not None:
+            raise ServiceError("bad_document", f"{action} carries no document")
+        if wanted is not None and document is None:
+            raise ServiceError("bad_document", f"{action} needs a {wanted} document")
+        return wanted
 
     def _document(
         self, tx: SyncTransaction, document: NewDocument, wanted: DocumentKind, now: float
@@ -1051,6 +1094,70 @@ def _paged_rows(
         after = page[-1].seq
 
 
+def _sealed(
+    key: Ed25519PrivateKey,
+    device_id: str,
+    seq: int,
+    action: str,
+    group: str | None,
+    now: float,
+    ttl_s: float,
+    doc: wire.Document | None,
+    batch_id: str | None,
+) -> NewCommand:
+    """A command for one device, sealed (signed over the bytes it will carry)."""
+    command = wire.Command(
+        schema_version=1,
+        command_id="cmd_" + uuid.uuid4().hex,
+        device_id=device_id,
+        group=group,
+        seq=seq,
+        action=action,  # type: ignore[arg-type]
+        issued_at=now,
+        expires_at=now + ttl_s,
+        document=doc,
+    )
+    envelope = signing.seal(key, command)
+    return NewCommand(
+        command_id=command.command_id,
+        device_id=device_id,
+        seq=seq,
+        action=action,
+        envelope=wire.encode(envelope).decode(),
+        document=doc.model_dump(mode="json") if doc else None,
+        created_at=now,
+        expires_at=command.expires_at,
+        batch_id=batch_id,
+    )
+
+
+def _queued(new: NewCommand, doc: wire.Document | None) -> QueuedCommand:
+    return QueuedCommand(
+        new.command_id,
+        new.device_id,
+        new.seq,
+        new.action,
+        new.expires_at,
+        doc.kind if doc else None,
+        doc.version if doc else None,
+    )
+
+
+def _log_queued(new: NewCommand) -> None:
+    log.info(
+        "command %s (%s) queued for device %s as seq %d",
+        new.command_id,
+        new.action,
+        new.device_id,
+        new.seq,
+        extra={
+            "action": "command_queued",
+            "device_id": new.device_id,
+            "command_id": new.command_id,
+        },
+    )
+
+
 def _public_key(text: str, field: str) -> Ed25519PublicKey:
     """The key ``text`` names, which must be written the one way keys are written
     (``signing.public_text``): the lenient base64 decoder would take stray characters
@@ -1091,6 +1198,8 @@ __all__ = [
     "BackendUnavailable",
     "ChainRecord",
     "ChainVerification",
+    "CommandBatch",
+    "CommandTarget",
     "DeviceRecord",
     "EnrollToken",
     "NewCommand",

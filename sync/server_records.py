@@ -111,6 +111,8 @@ class NewCommand:
     document: Mapping[str, Any] | None
     created_at: float
     expires_at: float
+    #: The send it belongs to (``SyncService.queue_commands``); None: a single command.
+    batch_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,46 @@ class QueuedCommand:
     seq: int
     action: str
     expires_at: float
+    document_kind: DocumentKind | None = None
+    document_version: int | None = None
+
+
+@dataclass(frozen=True)
+class CommandTarget:
+    """Who a command goes to: one device, or every active device of a group or of a
+    store (exactly one of the three)."""
+
+    device_id: str | None = None
+    group: str | None = None
+    store: str | None = None
+
+    def __post_init__(self) -> None:
+        given = [n for n in ("device_id", "group", "store") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError(f"a command target names one of device_id, group, store; got {given}")
+
+    @property
+    def scope(self) -> Literal["device", "group", "store"]:
+        if self.device_id is not None:
+            return "device"
+        return "group" if self.group is not None else "store"
+
+    @property
+    def value(self) -> str:
+        value = self.device_id or self.group or self.store
+        assert value is not None
+        return value
+
+
+@dataclass(frozen=True)
+class CommandBatch:
+    """What ``SyncService.queue_commands`` made: one command per device, one batch id."""
+
+    batch_id: str
+    target: CommandTarget
+    action: str
+    expires_at: float
+    commands: tuple[QueuedCommand, ...]
     document_kind: DocumentKind | None = None
     document_version: int | None = None
 

@@ -44,6 +44,9 @@ _MIGRATION_LOCK = 0x7417_5C0E
 #: The first key of the per-kind document lock (pg_advisory_xact_lock(int, int)).
 _DOCUMENT_LOCK = 0x7417_D0C
 
+#: Commands of a batch per INSERT statement (a JSON array each; envelopes are ~1-2 KB).
+_COMMANDS_PER_INSERT = 1000
+
 DEFAULT_POOL_SIZE = 8
 #: How long a transaction waits for a pooled connection before it is a 503.
 DEFAULT_POOL_TIMEOUT_S = 5.0
@@ -430,8 +433,28 @@ class PostgresSyncTx:
                 "document": None if command.document is None else Jsonb(dict(command.document)),
                 "created_at": command.created_at,
                 "expires_at": command.expires_at,
+                "batch_id": command.batch_id,
             },
         )
+
+    def target_devices(self, group: str | None, store: str | None) -> list[str]:
+        if (group is None) == (store is None):
+            raise ValueError("target_devices takes a group or a store, one of the two")
+        rows = self._x("target_devices", {"group": group, "store": store}).fetchall()
+        return [str(r[0]) for r in rows]
+
+    def next_command_seqs(self, device_ids: Sequence[str]) -> dict[str, int]:
+        rows = self._x("next_command_seqs", {"device_ids": list(device_ids)}).fetchall()
+        seqs = {str(d): int(seq) for d, seq in rows}
+        missing = set(device_ids) - set(seqs)
+        if missing:
+            raise LookupError(f"no device {sorted(missing)[0]}")
+        return seqs
+
+    def add_commands(self, commands: Sequence[NewCommand]) -> None:
+        for at in range(0, len(commands), _COMMANDS_PER_INSERT):
+            rows = [_command_row(c) for c in commands[at : at + _COMMANDS_PER_INSERT]]
+            self._x("add_commands", {"rows": _json(rows)})
 
     def documents_head(self, kind: str) -> int:
         self._x("lock_documents", {"lock": _DOCUMENT_LOCK, "kind": kind})
@@ -495,6 +518,20 @@ def _message_row(e: wire.OutboxEntry) -> dict[str, Any]:
         "payload": e.payload,
         "created_at": e.created_at,
         "content_hash": e.content_hash,
+    }
+
+
+def _command_row(c: NewCommand) -> dict[str, Any]:
+    return {
+        "command_id": c.command_id,
+        "device_id": c.device_id,
+        "seq": c.seq,
+        "action": c.action,
+        "envelope": c.envelope,
+        "document": None if c.document is None else dict(c.document),
+        "created_at": c.created_at,
+        "expires_at": c.expires_at,
+        "batch_id": c.batch_id,
     }
 
 

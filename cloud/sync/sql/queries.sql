@@ -233,9 +233,38 @@ RETURNING command_seq;
 -- name: add_command
 -- A sealed command, queued.
 INSERT INTO commands (command_id, device_id, seq, action, envelope, document, created_at,
-                      expires_at)
+                      expires_at, batch_id)
 VALUES (%(command_id)s, %(device_id)s, %(seq)s, %(action)s, %(envelope)s, %(document)s,
-        %(created_at)s, %(expires_at)s);
+        %(created_at)s, %(expires_at)s, %(batch_id)s);
+
+-- name: target_devices
+-- The active devices of a group or a store (the one not NULL), locked, in id order.
+SELECT device_id FROM devices
+WHERE status = 'active'
+  AND (%(group)s::text IS NULL OR group_name = %(group)s::text)
+  AND (%(store)s::text IS NULL OR store = %(store)s::text)
+ORDER BY device_id
+FOR UPDATE;
+
+-- name: next_command_seqs
+-- Allocate the next command seq of each of some devices.
+UPDATE devices SET command_seq = command_seq + 1
+WHERE device_id = ANY(%(device_ids)s::text[])
+RETURNING device_id, command_seq;
+
+-- name: add_commands
+-- Sealed commands of a batch, queued in one statement (one JSON array, in order).
+INSERT INTO commands (command_id, device_id, seq, action, envelope, document, created_at,
+                      expires_at, batch_id)
+SELECT t.command_id, t.device_id, t.seq, t.action, t.envelope, t.document, t.created_at,
+       t.expires_at, t.batch_id
+FROM ROWS FROM (json_to_recordset(%(rows)s::json)
+                AS (command_id text, device_id text, seq bigint, action text,
+                    envelope text, document jsonb, created_at double precision,
+                    expires_at double precision, batch_id text)) WITH ORDINALITY
+     AS t(command_id, device_id, seq, action, envelope, document, created_at, expires_at,
+          batch_id, n)
+ORDER BY t.n;
 
 -- name: lock_documents
 -- Serialise new versions of one document kind until the transaction ends.

@@ -139,10 +139,20 @@ CREATE TABLE commands (
     expires_at   double precision NOT NULL,
     delivered_at double precision,
     result_at    double precision,
+    -- one id for the commands of one send to a group or a store (0002)
+    batch_id     text,
+    -- every command in the order it was made: the lists' cursor (0002)
+    command_no   bigint GENERATED ALWAYS AS IDENTITY,
     UNIQUE (device_id, seq)
 );
 
 CREATE INDEX commands_pending ON commands (device_id, seq)
+    WHERE status IN ('queued', 'delivered');
+CREATE UNIQUE INDEX commands_by_no ON commands (command_no);
+CREATE INDEX commands_by_batch ON commands (batch_id, command_no) WHERE batch_id IS NOT NULL;
+CREATE INDEX commands_by_device ON commands (device_id, command_no);
+-- what the expiry sweep looks at: commands still waiting, by when they expire
+CREATE INDEX commands_pending_expiry ON commands (expires_at)
     WHERE status IN ('queued', 'delivered');
 
 -- Config and policy documents the control plane sends; a version only grows per kind,
@@ -154,6 +164,23 @@ CREATE TABLE sync_documents (
     content    jsonb NOT NULL,
     created_at double precision NOT NULL,
     PRIMARY KEY (kind, version)
+);
+
+-- Which document version is assigned where: at most one per (kind, scope, value). The
+-- effective document of a device is its most specific match (device > store > group >
+-- fleet; cloud.documents.scope). ``value`` is the group, store or device id, and ''
+-- for the fleet.
+CREATE TABLE document_assignments (
+    assignment_id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    kind          text NOT NULL,
+    scope         text NOT NULL CHECK (scope IN ('fleet', 'group', 'store', 'device')),
+    value         text NOT NULL,
+    version       bigint NOT NULL,
+    assigned_at   double precision NOT NULL,
+    assigned_by   text NOT NULL,
+    CHECK ((scope = 'fleet') = (value = '')),
+    UNIQUE (kind, scope, value),
+    FOREIGN KEY (kind, version) REFERENCES sync_documents (kind, version)
 );
 
 -- The latest heartbeat per device, and when it was last seen.
