@@ -34,6 +34,15 @@ of an approved authorisation, release it (approved, ``effect=True``); of one alr
 reversed, declined, or never seen, approve with a ``reason`` and no effect (and a later
 authorisation under a never-seen key is declined); of a refund or reversal, decline
 ``not_reversible``.
+
+Lookups (the acquirer's status API, as the control plane asks it about an operation
+whose answer a terminal lost): ``GET /lookup`` with the operation's key in the
+idempotency header answers from the ledger, changing nothing: ``found``, the
+``operation``, its ``status`` (``approved``, ``declined``, or ``reversed`` for an
+authorisation a reversal released), amount, currency and reference (``lookup_body``).
+A key never seen is ``found: false`` (with ``fenced``: a reversal came first, so a late
+authorisation would be declined). ``error`` and ``drop`` modes apply to lookups too (an
+acquirer that is away is away for everyone); ``lookups`` counts them.
 """
 
 from __future__ import annotations
@@ -62,12 +71,14 @@ from edge.terminal.drivers.acquirer_http import (
 )
 from edge.terminal.drivers.contracts import AuthResponse
 
-__all__ = ["LedgerEntry", "Mode", "Operation", "SimAcquirer"]
+__all__ = ["LOOKUP_PATH", "LedgerEntry", "Mode", "Operation", "SimAcquirer"]
 
 Mode = Literal["approve", "decline", "timeout", "slow", "error", "drop"]
 Operation = Literal["authorize", "refund", "reverse"]
 
 _MODES: tuple[str, ...] = get_args(Mode)
+#: The status API's path (a GET; the key in the idempotency header).
+LOOKUP_PATH = "/lookup"
 _PATHS: dict[str, Operation] = {
     AUTHORIZE_PATH: "authorize",
     REFUND_PATH: "refund",
@@ -136,6 +147,7 @@ class SimAcquirer(LoopbackServer):
         self._lose: set[str] = set()  # keys whose next reply is lost
         self.dropped = 0  # requests dropped unanswered in "drop" mode
         self.lost_replies = 0  # replies lost by lose_reply
+        self.lookups = 0  # status lookups answered
         self._serial = itertools.count(1)
         super().__init__(_Handler)
 
@@ -259,6 +271,54 @@ class SimAcquirer(LoopbackServer):
             return
         _reply(handler, 200, encode_result(response))
 
+    def _serve_lookup(self, handler: _Handler) -> None:
+        """``GET /lookup``: what the ledger holds under the key; nothing changes."""
+        key = handler.headers.get(IDEMPOTENCY_HEADER)
+        with self._lock:
+            self._received.append((handler.path, key))
+        if handler.path != LOOKUP_PATH:
+            _reply(handler, 404, json.dumps({"error": "not_found"}).encode(), close=True)
+            return
+        if not key:
+            payload = json.dumps({"error": "missing_idempotency_key"}).encode()
+            _reply(handler, 400, payload, close=True)
+            return
+        if self._mode == "drop":
+            with self._lock:
+                self.dropped += 1
+            handler.close_connection = True
+            return
+        if self._mode == "error":
+            payload = json.dumps({"error": "internal_error"}).encode()
+            _reply(handler, self.error_status, payload, close=True)
+            return
+        with self._lock:
+            self.lookups += 1
+            body = self.lookup_body(key)
+        _reply(handler, 200, json.dumps(body).encode())
+
+    def lookup_body(self, key: str) -> dict[str, object]:
+        """The status API's answer for ``key`` (call with the lock held, or on a quiet
+        simulator): the ledger's entry, its status after any reversal."""
+        entry = self._ledger.get(key)
+        if entry is None:
+            return {"key": key, "found": False, "fenced": key in self._reversed}
+        status = "approved" if entry.response.approved else "declined"
+        if entry.operation == "authorize" and entry.effect and key in self._reversed:
+            status = "reversed"
+        return {
+            "key": key,
+            "found": True,
+            "operation": entry.operation,
+            "status": status,
+            "amount_minor": entry.amount_minor,
+            "currency": entry.currency,
+            "acquirer_ref": entry.response.acquirer_ref,
+            "auth_code": entry.response.auth_code,
+            "reason": entry.response.reason,
+            "reversed_by": self._reversed.get(key) if entry.operation == "authorize" else None,
+        }
+
     def _apply(self, operation: Operation, key: str, body: bytes, mode: Mode) -> AuthResponse:
         """Decide and record, atomically per key; a repeat returns the recorded answer."""
         if operation == "reverse":
@@ -361,6 +421,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         self.server.sim._serve(self)  # type: ignore[attr-defined]
+
+    def do_GET(self) -> None:
+        self.server.sim._serve_lookup(self)  # type: ignore[attr-defined]
 
     def log_message(self, format: str, *args: object) -> None:
         pass  # the ledger and ``received`` are the record; stderr stays quiet

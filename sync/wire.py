@@ -234,16 +234,33 @@ class SyncResponse(_Message):
 
 # --- download: signed commands -----------------------------------------------------------
 
-CommandAction = Literal["update_config", "activate_policy", "request_health"]
+CommandAction = Literal["update_config", "activate_policy", "request_health", "resolve_outcome"]
 
 
 class Document(_Wire):
     """A config or fraud-policy document a command carries: its kind, a version that
-    only grows (a rollback is a new version with the old content), and the content."""
+    only grows (a rollback is a new version with the old content), and the content.
+    ``outcome``: the truth a ``resolve_outcome`` brings (its content an ``Outcome``)."""
 
-    kind: Literal["config", "policy"]
+    kind: Literal["config", "policy", "outcome"]
     version: int = Field(ge=1, le=MAX_INT64)
     content: dict[str, Any]
+
+
+class Outcome(_Wire):
+    """What the acquirer says became of an operation whose answer a terminal lost: the
+    content of ``resolve_outcome``'s document (kind ``outcome``). The operation's
+    idempotency key, the run it belongs to, and its status at the acquirer
+    (``not_found``: the acquirer never saw the key)."""
+
+    operation: Literal["authorization", "refund"]
+    run_id: Id
+    key: Id
+    status: Literal["approved", "declined", "reversed", "not_found"]
+    amount_minor: int | None = Field(None, ge=0, le=MAX_INT64)
+    currency: str | None = Field(None, max_length=MAX_FIELD_CHARS)
+    acquirer_ref: str | None = Field(None, max_length=MAX_FIELD_CHARS)
+    looked_up_at: float
 
 
 class Command(_Wire):

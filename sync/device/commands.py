@@ -13,7 +13,11 @@ Each envelope of a sync response is checked, in this order:
    *expired*: setting the clock back does not revive an expired command;
 6. **the document**: present and of the kind the action needs, valid content, and a
    version above the one in force (versions only grow: a rollback is a new version
-   with the old content), else *invalid_document* or *stale_version*.
+   with the old content), else *invalid_document* or *stale_version*;
+7. **the outcome** (``resolve_outcome`` only): it names a run of this terminal of the
+   operation it says (a payment's authorisation, a refund) under the key that run
+   recorded, else *unknown_outcome*; and no truth for that key is recorded yet, else
+   *already_resolved* (one truth per key, whatever the seq).
 
 A forged or replayed command gets no ledger row: one ``command_refused`` audit row says
 why, and nothing else changes (``record_command(seq=None)``). Any other refusal is a
@@ -23,6 +27,17 @@ message. A valid command's effect -- the document stored, or a ``health`` messag
 queued -- commits in the same transaction as its ledger row, its ``command_applied``
 audit row and its ``command_result``; the terminal then puts the documents in force
 (``refresh_documents``).
+
+``resolve_outcome`` (the control plane looked up, at the acquirer, an operation whose
+answer this terminal lost) settles what the truth is about, in that same transaction:
+the truth is kept (a document of kind ``outcome:<key>``, which also makes a second
+truth for the key a refusal), an ``outcome_resolved`` audit row names the run, key and
+status, and an open unknown gets its final message: a refund that ended ``unknown`` gets
+its ``refund`` message with the acquirer's decision (``resolved: true``). A payment's
+unknown authorisation already has its ending under way on the terminal
+(``reverse_unknown``, retried until the acquirer answers, then ``record``'s message):
+the truth is kept beside it, and a reversal the truth shows done or unneeded
+(``reversed``, ``declined``) is then only a formality the acquirer answers harmlessly.
 """
 
 from __future__ import annotations
@@ -33,12 +48,12 @@ import logging
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from pydantic import ValidationError
 
 from edge.engine.clock import Clock
-from edge.engine.records import AuditEvent, CommandRecord, OutboxMessage
+from edge.engine.records import AuditEvent, CommandRecord, OutboxMessage, RunRecord
 from edge.terminal.config import ConfigDocument
 from edge.terminal.sale.policy import PolicyDocument
 from sync import signing, wire
@@ -56,11 +71,31 @@ EXPIRED = "expired"
 INVALID_DOCUMENT = "invalid_document"
 STALE_VERSION = "stale_version"
 INVALID_COMMAND = "invalid_command"
+UNKNOWN_OUTCOME = "unknown_outcome"
+ALREADY_RESOLVED = "already_resolved"
 
 RESULT_TOPIC = "command_result"
 HEALTH_TOPIC = "health"
 #: The document kind each action brings into force.
-DOCUMENT_OF = {"update_config": "config", "activate_policy": "policy"}
+DOCUMENT_OF = {"update_config": "config", "activate_policy": "policy", "resolve_outcome": "outcome"}
+RESOLVE_OUTCOME = "resolve_outcome"
+#: The document kind a resolve_outcome keeps its truth under: ``outcome:<key>``.
+OUTCOME_DOCUMENT_PREFIX = "outcome:"
+#: The workflow whose run an outcome is about, by operation, and the state field in
+#: which that run recorded the operation's key.
+_OUTCOME_RUN = {"authorization": ("payment", "auth_key"), "refund": ("refund", "refund_key")}
+
+
+@runtime_checkable
+class RunReads(Protocol):
+    """The engine store's reads a resolve_outcome needs (the terminal's store has them)."""
+
+    def get_run(self, run_id: str) -> RunRecord | None: ...
+
+
+def outcome_document_kind(key: str) -> str:
+    """Where a terminal keeps the truth about the operation under ``key``."""
+    return OUTCOME_DOCUMENT_PREFIX + key
 
 
 @dataclass(frozen=True)
@@ -133,7 +168,28 @@ class CommandProcessor:
         trusted = now if signed is None else max(now, signed)
         if cmd.expires_at <= trusted:
             return EXPIRED, f"expired at {cmd.expires_at:.3f}, trusted time is {trusted:.3f}"
-        return self._document_refusal(cmd)
+        return self._document_refusal(cmd) or self._outcome_refusal(cmd)
+
+    def _outcome_refusal(self, cmd: wire.Command) -> tuple[str, str] | None:
+        """resolve_outcome's document is an outcome about a run of ours, not yet
+        resolved (``_document_refusal`` checked its kind)."""
+        if cmd.action != RESOLVE_OUTCOME or cmd.document is None:
+            return None
+        try:
+            out = wire.Outcome.model_validate(cmd.document.content)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "content"
+            return INVALID_DOCUMENT, f"outcome document: {where}: {first['msg']}"
+        workflow, key_field = _OUTCOME_RUN[out.operation]
+        run = self.store.get_run(out.run_id) if isinstance(self.store, RunReads) else None
+        if run is None or run.workflow_type != workflow:
+            return UNKNOWN_OUTCOME, f"no {workflow} run {out.run_id} on this terminal"
+        if run.state.get(key_field) != out.key:
+            return UNKNOWN_OUTCOME, f"{workflow} run {out.run_id} has no operation {out.key}"
+        if self.store.active_document(outcome_document_kind(out.key)) is not None:
+            return ALREADY_RESOLVED, f"the outcome of {out.key} is already recorded"
+        return None
 
     def _document_refusal(self, cmd: wire.Command) -> tuple[str, str] | None:
         doc, kind = cmd.document, DOCUMENT_OF.get(cmd.action)
@@ -144,6 +200,8 @@ class CommandProcessor:
         if doc is None or doc.kind != kind:
             got = "none" if doc is None else f"a {doc.kind} document"
             return INVALID_DOCUMENT, f"{cmd.action} needs a {kind} document, got {got}"
+        if kind == "outcome":
+            return None  # no version in force: _outcome_refusal reads it
         try:
             if kind == "config":
                 ConfigDocument.model_validate(doc.content)
@@ -178,9 +236,16 @@ class CommandProcessor:
         if doc is not None:
             detail["document"] = {"kind": doc.kind, "version": doc.version}
         outbox = []
+        audit = [AuditEvent(None, "command_applied", at, None, detail)]
+        document: tuple[str, int, dict[str, Any]] | None = None
+        if doc is not None:
+            document = (doc.kind, doc.version, dict(doc.content))
         if cmd.action == "request_health":
             health = {"command_id": cmd.command_id, **self.terminal.health()}
             outbox.append(_message(HEALTH_TOPIC, health, at))
+        if cmd.action == RESOLVE_OUTCOME and doc is not None:
+            out = wire.Outcome.model_validate(doc.content)  # _outcome_refusal read it
+            document = self._settle(cmd.command_id, out, at, audit, outbox)
         result = wire.CommandResult(
             command_id=cmd.command_id, seq=cmd.seq, status="applied", reason=None, at=at
         )
@@ -193,8 +258,8 @@ class CommandProcessor:
             reason=None,
             issued_at=cmd.issued_at,
             at=at,
-            document=None if doc is None else (doc.kind, doc.version, dict(doc.content)),
-            audit=[AuditEvent(None, "command_applied", at, None, detail)],
+            document=document,
+            audit=audit,
             outbox=outbox,
         )
         if not self.store.record_command(rec):  # another taker got there first
@@ -207,8 +272,33 @@ class CommandProcessor:
             cmd.seq,
             extra={"action": "command_applied"},
         )
-        kept = None if doc is None else (doc.kind, doc.version)
+        # An outcome's document is kept, not put in force.
+        kept = None if doc is None or doc.kind == "outcome" else (doc.kind, doc.version)
         return CommandOutcome(cmd.command_id, cmd.seq, cmd.action, "applied", None, kept)
+
+    def _settle(
+        self,
+        command_id: str,
+        out: wire.Outcome,
+        at: float,
+        audit: list[AuditEvent],
+        outbox: list[OutboxMessage],
+    ) -> tuple[str, int, dict[str, Any]]:
+        """What a resolve_outcome changes, added to its command's one transaction: the
+        audit row, the final message of an open unknown, and the truth as a document."""
+        assert isinstance(self.store, RunReads)  # _outcome_refusal checked it
+        run = self.store.get_run(out.run_id)
+        assert run is not None
+        truth = out.model_dump(mode="json")
+        settled = "recorded"
+        if out.operation == "refund" and run.state.get("decision") == "unknown":
+            outbox.append(_refund_final(run, out, self.identity.device_id, at))
+            settled = "final_message"
+        elif out.operation == "authorization" and not run.status.terminal:
+            settled = "reversal_pending"  # reverse_unknown ends it, with record's message
+        event = {**truth, "command_id": command_id, "settled": settled}
+        audit.append(AuditEvent(out.run_id, "outcome_resolved", at, None, event))
+        return outcome_document_kind(out.key), 1, {**truth, "settled": settled}
 
     def _refuse(
         self, seq: int, command_id: str, action: str, issued_at: float, reason: str, why: str
@@ -298,6 +388,31 @@ class CommandProcessor:
 
 def _message(topic: str, payload: dict[str, Any], at: float) -> OutboxMessage:
     return OutboxMessage(uuid.uuid4().hex, None, None, topic, payload, at)
+
+
+def _refund_final(run: RunRecord, out: wire.Outcome, device_id: str, at: float) -> OutboxMessage:
+    """The final ``refund`` message of a refund that ended unknown: the decision the
+    acquirer took (approved: the customer was refunded; else nothing moved), in the
+    shape ``record_refund`` gives, marked ``resolved``."""
+    state = run.state
+    card = state.get("card") or {}
+    decision = "approved" if out.status == "approved" else "declined"
+    payload = {
+        "device_id": device_id,
+        "run_id": run.run_id,
+        "amount_minor": state.get("amount_minor"),
+        "currency": state.get("currency"),
+        "decision": decision,
+        "reason": None if decision == "approved" else f"acquirer_{out.status}",
+        "original_run_id": state.get("original_run_id"),
+        "auth_code": None,
+        "acquirer_ref": out.acquirer_ref,
+        "acquirer_reason": None,
+        "refund_key": out.key,
+        "masked_pan": card.get("masked"),
+        "resolved": True,
+    }
+    return OutboxMessage(uuid.uuid4().hex, run.run_id, None, "refund", payload, at)
 
 
 def _refused_event(
