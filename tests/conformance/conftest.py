@@ -3,8 +3,9 @@
 Memory: a ``MemoryDatabase`` (a "restart" opens a new store on it). SQLite: a file in
 ``tmp_path``. PostgreSQL: a database cloned from a template that is
 migrated once per session (``TILLFLOW_TEST_DATABASE_URL``, default the local server's
-``test`` database, names the server). Under ``CI=true`` the PostgreSQL leg must run;
-elsewhere it is skipped, with a reason, when no server answers.
+``test`` database, names the server; when none answers, ``services`` starts an embedded
+one for the session). Under ``CI=true`` the PostgreSQL leg must run; elsewhere it is
+skipped, with a reason, when no server can be had.
 
 A test that needs what one store has and another has not carries a named marker, so
 the gaps can be counted (``pytest --co -q -m sqlite_only``): ``sqlite_only`` reads the
@@ -27,6 +28,7 @@ from typing import Any
 import apsw
 import psycopg
 import pytest
+import services
 from psycopg import conninfo
 
 from cloud.store.postgres import PostgresStore
@@ -37,7 +39,6 @@ from edge.store.sqlite import SqliteStore
 
 StoreFactory = Callable[[], Store]
 
-PG_URL = os.environ.get("TILLFLOW_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 BACKENDS = ["memory", "sqlite", "postgresql"]
 
 
@@ -45,14 +46,20 @@ def _with_dbname(url: str, dbname: str) -> str:
     return conninfo.make_conninfo(url, dbname=dbname)
 
 
+def pg_admin_url() -> str:
+    """The admin URL of the suite's server (configured, else embedded: ``services``)."""
+    return services.postgres_admin_url()
+
+
 @pytest.fixture(scope="session")
 def pg_template() -> Iterator[str]:
     """A migrated template database, made once per session."""
     try:
-        admin = psycopg.connect(PG_URL, autocommit=True, connect_timeout=3)
-    except psycopg.OperationalError as exc:
+        admin = psycopg.connect(pg_admin_url(), autocommit=True, connect_timeout=3)
+    except Exception as exc:  # neither the configured server nor an embedded one
         reason = (
-            f"PostgreSQL not reachable at {PG_URL} ({exc}); set TILLFLOW_TEST_DATABASE_URL="
+            f"PostgreSQL not reachable at {services.CONFIGURED_PG} and no embedded one "
+            f"({type(exc).__name__}: {exc}); set TILLFLOW_TEST_DATABASE_URL="
             "postgresql://USER@HOST:PORT/DB to run the PostgreSQL leg"
         )
         if os.environ.get("CI") == "true":
@@ -61,7 +68,7 @@ def pg_template() -> Iterator[str]:
     name = f"tillflow_tpl_{os.getpid()}"
     admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     admin.execute(f'CREATE DATABASE "{name}"')
-    PostgresStore(_with_dbname(PG_URL, name)).close()
+    PostgresStore(_with_dbname(pg_admin_url(), name)).close()
     try:
         yield name
     finally:
@@ -88,7 +95,7 @@ class _FreshDatabases:
         )
 
     def _admin(self, sql: str) -> None:
-        with psycopg.connect(PG_URL, autocommit=True) as admin:
+        with psycopg.connect(pg_admin_url(), autocommit=True) as admin:
             admin.execute(sql)
 
     def _create(self) -> str:
@@ -126,7 +133,7 @@ def pg_url(request: pytest.FixtureRequest) -> Iterator[str]:
     fresh: _FreshDatabases = request.getfixturevalue("pg_databases")
     name = fresh.take()
     try:
-        yield _with_dbname(PG_URL, name)
+        yield _with_dbname(pg_admin_url(), name)
     finally:
         fresh.drop(name)
 

@@ -1,8 +1,9 @@
 """PostgreSQL for the integration tests: a migrated template per session, a clone per test.
 
 ``TILLFLOW_TEST_DATABASE_URL`` (default: the local server's ``test`` database) names the
-server. Under ``CI=true`` these tests must run, so an unreachable server fails them;
-elsewhere they are skipped with a reason saying how to point them at a server.
+server; when it does not answer, ``services`` (tests/support/services.py) starts an
+embedded one for the session. Only if that fails too are these tests skipped (under
+``CI=true``: failed). ``redis_url`` is the suite's Redis, found or started the same way.
 
 The template's name differs from the conformance suite's, so both can exist in one
 session; every database made here is dropped (``WITH (FORCE)``) when its test ends.
@@ -18,13 +19,11 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
+import services
 from hwsim.syncrig import Cloud
 from psycopg import conninfo
 
 from cloud.store.postgres import PostgresStore
-
-# Read once at import, before the suite-wide fixture scrubs TILLFLOW_* for each test.
-PG_URL = os.environ.get("TILLFLOW_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
 NewDatabase = Callable[[], str]
 
@@ -39,7 +38,7 @@ def with_dbname(url: str, dbname: str) -> str:
 
 
 def _admin() -> psycopg.Connection[tuple[object, ...]]:
-    return psycopg.connect(PG_URL, autocommit=True, connect_timeout=3)
+    return psycopg.connect(services.postgres_admin_url(), autocommit=True, connect_timeout=3)
 
 
 def _drop(name: str) -> None:
@@ -49,18 +48,32 @@ def _drop(name: str) -> None:
 
 @pytest.fixture(scope="session")
 def pg_server() -> str:
-    """The admin URL of a reachable server (or a skip, or under CI a failure)."""
+    """The admin URL of the suite's server: the configured one when it answers, else an
+    embedded one started for the session (or a skip, or under CI a failure)."""
     try:
-        _admin().close()
-    except psycopg.OperationalError as exc:
+        return services.postgres_admin_url()
+    except Exception as exc:  # the embedded server could not start either
         reason = (
-            f"PostgreSQL not reachable at {PG_URL} ({exc}); set TILLFLOW_TEST_DATABASE_URL="
+            f"PostgreSQL not reachable at {services.CONFIGURED_PG} and no embedded one "
+            f"({type(exc).__name__}: {exc}); set TILLFLOW_TEST_DATABASE_URL="
             "postgresql://USER@HOST:PORT/DB to run the integration tests"
         )
         if os.environ.get("CI") == "true":
             pytest.fail("under CI=true the PostgreSQL integration tests must run: " + reason)
         pytest.skip(reason)
-    return PG_URL
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """The suite's Redis (``redis://HOST:PORT/N``): ``TILLFLOW_TEST_REDIS_URL`` or the
+    local server when it answers, else a ``redis-server`` started for the session."""
+    try:
+        return services.redis_url()
+    except Exception as exc:
+        reason = f"no Redis for the tests: {exc}"
+        if os.environ.get("CI") == "true":
+            pytest.fail("under CI=true the Redis tests must run: " + reason)
+        pytest.skip(reason)
 
 
 @pytest.fixture(scope="session")
@@ -78,13 +91,13 @@ def pg_template(pg_server: str) -> Iterator[str]:
 
 
 @pytest.fixture
-def pg_url(pg_template: str) -> Iterator[str]:
+def pg_url(pg_server: str, pg_template: str) -> Iterator[str]:
     """A fresh, migrated database for one test."""
     name = f"tillflow_it_{uuid.uuid4().hex[:12]}"
     with _admin() as admin:
         admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{pg_template}"')
     try:
-        yield with_dbname(PG_URL, name)
+        yield with_dbname(pg_server, name)
     finally:
         _drop(name)
 
