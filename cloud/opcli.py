@@ -132,16 +132,16 @@ class Api:
                 f"(is {self.url} the Fleet API?)"
             ) from None
 
-    def items(self, path: str, params: dict[str, Any], limit: int) -> dict[str, Any]:
-        """Up to ``limit`` items of a paged list, following ``next``; ``{"items", "next"}``
-        (``next``: where the rest begins, None if there is none)."""
+    def items(
+        self, path: str, params: dict[str, Any], limit: int, page_size: int = PAGE_MAX
+    ) -> dict[str, Any]:
+        """Up to ``limit`` items of a paged list, ``page_size`` a request, following
+        ``next``; ``{"items", "next"}`` (``next``: where the rest begins, None at the end)."""
         items: list[Any] = []
         after = params.pop("after", None)
         while True:
-            page = self.call(
-                "GET", path, params={**params, "limit": min(PAGE_MAX, limit - len(items)),
-                                     "after": after},
-            )  # fmt: skip
+            size = min(page_size, PAGE_MAX, limit - len(items))
+            page = self.call("GET", path, params={**params, "limit": size, "after": after})
             items.extend(page["items"])
             after = page.get("next")
             if after is None or len(items) >= limit:
@@ -199,6 +199,11 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[Column], empty: str)
     return "\n".join(
         "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in cells
     )
+
+
+def pages(api: Api, a: argparse.Namespace, path: str, params: dict[str, Any]) -> dict[str, Any]:
+    """A list command's items: from ``--after``, ``--page-size`` a request, to ``--limit``."""
+    return api.items(path, {**params, "after": a.after}, a.limit, a.page_size)
 
 
 def listing(data: dict[str, Any], columns: Sequence[Column], empty: str) -> tuple[Data, str, int]:
@@ -289,9 +294,7 @@ def tokens_create(api: Api, a: argparse.Namespace) -> tuple[Data, str, int]:
 
 
 def tokens_list(api: Api, a: argparse.Namespace) -> tuple[Data, str, int]:
-    return listing(
-        api.items("/api-tokens", {"after": a.after}, a.limit), TOKEN_COLS, "no API tokens"
-    )
+    return listing(pages(api, a, "/api-tokens", {}), TOKEN_COLS, "no API tokens")
 
 
 def tokens_revoke(api: Api, a: argparse.Namespace) -> tuple[Data, str, int]:
@@ -306,7 +309,7 @@ def enroll_create(api: Api, a: argparse.Namespace) -> tuple[Data, str, int]:
 
 
 def enroll_list(api: Api, a: argparse.Namespace) -> tuple[Data, str, int]:
-    data = api.items("/enroll-tokens", {"store": a.store, "after": a.after}, a.limit)
+    data = pages(api, a, "/enroll-tokens", {"store": a.store})
     return listing(data, ENROLL_COLS, "no enrollment tokens")
 
 
@@ -320,9 +323,9 @@ def devices_list(api: Api, a: argparse.Namespace) -> tuple[Data, str, int]:
         "store": a.store, "group": a.group, "tag": a.tag, "binary_version": a.binary_version,
         "config_version": a.config_version, "policy_version": a.policy_version,
         "health": a.health, "status": a.status, "last_seen_before": a.seen_before,
-        "last_seen_after": a.seen_after, "after": a.after,
+        "last_seen_after": a.seen_after,
     }  # fmt: skip
-    return listing(api.items("/devices", params, a.limit), DEVICE_COLS, "no devices")
+    return listing(pages(api, a, "/devices", params), DEVICE_COLS, "no devices")
 
 
 def _device(out: dict[str, Any]) -> tuple[Data, str, int]:
@@ -383,24 +386,24 @@ def audit_verify(api: Api, a: argparse.Namespace) -> tuple[Data, str, int]:
 
 def audit_log(api: Api, a: argparse.Namespace) -> tuple[Data, str, int]:
     if a.cloud:
-        params = {"action": a.action, "actor": a.actor, "after": a.after}
+        params = {"action": a.action, "actor": a.actor}
         cols = [
             col("seq"), col("at", time=True), col("actor"), col("role", "actor_role"),
             col("action"), col("target"),
         ]  # fmt: skip
-        return listing(api.items("/audit", params, a.limit), cols, "no audit rows")
-    params = {"stream": a.stream, "chain": a.chain, "after": a.after}
+        return listing(pages(api, a, "/audit", params), cols, "no audit rows")
+    params = {"stream": a.stream, "chain": a.chain}
     cols = [
         col("stream"), col("chain"), col("seq"), col("at", time=True), col("event"),
         col("step"), col("run", "run_id"),
     ]  # fmt: skip
-    data = api.items(f"/devices/{_seg(a.device)}/audit", params, a.limit)
+    data = pages(api, a, f"/devices/{_seg(a.device)}/audit", params)
     return listing(data, cols, f"device {a.device}: no audit rows held")
 
 
 def quarantine_list(api: Api, a: argparse.Namespace) -> tuple[Data, str, int]:
-    params = {"device_id": a.device, "status": a.status, "kind": a.kind, "after": a.after}
-    data = api.items("/quarantine", params, a.limit)
+    params = {"device_id": a.device, "status": a.status, "kind": a.kind}
+    data = pages(api, a, "/quarantine", params)
     return listing(data, QUARANTINE_COLS, "the quarantine is empty")
 
 
@@ -484,6 +487,10 @@ def register(
                 help=f"at most this many items (following the pages; {DEFAULT_LIMIT})",
             )  # fmt: skip
             c.add_argument("--after", metavar="CURSOR", help="start after this cursor (a `next`)")
+            c.add_argument(
+                "--page-size", type=_positive, default=PAGE_MAX, metavar="N",
+                help=f"items asked for in one request (at most {PAGE_MAX})",
+            )  # fmt: skip
         return c
 
     g = group("tokens", "API tokens (admin)")
