@@ -239,10 +239,19 @@ CommandAction = Literal["update_config", "activate_policy", "request_health", "r
 
 class Document(_Wire):
     """A config or fraud-policy document a command carries: its kind, a version that
-    only grows (a rollback is a new version with the old content), and the content.
-    ``outcome``: the truth a ``resolve_outcome`` brings (its content an ``Outcome``)."""
+    only grows (a rollback is a new version with the old content), and the content."""
 
-    kind: Literal["config", "policy", "outcome"]
+    kind: Literal["config", "policy"]
+    version: int = Field(ge=1, le=MAX_INT64)
+    content: dict[str, Any]
+
+
+class OutcomeDocument(_Wire):
+    """The document a ``resolve_outcome`` carries: the truth about an operation whose
+    answer the terminal lost (``content`` an ``Outcome``). Not a document in force, so
+    its own model: kept by the terminal, never compared by version."""
+
+    kind: Literal["outcome"]
     version: int = Field(ge=1, le=MAX_INT64)
     content: dict[str, Any]
 
@@ -275,7 +284,7 @@ class Command(_Wire):
     action: CommandAction
     issued_at: float
     expires_at: float
-    document: Document | None = None
+    document: Document | OutcomeDocument | None = None
 
 
 #: Command schema versions a terminal understands.
