@@ -417,3 +417,41 @@ def test_serve__settings_file_then_the_first_admin_token_from_the_cli(new_databa
     with psycopg.connect(url) as conn:
         rows = conn.execute("SELECT action, actor FROM cloud_audit").fetchall()
     assert rows == [("api_token.create", rows[0][1])] and rows[0][1].startswith("cli:")
+
+
+def test_quarantine__an_audit_row_replayed_onto_a_broken_chain_stays_with_that_reason(fleet):
+    term = fleet.enroll("store-1")
+    rows = term.grow_audit(3)
+    body = ok(fleet.sync(term, audit=[rows[0], rows[2]]))  # row 2 missing: a gap
+    assert body["chain"]["state"] == "broken" and body["audit_through"] == 1
+    [item] = ok(fleet.get("/api/v1/quarantine?kind=audit", "auditor"))["items"]
+    assert (item["seq"], item["reason"]) == (3, "gap")
+    again = ok(fleet.post(f"/api/v1/quarantine/{item['id']}/replay", "operator"))
+    assert (again["landed"], again["outcome"]) == (False, "chain_broken")
+    assert again["item"]["reason"] == "chain_broken" and again["item"]["status"] == "open"
+    assert again["superseded_by"] is None
+    assert len(ok(fleet.get("/api/v1/quarantine", "auditor"))["items"]) == 1  # not doubled
+    assert fleet.sql("SELECT count(*) FROM device_audit") == [(1,)]
+
+
+def test_input__text_the_database_cannot_hold_is_a_422_naming_the_field_never_a_5xx(fleet):
+    term = fleet.enroll("store-1")
+    answers = {
+        "query NUL": fleet.get("/api/v1/devices", "read_only", params={"store": "a\x00b"}),
+        "cursor NUL": fleet.get("/api/v1/devices", "read_only", params={"after": "\x00"}),
+        "path NUL": fleet.get("/api/v1/devices/a%00b", "read_only"),
+        "body NUL": fleet.put(f"/api/v1/devices/{term.device_id}/group", "operator",
+                              json={"group": "a\x00b"}),
+        "body surrogate": fleet.post("/api/v1/quarantine/1/discard", "operator",
+                                     content=b'{"reason": "\\ud800"}',
+                                     headers={"content-type": "application/json"}),
+        "token name": fleet.post("/api/v1/api-tokens", json={"name": "a\x00", "role": "admin"}),
+        "store": fleet.post("/api/v1/enroll-tokens", "operator", content=b'{"store": "\\udfff"}',
+                            headers={"content-type": "application/json"}),
+    }  # fmt: skip
+    for what, answer in answers.items():
+        assert answer.status_code == 422, (what, answer.status_code, answer.text)
+        assert set(answer.json()["error"]) == {"code", "message", "field"}, what
+    assert answers["query NUL"].json()["error"]["field"] == "query.store"
+    assert answers["body NUL"].json()["error"]["field"] == "body.group"
+    assert ok(fleet.get(f"/api/v1/devices/{term.device_id}", "read_only"))["group"] is None

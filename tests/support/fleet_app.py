@@ -33,16 +33,16 @@ class Fleet:
         return {"Authorization": f"Bearer {self.tokens[role]}"}
 
     def get(self, path: str, role: str = "admin", **kw: Any) -> Any:
-        return self.client.get(path, headers=self.auth(role), **kw)
+        return self.client.get(path, headers=self.auth(role) | kw.pop("headers", {}), **kw)
 
     def post(self, path: str, role: str = "admin", **kw: Any) -> Any:
-        return self.client.post(path, headers=self.auth(role), **kw)
+        return self.client.post(path, headers=self.auth(role) | kw.pop("headers", {}), **kw)
 
     def put(self, path: str, role: str = "admin", **kw: Any) -> Any:
-        return self.client.put(path, headers=self.auth(role), **kw)
+        return self.client.put(path, headers=self.auth(role) | kw.pop("headers", {}), **kw)
 
     def delete(self, path: str, role: str = "admin", **kw: Any) -> Any:
-        return self.client.delete(path, headers=self.auth(role), **kw)
+        return self.client.delete(path, headers=self.auth(role) | kw.pop("headers", {}), **kw)
 
     def sql(self, query: str, params: Any = None) -> list[tuple[Any, ...]]:
         with self.backend.pool.connection() as conn:

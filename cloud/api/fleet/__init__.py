@@ -10,10 +10,12 @@ give every refusal one shape (``cloud.api.fleet.errors``). The app that mounts i
 from __future__ import annotations
 
 import importlib
+import logging
 import pkgutil
 from collections.abc import Iterable
 from typing import Any
 
+import psycopg.errors
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -23,6 +25,8 @@ from cloud.api.fleet import errors
 from cloud.api.fleet.auth import public, rule_answer
 from cloud.api.fleet.context import FleetContext
 from sync.server import BackendUnavailable, ServiceError
+
+log = logging.getLogger(__name__)
 
 #: Where route modules are found.
 ROUTES_PACKAGE = "cloud.api.fleet.routes"
@@ -76,6 +80,19 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
         return errors.response(errors.from_service(exc))
+
+    @app.exception_handler(psycopg.errors.DataError)
+    async def bad_value(request: Request, exc: psycopg.errors.DataError) -> JSONResponse:
+        # a value the fields' checks let through and PostgreSQL refused (out of range, a
+        # character text cannot hold): the input's fault, so a 422, and logged to be
+        # checked earlier next time
+        log.warning(
+            "the database refused a value for %s %s: %s", request.method,
+            request.url.path[:200], type(exc).__name__, extra={"action": "fleet_bad_value"},
+        )  # fmt: skip
+        return errors.response(
+            errors.ApiError(422, "invalid_value", "a value given cannot be stored or compared")
+        )
 
     @app.exception_handler(BackendUnavailable)
     async def unavailable(request: Request, exc: BackendUnavailable) -> JSONResponse:

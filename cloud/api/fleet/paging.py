@@ -11,6 +11,8 @@ from typing import Annotated, Generic, TypeVar
 from fastapi import Query
 from pydantic import BaseModel, ConfigDict
 
+from cloud.api.fleet.fields import Clean
+
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
 #: A cursor is text a page gave; longer is not one of ours.
@@ -25,6 +27,7 @@ Limit = Annotated[
 After = Annotated[
     str | None,
     Query(max_length=MAX_CURSOR_CHARS, description="the `next` of the page before"),
+    Clean,
 ]
 
 

@@ -6,19 +6,18 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict
 
 from cloud.api.fleet.auth import CanAudit
 from cloud.api.fleet.context import Ctx
 from cloud.api.fleet.errors import ApiError
+from cloud.api.fleet.fields import Clean, DeviceId
 from cloud.api.fleet.paging import DEFAULT_LIMIT, After, Limit, Page, page
 from cloud.fleet import audit, devices
 from sync import wire
 
 router = APIRouter(tags=["audit"])
-
-DeviceId = Annotated[str, Path(min_length=1, max_length=wire.MAX_FIELD_CHARS)]
 
 
 class DeviceAuditOut(BaseModel):
@@ -137,8 +136,8 @@ def verify_device_audit(device_id: DeviceId, who: CanAudit, ctx: Ctx) -> DeviceV
 def cloud_audit(
     who: CanAudit,
     ctx: Ctx,
-    action: Annotated[str | None, Query(min_length=1, max_length=200)] = None,
-    actor: Annotated[str | None, Query(min_length=1, max_length=200)] = None,
+    action: Annotated[str | None, Query(min_length=1, max_length=200), Clean] = None,
+    actor: Annotated[str | None, Query(min_length=1, max_length=200), Clean] = None,
     limit: Limit = DEFAULT_LIMIT,
     after: After = None,
 ) -> Page[CloudAuditOut]:

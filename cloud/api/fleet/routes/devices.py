@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from cloud.api.fleet.auth import CanOperate, CanRead
 from cloud.api.fleet.context import Ctx
 from cloud.api.fleet.errors import ApiError
+from cloud.api.fleet.fields import DeviceId, QText, Text
 from cloud.api.fleet.paging import DEFAULT_LIMIT, After, Limit, Page, page
 from cloud.fleet import devices
 from cloud.fleet._sql import Conn
@@ -20,11 +21,8 @@ from sync import wire
 router = APIRouter(tags=["devices"])
 
 TAG_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,63}$"
-Text = Annotated[str, Field(min_length=1, max_length=wire.MAX_FIELD_CHARS)]
-QText = Annotated[str | None, Query(min_length=1, max_length=wire.MAX_FIELD_CHARS)]
 QVersion = Annotated[int | None, Query(ge=0, le=wire.MAX_INT64)]
 QTime = Annotated[float | None, Query(allow_inf_nan=False, description="Unix seconds")]
-DeviceId = Annotated[str, Path(min_length=1, max_length=wire.MAX_FIELD_CHARS)]
 TagPath = Annotated[str, Path(pattern=TAG_PATTERN)]
 Health = Literal["ok", "high_water", "full", "unknown"]
 

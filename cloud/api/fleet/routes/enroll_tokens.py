@@ -6,29 +6,28 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from cloud.api.fleet.auth import CanOperate
 from cloud.api.fleet.context import Ctx
 from cloud.api.fleet.errors import ApiError
+from cloud.api.fleet.fields import QText, Text
 from cloud.api.fleet.paging import DEFAULT_LIMIT, After, Limit, Page, page
 from cloud.fleet import enroll
-from sync import wire
 
 router = APIRouter(tags=["enrollment tokens"])
 
 #: A token lives at most this long (a week): it is a credential left lying about.
 MAX_TTL_MINUTES = 7 * 24 * 60.0
 EnrollId = Annotated[str, Path(pattern=r"^[0-9a-f]{12}$", description="the token's id")]
-Name = Annotated[str, Field(min_length=1, max_length=wire.MAX_FIELD_CHARS)]
 
 
 class NewEnrollToken(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    store: Name
-    group: Name | None = None
+    store: Text
+    group: Text | None = None
     ttl_minutes: float = Field(10.0, gt=0, le=MAX_TTL_MINUTES, allow_inf_nan=False)
 
 
@@ -78,7 +77,7 @@ def create_enroll_token(body: NewEnrollToken, who: CanOperate, ctx: Ctx) -> Made
 def list_enroll_tokens(
     who: CanOperate,
     ctx: Ctx,
-    store: Annotated[str | None, Query(max_length=wire.MAX_FIELD_CHARS)] = None,
+    store: QText = None,
     limit: Limit = DEFAULT_LIMIT,
     after: After = None,
 ) -> Page[EnrollTokenOut]:

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Path, Query
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi import APIRouter, Path
+from pydantic import BaseModel, ConfigDict
 
 from cloud.api.fleet.auth import CanAudit, CanOperate
 from cloud.api.fleet.context import Ctx
 from cloud.api.fleet.errors import ApiError
+from cloud.api.fleet.fields import QText, Why
 from cloud.api.fleet.paging import DEFAULT_LIMIT, After, Limit, Page, page
 from cloud.fleet import quarantine
 from cloud.fleet._sql import Conn
@@ -21,7 +22,6 @@ from sync import wire
 router = APIRouter(tags=["quarantine"])
 
 ItemId = Annotated[int, Path(ge=1, le=wire.MAX_INT64, description="the item's id")]
-Why = Annotated[str, Field(min_length=1, max_length=1000)]
 Status = Literal["open", "replayed", "discarded"]
 
 
@@ -112,7 +112,7 @@ def _open(conn: Conn, id_: int) -> quarantine.Item:
 def list_quarantine(
     who: CanAudit,
     ctx: Ctx,
-    device_id: Annotated[str | None, Query(min_length=1, max_length=wire.MAX_FIELD_CHARS)] = None,
+    device_id: QText = None,
     status: Status | None = None,
     kind: Literal["outbox", "audit"] | None = None,
     limit: Limit = DEFAULT_LIMIT,

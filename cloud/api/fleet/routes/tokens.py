@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from cloud.api.fleet.auth import CanAdmin
 from cloud.api.fleet.context import Ctx
 from cloud.api.fleet.errors import ApiError
+from cloud.api.fleet.fields import Clean
 from cloud.api.fleet.paging import DEFAULT_LIMIT, After, Limit, Page, page
 from cloud.fleet import tokens
 from cloud.fleet.tokens import MAX_NAME_CHARS, Role
@@ -22,7 +23,9 @@ TokenId = Annotated[str, Path(pattern=r"^tok_[0-9a-f]{16}$", description="the to
 class NewToken(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1, max_length=MAX_NAME_CHARS, description="who holds it")
+    name: Annotated[
+        str, Field(min_length=1, max_length=MAX_NAME_CHARS, description="who holds it"), Clean
+    ]
     role: Role
 
 
