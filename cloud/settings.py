@@ -68,6 +68,16 @@ class CloudSettings(BaseModel):
         86400.0, gt=0, description="seconds between two AuditAggregation runs (a day)"
     )
     log_format: Literal["json", "text"] = Field("text", description="json under systemd")
+    workflow_dirs: list[Path] = Field(
+        default_factory=list,
+        description="more directories of workflow YAML the cloud's engine registers, "
+        "beside cloud/workflows",
+    )
+    step_modules: list[str] = Field(
+        default_factory=list,
+        description="more step modules (dotted names) the cloud's engine imports at start, "
+        "beside cloud.engine.STEP_MODULES; one may declare SCHEDULES of its workflows",
+    )
 
     def key_path(self) -> Path:
         return self.signing_key_file.expanduser()

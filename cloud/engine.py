@@ -1,0 +1,108 @@
+"""The cloud's engine: the terminal's ``Engine`` on ``PostgresStore``, with the cloud's
+workflows registered and its step modules imported.
+
+One factory for every control-plane process (the API, ``tillflow cloud worker``, the
+sweep), so each knows the same workflow types and none starts a run another cannot
+advance. The workflows are the YAML files in ``cloud/workflows`` plus
+``settings.workflow_dirs``; the step modules are ``STEP_MODULES`` plus
+``settings.step_modules``, imported at start so a missing module fails the process then,
+not the first run that needs it.
+
+Scheduled workflows are ``SCHEDULES`` (plus the ``SCHEDULES`` a step module of
+``settings.step_modules`` declares): the sweep starts each once per slot of ``every_s``
+seconds, exactly once across every worker (``sweep.Sweep``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cloud.settings import CloudSettings
+from edge.engine import Clock, Engine, Executor, Store, load_file
+from edge.engine.imports import ImportPathError
+
+#: The cloud's own workflow YAML (other parts of the control plane add theirs here).
+WORKFLOWS = Path(__file__).resolve().parent / "workflows"
+
+#: The step modules of the cloud's workflows, imported by every control-plane process.
+STEP_MODULES: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Start a ``workflow_type`` run every ``every_s`` seconds with ``input``.
+
+    The slot is ``floor(now / every_s)``; its run's idempotency key is
+    ``f"{workflow_type}:{slot}"``, so any number of sweeps start it once.
+    """
+
+    workflow_type: str
+    every_s: float
+    input: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.every_s <= 0:
+            raise ValueError(f"schedule {self.workflow_type}: every_s must be > 0")
+
+    def slot(self, now: float) -> int:
+        return int(now // self.every_s)
+
+    def key(self, slot: int) -> str:
+        return f"{self.workflow_type}:{slot}"
+
+
+#: The cloud's scheduled workflows (AuditAggregation and others are added here).
+SCHEDULES: tuple[Schedule, ...] = ()
+
+
+def workflow_files(settings: CloudSettings) -> list[Path]:
+    """Every workflow YAML the cloud registers, in a stable order."""
+    files = sorted(WORKFLOWS.glob("*.yaml"))
+    for d in settings.workflow_dirs:
+        files.extend(sorted(Path(d).expanduser().glob("*.yaml")))
+    return files
+
+
+def import_step_modules(settings: CloudSettings) -> list[Any]:
+    """Import ``STEP_MODULES`` and ``settings.step_modules``; a failure names the module."""
+    modules = []
+    for name in (*STEP_MODULES, *settings.step_modules):
+        try:
+            modules.append(importlib.import_module(name))
+        except Exception as exc:  # any import-time failure is the operator's to see
+            raise ImportPathError(
+                f"cannot import step module '{name}': {type(exc).__name__}: {exc}",
+                hint="is it installed, or on PYTHONPATH? (settings: step_modules)",
+            ) from exc
+    return modules
+
+
+def schedules(settings: CloudSettings) -> list[Schedule]:
+    """``SCHEDULES`` and those the settings' step modules declare."""
+    found = list(SCHEDULES)
+    for module in import_step_modules(settings):
+        if module.__name__ in STEP_MODULES:
+            continue
+        declared = getattr(module, "SCHEDULES", ())
+        found.extend(s for s in declared if isinstance(s, Schedule))
+    return found
+
+
+def cloud_engine(
+    store: Store,
+    executor: Executor,
+    *,
+    settings: CloudSettings,
+    clock: Clock | None = None,
+    services: Any = None,
+) -> Engine:
+    """An ``Engine`` on ``store`` and ``executor`` knowing every cloud workflow."""
+    import_step_modules(settings)
+    engine = Engine(store, executor, clock=clock, services=services)
+    for path in workflow_files(settings):
+        engine.register(load_file(path))
+    return engine
