@@ -66,6 +66,8 @@ ROLES = ("admin", "operator", "auditor", "read_only")
 HEALTH = ("ok", "high_water", "full", "unknown")
 KINDS = ("config", "policy")
 SCOPES = ("fleet", "group", "store", "device")
+ACTIONS = ("update_config", "activate_policy", "request_health")
+COMMAND_STATUSES = ("queued", "delivered", "applied", "refused", "expired")
 #: ``30m``, ``2h``, ``1d``: that long ago.
 _AGO = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -431,6 +433,104 @@ def quarantine_discard(api: Api, a: argparse.Namespace) -> tuple[Data, str, int]
     return out, f"item {a.id} discarded", EXIT_OK
 
 
+def commands_send(api: Api, a: argparse.Namespace) -> tuple[Data, str, int]:
+    target = {"device_id": a.device, "group": a.group, "store": a.store}
+    body: dict[str, Any] = {
+        "target": {k: v for k, v in target.items() if v is not None},
+        "action": a.action,
+        "ttl_s": a.ttl_seconds,
+    }
+    if a.document is not None:
+        body["document"] = {"kind": a.document[0], "version": a.document[1]}
+    out = api.call("POST", "/commands", body=body)
+    sent = out["commands"]
+    text = f"queued {out['action']} for {len(sent)} device(s) of {out['scope']} {out['value']}"
+    text += f" (batch {out['batch_id']}; expires {when(out['expires_at'])})\n"
+    text += table(sent, [col("id", "command_id"), col("device", "device_id"), col("seq")], "")
+    return out, text, EXIT_OK
+
+
+def commands_list(api: Api, a: argparse.Namespace) -> tuple[Data, str, int]:
+    params = {"device": a.device, "status": a.status, "batch": a.batch}
+    return listing(pages(api, a, "/commands", params), COMMAND_COLS, "no commands")
+
+
+def commands_show(api: Api, a: argparse.Namespace) -> tuple[Data, str, int]:
+    out = api.call("GET", f"/commands/{_seg(a.id)}")
+    doc = out.get("document")
+    shown = {**out, "document": None if doc is None else f"{doc['kind']} {doc['version']}"}
+    fields = ["command_id", "device_id", "seq", "action", "document", "batch_id", "status",
+              "reason", "created_at", "delivered_at", "result_at", "expires_at"]  # fmt: skip
+    return out, record(shown, fields), EXIT_OK
+
+
+def commands_batch(api: Api, a: argparse.Namespace) -> tuple[Data, str, int]:
+    out = api.call("GET", f"/command-batches/{_seg(a.id)}")
+    counts = ", ".join(f"{n} {s}" for s, n in sorted(out["by_status"].items()) if n)
+    text = f"batch {out['batch_id']}: {out['action']} to {out['total']} device(s): {counts or '-'}"
+    return out, text, EXIT_OK
+
+
+def documents_create(api: Api, a: argparse.Namespace) -> tuple[Data, str, int]:
+    content = load_document(a.file)
+    if not isinstance(content, dict):
+        raise FleetError(f"{a.file} must hold a mapping, not {type(content).__name__}")
+    out = api.call("POST", f"/documents/{a.kind}", body={"content": content, "version": a.version})
+    return out, f"{out['kind']} version {out['version']} stored", EXIT_OK
+
+
+def documents_list(api: Api, a: argparse.Namespace) -> tuple[Data, str, int]:
+    cols = [col("kind"), col("version"), col("created", "created_at", time=True)]
+    return listing(pages(api, a, f"/documents/{a.kind}", {}), cols, f"no {a.kind} documents")
+
+
+def documents_show(api: Api, a: argparse.Namespace) -> tuple[Data, str, int]:
+    out = api.call("GET", f"/documents/{a.kind}/{a.version}")
+    return out, json.dumps(out["content"], indent=2), EXIT_OK
+
+
+def documents_assign(api: Api, a: argparse.Namespace) -> tuple[Data, str, int]:
+    if (a.scope == "fleet") != (a.value is None):
+        raise FleetError("--value names the group, store or device (and the fleet takes none)")
+    body = {"version": a.version, "scope": a.scope, "value": a.value}
+    out = api.call("POST", f"/documents/{a.kind}/assignments", body=body)
+    where = out["scope"] + (f" {out['value']}" if out["value"] else "")
+    was = out.get("previous_version")
+    text = f"{out['kind']} version {out['version']} assigned to {where}"
+    text += f" (was {was})" if was is not None else ""
+    return out, text, EXIT_OK
+
+
+ASSIGNMENT_COLS = [
+    col("id", "assignment_id"), col("scope"), col("value"), col("version"),
+    col("assigned", "assigned_at", time=True), col("by", "assigned_by"),
+]  # fmt: skip
+
+
+def documents_assignments(api: Api, a: argparse.Namespace) -> tuple[Data, str, int]:
+    params = {"scope": a.scope, "value": a.value, "version": a.version}
+    data = pages(api, a, f"/documents/{a.kind}/assignments", params)
+    return listing(data, ASSIGNMENT_COLS, f"no {a.kind} assignments")
+
+
+def documents_unassign(api: Api, a: argparse.Namespace) -> tuple[Data, str, int]:
+    out = api.call("DELETE", f"/documents/{a.kind}/assignments/{a.id}")
+    where = out["scope"] + (f" {out['value']}" if out["value"] else "")
+    return out, f"{out['kind']} assignment {a.id} ({where}) removed", EXIT_OK
+
+
+def documents_effective(api: Api, a: argparse.Namespace) -> tuple[Data, str, int]:
+    out = api.call("GET", f"/devices/{_seg(a.device)}/effective/{a.kind}")
+    if out["version"] is None:
+        text = f"device {out['device_id']}: no {out['kind']} assigned"
+    else:
+        where = out["scope"] + (f" {out['value']}" if out["value"] else "")
+        text = f"device {out['device_id']}: {out['kind']} version {out['version']} (from {where})"
+    in_force = out.get("in_force_version")
+    text += f"; in force: {cell(in_force)}" + ("" if out["in_sync"] else " (not in sync)")
+    return out, text, EXIT_OK
+
+
 def _seg(text: str) -> str:
     """``text`` as one path segment (a ``/`` or ``?`` in an id stays in it)."""
     from urllib.parse import quote
@@ -544,6 +644,63 @@ def register(
     to.add_argument("--group")
     to.add_argument("--no-group", action="store_true", help="in no group")
 
+    g = group("commands", "signed commands to devices")
+    c = leaf(
+        g,
+        "send",
+        commands_send,
+        "queue a command for a device, or every device of a group or store",
+    )
+    to = c.add_mutually_exclusive_group(required=True)
+    to.add_argument("--device", metavar="DEVICE")
+    to.add_argument("--group")
+    to.add_argument("--store")
+    c.add_argument("--action", required=True, choices=ACTIONS)
+    c.add_argument(
+        "--document", type=_document_ref, metavar="KIND:VERSION",
+        help="the stored document it carries (config:3, policy:2)",
+    )  # fmt: skip
+    c.add_argument("--ttl-seconds", type=float, default=3600.0, help="seconds it lives (3600)")
+    c = leaf(g, "list", commands_list, "commands, newest first, with their status", paged=True)
+    c.add_argument("--device", metavar="DEVICE")
+    c.add_argument("--status", choices=COMMAND_STATUSES)
+    c.add_argument("--batch", metavar="BATCH", help="one send's commands")
+    leaf(g, "show", commands_show, "one command and its status").add_argument("id", metavar="ID")
+    leaf(g, "batch", commands_batch, "one send's commands counted by status").add_argument(
+        "id", metavar="BATCH"
+    )
+
+    g = group("documents", "config and fraud-policy documents")
+    c = leaf(
+        g, "create", documents_create, "store a new version (validated by the terminal's model)"
+    )
+    c.add_argument("kind", choices=KINDS)
+    c.add_argument("file", metavar="FILE", help="its content, YAML or JSON (-: stdin)")
+    c.add_argument("--version", type=_positive, help="the version (default: the next)")
+    c = leaf(g, "list", documents_list, "versions, newest first", paged=True)
+    c.add_argument("kind", choices=KINDS)
+    c = leaf(g, "show", documents_show, "one version's content")
+    c.add_argument("kind", choices=KINDS)
+    c.add_argument("version", type=_positive)
+    c = leaf(
+        g, "assign", documents_assign, "assign a version to the fleet, a group, store or device"
+    )
+    c.add_argument("kind", choices=KINDS)
+    c.add_argument("--version", type=_positive, required=True)
+    c.add_argument("--scope", choices=SCOPES, required=True)
+    c.add_argument("--value", help="the group, store or device id (not for the fleet)")
+    c = leaf(g, "assignments", documents_assignments, "the assignments of a kind", paged=True)
+    c.add_argument("kind", choices=KINDS)
+    c.add_argument("--scope", choices=SCOPES)
+    c.add_argument("--value")
+    c.add_argument("--version", type=_positive)
+    c = leaf(g, "unassign", documents_unassign, "remove an assignment (its devices fall back)")
+    c.add_argument("kind", choices=KINDS)
+    c.add_argument("id", type=_positive, metavar="ID")
+    c = leaf(g, "effective", documents_effective, "the version a device should run, and from where")
+    c.add_argument("kind", choices=KINDS)
+    c.add_argument("--device", required=True, metavar="DEVICE")
+
     g = group("audit", "audit chains: devices' and the cloud's own")
     c = leaf(g, "verify", audit_verify, "re-check a chain from its base (exit 4: broken)")
     which = c.add_mutually_exclusive_group(required=True)
@@ -575,6 +732,13 @@ def register(
     c.add_argument("id", type=int, metavar="ID")
     c.add_argument("--reason", required=True, help="why (kept with the decision)")
     return run
+
+
+def _document_ref(text: str) -> tuple[str, int]:
+    kind, _, version = text.partition(":")
+    if kind not in KINDS or not version.isdigit() or int(version) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: KIND:VERSION, e.g. config:3 or policy:2")
+    return kind, int(version)
 
 
 def _positive(text: str) -> int:
