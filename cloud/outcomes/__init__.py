@@ -12,10 +12,15 @@ at the acquirer by its idempotency key, the truth recorded and told to the termi
   signed ``resolve_outcome`` command (``command``) for the terminal.
 * ``store``: the reads the API lists (``GET /api/v1/outcomes``).
 
-The tables are their own set (``SCHEMA``: ``sql/``), migrated after the sync service's.
+The tables are their own set (``SCHEMA``: ``sql/``), migrated after the sync service's
+(``migrate``: by ``serve``'s start, and by the finder and the API if it has not).
 """
 
 from __future__ import annotations
+
+from typing import Any
+
+import psycopg
 
 from cloud.pgschema import SchemaSet
 
@@ -25,4 +30,14 @@ _MIGRATION_LOCK = 0x7417_0C0E
 #: The unknown outcomes' table: its migrations and version table.
 SCHEMA = SchemaSet("outcomes", "cloud.outcomes", _MIGRATION_LOCK)
 
-__all__ = ["SCHEMA"]
+
+def migrate(conn: psycopg.Connection[Any], *, where: str = "the control plane's database") -> int:
+    """Apply the pending outcomes migrations in ``conn``'s transaction (cheap when there
+    are none: one read); returns the version the database is at. The finder and the API
+    call it, so a database ``serve`` did not migrate still gets the table."""
+    if SCHEMA.version(conn) == len(SCHEMA.migrations()):
+        return len(SCHEMA.migrations())
+    return SCHEMA.migrate(conn, where=where)
+
+
+__all__ = ["SCHEMA", "migrate"]

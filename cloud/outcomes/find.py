@@ -21,6 +21,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
+from cloud.outcomes import migrate
 from cloud.outcomes._sql import Conn, Q
 from edge.engine import Engine
 
@@ -77,6 +78,7 @@ def start_resolutions(
     Returns the runs started or found already started. A crash between a start and its
     note starts nothing twice: the next pass's start answers the same run."""
     with connect() as conn, conn.transaction():
+        migrate(conn)
         found = find_unknown(conn, now=engine.clock.now(), limit=limit)
     runs = []
     for unknown in found:
