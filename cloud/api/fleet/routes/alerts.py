@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from cloud.api.fleet.auth import CanAudit, CanRead
 from cloud.api.fleet.context import Ctx, FleetContext
 from cloud.api.fleet.errors import ApiError
+from cloud.api.fleet.fields import QText, Text
 from cloud.api.fleet.paging import DEFAULT_LIMIT, MAX_LIMIT, After, Limit, Page, page
 from cloud.control import Conn, migrate
 from cloud.control import alerts as alerts_
@@ -127,7 +128,7 @@ def list_verifications(
     who: CanAudit,
     ctx: Ctx,
     state: Annotated[Literal["ok", "broken", "all"], Query()] = "all",
-    device_id: Annotated[str | None, Query(min_length=1, max_length=wire.MAX_FIELD_CHARS)] = None,
+    device_id: QText = None,
     limit: Limit = DEFAULT_LIMIT,
     after: After = None,
 ) -> Page[VerificationOut]:
@@ -202,9 +203,9 @@ class VerifyDigest(BaseModel):
     #: The digest to check against (default: the newest).
     digest_seq: int | None = Field(None, ge=1, le=wire.MAX_INT64)
     #: Only this device (default: every device the digest covers, a page at a time).
-    device_id: str | None = Field(None, min_length=1, max_length=wire.MAX_FIELD_CHARS)
+    device_id: Text | None = None
     #: The ``next`` of the answer before.
-    after: str | None = Field(None, min_length=1, max_length=wire.MAX_FIELD_CHARS)
+    after: Text | None = None
     limit: int = Field(DEFAULT_VERIFY_DEVICES, ge=1, le=MAX_LIMIT)
 
 

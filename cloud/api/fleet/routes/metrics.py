@@ -107,7 +107,9 @@ def instrument(app: FastAPI) -> Metrics:
     return made
 
 
-@router.get("/metrics", response_class=PlainTextResponse)
+# Not in /openapi.json: it is Prometheus's, in its text format, outside /api/v1 (the
+# route-rule test still enumerates it: it serves to a ``read`` token only).
+@router.get("/metrics", response_class=PlainTextResponse, include_in_schema=False)
 def metrics(who: CanRead, request: Request) -> Response:
     """The fleet's gauges (computed in SQL now) and API latency, Prometheus text format."""
     body = generate_latest(metrics_of(request.app).registry)
