@@ -7,6 +7,7 @@ settings file and the first admin token from the CLI."""
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
@@ -455,3 +456,24 @@ def test_input__text_the_database_cannot_hold_is_a_422_naming_the_field_never_a_
     assert answers["query NUL"].json()["error"]["field"] == "query.store"
     assert answers["body NUL"].json()["error"]["field"] == "body.group"
     assert ok(fleet.get(f"/api/v1/devices/{term.device_id}", "read_only"))["group"] is None
+
+
+def test_quarantine__a_replay_kept_as_a_new_record_supersedes_the_old_one(fleet):
+    term = fleet.enroll("store-1")
+    ok(fleet.sync(term, outbox=[outbox_entry(1, content_hash="0" * 64)]))
+    [item] = ok(fleet.get("/api/v1/quarantine", "auditor"))["items"]
+    # state surgery: an older server kept the entry as sent (a field newer servers drop
+    # included, its fingerprint of that text): the ingest now reads it as the model, so
+    # it keeps it under a new fingerprint, a new record
+    sent = json.dumps(outbox_entry(1, content_hash="0" * 64, legacy=True), sort_keys=True)
+    fleet.sql(
+        "UPDATE quarantine SET entry = %s, fingerprint = %s WHERE quarantine_id = %s",
+        (sent, hashlib.sha256(sent.encode()).hexdigest(), item["id"]),
+    )
+    again = ok(fleet.post(f"/api/v1/quarantine/{item['id']}/replay", "operator"))
+    assert (again["landed"], again["item"]["status"]) == (False, "replayed")
+    newer = again["superseded_by"]
+    assert newer is not None and newer != item["id"]
+    assert again["item"]["decisions"][0]["reason"].endswith(f"quarantine item {newer}")
+    [still] = ok(fleet.get("/api/v1/quarantine?status=open", "auditor"))["items"]
+    assert (still["id"], still["reason"]) == (newer, "content_hash_mismatch")

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi import Depends, Request
 from psycopg_pool import ConnectionPool
 
+from cloud.api.fleet.audit import record
 from cloud.fleet import audit, tokens
 from cloud.fleet._sql import Conn
 from cloud.fleet.tokens import Principal
@@ -68,16 +69,7 @@ class FleetContext:
         detail: Mapping[str, Any] | None = None,
     ) -> audit.CloudAuditRow:
         """Append (who, what, when) to the cloud's audit log in ``conn``'s transaction."""
-        return audit.append(
-            conn,
-            actor=who.name,
-            actor_token=who.token_id,
-            actor_role=who.role,
-            action=action,
-            target=target,
-            detail=detail,
-            at=self.clock.now(),
-        )
+        return record(conn, who, action, target, detail, at=self.clock.now())
 
     def sync_in(self, conn: Conn) -> SyncService:
         """The sync service doing its work inside ``conn``'s transaction (each of its
