@@ -35,7 +35,7 @@ from hwsim.network import SimNetworkLink
 from hwsim.printer import SimPrinter
 from hwsim.syncrig import Cloud
 
-from cloud.outcomes import SCHEMA
+from cloud.outcomes import SCHEMA, migrate
 from cloud.outcomes.acquirer import HttpAcquirerLookup
 from cloud.outcomes.find import find_unknown, resolve_key, start_resolutions
 from cloud.outcomes.steps import OutcomeServices
@@ -331,3 +331,45 @@ def test_the_fleet_api_lists_unknown_outcomes_with_state_and_age(
         assert bad.status_code == 422 and bad.json()["error"]["field"]
         assert api.get("/api/v1/outcomes", params={"after": "x"}).status_code == 422
     assert httpx.get(f"{cloud.url}/api/v1/outcomes").status_code == 401
+
+
+# --- schema --------------------------------------------------------------------------------
+
+CATALOG = {
+    "columns": """
+        SELECT table_name, column_name, data_type, is_nullable, column_default, is_identity
+        FROM information_schema.columns
+        WHERE table_schema = current_schema() AND table_name = ANY(%(tables)s)
+        ORDER BY 1, 2""",
+    "indexes": """
+        SELECT tablename, indexname, indexdef FROM pg_indexes
+        WHERE schemaname = current_schema() AND tablename = ANY(%(tables)s)
+        ORDER BY 1, 2""",
+    "constraints": """
+        SELECT c.conrelid::regclass::text, c.conname, pg_get_constraintdef(c.oid)
+        FROM pg_constraint c JOIN pg_namespace n ON n.oid = c.connamespace
+        WHERE n.nspname = current_schema() AND c.conrelid::regclass::text = ANY(%(tables)s)
+        ORDER BY 1, 2""",
+}
+TABLES = ["unknown_outcomes"]
+
+
+def _catalog(url: str) -> dict[str, list[tuple[Any, ...]]]:
+    with psycopg.connect(url) as conn:
+        return {k: conn.execute(q, {"tables": TABLES}).fetchall() for k, q in CATALOG.items()}
+
+
+def test_schema__migrations_converge_with_schema_sql_and_rerun_is_a_no_op(
+    new_database: Callable[[], str],
+) -> None:
+    migrated, fresh = new_database(), new_database()
+    with psycopg.connect(migrated, autocommit=True) as conn, conn.transaction():
+        assert migrate(conn) == len(SCHEMA.migrations()) == 1
+    with psycopg.connect(migrated, autocommit=True) as conn, conn.transaction():
+        assert migrate(conn) == 1  # nothing pending: nothing done
+        assert SCHEMA.version(conn) == 1
+    with psycopg.connect(fresh, autocommit=True) as conn:
+        conn.execute(SCHEMA.schema().encode())
+    got = _catalog(migrated)
+    assert {t for t, *_ in got["columns"]} == set(TABLES)
+    assert got == _catalog(fresh)
