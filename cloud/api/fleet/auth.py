@@ -79,7 +79,7 @@ class Public(Rule):
 
     kind = "public"
 
-    def __call__(self) -> None:
+    async def __call__(self) -> None:  # no I/O: no worker thread for it
         return None
 
 
@@ -88,7 +88,7 @@ class DeviceSigned(Rule):
 
     kind = "device_signed"
 
-    def __call__(self) -> None:
+    async def __call__(self) -> None:  # no I/O: no worker thread for it
         return None
 
 
@@ -201,8 +201,9 @@ def served_routes(app: FastAPI) -> list[RouteContext]:
     return list(iter_route_contexts(app.routes))
 
 
-def require_rule(request: Request) -> None:
-    """On every route: a route without exactly one rule does not serve (403 no_rule)."""
+async def require_rule(request: Request) -> None:
+    """On every route: a route without exactly one rule does not serve (403 no_rule).
+    (Async: it does no I/O, so the sync routes pay no worker-thread hop for it.)"""
     if rule_of(request.scope.get("route")) is None:
         raise ApiError(
             403, "no_rule", f"{request.url.path[:200]} has no access rule and does not serve"
