@@ -37,4 +37,20 @@ def migrate(conn: Conn, *, where: str = "the control plane's database") -> int:
     return SCHEMA.migrate(conn, where=where)
 
 
-__all__ = ["SCHEMA", "migrate"]
+def migrate_database(pool: Any, *, where: str) -> int:
+    """``tillflow cloud serve``'s start: apply the pending control migrations on a
+    connection of ``pool`` (after the sync service's); a database fault is
+    ``BackendUnavailable``, as for the other sets."""
+    from cloud.sync.postgres import UNAVAILABLE
+    from sync.server import BackendUnavailable
+
+    try:
+        with pool.connection() as conn, conn.transaction():
+            return SCHEMA.migrate(conn, where=where, unavailable=UNAVAILABLE)
+    except UNAVAILABLE as exc:
+        raise BackendUnavailable(
+            f"PostgreSQL at {where}: {type(exc).__name__}: {str(exc).strip()[:200]}"
+        ) from exc
+
+
+__all__ = ["SCHEMA", "migrate", "migrate_database"]

@@ -22,7 +22,7 @@ from cloud.api.app import create_app
 from cloud.api.fleet.context import FleetContext
 from cloud.api.fleet.routes import alerts as alert_routes
 from cloud.api.serve import migrate_fleet
-from cloud.control import SCHEMA, migrate
+from cloud.control import SCHEMA, migrate, migrate_database
 from cloud.control import digest as digests
 from cloud.fleet import tokens
 from cloud.settings import CloudSettings
@@ -39,7 +39,8 @@ from sync.wire import b64e
 # imported at collection, where its deprecation notice about httpx is not an error
 testclient = pytest.importorskip("starlette.testclient")
 
-WORKFLOW = Path(__file__).resolve().parents[2] / "cloud" / "workflows" / "audit_aggregation.yaml"
+WORKFLOWS = Path(__file__).resolve().parents[2] / "cloud" / "workflows"
+WORKFLOW = WORKFLOWS / "audit_aggregation.yaml"
 OFFLINE_AFTER_S = 3600.0
 
 
@@ -69,9 +70,9 @@ class Rig:
         assert status == 200, body
         return body
 
-    def run(self, **run_input: Any) -> RunRecord:
-        """One AuditAggregation run, advanced by a worker until it ends."""
-        run_id = self.engine.start("AuditAggregation", run_input)
+    def run(self, workflow: str = "AuditAggregation", **run_input: Any) -> RunRecord:
+        """One run, advanced by a worker until it ends."""
+        run_id = self.engine.start(workflow, run_input)
         worker = Worker(self.engine)
         deadline = time.monotonic() + 60
         while True:
@@ -110,6 +111,7 @@ def rig(new_database: NewDatabase, tmp_path: Path) -> Iterator[Rig]:
         # The steps find everything from the settings, as a worker's would.
         engine = Engine(store, PollingExecutor(), clock=clock, services={"settings": settings})
         engine.register(WORKFLOW)
+        engine.register(WORKFLOWS / "silent_devices.yaml")
         fleet = FleetContext(settings, backend.pool, service, clock, key)
         app = create_app(service, fleet=fleet, fleet_routers=[alert_routes.router])
         with backend.pool.connection() as conn, conn.transaction():
@@ -185,6 +187,8 @@ def test_schema__migrations_converge_with_schema_sql_and_rerun_is_a_no_op(
         assert migrate(conn) == len(SCHEMA.migrations()) == 1
     with psycopg.connect(migrated, autocommit=True) as conn, conn.transaction():
         assert migrate(conn) == 1  # nothing pending: nothing done
+    with PostgresSyncBackend(migrated) as backend:  # serve's call, on its pool
+        assert migrate_database(backend.pool, where=backend.where) == 1
     with psycopg.connect(fresh, autocommit=True) as conn:
         conn.execute(SCHEMA.schema().encode())
     got = catalog(migrated)
@@ -338,6 +342,19 @@ def test_audit_aggregation__a_silent_device_is_raised_then_cleared_when_it_syncs
     assert rig.sql("SELECT device_id FROM device_alerts WHERE cleared_at IS NULL") == [
         (quiet.device_id,)
     ]
+
+
+def test_silent_devices__its_own_shorter_schedule_raises_without_a_digest(rig: Rig):
+    term = rig.enroll()
+    rig.sync(term, rows=2)
+    rig.clock.advance(OFFLINE_AFTER_S + 1)
+    run = rig.run("SilentDevices")
+    assert run.status is Status.COMPLETED, run.error
+    assert rig.sql("SELECT device_id FROM device_alerts WHERE cleared_at IS NULL") == [
+        (term.device_id,)
+    ]
+    assert rig.sql("SELECT count(*) FROM audit_digests") == [(0,)]
+    assert rig.run("SilentDevices").state["alerts_raised"] == 0  # still raised, once
 
 
 def test_audit_aggregation__its_first_step_migrates_a_database_serve_never_saw(
