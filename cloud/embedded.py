@@ -273,7 +273,15 @@ class EmbeddedPostgres:
             with contextlib.suppress(ValueError):
                 users.remove(os.getpid())
             self._write_users(users)
-            if users or self._running_port() is None:
+            if users:
+                log.info("the embedded PostgreSQL stays up: %d other holder(s)", len(users))
+                return False
+            if self._postmaster() is None:
+                log.warning(
+                    "the embedded PostgreSQL in %s was no longer running at release",
+                    self.data,
+                    extra={"action": "embedded_pg_gone"},
+                )
                 return False
             self._stop()
             return True
@@ -284,7 +292,7 @@ class EmbeddedPostgres:
         self._held = False
         with self._locked():
             self._write_users([])
-            if self._running_port() is None:
+            if self._postmaster() is None:
                 return False
             self._stop()
             return True
@@ -323,22 +331,27 @@ class EmbeddedPostgres:
         tmp.write_text(json.dumps(pids))
         os.replace(tmp, self.root / "users")
 
-    def _running_port(self) -> int | None:
-        """The port of our server if it runs and answers, from its ``postmaster.pid``
-        (line 1 the pid, 4 the port, 8 the status)."""
+    def _postmaster(self) -> tuple[int, int, str] | None:
+        """(pid, port, status) from ``postmaster.pid`` (lines 1, 4 and 8) while that
+        process lives; None when no server of ours runs."""
         try:
             lines = (self.data / "postmaster.pid").read_text().splitlines()
         except OSError:
             return None
-        if len(lines) < 8 or lines[7].strip() != "ready":
-            return None
         try:
             pid, port = int(lines[0]), int(lines[3])
-        except ValueError:
+        except (IndexError, ValueError):
             return None
-        if not _alive(pid):
+        status = lines[7].strip() if len(lines) >= 8 else ""
+        return (pid, port, status) if _alive(pid) else None
+
+    def _running_port(self) -> int | None:
+        """The port of our server if it runs, is ready and answers."""
+        found = self._postmaster()
+        if found is None or found[2] != "ready":
             return None
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 2):
+        port = found[1]
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 5):
             return port
         return None
 
@@ -447,17 +460,17 @@ def embedded_root(settings: CloudSettings) -> Path:
     return settings.data_path() / "postgres"
 
 
-def database_url(settings: CloudSettings, *, out: Any = None) -> str:
+def database_url(settings: CloudSettings, *, out: Any = None, durable: bool = True) -> str:
     """``settings.database_url``, else the embedded PostgreSQL's URL (started or reused;
     this process holds a lease until ``release`` or its exit) and one line on ``out``
-    (stderr) saying so."""
+    (stderr) saying so. ``durable=False``: a throwaway cluster (fsync off; the demo's)."""
     if settings.database_url:
         return settings.database_url
     root = embedded_root(settings).resolve()
     held = _HELD.get(root)
     if held is not None and held.port is not None:
         return held.url
-    server = EmbeddedPostgres(root)
+    server = EmbeddedPostgres(root, durable=durable)
     url = server.acquire()
     _HELD[root] = server
     if len(_HELD) == 1:
@@ -513,6 +526,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", help="the data directory (default: the settings')")
     parser.add_argument("--config", help="a settings file (default: $TILLFLOW_CLOUD_CONFIG)")
     parser.add_argument("--stop", action="store_true", help="stop the server, whoever holds it")
+    parser.add_argument(
+        "--throwaway",
+        action="store_true",
+        help="no fsync: faster, but a power cut may lose the cluster (demos, tests)",
+    )
     args = parser.parse_args(argv)
     try:
         settings = load_settings(args.config, data_dir=args.data_dir, database_url=None)
@@ -521,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
             print("stopped" if stopped else "not running")
             return 0
         settings = settings.model_copy(update={"database_url": None})
-        url = database_url(settings)
+        url = database_url(settings, durable=not args.throwaway)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

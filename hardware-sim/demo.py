@@ -1,4 +1,5 @@
-"""``make demo``: a simulated payment terminal through a network outage, in plain words.
+"""``make demo``: a simulated payment terminal through a network outage, then the control
+plane it syncs with, in plain words.
 
 The terminal daemon (``tillflow edge run``) runs as its own process, as it would under
 systemd, beside simulated hardware: a card reader, a receipt printer and a network link
@@ -13,7 +14,16 @@ simulators' control endpoints, and tells what happened and why:
   4. ``kill -9`` of the daemon while the acquirer is answering, restart, recovery: the
      same payment, never a second charge;
   5. the outbox for the cloud and the terminal's health;
-  6. SIGTERM: a graceful stop.
+  6. SIGTERM: a graceful stop;
+
+then the same terminal joins the control plane (``hwsim.clouddemo``), which runs on an
+embedded PostgreSQL unless ``TILLFLOW_DATABASE_URL`` is set:
+
+  7. ``tillflow cloud serve --port 0`` starts;
+  8. the terminal enrolls with an operator's token and hands over its outbox;
+  9. the link goes down, sales offline, the link comes back, the outbox drains;
+ 10. an operator command (``request_health``) reaches it and is applied;
+ 11. everything stops.
 
 Everything lives in a fresh temporary directory, removed at the end unless ``--keep``
 (``make demo KEEP=1``) or something failed; the last lines say which. Exit status 0 only
@@ -38,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from hwsim import clouddemo
 from hwsim.acquirer import LedgerEntry, SimAcquirer
 from hwsim.demorig import (
     CURRENCY,
@@ -463,7 +474,10 @@ def main(argv: list[str] | None = None) -> int:
         devices.start()
         acquirer.start()
         term = Terminal(work, sock_dir, devices.url, acquirer.url)
-        say("Tillflow demo: a payment terminal, simulated, through a network outage.")
+        say(
+            "Tillflow demo: a payment terminal, simulated, through a network outage; then "
+            "the control plane it syncs with."
+        )
         say(
             f"The terminal daemon runs as its own process (tillflow edge run --config "
             f"{term.config}), beside a simulated card reader, printer and network link "
@@ -478,6 +492,8 @@ def main(argv: list[str] | None = None) -> int:
         say(f"The daemon is READY (sd_notify). Its status line: “{status}”.")
         say()
         story(term, Hardware(devices), acquirer, checks)
+        term.close()
+        clouddemo.story(work, sock_dir, devices, acquirer.url, add=checks.add, say=say, eur=eur)
     except Exception as exc:  # report it, and still clean up and summarise
         failure = f"{type(exc).__name__}: {exc}"
         say(f"!! {failure}")

@@ -1,5 +1,7 @@
 """``make demo`` (``python -m hwsim.demo``): the simulated terminal's story runs end to end
-and says so -- the daemon as a subprocess, the POS over its socket, the simulators."""
+and says so -- the daemon as a subprocess, the POS over its socket, the simulators --
+then the control plane's (``hwsim.clouddemo``): an embedded PostgreSQL, enrollment,
+sync through an outage, an operator command applied."""
 
 from __future__ import annotations
 
@@ -49,11 +51,22 @@ def test_terminal_demo__tells_the_whole_story_exits_0_and_leaves_no_directory(tm
         "outbox: 7 message(s)",  # 5. outbox and health
         "GET /v1/health: link up",
         "exited with code 0",  # 6. SIGTERM
+        # 7. the control plane on an embedded PostgreSQL (no TILLFLOW_DATABASE_URL here)
+        "no TILLFLOW_DATABASE_URL: using an embedded PostgreSQL at postgresql://",
+        "tillflow cloud serve --port 0",
+        "It enrolled as dev_",  # 8. enrollment, the outbox handed over
+        "the outbox is empty and the offline exposure is released: 0.00 EUR",
+        "-> COMPLETED, approved offline",  # 9. the outage, then the drain
+        "Next sync: the 2 held message(s) reached the cloud",
+        "--action request_health",  # 10. the operator command, applied
+        "“command_applied” for it",
+        "audit verify re-checks the chain: ok",
+        "and so did the embedded PostgreSQL",  # 11. everything stopped
         "Everything behaved as described.",
     ):
         assert phrase in flat, f"missing {phrase!r} in:\n{out}"
     assert "✗" not in out
-    assert out.count("✓") == 10
+    assert out.count("✓") == 15
     removed = re.search(r"Removed (\S+)(?: and (\S+))?; to keep it .* make demo KEEP=1", flat)
     assert removed, out
     for d in filter(None, removed.groups()):
