@@ -1,4 +1,5 @@
-"""systemd/tillflow-edge.service: the directives the issue requires, and a clean verify."""
+"""systemd/tillflow-edge.service: the directives the issue requires, and a clean verify;
+the control plane's units (API, worker): hardened alike, their settings file, a clean verify."""
 
 from __future__ import annotations
 
@@ -156,3 +157,89 @@ def test_systemd_analyze_verify__passes(tmp_path: Path) -> None:
         if line.strip() and not any(re.search(p, line) for p in ALLOWED_VERIFY_OUTPUT)
     ]
     assert unexpected == [], report
+
+
+# --- the control plane's units -------------------------------------------------------------
+
+SYSTEMD = UNIT.parent
+CLOUD_UNITS = {
+    "tillflow-cloud-api.service": "cloud serve",
+    "tillflow-cloud-worker.service": "cloud worker",
+}
+CLOUD_BINARY = "/opt/tillflow-cloud/venv/bin/tillflow"
+#: The terminal's hardening that applies to a server as well, value for value.
+SHARED_HARDENING = (
+    "UMask", "StateDirectoryMode", "ProtectSystem", "ProtectHome", "PrivateTmp",
+    "NoNewPrivileges", "CapabilityBoundingSet", "AmbientCapabilities",
+    "RestrictAddressFamilies", "RestrictNamespaces", "RestrictRealtime", "RestrictSUIDSGID",
+    "LockPersonality", "SystemCallArchitectures", "SystemCallErrorNumber",
+    "ProtectKernelTunables", "ProtectKernelModules", "ProtectKernelLogs",
+    "ProtectControlGroups", "ProtectHostname", "ProtectProc", "PrivateMounts", "RemoveIPC",
+    "Restart", "RestartSec",
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=sorted(CLOUD_UNITS))
+def cloud_unit(request: pytest.FixtureRequest) -> tuple[str, Unit]:
+    return request.param, parse_unit((SYSTEMD / request.param).read_text())
+
+
+def test_cloud_unit__hardened_like_the_terminals(unit: Unit, cloud_unit: tuple[str, Unit]) -> None:
+    name, cloud = cloud_unit
+    for key in SHARED_HARDENING:
+        assert cloud["Service"].get(key) == unit["Service"].get(key), f"{name}: {key}="
+    # Both SystemCallFilter= lines, in order (the second takes @privileged away).
+    assert cloud["Service"]["SystemCallFilter"] == unit["Service"]["SystemCallFilter"]
+    # A server has no card reader or printer: /dev and the clock can be closed too.
+    assert one(cloud, "Service", "PrivateDevices") == "yes"
+    assert one(cloud, "Service", "ProtectClock") == "yes"
+    assert "MemoryDenyWriteExecute" not in cloud["Service"]
+    assert "DynamicUser" not in cloud["Service"]
+    assert one(cloud, "Service", "MemoryMax")
+
+
+def test_cloud_unit__runs_its_command_with_the_settings_file(cloud_unit: tuple[str, Unit]) -> None:
+    name, cloud = cloud_unit
+    assert one(cloud, "Service", "ExecStart") == f"{CLOUD_BINARY} {CLOUD_UNITS[name]}"
+    env = dict(v.split("=", 1) for v in cloud["Service"]["Environment"])
+    assert env["TILLFLOW_CLOUD_CONFIG"] == "/etc/tillflow/cloud.yaml"
+    assert env["TILLFLOW_LOG_FORMAT"] == "json"
+    # The key and the embedded servers' files live in the state directory.
+    state = "/var/lib/" + one(cloud, "Service", "StateDirectory")
+    assert env["TILLFLOW_DATA_DIR"] == state
+    assert env["TILLFLOW_SIGNING_KEY_FILE"].startswith(state + "/")
+    assert one(cloud, "Service", "User") == one(cloud, "Service", "Group") == "tillflow-cloud"
+    assert "network-online.target" in one(cloud, "Unit", "After")
+
+
+def test_cloud_settings_the_units_set_are_settings() -> None:
+    from cloud.settings import CONFIG_ENV, describe_options
+
+    variables = {var for _, var, _ in describe_options()} | {CONFIG_ENV}
+    for name in CLOUD_UNITS:
+        cloud = parse_unit((SYSTEMD / name).read_text())
+        for value in cloud["Service"]["Environment"]:
+            assert value.split("=", 1)[0] in variables, f"{name}: {value} is no setting"
+
+
+@pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed"
+)
+@pytest.mark.parametrize("name", sorted(CLOUD_UNITS))
+def test_cloud_unit__systemd_analyze_verify_passes(tmp_path: Path, name: str) -> None:
+    """As the terminal's: a copy whose ExecStart= runs /bin/true, every warning fails."""
+    true = shutil.which("true") or "/bin/true"
+    text = (SYSTEMD / name).read_text()
+    assert f"\nExecStart={CLOUD_BINARY} " in text
+    copy = tmp_path / name
+    copy.write_text(text.replace(f"\nExecStart={CLOUD_BINARY} ", f"\nExecStart={true} "))
+    result = subprocess.run(
+        ["systemd-analyze", "verify", str(copy)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    report = f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    assert result.returncode == 0, report
+    assert (result.stdout + result.stderr).strip() == "", report
