@@ -3,7 +3,8 @@ acquirer, then record the truth and tell the terminal, together.
 
 ``ctx.services`` holds an ``OutcomeServices`` (itself, or as ``.outcomes`` /
 ``["outcomes"]`` of the cloud engine's services): a connection factory for the
-control plane's database, the acquirer port, the command-signing key.
+control plane's database, the acquirer port, the command-signing key; or the cloud
+engine's usual services it is made of (``_services``).
 
 Exactly once: ``look_up`` changes nothing anywhere (ask as often as you like);
 ``record_and_tell`` changes the outcome's row from open to resolved and queues the
@@ -20,14 +21,23 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from psycopg.types.json import Jsonb
 
 from cloud.outcomes._sql import Conn, Q
-from cloud.outcomes.acquirer import AcquirerLookup, AcquirerUnreachable, Lookup, LookupFailed
+from cloud.outcomes.acquirer import (
+    AcquirerLookup,
+    AcquirerUnreachable,
+    HttpAcquirerLookup,
+    Lookup,
+    LookupFailed,
+)
 from cloud.outcomes.command import DEFAULT_TTL_S, queue_resolution
+from cloud.settings import CloudSettings
+from cloud.sync.keys import load_key
 from edge.engine import StepContext
-from edge.errors import StepError
+from edge.errors import ConfigError, StepError
 from sync import wire
 
 log = logging.getLogger(__name__)
@@ -43,24 +53,74 @@ class OutcomeServices:
     """What the resolve steps need."""
 
     #: A connection to the control plane's database, for the outcomes' and the sync
-    #: service's tables (a pool's ``connection``, or ``lambda: psycopg.connect(url)``).
+    #: service's tables, with tuple rows (the sync backend's ``pool.connection``, or
+    #: ``lambda: psycopg.connect(url)``).
     connect: Callable[[], AbstractContextManager[Conn]]
     acquirer: AcquirerLookup
     signing_key: Ed25519PrivateKey
     command_ttl_s: float = DEFAULT_TTL_S
 
 
+def _service(ctx: StepContext, name: str) -> Any:
+    services = ctx.services
+    if isinstance(services, Mapping):
+        return services.get(name)
+    return getattr(services, name, None)
+
+
 def _services(ctx: StepContext) -> OutcomeServices:
-    s = ctx.services
-    nested = s.get("outcomes") if isinstance(s, Mapping) else getattr(s, "outcomes", None)
-    for found in (s, nested):
+    """The ``OutcomeServices`` given (``ctx.services`` itself, or its ``outcomes``), else
+    one made of the cloud engine's usual services: ``pool`` (else a connection of its
+    own to ``settings.database_url``), ``signing_key`` (else the key file
+    ``settings.key_path()``), and ``acquirer_lookup`` (an ``AcquirerLookup``; else an
+    HTTP one for ``settings.acquirer_url``, when the settings have that field). Missing
+    pieces are a retryable failure: the run waits, open and listed, until a worker that
+    has them takes it."""
+    for found in (ctx.services, _service(ctx, "outcomes")):
         if isinstance(found, OutcomeServices):
             return found
-    raise StepError(
-        "the engine's services hold no OutcomeServices",
-        retryable=False,
-        hint="build the cloud engine with services.outcomes = OutcomeServices(...)",
-    )
+    settings = _service(ctx, "settings")
+    acquirer = _service(ctx, "acquirer_lookup")
+    url = getattr(settings, "acquirer_url", None)
+    if acquirer is None and isinstance(url, str) and url:
+        acquirer = _http_lookup(url)
+    if acquirer is None:
+        raise StepError(
+            "no acquirer to ask: the engine's services have no outcomes or acquirer_lookup",
+            retryable=True,
+            hint="give the cloud engine OutcomeServices (services.outcomes), or an "
+            "acquirer_lookup, or settings.acquirer_url",
+        )
+    key = _service(ctx, "signing_key")
+    if not isinstance(key, Ed25519PrivateKey):
+        if not isinstance(settings, CloudSettings):
+            raise StepError("no signing key and no settings to find one", retryable=True)
+        try:
+            key = load_key(settings.key_path())
+        except ConfigError as exc:
+            raise StepError(f"cannot sign: {exc}", retryable=True, hint=exc.hint) from exc
+    return OutcomeServices(connect=_connector(ctx, settings), acquirer=acquirer, signing_key=key)
+
+
+_lookups: dict[str, HttpAcquirerLookup] = {}
+
+
+def _http_lookup(url: str) -> HttpAcquirerLookup:
+    """One pooled client per acquirer URL, per process."""
+    found = _lookups.get(url)
+    if found is None:
+        found = _lookups.setdefault(url, HttpAcquirerLookup(url))
+    return found
+
+
+def _connector(ctx: StepContext, settings: Any) -> Callable[[], AbstractContextManager[Conn]]:
+    pool = _service(ctx, "pool")
+    if pool is not None:
+        return pool.connection  # type: ignore[no-any-return]
+    url = getattr(settings, "database_url", None)
+    if not url:
+        raise StepError("no pool and no database_url in the settings", retryable=True)
+    return lambda: psycopg.connect(url, connect_timeout=10)
 
 
 def look_up(state: State, ctx: StepContext) -> State:
