@@ -256,6 +256,13 @@ def unassign(
     return gone
 
 
+def current(conn: Conn, kind: str, scope: str, value: str | None) -> Assignment | None:
+    """What is assigned to (``scope``, ``value``) now (None: nothing)."""
+    kind, scope, value = _where(kind, scope, value)
+    row = conn.execute(Q["assignment"], {"kind": kind, "scope": scope, "value": value}).fetchone()
+    return None if row is None else _assignment(row)
+
+
 def assignment_by_id(conn: Conn, kind: str, assignment_id: int) -> Assignment:
     kind = check_kind(kind)
     row = conn.execute(
@@ -321,6 +328,7 @@ __all__ = [
     "assignments",
     "check_kind",
     "create",
+    "current",
     "effective",
     "get",
     "place",

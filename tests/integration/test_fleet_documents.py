@@ -26,6 +26,7 @@ from cloud.fleet import tokens
 from cloud.fleet.tokens import Principal
 from cloud.settings import CloudSettings
 from cloud.sync.postgres import PostgresSyncBackend
+from edge.engine import Engine, InlineExecutor, Status
 from edge.engine.clock import FakeClock
 from edge.store.memory import MemoryStore
 from edge.terminal.service.terminal import offline_acknowledgement
@@ -97,6 +98,7 @@ class App:
     clock: FakeClock
     ctx: FleetContext
     work: Path
+    url: str
     tokens: dict[str, str] = field(default_factory=dict)
     _n: Iterator[int] = field(default_factory=itertools.count)
 
@@ -163,7 +165,7 @@ def app(new_database, tmp_path) -> Iterator[App]:
         with starlette_testclient.TestClient(
             create_app(sync, fleet=ctx), raise_server_exceptions=False
         ) as client:
-            made = App(client, backend, clock, ctx, tmp_path)
+            made = App(client, backend, clock, ctx, tmp_path, url)
             with backend.pool.connection() as conn, conn.transaction():
                 for role in tokens.ROLES:
                     made.tokens[role], _ = tokens.create(conn, f"{role}-t", role, at=T0, by="t")
@@ -351,6 +353,71 @@ def test_assign__a_step_and_its_compensation_each_one_transaction_with_its_recor
     assert log[1][3] == {"version": v2, "previous": v1}
     verified = app.ok("GET", "/api/v1/audit/verify", role="auditor")
     assert verified["ok"] is True
+
+
+#: A rollout's persist as the rollouts issue will write it, and a later step that fails.
+ASSIGN_YAML = """\
+workflow_type: assign_document
+version: "1"
+saga: true
+steps:
+  - name: note_assignment
+    type: STANDARD
+    function: cloud.documents.steps:note_assignment
+  - name: assign
+    type: STANDARD
+    function: cloud.documents.steps:assign
+    compensate: cloud.documents.steps:restore_assignment
+  - name: route
+    type: DECISION
+    routes:
+      - when: state.fail
+        next: fail
+    default: done
+  - name: done
+    type: STANDARD
+    function: tf_steps:noop
+    next: END
+  - name: fail
+    type: STANDARD
+    function: tf_steps:fatal
+"""
+
+
+def test_assign__as_a_workflow_on_the_engine_a_failure_later_restores_what_was_there(app):
+    from cloud.store.postgres import PostgresStore
+
+    v1, v2, v3 = (app.document("config", {"risk": {"floor_limit_minor": n}}) for n in (1, 2, 3))
+    app.ok("POST", "/api/v1/documents/config/assignments", 201,
+           json={"version": v1, "scope": "group", "value": "g1"})  # fmt: skip
+    (app.work / "assign_document.yaml").write_text(ASSIGN_YAML, encoding="utf-8")
+    store = PostgresStore(app.url, pool_size=2)  # the engine's tables, in the same database
+    engine = Engine(store, InlineExecutor(), clock=app.clock, services={"pool": app.backend.pool})
+    try:
+        engine.register(app.work / "assign_document.yaml")
+        job = {"kind": "config", "scope": "group", "value": "g1", "actor": "alice"}
+        ok = engine.start("assign_document", {**job, "version": v2, "fail": False})
+        assert engine.get(ok).status is Status.COMPLETED
+        assert engine.get(ok).state["previous"] == v1
+        assert app.sql("SELECT version FROM document_assignments") == [(v2,)]
+        bad = engine.start("assign_document", {**job, "version": v3, "fail": True})
+        assert engine.get(bad).status is Status.ROLLED_BACK
+        assert app.sql("SELECT version FROM document_assignments") == [(v2,)]  # put back
+        fresh = engine.start("assign_document", {**job, "value": "g9", "version": v3, "fail": True})
+        assert engine.get(fresh).status is Status.ROLLED_BACK
+        assert app.sql("SELECT value FROM document_assignments") == [("g1",)]  # none there before
+    finally:
+        engine.close()
+        store.close()
+    log = app.sql("SELECT actor, action, target, detail FROM cloud_audit "
+                  "WHERE actor = 'alice' ORDER BY seq")  # fmt: skip
+    assert [(r[1], r[3]) for r in log] == [
+        ("document.assign", {"version": v2, "previous": v1}),
+        ("document.assign", {"version": v3, "previous": v2}),
+        ("document.unassign", {"version": v3, "restored": v2}),
+        ("document.assign", {"version": v3, "previous": None}),
+        ("document.unassign", {"version": v3, "restored": None}),
+    ]
 
 
 # --- commands ------------------------------------------------------------------------------
