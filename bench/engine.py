@@ -28,6 +28,15 @@ database created for it and dropped at the end:
   for the locked head rows of the audit chains a commit appends to (``audit_head``, one
   row per stream, ``PostgresStore(audit_streams=...)``; timed per commit) and
   ``pg_stat_activity`` wait events sampled meanwhile.
+
+Then the cloud's Celery executor (``--no-celery`` skips it, ``--celery-only`` runs only
+it): ``tillflow cloud worker --concurrency N`` for N = 1, 2, 4 worker processes, each on
+a fresh database, against a private ``redis-server`` on a free port (or
+``--broker-url``/``$TILLFLOW_BENCH_BROKER_URL``). The runs are started in advance with
+nothing published; at "go" each gets its ``advance_run`` message; runs/s from go to none
+in flight. The baseline is the same workflow driven inline in one process
+(``Engine(PostgresStore)``, start included), measured before and after the workers in
+the same run: ``ratio_to_inline`` and ``scaling_from_1`` are the figures that count.
 """
 
 from __future__ import annotations
@@ -1083,6 +1092,279 @@ def measure_postgresql(
     return out
 
 
+# --- Celery: tillflow cloud worker processes over Redis ------------------------------------
+
+CELERY_DEFAULT_RUNS = 400
+CELERY_QUICK_RUNS = 100
+CELERY_PROCESS_COUNTS = (1, 2, 4)
+#: Rounds of (inline, 1, 2, 4 processes), interleaved so drift hits every figure alike.
+CELERY_ROUNDS = 2
+CELERY_BROKER_ENV = "TILLFLOW_BENCH_BROKER_URL"
+CELERY_READY_TIMEOUT_S = 60.0
+CELERY_DRAIN_TIMEOUT_S = 300.0
+
+
+class PrivateRedis:
+    """A ``redis-server`` of the bench's own on a free port (no persistence), so the
+    figures see no other traffic and nothing of the machine's Redis is touched."""
+
+    def __init__(self, workdir: Path) -> None:
+        import shutil
+        import socket
+        import subprocess
+
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise FileNotFoundError("redis-server is not installed (or pass --broker-url)")
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        with (workdir / "redis.log").open("ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    exe,
+                    "--port",
+                    str(self.port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    str(workdir),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        _wait_for(lambda: _redis_ping(self.url), CELERY_READY_TIMEOUT_S, "redis-server start")
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def _redis_ping(url: str) -> bool:
+    import redis
+
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5).ping())
+    except redis.RedisError:
+        return False
+
+
+def _wait_for(done: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not within {timeout}s")
+        time.sleep(PG_POLL_S)
+
+
+def _in_flight(conn: Any) -> int:
+    row = conn.execute(
+        f"SELECT count(*) FROM workflow_runs WHERE status IN {_IN_FLIGHT}"
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def celery_inline_baseline(server: PgServer, runs: int) -> dict[str, Any]:
+    """The baseline: one process, ``Engine(PostgresStore, InlineExecutor)``, one run after
+    another (start commit included, as a run started by the API and driven in place)."""
+    from cloud.store.postgres import PostgresStore
+
+    db, url = server.create("cinline")
+    try:
+        store = PostgresStore(url, pool_size=PG_SEQUENTIAL_POOL_SIZE)
+        engine = Engine(store, clock=SystemClock())
+        engine.register(load_file(WORKFLOW_YAML))
+        try:
+            for i in range(PG_WARMUP_RUNS):
+                engine.start("bench_payment", make_input(i))
+            t0 = time.perf_counter()
+            ids = [engine.start("bench_payment", make_input(i)) for i in range(runs)]
+            wall = time.perf_counter() - t0
+            check_completed(store, ids)
+        finally:
+            engine.close()
+            store.close()
+    finally:
+        server.drop(db)
+    return {"runs": runs, "wall_s": round(wall, 3), "runs_per_s": round(runs / wall, 1)}
+
+
+def celery_workers(
+    server: PgServer, broker: str, processes: int, runs: int, workdir: Path
+) -> dict[str, Any]:
+    """``tillflow cloud worker --concurrency N`` on a fresh database: ``runs`` runs started
+    in advance with nothing published, then at "go" one ``advance_run`` message each;
+    wall time from go to no run in flight."""
+    import subprocess
+
+    import psycopg
+    import redis
+    import yaml
+
+    from cloud.engine import cloud_engine
+    from cloud.executor.celery_app import QUEUE, make_app
+    from cloud.executor.executor import CeleryExecutor
+    from cloud.settings import load_settings
+    from cloud.store.postgres import PostgresStore
+    from edge.engine import PollingExecutor
+
+    redis.Redis.from_url(broker).flushdb()
+    db, url = server.create(f"celery{processes}")
+    config = workdir / f"celery{processes}.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "database_url": url,
+                "broker_url": broker,
+                "worker_concurrency": processes,
+                "workflow_dirs": [str(WORKFLOW_YAML.parent)],
+                "step_modules": ["bench.fixtures.bench_steps"],
+            }
+        ),
+        encoding="utf-8",
+    )
+    settings = load_settings(config, environ={})
+    log_path = workdir / f"celery{processes}.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TILLFLOW_")}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = None
+    try:
+        store = PostgresStore(url, pool_size=2)
+        starter = cloud_engine(store, PollingExecutor(), settings=settings)
+        warm = [starter.start("bench_payment", make_input(i)) for i in range(4 * processes)]
+        ids = [starter.start("bench_payment", make_input(i)) for i in range(runs)]
+        starter.close()
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "edge.cli", "cloud", "worker", "--config", str(config)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+        ready = f"worker {proc.pid} ready"
+        _wait_for(
+            lambda: ready in log_path.read_text(errors="replace") or proc.poll() is not None,
+            CELERY_READY_TIMEOUT_S,
+            "worker ready",
+        )
+        if proc.poll() is not None:
+            raise RuntimeError(f"worker exited: {log_path.read_text(errors='replace')[-2000:]}")
+        progress(f"celery: {processes} worker process(es), {runs} runs")
+        executor = CeleryExecutor(make_app(settings))
+        poll = psycopg.connect(url, autocommit=True)
+        # Warm-up: every process makes its engine (store, workflows) on its first task.
+        for run_id in warm:
+            executor.send(run_id)
+        _wait_for(lambda: _in_flight(poll) == runs, CELERY_DRAIN_TIMEOUT_S, "warm-up")
+        t0 = time.perf_counter()
+        for run_id in ids:
+            executor.send(run_id)
+        publish_s = time.perf_counter() - t0
+        _wait_for(lambda: _in_flight(poll) == 0, CELERY_DRAIN_TIMEOUT_S, "runs drained")
+        wall = time.perf_counter() - t0
+        poll.close()
+        check_completed(store, ids)
+        left = redis.Redis.from_url(broker).llen(QUEUE)
+        store.close()
+    finally:
+        if proc is not None and proc.poll() is None:
+            import signal
+
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        server.drop(db)
+    return {
+        "processes": processes,
+        "runs": runs,
+        "publish_s": round(publish_s, 3),
+        "wall_s": round(wall, 3),
+        "runs_per_s": round(runs / wall, 1),
+        "messages_left": left,
+    }
+
+
+def measure_celery(url: str, broker: str | None, runs: int) -> dict[str, Any]:
+    """Celery throughput with 1, 2, 4 worker processes against the inline baseline."""
+    try:
+        import celery  # noqa: F401
+        import psycopg
+    except ImportError as exc:
+        return {"skipped": f"the cloud extra is not installed ({exc})"}
+    from cloud.store.postgres import _redact
+
+    t0 = time.perf_counter()
+    try:
+        server = PgServer(url)
+    except (psycopg.Error, PermissionError) as exc:
+        return {"skipped": f"PostgreSQL not usable at {_redact(url)}: {exc}"}
+    with tempfile.TemporaryDirectory(prefix="tillflow-bench-celery-") as tmp:
+        workdir = Path(tmp)
+        private = None
+        try:
+            if broker is None:
+                private = PrivateRedis(workdir)
+                broker = private.url
+            elif not _redis_ping(broker):
+                return {"skipped": f"Redis not reachable at {broker}"}
+            rounds: list[dict[str, Any]] = []
+            for r in range(CELERY_ROUNDS):
+                progress(f"celery: round {r + 1}: inline baseline ({runs} runs, one process)")
+                entry: dict[str, Any] = {"inline": celery_inline_baseline(server, runs)}
+                for n in CELERY_PROCESS_COUNTS:
+                    entry[str(n)] = celery_workers(server, broker, n, runs, workdir)
+                rounds.append(entry)
+            progress(f"celery: inline baseline again ({runs} runs)")
+            after = celery_inline_baseline(server, runs)
+        finally:
+            if private is not None:
+                private.close()
+            server.close()
+    inline = [e["inline"]["runs_per_s"] for e in rounds] + [after["runs_per_s"]]
+    baseline = sum(inline) / len(inline)
+    by_count: dict[str, Any] = {}
+    for n in CELERY_PROCESS_COUNTS:
+        rates = [e[str(n)]["runs_per_s"] for e in rounds]
+        by_count[str(n)] = {
+            "processes": n,
+            "runs_per_s": round(sum(rates) / len(rates), 1),
+            "runs_per_s_rounds": rates,
+            "wall_s_rounds": [e[str(n)]["wall_s"] for e in rounds],
+            "messages_left": max(e[str(n)]["messages_left"] for e in rounds),
+        }
+    one = by_count["1"]["runs_per_s"]
+    for entry in by_count.values():
+        entry["ratio_to_inline"] = round(entry["runs_per_s"] / baseline, 3)
+        entry["scaling_from_1"] = round(entry["runs_per_s"] / one, 3)
+    return {
+        "note": "runs started in advance, one advance_run message each at go; runs/s from "
+        "go to none in flight (after a warm-up of 4 runs per process). Baseline: one "
+        "process, inline executor, start included, measured in every round and once after; "
+        "their mean is the ratio's denominator",
+        "broker": "private redis-server" if private is not None else broker,
+        "runs": runs,
+        "rounds": CELERY_ROUNDS,
+        "inline_runs_per_s_rounds": inline,
+        "inline_runs_per_s": round(baseline, 1),
+        "processes": by_count,
+        "scaling_1_to_2": by_count["2"]["scaling_from_1"],
+        "scaling_1_to_4": by_count["4"]["scaling_from_1"],
+        "load_average_1m_at_end": round(os.getloadavg()[0], 2),
+        "nproc": os.cpu_count(),
+        "elapsed_s": round(time.perf_counter() - t0, 2),
+    }
+
+
 def environment(workdir: Path) -> dict[str, Any]:
     return {
         "python": platform.python_version(),
@@ -1109,6 +1391,24 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-pg", action="store_true", help="skip the PostgreSQL leg")
     parser.add_argument(
+        "--no-celery", action="store_true", help="skip the Celery leg (tillflow cloud worker)"
+    )
+    parser.add_argument(
+        "--celery-only", action="store_true", help="only the Celery leg (and its baseline)"
+    )
+    parser.add_argument(
+        "--celery-runs",
+        type=int,
+        help=f"runs per Celery measurement (default {CELERY_DEFAULT_RUNS}, "
+        f"--quick {CELERY_QUICK_RUNS})",
+    )
+    parser.add_argument(
+        "--broker-url",
+        default=os.environ.get(CELERY_BROKER_ENV),
+        help=f"Redis for the Celery leg (default ${CELERY_BROKER_ENV}, else a private "
+        "redis-server on a free port); its database is flushed",
+    )
+    parser.add_argument(
         "--pg-runs",
         type=int,
         help=f"sequential PostgreSQL runs (default {PG_DEFAULT_RUNS}, --quick {PG_QUICK_RUNS})",
@@ -1132,6 +1432,15 @@ def main(argv: list[str] | None = None) -> int:
     if pg_worker_runs < 10:
         parser.error("--pg-worker-runs must be at least 10")
     warmup = WARMUP_RUNS
+    celery_runs = args.celery_runs or (CELERY_QUICK_RUNS if args.quick else CELERY_DEFAULT_RUNS)
+    celery_leg = (
+        {"skipped": "--no-celery"}
+        if args.no_celery
+        else measure_celery(args.pg_url, args.broker_url, celery_runs)
+    )
+    if args.celery_only:
+        print(json.dumps({"benchmark": "engine", "celery": celery_leg}, indent=2))
+        return 0
 
     sample = BenchState.model_validate(make_input(0)).model_dump(mode="json")
     state_json = json.dumps(sample, separators=(",", ":"))
@@ -1164,6 +1473,7 @@ def main(argv: list[str] | None = None) -> int:
         "targets": TARGETS,
         **({"profile_top_edge_cumulative": profile} if profile is not None else {}),
         "postgresql": postgresql,
+        "celery": celery_leg,
         "env": env,
         "elapsed_s": round(time.perf_counter() - t_start, 2),
     }
