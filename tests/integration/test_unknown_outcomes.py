@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -35,7 +36,7 @@ from hwsim.network import SimNetworkLink
 from hwsim.printer import SimPrinter
 from hwsim.syncrig import Cloud
 
-from cloud.outcomes import SCHEMA, migrate
+from cloud.outcomes import SCHEMA, migrate, steps
 from cloud.outcomes.acquirer import HttpAcquirerLookup
 from cloud.outcomes.find import find_unknown, resolve_key, start_resolutions
 from cloud.outcomes.steps import OutcomeServices
@@ -331,6 +332,32 @@ def test_the_fleet_api_lists_unknown_outcomes_with_state_and_age(
         assert bad.status_code == 422 and bad.json()["error"]["field"]
         assert api.get("/api/v1/outcomes", params={"after": "x"}).status_code == 422
     assert httpx.get(f"{cloud.url}/api/v1/outcomes").status_code == 401
+
+
+def test_record_and_tell__replayed_after_its_commit_queues_nothing_again(
+    rig: Rig, acquirer: LosingAcquirer
+) -> None:
+    """State surgery: the step that recorded the truth and queued the command runs again
+    (a worker killed after its commit, before the engine recorded the step)."""
+    acquirer.losing = {"refund"}
+    rig.reader.insert(make_card("visa"))
+    run_id = rig.terminal.engine.start("refund", {"amount_minor": 990, "currency": "EUR"})
+    key = rig.terminal.engine.get(run_id).state["refund_key"]
+    rig.sync()
+    (resolve_id,) = rig.resolve_all()
+    run = rig.engine.get(resolve_id)
+    first = rig.outcome_row(key)
+    replayed = steps.record_and_tell(
+        dict(run.state), SimpleNamespace(services=rig.engine.services, clock=rig.clock)
+    )
+    assert replayed == {"status": "approved", "command_id": first["command_id"]}
+    with rig.connect() as conn:
+        (n,) = conn.execute(
+            "SELECT count(*) FROM commands WHERE device_id = %s AND action = 'resolve_outcome'",
+            (rig.identity.device_id,),
+        ).fetchone() or (0,)
+    assert n == 1
+    assert rig.outcome_row(key)["resolved_at"] == first["resolved_at"]
 
 
 # --- schema --------------------------------------------------------------------------------
