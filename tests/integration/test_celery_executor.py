@@ -32,7 +32,6 @@ import psycopg
 import pytest
 import redis
 import yaml
-from conftest import with_dbname
 
 from cloud.engine import cloud_engine
 from cloud.executor.celery_app import QUEUE, make_app
@@ -457,7 +456,7 @@ def test_postgres_restarted_mid_run__every_effect_there_duplicates_keyed(rig: Ri
     run_ids = _start(engine, 30)
     rig.wait("runs under way", lambda: len(rig.effects()) >= 10)
     name = rig.db.rsplit("/", 1)[1]
-    admin = with_dbname(rig.db, "postgres")
+    admin = urlunsplit(urlsplit(rig.db)._replace(path="/postgres"))
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false'.encode())
         conn.execute(
