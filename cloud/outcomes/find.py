@@ -21,6 +21,8 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
+from psycopg.rows import tuple_row
+
 from cloud.outcomes import migrate
 from cloud.outcomes._sql import Conn, Q
 from edge.engine import Engine
@@ -62,8 +64,9 @@ def resolve_key(device_id: str, key: str) -> str:
 def find_unknown(conn: Conn, *, now: float, limit: int = DEFAULT_LIMIT) -> list[Unknown]:
     """Record the new unknown outcomes among ``sync_messages`` (open), in the
     transaction ``conn`` holds, and return the open ones no run was noted for."""
-    conn.execute(Q["record_found"], {"now": now, "limit": limit})
-    rows = conn.execute(Q["unstarted"], {"limit": limit}).fetchall()
+    cur = conn.cursor(row_factory=tuple_row)  # whatever rows the caller's pool gives
+    cur.execute(Q["record_found"], {"now": now, "limit": limit})
+    rows = cur.execute(Q["unstarted"], {"limit": limit}).fetchall()
     return [Unknown(*row) for row in rows]
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from psycopg.rows import tuple_row
+
 from cloud.outcomes._sql import Conn, Q
 
 
@@ -42,9 +44,11 @@ def outcomes(
 ) -> list[OutcomeRow]:
     """Outcomes in the order they were found, after ``after`` (an ``outcome_no``)."""
     params = {"state": state, "device_id": device_id, "after": after, "limit": limit}
-    return [OutcomeRow(*row) for row in conn.execute(Q["outcomes"], params).fetchall()]
+    cur = conn.cursor(row_factory=tuple_row)
+    return [OutcomeRow(*row) for row in cur.execute(Q["outcomes"], params).fetchall()]
 
 
 def outcome(conn: Conn, outcome_id: str) -> OutcomeRow | None:
-    row = conn.execute(Q["outcome"], {"outcome_id": outcome_id}).fetchone()
-    return None if row is None else OutcomeRow(*row)
+    row = conn.cursor(row_factory=tuple_row).execute(Q["outcome"], {"outcome_id": outcome_id})
+    found = row.fetchone()
+    return None if found is None else OutcomeRow(*found)
