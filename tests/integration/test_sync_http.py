@@ -23,6 +23,7 @@ import pytest
 from conftest import NewDatabase
 from sync_memory import Terminal, outbox_entry
 
+from cloud.sync.postgres import load_migrations
 from edge.cli import main
 from edge.engine.clock import SystemClock
 from sync import signing, wire
@@ -124,7 +125,7 @@ def test_http__enroll_sync_commands_and_the_operator_commands(server, client, sy
     key_file = server.key_file
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
     health = client.get("/v1/health").json()
-    assert health["ok"] and health["schema_versions"]["sync"] == 1
+    assert health["ok"] and health["schema_versions"]["sync"] == len(load_migrations())
     db = ["--database-url", sync_url]
     code, out = cli(
         capsys, "enroll-token", "create", "--store", "s-1", "--group", "g", *db, "--json"
