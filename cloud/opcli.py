@@ -11,12 +11,13 @@ Commands::
     tokens create|list|revoke              API tokens (admin)
     enroll-tokens create|list|revoke       one-time enrollment tokens (operate)
     devices list [filters]|show|revoke|tag|untag|move
-    commands send|list|show                signed commands to a device, group or store
-    documents create|list|assign|effective config and fraud-policy documents
+    commands send|list|show|batch          signed commands to a device, group or store
+    documents create|list|show|assign|assignments|unassign|effective
+                                           config and fraud-policy documents
     audit verify --device D | --cloud      re-check a chain (exit 4: broken)
     audit log --device D | --cloud         the rows, paged
     quarantine list|show|replay|discard
-    outcomes list                          unknown outcomes still open, with their age
+    outcomes list|show                     unknown outcomes (open or resolved), with their age
 
 Output is an aligned table, or with ``--json`` the API's JSON (a list as ``{"items",
 "next"}``: ``next`` is the cursor to go on from, null at the end). Lists follow the
@@ -531,6 +532,35 @@ def documents_effective(api: Api, a: argparse.Namespace) -> tuple[Data, str, int
     return out, text, EXIT_OK
 
 
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+OUTCOME_COLS = [
+    col("id", "outcome_id"), col("device", "device_id"), col("operation"),
+    col("amount", "amount_minor"), col("currency"), col("state"),
+    ("age", lambda r: _age(r.get("age_s"))), col("status"), col("command", "command_status"),
+]  # fmt: skip
+
+
+def outcomes_list(api: Api, a: argparse.Namespace) -> tuple[Data, str, int]:
+    params = {"state": a.state, "device_id": a.device}
+    return listing(pages(api, a, "/outcomes", params), OUTCOME_COLS, "no unknown outcomes")
+
+
+def outcomes_show(api: Api, a: argparse.Namespace) -> tuple[Data, str, int]:
+    out = api.call("GET", f"/outcomes/{_seg(a.id)}")
+    fields = ["outcome_id", "device_id", "operation", "key", "run_id", "amount_minor", "currency",
+              "state", "age", "reported_at", "found_at", "status", "acquirer_ref", "resolved_at",
+              "command_id", "command_status", "command_reason", "command_note"]  # fmt: skip
+    return out, record({**out, "age": _age(out["age_s"])}, fields), EXIT_OK
+
+
 def _seg(text: str) -> str:
     """``text`` as one path segment (a ``/`` or ``?`` in an id stays in it)."""
     from urllib.parse import quote
@@ -731,6 +761,14 @@ def register(
     c = leaf(g, "discard", quarantine_discard, "set an item aside for good")
     c.add_argument("id", type=int, metavar="ID")
     c.add_argument("--reason", required=True, help="why (kept with the decision)")
+
+    g = group("outcomes", "authorisations and refunds whose answer was lost")
+    c = leaf(g, "list", outcomes_list, "unknown outcomes, with their age and state", paged=True)
+    c.add_argument("--state", choices=("open", "resolved"), help="open: still unknown")
+    c.add_argument("--device", metavar="DEVICE")
+    leaf(
+        g, "show", outcomes_show, "one outcome: the acquirer's truth and the command"
+    ).add_argument("id", metavar="ID")
     return run
 
 

@@ -76,9 +76,9 @@ def enroll_and_sync(cloud: Cloud, token: str, audit_rows: int) -> Terminal:
     return term
 
 
-def sync_status(cloud: Cloud, term: Terminal) -> int:
-    _, path, headers, body = term.signed(term.request())
-    return httpx.post(cloud.url + path, content=body, headers=headers, timeout=30).status_code
+def sync(cloud: Cloud, term: Terminal, commands_through: int = 0) -> httpx.Response:
+    _, path, headers, body = term.signed(term.request(commands_through=commands_through))
+    return httpx.post(cloud.url + path, content=body, headers=headers, timeout=30)
 
 
 def test_fleet__enroll_list_tag_verify_and_revoke_a_device(fleet: Fleet, cloud: Cloud) -> None:
@@ -123,14 +123,25 @@ def test_fleet__enroll_list_tag_verify_and_revoke_a_device(fleet: Fleet, cloud: 
     log = fleet.json("audit", "log", "--device", term.device_id)
     assert [r["seq"] for r in log["items"]] == [1, 2, 3, 4]
 
+    # a command to it: queued, then delivered with its next sync
+    sent = fleet.json("commands", "send", "--device", term.device_id, "--action", "request_health")
+    [queued] = sent["commands"]
+    assert (queued["device_id"], queued["seq"], sent["scope"]) == (term.device_id, 1, "device")
+    assert fleet.json("commands", "show", queued["command_id"])["status"] == "queued"
+    answer = sync(cloud, term)
+    assert answer.status_code == 200 and len(answer.json()["commands"]) == 1
+    [shown] = fleet.json("commands", "list", "--device", term.device_id)["items"]
+    assert (shown["command_id"], shown["status"]) == (queued["command_id"], "delivered")
+
     code, out, _ = fleet("devices", "revoke", term.device_id)
     assert code == 0 and "revoked" in out
-    assert sync_status(cloud, term) == 403
+    assert sync(cloud, term).status_code == 403
 
     # every action above is in the cloud's audit log, by the token's holder, and it verifies
     actions = [(r["actor"], r["action"]) for r in fleet.json("audit", "log", "--cloud")["items"]]
     assert [a for who, a in actions if who == "ops"] == [
-        "enroll_token.create", "enroll_token.create", "device.tag", "device.revoke",
+        "enroll_token.create", "enroll_token.create", "device.tag", "command.send",
+        "device.revoke",
     ]  # fmt: skip
     code, out, _ = fleet("audit", "verify", "--cloud")
     assert code == 0 and out.startswith("ok")
@@ -138,6 +149,63 @@ def test_fleet__enroll_list_tag_verify_and_revoke_a_device(fleet: Fleet, cloud: 
         conn.execute("UPDATE cloud_audit SET actor = 'someone else' WHERE seq = 2")
     verdict = fleet("audit", "verify", "--cloud", "--json")
     assert verdict[0] == 4 and json.loads(verdict[1])["first_bad_seq"] == 2
+
+
+def test_fleet__documents_assigned_by_scope_and_sent_to_a_group(
+    fleet: Fleet, cloud: Cloud, tmp_path: Path
+) -> None:
+    made = fleet.json("enroll-tokens", "create", "--store", "s-1", "--group", "g")
+    term = enroll_and_sync(cloud, made["token"], audit_rows=1)
+    for floor in (1000, 2000):
+        doc = tmp_path / f"config-{floor}.yaml"
+        doc.write_text(f"risk:\n  floor_limit_minor: {floor}\n")
+        code, out, _ = fleet("documents", "create", "config", str(doc))
+        assert code == 0 and out.startswith("config version")
+    assert [d["version"] for d in fleet.json("documents", "list", "config")["items"]] == [2, 1]
+    assert fleet.json("documents", "show", "config", "2")["content"] == {
+        "risk": {"floor_limit_minor": 2000}
+    }
+    # a bad document: the server's 422 naming the field, nothing stored
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"risk": {"floor_limit_minor": -1}}))
+    code, _, err = fleet("documents", "create", "config", str(bad))
+    assert code == 1 and "422" in err and "floor_limit_minor" in err
+    assert len(fleet.json("documents", "list", "config")["items"]) == 2
+
+    fleet.json("documents", "assign", "config", "--version", "1", "--scope", "fleet")
+    code, out, _ = fleet("documents", "effective", "config", "--device", term.device_id)
+    assert code == 0 and "version 1 (from fleet)" in out
+    fleet.json(
+        "documents", "assign", "config", "--version", "2", "--scope", "store", "--value", "s-1"
+    )
+    effective = fleet.json("documents", "effective", "config", "--device", term.device_id)
+    assert (effective["version"], effective["scope"], effective["value"]) == (2, "store", "s-1")
+    rows = fleet.json("documents", "assignments", "config")["items"]
+    assert {(r["scope"], r["value"], r["version"]) for r in rows} == {
+        ("fleet", None, 1), ("store", "s-1", 2),
+    }  # fmt: skip
+    store_row = next(r for r in rows if r["scope"] == "store")
+    fleet.json("documents", "unassign", "config", str(store_row["assignment_id"]))
+    effective = fleet.json("documents", "effective", "config", "--device", term.device_id)
+    assert (effective["version"], effective["scope"]) == (1, "fleet")
+
+    # to a group: one command per active device, the document by kind and version
+    sent = fleet.json("commands", "send", "--group", "g", "--action", "update_config",
+                      "--document", "config:2")  # fmt: skip
+    assert [c["device_id"] for c in sent["commands"]] == [term.device_id]
+    code, out, _ = fleet("commands", "batch", sent["batch_id"])
+    assert code == 0 and "1 queued" in out
+    answer = sync(cloud, term)
+    assert answer.status_code == 200 and len(answer.json()["commands"]) == 1
+    code, out, _ = fleet("commands", "batch", sent["batch_id"])
+    assert code == 0 and "1 delivered" in out
+    code, _, err = fleet("commands", "send", "--group", "nobody", "--action", "request_health")
+    assert code == 1 and "404 no_devices" in err
+    # a usage error is the parser's (exit 2), not a request
+    with pytest.raises(SystemExit) as exited:
+        main(["fleet", "commands", "send", "--group", "g", "--action", "update_config",
+              "--document", "config"])  # fmt: skip
+    assert exited.value.code == 2
 
 
 def test_fleet__lists_follow_the_next_cursor_up_to_the_limit(fleet: Fleet) -> None:
@@ -165,8 +233,14 @@ def test_fleet__tokens_and_roles(fleet: Fleet) -> None:
     # a bad name is the server's 422, naming the field
     code, _, err = fleet("tokens", "create", "--name", "a\tb", "--role", "operator")
     assert code == 1 and "422" in err and "body.name" in err
+    # a read_only token reads: the unknown outcomes (none yet)
+    reader = fleet.json("tokens", "create", "--name", "reader", "--role", "read_only")["token"]
+    code, out, _ = fleet("outcomes", "list", "--state", "open", token=reader)
+    assert (code, out.strip()) == (0, "no unknown outcomes")
+    code, _, err = fleet("outcomes", "show", "out_" + "0" * 32, token=reader)
+    assert code == 1 and "404 outcome_not_found" in err
     listed = fleet.json("tokens", "list")["items"]
-    assert {t["name"] for t in listed} == {"ops", "auditor-1"}
+    assert {t["name"] for t in listed} == {"ops", "auditor-1", "reader"}
     code, out, _ = fleet("tokens", "revoke", made["token_id"])
     assert code == 0 and made["token_id"] in out
     code, _, err = fleet("audit", "verify", "--cloud", token=made["token"])
@@ -211,3 +285,10 @@ def test_fleet__the_entry_point_reads_the_environment(
     assert done.returncode == 1 and "401 unauthenticated" in done.stderr
     bad = subprocess.run([*cmd[:-1], "--limit", "0"], env=env, capture_output=True, timeout=60)
     assert bad.returncode == 2
+
+
+def test_fleet__the_module_is_light_at_import() -> None:
+    # tillflow builds every command's parser on each run: httpx waits for a fleet command
+    code = "import sys, cloud.opcli; print(sorted({'httpx', 'yaml'} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
