@@ -95,14 +95,12 @@ def celery_config(settings: CloudSettings) -> dict[str, Any]:
 
 
 def make_app(settings: CloudSettings) -> Celery:
-    """A Celery app for ``settings`` with the ``advance_run`` task registered.
+    """A Celery app for ``settings``: what a submitter needs (it publishes by task name).
+    A worker registers the task on it too (``tasks.register``).
 
     Not the process-wide "current" app: tests make one per worker fleet, each with its
     own broker, and nothing global carries over between them.
     """
-    from cloud.executor import tasks
-
     app = Celery("tillflow", set_as_current=False)
     app.conf.update(celery_config(settings))
-    tasks.register(app, settings)
     return app

@@ -48,6 +48,7 @@ def run_worker(settings: CloudSettings) -> int:
     from celery.exceptions import CPendingDeprecationWarning
 
     from cloud.engine import cloud_engine, schedules
+    from cloud.executor import tasks
     from cloud.executor.celery_app import QUEUE, broker_url, make_app
     from cloud.executor.executor import CeleryExecutor
     from cloud.executor.sweep import Sweep
@@ -61,6 +62,7 @@ def run_worker(settings: CloudSettings) -> int:
         )
     broker = broker_url(settings)
     app = make_app(settings)
+    tasks.register(app, settings)
     store = PostgresStore(settings.database_url, pool_size=SWEEP_POOL_SIZE)  # migrates
     executor = CeleryExecutor(app)
     engine = cloud_engine(store, executor, settings=settings)
