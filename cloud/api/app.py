@@ -185,6 +185,9 @@ def create_app(
         from cloud.api.fleet import mount_fleet
 
         app.title = "Tillflow control plane"
+        from cloud.api.fleet.routes.metrics import instrument
+
         mount_fleet(app, fleet, fleet_routers)
+        instrument(app)  # the API latency histogram /metrics serves
     check_rules(app)
     return app

@@ -28,7 +28,9 @@ from uvicorn.supervisors import Multiprocess
 
 from cloud.api.app import create_app
 from cloud.api.fleet.context import FleetContext
+from cloud.control import SCHEMA as CONTROL_SCHEMA
 from cloud.fleet import SCHEMA as FLEET_SCHEMA
+from cloud.outcomes import SCHEMA as OUTCOMES_SCHEMA
 from cloud.settings import CONFIG_ENV, CloudSettings, load_settings
 from cloud.sync.keys import KEY_FILE_ENV, load_key, load_or_create_key
 from cloud.sync.postgres import UNAVAILABLE, PostgresSyncBackend
@@ -71,12 +73,22 @@ def build_app(
     return create_app(service, close=backend.close, fleet=fleet)
 
 
+#: The control plane's sets of tables migrated after the sync service's (their tables
+#: refer to its), in this order.
+CONTROL_PLANE_SCHEMAS = (FLEET_SCHEMA, CONTROL_SCHEMA, OUTCOMES_SCHEMA)
+
+
 def migrate_fleet(backend: PostgresSyncBackend) -> int:
-    """Apply the Fleet API's pending migrations (after the sync service's: its tables
-    refer to theirs); returns the version the database is at."""
+    """Apply the pending migrations of the Fleet API's, the control workflows' and the
+    outcomes' tables (``CONTROL_PLANE_SCHEMAS``), in one transaction; returns the Fleet
+    API's version."""
     try:
         with backend.pool.connection() as conn, conn.transaction():
-            return FLEET_SCHEMA.migrate(conn, where=backend.where, unavailable=UNAVAILABLE)
+            versions = [
+                schema.migrate(conn, where=backend.where, unavailable=UNAVAILABLE)
+                for schema in CONTROL_PLANE_SCHEMAS
+            ]
+            return versions[0]
     except UNAVAILABLE as exc:
         raise BackendUnavailable(
             f"PostgreSQL at {backend.where}: {type(exc).__name__}: {str(exc).strip()[:200]}"

@@ -83,12 +83,10 @@ class Rig:
 
 
 def build(backend: PostgresSyncBackend, fleet: FleetContext) -> Any:
-    """The app as serve builds it, instrumented as the lead wires it."""
-    app = create_app(
+    """The app as serve builds it (create_app instruments it for /metrics)."""
+    return create_app(
         fleet.sync, fleet=fleet, fleet_routers=[alert_routes.router, metric_routes.router]
     )
-    metric_routes.instrument(app)
-    return app
 
 
 @pytest.fixture
