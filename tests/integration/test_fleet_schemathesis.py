@@ -36,6 +36,9 @@ from sync_memory import Terminal
 
 from edge.engine.clock import SystemClock
 
+#: About a minute: not in the fast tier (make test runs it).
+pytestmark = pytest.mark.slow
+
 #: Examples per operation and mode: about 40 operations x 2 modes x this many requests,
 #: a few milliseconds each on a local PostgreSQL (about a minute in all).
 MAX_EXAMPLES = 30
