@@ -12,6 +12,7 @@ invariant 2). The broker is a wake-up; the database decides (invariant 11).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -24,7 +25,8 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import cloud_steps
@@ -34,11 +36,11 @@ import redis
 import yaml
 
 from cloud.engine import cloud_engine
-from cloud.executor.celery_app import QUEUE, make_app
+from cloud.executor.celery_app import MAX_COUNTDOWN_S, QUEUE, celery_config, make_app
 from cloud.executor.executor import CeleryExecutor
 from cloud.settings import CloudSettings, load_settings
 from cloud.store.postgres import PostgresStore
-from edge.engine import Engine, PollingExecutor
+from edge.engine import Engine, FakeClock, PollingExecutor
 
 REPO = Path(__file__).resolve().parents[2]
 SUPPORT = REPO / "tests" / "support"
@@ -234,9 +236,14 @@ class Rig:
         return load_settings(path, environ={})
 
     def start_workers(
-        self, n: int, *, concurrency: int = 1, env: dict[str, str] | None = None
+        self,
+        n: int,
+        *,
+        concurrency: int = 1,
+        env: dict[str, str] | None = None,
+        sweep_s: float = SWEEP_S,
     ) -> list[WorkerProc]:
-        self.settings(worker_concurrency=concurrency)
+        self.settings(worker_concurrency=concurrency, sweep_interval_s=sweep_s)
         base = {k: v for k, v in os.environ.items() if not k.startswith(("TILLFLOW_", "CLOUD_"))}
         base["PYTHONPATH"] = os.pathsep.join([str(SUPPORT), str(REPO)])
         base[cloud_steps.DB_ENV] = self.db
@@ -349,6 +356,55 @@ def _assert_each_effect_once(rig: Rig, run_ids: list[str]) -> None:
 # --- the tests ------------------------------------------------------------------------------
 
 
+def test_settings__durable_and_no_countdown_past_the_visibility_timeout() -> None:
+    conf = celery_config(CloudSettings(broker_url="redis://127.0.0.1:1/0"))
+    assert conf["task_acks_late"] and conf["task_reject_on_worker_lost"]
+    assert conf["worker_prefetch_multiplier"] == 1
+    assert conf["result_backend"] is None
+    timeout = conf["broker_transport_options"]["visibility_timeout"]
+    assert timeout >= MAX_COUNTDOWN_S * 4
+
+
+def test_submit__a_short_wait_is_a_countdown_a_long_one_is_left_to_the_sweep(
+    broker: str,
+) -> None:
+    app = make_app(CloudSettings(broker_url=broker))
+    executor = CeleryExecutor(app)
+    executor.bind(cast(Any, SimpleNamespace(clock=FakeClock(1000.0))))
+    executor.submit("run-now")
+    executor.submit("run-soon", 1000.0 + 30)
+    executor.submit("run-later", 1000.0 + MAX_COUNTDOWN_S + 1)
+    queued = [json.loads(m) for m in redis.Redis.from_url(broker).lrange(QUEUE, 0, -1)]
+    by_run = {m["headers"]["argsrepr"]: m["headers"] for m in queued}
+    assert set(by_run) == {"('run-now',)", "('run-soon',)"}
+    assert by_run["('run-now',)"]["eta"] is None
+    assert by_run["('run-soon',)"]["eta"] is not None
+    assert (executor.sent, executor.left_to_sweep) == (2, 1)
+
+
+def test_pool_process_killed_mid_step__its_message_is_requeued_and_taken_over(
+    rig: Rig,
+) -> None:
+    # One worker, its sweep once a minute: only the rejected message can bring the run
+    # back within the test (task_acks_late + task_reject_on_worker_lost).
+    block = {cloud_steps.BLOCK_ENV: "pause"}
+    [worker] = rig.start_workers(1, env=block, sweep_s=60.0)
+    engine = rig.engine()
+    [run_id] = _start(engine, 1)
+    rig.wait("the step hangs", lambda: bool(rig.sql("SELECT 1 FROM blocked")))
+    [(pid,)] = rig.sql("SELECT pid FROM blocked")
+    assert pid != worker.pid  # a pool process, not the worker's main process
+    os.kill(pid, signal.SIGKILL)
+    rig.wait_completed(1, timeout=45.0)
+    effects = rig.effects()
+    assert effects.pop((run_id, "pause")) == 2
+    assert set(effects.values()) == {1}
+    pause = [c for c in rig.calls() if c[1] == "pause"]
+    assert [c[4] == pid for c in pause] == [True, False]
+    assert pause[1][5] and pause[0][3] == pause[1][3]  # a replay, the same key
+    assert "submitted run" not in worker.log()  # not the sweep: the requeued message
+
+
 def test_runs_on_two_workers__every_effect_once(rig: Rig) -> None:
     workers = rig.start_workers(2)
     engine = rig.engine()
@@ -424,6 +480,7 @@ def test_worker_killed_mid_step__the_other_finishes_the_run(rig: Rig) -> None:
         assert first[4] in killed and second[4] not in killed
         assert second[5], "the second call is flagged a replay (StepContext.replay)"
         assert first[3] == second[3], "the replay carries the same idempotency key"
+    print(f"kill -9 tally: {len(killed)} processes killed, {len(twice)} step(s) replayed")
     # The hung run finished on the other worker, from its last commit.
     finishing = [c for c in calls if c[0] == hung_run and c[1] == "last"]
     assert [c[4] for c in finishing][-1] in other.group()
@@ -446,6 +503,10 @@ def test_redis_restarted_mid_run__nothing_lost_nothing_twice(rig: Rig, tmp_path:
     rig.wait_completed(30)
     _assert_each_effect_once(rig, run_ids)
     logs = rig.logs(tail=None)
+    print(
+        f"redis restart tally: {in_flight} runs in flight at the kill, "
+        f"{logs.count('submitted run')} re-submitted by the sweep"
+    )
     assert "Connection to broker lost" in logs
     assert "submitted run" in logs, "the sweep should have resubmitted the lost runs"
 
@@ -481,6 +542,11 @@ def test_postgres_restarted_mid_run__every_effect_there_duplicates_keyed(rig: Ri
             made = [c for c in calls if c[0] == run_id and c[1] == step]
             assert made[-1][3] == made[-2][3], "the retry carries the same idempotency key"
     logs = rig.logs(tail=None)
+    twice = sum(c == 2 for c in effects.values())
+    print(
+        f"postgres restart tally: {len(effects)} effects, {twice} done twice with the same "
+        f"key, {logs.count('not advanced')} tasks failed, {logs.count('trying again')} retries"
+    )
     assert "not advanced" in logs or "trying again" in logs, "the workers saw it away"
 
 
