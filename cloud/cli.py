@@ -60,15 +60,22 @@ def register(
     s = cloud.add_parser(
         "serve",
         parents=[common, db, key],
-        help="run the sync service (HTTP) until SIGTERM/Ctrl-C",
-        description="Migrate the database, then serve POST /v1/enroll, /v1/sync, "
-        "/v1/rotate-key and GET /v1/health under uvicorn. Prints 'listening on "
-        "http://HOST:PORT' once the socket is bound (--port 0 picks a free port). The "
-        "signing key file is created (mode 0600) if missing.",
+        help="run the control plane's HTTP API (sync service + Fleet API) until SIGTERM",
+        description="Migrate the database, then serve the sync routes (POST /v1/enroll, "
+        "/v1/sync, /v1/rotate-key, GET /v1/health) and the Fleet API (/api/v1, OpenAPI at "
+        "/openapi.json, /metrics) under uvicorn. Prints 'listening on http://HOST:PORT' "
+        "once the socket is bound (--port 0 picks a free port). The signing key file is "
+        "created (mode 0600) if missing. Options come from the settings file, then "
+        "TILLFLOW_* variables, then the flags given.",
     )
-    s.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
-    s.add_argument("--port", type=int, default=8080, help="port (8080; 0: any free port)")
-    s.add_argument("--workers", type=int, default=1, help="server processes (1)")
+    s.add_argument(
+        "--config",
+        metavar="FILE",
+        help="the settings file (YAML; default: $TILLFLOW_CLOUD_CONFIG)",
+    )
+    s.add_argument("--host", help="address to listen on (127.0.0.1)")
+    s.add_argument("--port", type=int, help="port (8080; 0: any free port)")
+    s.add_argument("--workers", type=int, help="API server processes (1)")
     s.add_argument("--access-log", action="store_true", help="log every request")
 
     s = cloud.add_parser("enroll-token", parents=[common], help="one-time enrollment tokens")
@@ -199,18 +206,23 @@ def _when(ts: float | None) -> str:
 # --- commands --------------------------------------------------------------------------------
 
 
-def _serve(args: argparse.Namespace) -> int:
-    from cloud.api.serve import serve
-    from cloud.sync.keys import key_path
+#: serve's flags that are settings (a flag given wins): flag dest -> settings field.
+SERVE_FLAGS = {
+    "database_url": "database_url",
+    "host": "host",
+    "port": "port",
+    "workers": "api_workers",
+    "signing_key": "signing_key_file",
+}
 
-    return serve(
-        _database_url(args),
-        host=args.host,
-        port=args.port,
-        key_file=key_path(args.signing_key),
-        workers=args.workers,
-        access_log=args.access_log,
-    )
+
+def _serve(args: argparse.Namespace) -> int:
+    from cloud.api.serve import serve_settings
+    from cloud.settings import load_settings
+
+    flags = {field: getattr(args, dest, None) for dest, field in SERVE_FLAGS.items()}
+    settings = load_settings(args.config, **flags)
+    return serve_settings(settings, config=args.config, access_log=args.access_log)
 
 
 def _enroll_token(args: argparse.Namespace, service: SyncService) -> int:

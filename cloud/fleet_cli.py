@@ -2,10 +2,6 @@
 the database (a ``cloud/cli.py`` plugin). ``create`` is how the first admin token comes
 to be: it prints the token once (stored hashed, never shown again).
 
-It also gives ``tillflow cloud serve`` its settings: ``--config FILE`` (YAML, else
-``$TILLFLOW_CLOUD_CONFIG``), then ``TILLFLOW_*``, then the flags given
-(``cloud.settings.load_settings``).
-
 Only argparse is imported here; the rest when a command runs.
 """
 
@@ -19,14 +15,6 @@ Handler = Callable[[argparse.Namespace], int]
 
 #: As ``cloud.fleet.tokens.ROLES`` (not imported: keep this light; a test holds them equal).
 ROLES = ("admin", "operator", "auditor", "read_only")
-#: serve's flags that are settings (their value wins when given): flag dest -> field.
-SERVE_FLAGS = {
-    "database_url": "database_url",
-    "host": "host",
-    "port": "port",
-    "workers": "api_workers",
-    "signing_key": "signing_key_file",
-}
 
 
 def add_parsers(
@@ -57,26 +45,7 @@ def add_parsers(
     r = sub.add_parser("revoke", parents=[common, db], help="revoke a token (its next use is 401)")
     r.add_argument("token_id", metavar="ID", help="the token's id (tok_...)")
 
-    serve = cloud.choices.get("serve")
-    if serve is not None:
-        serve.add_argument(
-            "--config",
-            metavar="FILE",
-            help="the settings file (YAML; default: $TILLFLOW_CLOUD_CONFIG); TILLFLOW_* "
-            "variables and the flags given override it",
-        )
-        # a flag not given is None, so the file and the environment decide
-        serve.set_defaults(**dict.fromkeys(SERVE_FLAGS))
-    return {"api-token": _api_token, "serve": _serve}
-
-
-def _serve(args: argparse.Namespace) -> int:
-    from cloud.api.serve import serve_settings
-    from cloud.settings import load_settings
-
-    flags = {field: getattr(args, dest, None) for dest, field in SERVE_FLAGS.items()}
-    settings = load_settings(getattr(args, "config", None), **flags)
-    return serve_settings(settings, config=args.config, access_log=args.access_log)
+    return {"api-token": _api_token}
 
 
 def _api_token(args: argparse.Namespace) -> int:

@@ -136,13 +136,14 @@ def test_audit_cursor__only_a_pages_own():
 
 
 def test_cli__serve_takes_config_and_leaves_unset_flags_to_the_settings():
-    root = argparse.ArgumentParser()
-    sub = root.add_subparsers(dest="cloud_command")
-    common, db, key = (argparse.ArgumentParser(add_help=False) for _ in range(3))
-    serve = sub.add_parser("serve")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8080)
-    handlers = fleet_cli.add_parsers(sub, common=common, db=db, key=key)
-    assert set(handlers) == {"api-token", "serve"}
-    args = root.parse_args(["serve", "--config", "c.yaml", "--port", "0"])
-    assert (args.config, args.port, args.host) == ("c.yaml", 0, None)
+    from edge.cli import _parser
+
+    args = _parser().parse_args(["cloud", "serve", "--config", "c.yaml", "--port", "0"])
+    assert (args.config, args.port, args.host, args.workers) == ("c.yaml", 0, None, None)
+    handlers = fleet_cli.add_parsers(
+        argparse.ArgumentParser().add_subparsers(),
+        common=argparse.ArgumentParser(add_help=False),
+        db=argparse.ArgumentParser(add_help=False),
+        key=argparse.ArgumentParser(add_help=False),
+    )
+    assert set(handlers) == {"api-token"}
