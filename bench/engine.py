@@ -1224,6 +1224,7 @@ def celery_workers(
                 "worker_concurrency": processes,
                 "workflow_dirs": [str(WORKFLOW_YAML.parent)],
                 "step_modules": ["bench.fixtures.bench_steps"],
+                "control_schedules": False,
             }
         ),
         encoding="utf-8",

@@ -28,8 +28,13 @@ from edge.engine.imports import ImportPathError
 #: The cloud's own workflow YAML (other parts of the control plane add theirs here).
 WORKFLOWS = Path(__file__).resolve().parent / "workflows"
 
-#: The step modules of the cloud's workflows, imported by every control-plane process.
-STEP_MODULES: tuple[str, ...] = ()
+#: The step modules of the cloud's workflows, imported by every control-plane process:
+#: AuditAggregation and SilentDevices, resolve_outcome, the documents' assign steps.
+STEP_MODULES: tuple[str, ...] = (
+    "cloud.control.audit_steps",
+    "cloud.outcomes.steps",
+    "cloud.documents.steps",
+)
 
 
 @dataclass(frozen=True)
@@ -55,8 +60,13 @@ class Schedule:
         return f"{self.workflow_type}:{slot}"
 
 
-#: The cloud's scheduled workflows (AuditAggregation and others are added here).
+#: Scheduled workflows at fixed intervals (those that follow the settings are in
+#: ``schedules``).
 SCHEDULES: tuple[Schedule, ...] = ()
+
+#: SilentDevices runs at most this far apart (AuditAggregation raises silent devices
+#: too, but only once a day).
+SILENT_CHECK_MAX_S = 900.0
 
 
 def workflow_files(settings: CloudSettings) -> list[Path]:
@@ -82,8 +92,17 @@ def import_step_modules(settings: CloudSettings) -> list[Any]:
 
 
 def schedules(settings: CloudSettings) -> list[Schedule]:
-    """``SCHEDULES`` and those the settings' step modules declare."""
+    """The cloud's schedules: AuditAggregation every ``audit_aggregation_interval_s``
+    (a day) and SilentDevices every quarter of ``offline_after_s`` (at most 15 minutes)
+    unless ``control_schedules`` is off; ``SCHEDULES``; and those the settings' step
+    modules declare."""
     found = list(SCHEDULES)
+    if settings.control_schedules:
+        every = min(settings.offline_after_s / 4, SILENT_CHECK_MAX_S)
+        found[:0] = [
+            Schedule("AuditAggregation", every_s=settings.audit_aggregation_interval_s),
+            Schedule("SilentDevices", every_s=every),
+        ]
     for module in import_step_modules(settings):
         if module.__name__ in STEP_MODULES:
             continue
@@ -100,8 +119,12 @@ def cloud_engine(
     clock: Clock | None = None,
     services: Any = None,
 ) -> Engine:
-    """An ``Engine`` on ``store`` and ``executor`` knowing every cloud workflow."""
+    """An ``Engine`` on ``store`` and ``executor`` knowing every cloud workflow. The
+    steps' services (``ctx.services``) are ``services``, else ``{"settings": settings}``:
+    each step opens what it needs from the settings (database, signing key, acquirer)."""
     import_step_modules(settings)
+    if services is None:
+        services = {"settings": settings}
     engine = Engine(store, executor, clock=clock, services=services)
     for path in workflow_files(settings):
         engine.register(load_file(path))

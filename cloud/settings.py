@@ -67,6 +67,15 @@ class CloudSettings(BaseModel):
     audit_aggregation_interval_s: float = Field(
         86400.0, gt=0, description="seconds between two AuditAggregation runs (a day)"
     )
+    control_schedules: bool = Field(
+        True,
+        description="this worker's sweep starts AuditAggregation and SilentDevices when due "
+        "(once per slot across every worker that does)",
+    )
+    acquirer_url: str | None = Field(
+        None,
+        description="the acquirer's status API (GET /lookup), to resolve unknown outcomes",
+    )
     log_format: Literal["json", "text"] = Field("text", description="json under systemd")
     workflow_dirs: list[Path] = Field(
         default_factory=list,

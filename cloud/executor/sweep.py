@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from cloud.engine import Schedule
@@ -65,12 +65,16 @@ class Sweep:
         interval_s: float,
         schedules: Sequence[Schedule] = (),
         lost_after_s: float | None = None,
+        finders: Sequence[Callable[[Engine], object]] = (),
     ) -> None:
         self.engine = engine
         self.store = store
         self.executor = executor
         self.interval_s = interval_s
         self.schedules = list(schedules)
+        #: Called with the engine each pass, after the schedules: each finds work in the
+        #: database and starts its runs (idempotently), e.g. unknown outcomes to resolve.
+        self.finders = list(finders)
         self.lost_after_s = (
             lost_after_s if lost_after_s is not None else (LOST_AFTER_SWEEPS * interval_s)
         )
@@ -93,6 +97,8 @@ class Sweep:
             else:
                 self.stats.locked_out += 1
         self._start_scheduled()
+        for find in self.finders:
+            find(self.engine)
 
     def _resubmit(self) -> None:
         now = self.engine.clock.now()

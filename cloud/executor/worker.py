@@ -15,11 +15,15 @@ import os
 import socket
 import threading
 import warnings
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from cloud.settings import CloudSettings
 from edge.errors import ConfigError
+
+if TYPE_CHECKING:
+    from edge.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +43,18 @@ def redact(url: str) -> str:
     host = parts.hostname or ""
     port = f":{parts.port}" if parts.port else ""
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
+
+
+def _unknown_outcomes(database_url: str) -> Callable[[Engine], object]:
+    """The sweep's finder of unknown outcomes: one resolve_outcome run each."""
+    import psycopg
+
+    from cloud.outcomes.find import start_resolutions
+
+    def find(engine: Engine) -> object:
+        return start_resolutions(engine, lambda: psycopg.connect(database_url, autocommit=True))
+
+    return find
 
 
 def run_worker(settings: CloudSettings) -> int:
@@ -72,6 +88,7 @@ def run_worker(settings: CloudSettings) -> int:
         executor,
         interval_s=settings.sweep_interval_s,
         schedules=schedules(settings),
+        finders=[_unknown_outcomes(settings.database_url)],
     )
     stop = threading.Event()
     thread = threading.Thread(target=sweep.run, args=(stop,), name="tillflow-sweep", daemon=True)

@@ -229,6 +229,7 @@ class Rig:
             "sweep_interval_s": SWEEP_S,
             "workflow_dirs": [str(self.root / "workflows")],
             "step_modules": ["cloud_steps"],
+            "control_schedules": False,  # only this test's runs
             **extra,
         }
         path = self.root / "cloud.yaml"

@@ -90,7 +90,8 @@ steps:
   - name: flaky
     type: STANDARD
     function: {m}:flaky
-    retry: {{max_attempts: 3, initial_backoff_s: 0.2, max_backoff_s: 0.5, jitter: 0}}
+    # enough attempts to outlast the 5 s database outage of the restart test
+    retry: {{max_attempts: 12, initial_backoff_s: 0.2, max_backoff_s: 1.0, jitter: 0}}
   - name: last
     type: STANDARD
     function: {m}:effect
