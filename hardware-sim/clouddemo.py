@@ -136,6 +136,7 @@ def story(
         say("7. The control plane starts: tillflow cloud serve --port 0.")
         url, said = stack.enter_context(control_plane_database(work, say))
         say(f"   {said}")
+        (work / "cloud").mkdir(exist_ok=True)
         cloud = Cloud(url, work / "cloud")
         stack.callback(cloud.stop)
         try:
