@@ -77,6 +77,8 @@ class SchemaSet:
         holds); returns the version the database is at. ``where`` names the database in
         errors; ``unavailable`` errors pass through as they are (a server fault)."""
         migrations = self.migrations()
+        if self.version(conn) == len(migrations):
+            return len(migrations)  # the usual case: one read, no lock (versions only grow)
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (self.lock,))
         conn.execute(
             f"CREATE TABLE IF NOT EXISTS {self.table} ("

@@ -30,27 +30,9 @@ Conn = psycopg.Connection[tuple[Any, ...]]
 
 
 def migrate(conn: Conn, *, where: str = "the control plane's database") -> int:
-    """Apply the pending control migrations in ``conn``'s transaction (cheap when there
-    are none: one lock and one read); returns the version the database is at."""
-    if SCHEMA.version(conn) == len(SCHEMA.migrations()):
-        return len(SCHEMA.migrations())
+    """Apply the pending control migrations in ``conn``'s transaction (one read when
+    there are none); ``tillflow cloud serve`` does it at start (``migrate_fleet``)."""
     return SCHEMA.migrate(conn, where=where)
 
 
-def migrate_database(pool: Any, *, where: str) -> int:
-    """``tillflow cloud serve``'s start: apply the pending control migrations on a
-    connection of ``pool`` (after the sync service's); a database fault is
-    ``BackendUnavailable``, as for the other sets."""
-    from cloud.sync.postgres import UNAVAILABLE
-    from sync.server import BackendUnavailable
-
-    try:
-        with pool.connection() as conn, conn.transaction():
-            return SCHEMA.migrate(conn, where=where, unavailable=UNAVAILABLE)
-    except UNAVAILABLE as exc:
-        raise BackendUnavailable(
-            f"PostgreSQL at {where}: {type(exc).__name__}: {str(exc).strip()[:200]}"
-        ) from exc
-
-
-__all__ = ["SCHEMA", "migrate", "migrate_database"]
+__all__ = ["SCHEMA", "migrate"]

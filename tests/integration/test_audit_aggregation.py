@@ -22,7 +22,7 @@ from cloud.api.app import create_app
 from cloud.api.fleet.context import FleetContext
 from cloud.api.fleet.routes import alerts as alert_routes
 from cloud.api.serve import migrate_fleet
-from cloud.control import SCHEMA, migrate, migrate_database
+from cloud.control import SCHEMA, migrate
 from cloud.control import digest as digests
 from cloud.fleet import tokens
 from cloud.settings import CloudSettings
@@ -188,7 +188,9 @@ def test_schema__migrations_converge_with_schema_sql_and_rerun_is_a_no_op(
     with psycopg.connect(migrated, autocommit=True) as conn, conn.transaction():
         assert migrate(conn) == 1  # nothing pending: nothing done
     with PostgresSyncBackend(migrated) as backend:  # serve's call, on its pool
-        assert migrate_database(backend.pool, where=backend.where) == 1
+        migrate_fleet(backend)
+        with backend.pool.connection() as conn:
+            assert SCHEMA.version(conn) == 1
     with psycopg.connect(fresh, autocommit=True) as conn:
         conn.execute(SCHEMA.schema().encode())
     got = catalog(migrated)
