@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi import FastAPI
 from uvicorn.supervisors import Multiprocess
 
+from cloud import embedded
 from cloud.api.app import create_app
 from cloud.api.fleet.context import FleetContext
 from cloud.control import SCHEMA as CONTROL_SCHEMA
@@ -104,12 +105,9 @@ def serve_settings(
 ) -> int:
     """``serve`` with every option from ``settings`` (``config``: the file they were
     read from, handed to the worker processes)."""
-    if not settings.database_url:
-        raise ConfigError(
-            "no database given",
-            hint=f"pass --database-url postgresql://USER@HOST:PORT/DB, set {DATABASE_URL_ENV}, "
-            "or database_url in the --config file",
-        )
+    # unset: an embedded PostgreSQL (started or shared; this process holds a lease)
+    settings = settings.model_copy(update={"database_url": embedded.database_url(settings)})
+    assert settings.database_url is not None
     if config:
         os.environ[CONFIG_ENV] = str(Path(config).resolve())
     return serve(

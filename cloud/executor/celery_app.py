@@ -12,8 +12,8 @@ from typing import Any
 
 from celery import Celery
 
+from cloud import embedded
 from cloud.settings import CloudSettings
-from edge.errors import ConfigError
 
 #: The one queue every worker consumes and every submitter publishes to.
 QUEUE = "tillflow.runs"
@@ -40,28 +40,24 @@ SOCKET_TIMEOUT_S = 5.0
 
 
 def broker_url(settings: CloudSettings) -> str:
-    """The broker to use; an unset ``broker_url`` is refused here with the fix."""
-    if not settings.broker_url:
-        raise ConfigError(
-            "no Celery broker given",
-            hint="set broker_url (redis://HOST:PORT/N) in the settings file, "
-            "TILLFLOW_BROKER_URL or --broker-url",
-        )
-    return settings.broker_url
+    """The broker to use: ``settings.broker_url``, else the serverless one
+    (``cloud.embedded.broker_url``: kombu's ``filesystem://``, one machine only)."""
+    return embedded.broker_url(settings).url
 
 
 def celery_config(settings: CloudSettings) -> dict[str, Any]:
     """The app's configuration; a function so a test can read every value."""
+    broker = embedded.broker_url(settings)
     transport = {
         "visibility_timeout": VISIBILITY_TIMEOUT_S,
         "socket_timeout": SOCKET_TIMEOUT_S,
         "socket_connect_timeout": SOCKET_TIMEOUT_S,
     }
     return {
-        "broker_url": broker_url(settings),
+        "broker_url": broker.url,
         # celery#7651: set the timeout on the transport options (what kombu's Redis
         # transport reads); the same for results would matter only with a backend.
-        "broker_transport_options": transport,
+        "broker_transport_options": {**transport, **broker.transport_options},
         # No result backend: nobody waits on a task; a run's outcome is in PostgreSQL.
         "result_backend": None,
         "task_ignore_result": True,

@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from cloud.settings import CloudSettings
-from edge.errors import ConfigError
 
 if TYPE_CHECKING:
     from edge.engine import Engine
@@ -63,6 +62,7 @@ def run_worker(settings: CloudSettings) -> int:
     from celery import signals
     from celery.exceptions import CPendingDeprecationWarning
 
+    from cloud import embedded
     from cloud.engine import cloud_engine, schedules
     from cloud.executor import tasks
     from cloud.executor.celery_app import QUEUE, broker_url, make_app
@@ -70,12 +70,9 @@ def run_worker(settings: CloudSettings) -> int:
     from cloud.executor.sweep import Sweep
     from cloud.store.postgres import PostgresStore
 
-    if not settings.database_url:
-        raise ConfigError(
-            "no database given",
-            hint="set database_url in the settings file, TILLFLOW_DATABASE_URL or "
-            "--database-url postgresql://USER@HOST:PORT/DB",
-        )
+    # unset: an embedded PostgreSQL (shared with serve when one runs from data_dir)
+    settings = settings.model_copy(update={"database_url": embedded.database_url(settings)})
+    assert settings.database_url is not None
     broker = broker_url(settings)
     app = make_app(settings)
     tasks.register(app, settings)
