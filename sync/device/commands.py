@@ -36,8 +36,9 @@ status, and an open unknown gets its final message: a refund that ended ``unknow
 its ``refund`` message with the acquirer's decision (``resolved: true``). A payment's
 unknown authorisation already has its ending under way on the terminal
 (``reverse_unknown``, retried until the acquirer answers, then ``record``'s message):
-the truth is kept beside it, and a reversal the truth shows done or unneeded
-(``reversed``, ``declined``) is then only a formality the acquirer answers harmlessly.
+the truth is kept beside it, and ``reverse_unknown``'s next attempt reads it: found
+``declined`` or ``reversed`` (no money held) it ends the run without waiting for the
+acquirer; ``approved`` or ``not_found``, the reversal goes on.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from pydantic import ValidationError
 from edge.engine.clock import Clock
 from edge.engine.records import AuditEvent, CommandRecord, OutboxMessage, RunRecord
 from edge.terminal.config import ConfigDocument
+from edge.terminal.sale import payment_steps
 from edge.terminal.sale.policy import PolicyDocument
 from sync import signing, wire
 from sync.device.identity import DeviceIdentity
@@ -80,7 +82,7 @@ HEALTH_TOPIC = "health"
 DOCUMENT_OF = {"update_config": "config", "activate_policy": "policy", "resolve_outcome": "outcome"}
 RESOLVE_OUTCOME = "resolve_outcome"
 #: The document kind a resolve_outcome keeps its truth under: ``outcome:<key>``.
-OUTCOME_DOCUMENT_PREFIX = "outcome:"
+OUTCOME_DOCUMENT_PREFIX = payment_steps.OUTCOME_DOCUMENT_PREFIX
 #: The workflow whose run an outcome is about, by operation, and the state field in
 #: which that run recorded the operation's key.
 _OUTCOME_RUN = {"authorization": ("payment", "auth_key"), "refund": ("refund", "refund_key")}

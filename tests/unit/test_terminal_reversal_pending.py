@@ -14,6 +14,7 @@ from hwsim.network import SimNetworkLink
 from hwsim.printer import SimPrinter
 
 from edge.engine import FakeClock, Status
+from edge.engine.records import CommandRecord
 from edge.terminal.config import EdgeConfig, RiskLimits
 from edge.terminal.drivers.acquirer_http import HttpAcquirer
 from edge.terminal.drivers.contracts import AcquirerUnavailable
@@ -95,3 +96,34 @@ def test_terminal__a_pending_reversal_shows_in_health_and_the_pos_view_until_don
     assert acquirer.net_minor("EUR") == 0
     decisions = [m.payload["decision"] for m in terminal.store.outbox()]
     assert decisions == ["unknown", "declined"]  # the cloud heard of both
+
+
+def test_terminal__a_truth_from_the_cloud_that_nothing_is_held_settles_the_run_offline(till):
+    """The acquirer declined the authorisation whose answer was lost; the control plane
+    looked it up and told the terminal (its resolve_outcome command keeps the truth as
+    an ``outcome:<key>`` document, as below). The link stays down, yet the run ends: no
+    money is held, so no reversal need reach the acquirer first."""
+    terminal, acquirer, link, clock = till
+    acquirer.decline_over(1000)
+    api = LocalApi(terminal)
+    body = b'{"amount_minor": 5000, "currency": "EUR", "idempotency_key": "sale-2"}'
+    _, view = api.handle("POST", "/v1/payments", body)
+    _drive(terminal, clock, 600)
+    run = terminal.store.get_run(view["run_id"])
+    assert run is not None and run.status == Status.RUNNING  # still reversing, link down
+    key = run.state["auth_key"]
+    assert acquirer.lookup_body(key)["status"] == "declined"  # what the cloud's lookup finds
+    truth = {"operation": "authorization", "run_id": run.run_id, "key": key, "status": "declined"}
+    terminal.store.record_command(
+        CommandRecord(
+            seq=1, command_id="c-1", action="resolve_outcome", status="applied", reason=None,
+            issued_at=clock.now(), at=clock.now(), document=("outcome:" + key, 1, truth),
+        )
+    )  # fmt: skip
+    _drive(terminal, clock, 300)  # the reversal's next attempt reads the truth
+    _, done = api.handle("GET", f"/v1/runs/{view['run_id']}", b"")
+    assert (done["status"], done["decision"]) == (str(Status.COMPLETED), "declined")
+    assert terminal.health()["reversals_pending"] == 0
+    assert acquirer.net_minor("EUR") == 0
+    assert [path for path, _ in acquirer.received] == ["/authorize"]  # no reversal needed
+    assert terminal.store.get_run(run.run_id).state["reversal_reason"] == "acquirer_lookup_declined"

@@ -228,11 +228,39 @@ def _unknown_key(state: State, ctx: StepContext) -> str:
     raise StepError("no authorisation of unknown outcome is recorded", retryable=False)
 
 
+#: Where the terminal keeps the control plane's truth about an operation whose answer it
+#: lost (the sync client's ``resolve_outcome`` command stores it, one per key).
+OUTCOME_DOCUMENT_PREFIX = "outcome:"
+#: What the acquirer said of an authorisation that leaves no money held: nothing to
+#: release, so the run ends without waiting for the acquirer to answer a reversal.
+_NOTHING_HELD = ("declined", "reversed")
+
+
+def _truth(ctx: StepContext, key: str) -> dict[str, Any] | None:
+    """The control plane's lookup at the acquirer of the operation under ``key``, if one
+    has reached this terminal."""
+    found = ctx.services.store.active_document(OUTCOME_DOCUMENT_PREFIX + key)
+    return found[1] if found else None
+
+
 def reverse_unknown(state: State, ctx: StepContext) -> State:
     """Release an authorisation whose outcome is unknown, retried (durably, across
     restarts) until the acquirer answers. Then the sale is declined: the customer keeps
-    their money, and ``record`` tells the cloud how it ended."""
-    answer = _reverse(ctx, _unknown_key(state, ctx))
+    their money, and ``record`` tells the cloud how it ended. When the control plane has
+    looked the key up at the acquirer meanwhile and found it declined or already
+    reversed, that truth settles the run at once (no money is held; an outage need not
+    end first). Found approved, or not found (a late request could still arrive), the
+    reversal goes on: it is what releases the customer, or bars the key."""
+    key = _unknown_key(state, ctx)
+    truth = _truth(ctx, key)
+    if truth is not None and truth.get("status") in _NOTHING_HELD:
+        return {
+            "decision": "declined",
+            "reason": ACQUIRER_UNREACHABLE,
+            "reversed": truth["status"] == "reversed",
+            "reversal_reason": f"acquirer_lookup_{truth['status']}",
+        }
+    answer = _reverse(ctx, key)
     return {
         "decision": "declined",
         "reason": ACQUIRER_UNREACHABLE,
