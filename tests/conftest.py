@@ -19,6 +19,9 @@ set_hypothesis_home_dir(tempfile.mkdtemp(prefix="tillflow-hypothesis-"))
 settings.register_profile("tillflow", database=None)
 settings.load_profile("tillflow")
 
+# What PostgreSQL and Redis the suite uses (configured, else provided): in the header
+# and the summary.
+pytest_plugins = ("services",)
 
 TESTS = Path(__file__).resolve().parent
 

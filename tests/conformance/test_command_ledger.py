@@ -5,7 +5,6 @@ its audit rows and outbox messages in ONE transaction, by compare-and-set on its
 
 from __future__ import annotations
 
-import os
 import re
 import uuid
 from collections.abc import Iterator
@@ -14,6 +13,7 @@ from typing import Any
 
 import psycopg
 import pytest
+import services
 from psycopg import conninfo
 
 from cloud.store.postgres import PostgresStore
@@ -24,7 +24,6 @@ from edge.store.memory import MemoryDatabase, MemoryStore
 from edge.store.sqlite import SqliteStore
 
 T0 = 1_700_000_000.0
-PG_URL = os.environ.get("TILLFLOW_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
 
 def _event(name: str, n: int = 0) -> AuditEvent:
@@ -82,14 +81,16 @@ def other_store(backend: Any, tmp_path: Path) -> Iterator[Any]:
         s.close()
         return
     name = f"tillflow_t_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(PG_URL, autocommit=True) as admin:
+    with psycopg.connect(services.postgres_admin_url(), autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
-    s = PostgresStore(conninfo.make_conninfo(PG_URL, dbname=name), pool_size=1)
+    s = PostgresStore(
+        conninfo.make_conninfo(services.postgres_admin_url(), dbname=name), pool_size=1
+    )
     try:
         yield s
     finally:
         s.close()
-        with psycopg.connect(PG_URL, autocommit=True) as admin:
+        with psycopg.connect(services.postgres_admin_url(), autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 

@@ -16,33 +16,33 @@ from pathlib import Path
 
 import psycopg
 import pytest
+import services
 from conftest import WAIT_S, config_text, notify_socket, pay, wait_for
 from hwsim.syncrig import Cloud
 
 pytestmark = [pytest.mark.postgres]
 
-PG_URL = os.environ.get("TILLFLOW_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
-
 
 @pytest.fixture
 def cloud(tmp_path: Path) -> Iterator[Cloud]:
     name = f"tillflow_pkgsync_{uuid.uuid4().hex[:10]}"
+    admin_url = services.postgres_admin_url()  # configured, else an embedded server
     try:
-        admin = psycopg.connect(PG_URL, autocommit=True, connect_timeout=3)
+        admin = psycopg.connect(admin_url, autocommit=True, connect_timeout=3)
     except psycopg.OperationalError as exc:
         if os.environ.get("CI") == "true":
-            pytest.fail(f"PostgreSQL not reachable at {PG_URL}: {exc}")
-        pytest.skip(f"PostgreSQL not reachable at {PG_URL}: {exc}")
+            pytest.fail(f"PostgreSQL not reachable at {admin_url}: {exc}")
+        pytest.skip(f"PostgreSQL not reachable at {admin_url}: {exc}")
     with admin:
         admin.execute(f'CREATE DATABASE "{name}"')
-    url = PG_URL.rsplit("/", 1)[0] + "/" + name
+    url = admin_url.rsplit("/", 1)[0] + "/" + name
     c = Cloud(url, tmp_path)
     try:
         c.start()
         yield c
     finally:
         c.stop()
-        with psycopg.connect(PG_URL, autocommit=True) as admin:
+        with psycopg.connect(admin_url, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 

@@ -103,7 +103,7 @@ def test_terminal__a_truth_from_the_cloud_that_nothing_is_held_settles_the_run_o
     looked it up and told the terminal (its resolve_outcome command keeps the truth as
     an ``outcome:<key>`` document, as below). The link stays down, yet the run ends: no
     money is held, so no reversal need reach the acquirer first."""
-    terminal, acquirer, link, clock = till
+    terminal, acquirer, _link, clock = till
     acquirer.decline_over(1000)
     api = LocalApi(terminal)
     body = b'{"amount_minor": 5000, "currency": "EUR", "idempotency_key": "sale-2"}'
