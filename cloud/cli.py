@@ -3,7 +3,8 @@
 the cloud.
 
 Commands: ``serve``, ``enroll-token create``, ``device list|revoke``, ``command send``,
-``audit verify``. Every one takes ``--database-url`` (default ``$TILLFLOW_DATABASE_URL``).
+``audit verify``. Every one takes ``--database-url`` (default ``$TILLFLOW_DATABASE_URL``, else
+the embedded PostgreSQL of the settings' data dir).
 Exit status as ``tillflow``'s: 0 ok, 1 an error, 2 bad usage, 4 ``audit verify`` found a
 broken chain.
 """
@@ -39,7 +40,10 @@ def register(
     db.add_argument(
         "--database-url",
         metavar="URL",
-        help=f"the control plane's PostgreSQL database (default: ${DATABASE_URL_ENV})",
+        help=(
+            f"the control plane's PostgreSQL database (default: ${DATABASE_URL_ENV}, "
+            "else the embedded one)"
+        ),
     )
     key = argparse.ArgumentParser(add_help=False)
     key.add_argument(
@@ -168,14 +172,16 @@ def run(args: argparse.Namespace) -> int:
 # --- plumbing --------------------------------------------------------------------------------
 
 
-def _database_url(args: argparse.Namespace) -> str:
-    url = args.database_url or os.environ.get(DATABASE_URL_ENV)
-    if not url:
-        raise ConfigError(
-            "no database given",
-            hint=f"pass --database-url postgresql://USER@HOST:PORT/DB or set {DATABASE_URL_ENV}",
-        )
-    return str(url)
+def database_url(args: argparse.Namespace) -> str:
+    """``--database-url``, else the settings' (``TILLFLOW_DATABASE_URL``, the settings
+    file), else the embedded PostgreSQL: the one ``serve`` runs on embedded defaults,
+    reused while it runs (started for this command, and stopped after it, when not)."""
+    if args.database_url:
+        return str(args.database_url)
+    from cloud import embedded
+    from cloud.settings import load_settings
+
+    return embedded.database_url(load_settings(None, os.environ))
 
 
 def _service(args: argparse.Namespace, *, signing: bool) -> SyncService:
@@ -185,7 +191,7 @@ def _service(args: argparse.Namespace, *, signing: bool) -> SyncService:
     from sync.server import SyncService
 
     key = load_key(key_path(args.signing_key)) if signing else None
-    backend = PostgresSyncBackend(_database_url(args), pool_size=2)
+    backend = PostgresSyncBackend(database_url(args), pool_size=2)
     args.opened.append(backend)
     return SyncService(backend, SystemClock(), key)
 

@@ -52,22 +52,16 @@ def _api_token(args: argparse.Namespace) -> int:
     import dataclasses
     import getpass
     import json
-    import os
     import sys
 
     from cloud.api.serve import migrate_fleet
+    from cloud.cli import database_url
     from cloud.fleet import audit, tokens
     from cloud.sync.postgres import PostgresSyncBackend
     from edge.engine.clock import SystemClock
     from edge.errors import ConfigError
 
-    url = args.database_url or os.environ.get("TILLFLOW_DATABASE_URL")
-    if not url:
-        raise ConfigError(
-            "no database given",
-            hint="pass --database-url postgresql://USER@HOST:PORT/DB or set TILLFLOW_DATABASE_URL",
-        )
-    backend = PostgresSyncBackend(url, pool_size=2)
+    backend = PostgresSyncBackend(database_url(args), pool_size=2)
     args.opened.append(backend)
     migrate_fleet(backend)
     now = SystemClock().now()

@@ -229,3 +229,26 @@ def test_broker__filesystem_carries_a_celery_message_to_a_worker_process(tmp_pat
     finally:
         worker.terminate()
         worker.wait(30)
+
+
+def test_cloud_commands__with_no_database_given_use_the_embedded_one(tmp_path: Path) -> None:
+    """An operator on embedded defaults (no TILLFLOW_DATABASE_URL) runs ``tillflow cloud``
+    commands as they are: each starts the embedded server (or reuses the running one),
+    writes, and stops it; what one wrote the next one reads."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TILLFLOW_")}
+    env["TILLFLOW_DATA_DIR"] = str(tmp_path / "cloud")
+
+    def tillflow(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "edge.cli", "cloud", *argv],
+            env=env, capture_output=True, text=True, timeout=WAIT_S, check=False,
+        )  # fmt: skip
+
+    made = tillflow("api-token", "create", "--role", "auditor", "--name", "ops-audit")
+    assert made.returncode == 0, made.stderr
+    assert "using an embedded PostgreSQL" in made.stderr and "initialised" in made.stderr
+    listed = tillflow("--json", "api-token", "list")
+    assert listed.returncode == 0, listed.stderr
+    assert "ops-audit" in listed.stdout and "auditor" in listed.stdout
+    data = tmp_path / "cloud" / "postgres" / "data"
+    assert not (data / "postmaster.pid").exists()  # the last lease out stopped it
