@@ -107,6 +107,7 @@ ACTION_DOCUMENT: dict[str, DocumentKind | None] = {
     "update_config": "config",
     "activate_policy": "policy",
     "request_health": None,
+    "install_release": "release",
 }
 
 _NONCE = re.compile(r"^[0-9A-Za-z_-]{16,64}$")

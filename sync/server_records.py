@@ -15,7 +15,7 @@ DeviceStatus = Literal["active", "revoked"]
 ChainStateName = Literal["ok", "broken"]
 QuarantineKind = Literal["outbox", "audit"]
 CommandStatus = Literal["queued", "delivered", "applied", "refused", "expired"]
-DocumentKind = Literal["config", "policy"]
+DocumentKind = Literal["config", "policy", "release"]
 
 
 @dataclass(frozen=True)

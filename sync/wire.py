@@ -234,16 +234,33 @@ class SyncResponse(_Message):
 
 # --- download: signed commands -----------------------------------------------------------
 
-CommandAction = Literal["update_config", "activate_policy", "request_health", "resolve_outcome"]
+CommandAction = Literal[
+    "update_config", "activate_policy", "request_health", "resolve_outcome", "install_release"
+]
 
 
 class Document(_Wire):
-    """A config or fraud-policy document a command carries: its kind, a version that
-    only grows (a rollback is a new version with the old content), and the content."""
+    """A config, fraud-policy or release document a command carries: its kind, a version
+    that only grows (a rollback is a new version with the old content), and the content
+    (a release's: ``ReleaseContent``)."""
 
-    kind: Literal["config", "policy"]
+    kind: Literal["config", "policy", "release"]
     version: int = Field(ge=1, le=MAX_INT64)
     content: dict[str, Any]
+
+
+class ReleaseContent(_Wire):
+    """The content of a ``release`` document (``install_release``): which terminal
+    release to run, named as the binary reports itself (``binary_version``), and the
+    SHA-256 of its signed file list (``SHA256SUMS``), which the terminal fetches from
+    the control plane with the files it lists and verifies with its pinned release key
+    before anything is installed. ``files``/``bytes``: the whole release's, for the
+    record (a terminal downloads only the files it does not hold)."""
+
+    release: Id
+    manifest_sha256: Hex64
+    files: int = Field(ge=1, le=MAX_INT64)
+    bytes: int = Field(ge=0, le=MAX_INT64)
 
 
 class OutcomeDocument(_Wire):

@@ -133,7 +133,8 @@ CREATE TABLE commands (
     envelope     text NOT NULL,
     document     jsonb,
     status       text NOT NULL DEFAULT 'queued'
-                 CHECK (status IN ('queued', 'delivered', 'applied', 'refused', 'expired')),
+                 CHECK (status IN ('queued', 'delivered', 'applied', 'refused', 'expired',
+                                   'cancelled')),
     reason       text,
     created_at   double precision NOT NULL,
     expires_at   double precision NOT NULL,
@@ -155,14 +156,15 @@ CREATE INDEX commands_by_device ON commands (device_id, command_no);
 CREATE INDEX commands_pending_expiry ON commands (expires_at)
     WHERE status IN ('queued', 'delivered');
 
--- Config and policy documents the control plane sends; a version only grows per kind,
--- fleet-wide. (Not ``documents``: that is the engine store's table of the documents in
+-- Config, policy and release documents the control plane sends; a version only grows
+-- per kind, fleet-wide; a withdrawn one keeps its number (0003). (Not ``documents``: that is the engine store's table of the documents in
 -- force on a database, which a terminal's own store has.)
 CREATE TABLE sync_documents (
-    kind       text NOT NULL CHECK (kind IN ('config', 'policy')),
-    version    bigint NOT NULL,
-    content    jsonb NOT NULL,
-    created_at double precision NOT NULL,
+    kind         text NOT NULL CHECK (kind IN ('config', 'policy', 'release')),
+    version      bigint NOT NULL,
+    content      jsonb NOT NULL,
+    created_at   double precision NOT NULL,
+    withdrawn_at double precision,
     PRIMARY KEY (kind, version)
 );
 
