@@ -32,6 +32,8 @@ from cloud.api.fleet.context import FleetContext
 from cloud.control import SCHEMA as CONTROL_SCHEMA
 from cloud.fleet import SCHEMA as FLEET_SCHEMA
 from cloud.outcomes import SCHEMA as OUTCOMES_SCHEMA
+from cloud.releases import SCHEMA as RELEASES_SCHEMA
+from cloud.rollouts import SCHEMA as ROLLOUTS_SCHEMA
 from cloud.settings import CONFIG_ENV, CloudSettings, load_settings
 from cloud.sync.keys import KEY_FILE_ENV, load_key, load_or_create_key
 from cloud.sync.postgres import UNAVAILABLE, PostgresSyncBackend
@@ -76,7 +78,9 @@ def build_app(
 
 #: The control plane's sets of tables migrated after the sync service's (their tables
 #: refer to its), in this order.
-CONTROL_PLANE_SCHEMAS = (FLEET_SCHEMA, CONTROL_SCHEMA, OUTCOMES_SCHEMA)
+CONTROL_PLANE_SCHEMAS = (
+    FLEET_SCHEMA, CONTROL_SCHEMA, OUTCOMES_SCHEMA, RELEASES_SCHEMA, ROLLOUTS_SCHEMA
+)
 
 
 def migrate_fleet(backend: PostgresSyncBackend) -> int:

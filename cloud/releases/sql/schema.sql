@@ -1,0 +1,2 @@
+-- the releases tables (see migrations)
+SELECT 1;

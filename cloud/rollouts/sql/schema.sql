@@ -1,0 +1,2 @@
+-- the rollouts tables (see migrations)
+SELECT 1;
