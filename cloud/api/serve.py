@@ -79,7 +79,11 @@ def build_app(
 #: The control plane's sets of tables migrated after the sync service's (their tables
 #: refer to its), in this order.
 CONTROL_PLANE_SCHEMAS = (
-    FLEET_SCHEMA, CONTROL_SCHEMA, OUTCOMES_SCHEMA, RELEASES_SCHEMA, ROLLOUTS_SCHEMA
+    FLEET_SCHEMA,
+    CONTROL_SCHEMA,
+    OUTCOMES_SCHEMA,
+    RELEASES_SCHEMA,
+    ROLLOUTS_SCHEMA,
 )
 
 
