@@ -57,7 +57,8 @@ def app_from_environment() -> FastAPI:
     key_file = os.environ.get(KEY_FILE_ENV)
     if not url or not key_file:
         raise ConfigError(f"{DATABASE_URL_ENV} and {KEY_FILE_ENV} must be set")
-    settings = load_settings()
+    # the database as serve set it (the engine that starts rollouts' runs opens it too)
+    settings = load_settings().model_copy(update={"database_url": url})
     backend = PostgresSyncBackend(url, migrate=False, pool_size=DEFAULT_POOL_SIZE)
     try:
         return build_app(settings, backend, load_key(Path(key_file)))
@@ -69,11 +70,19 @@ def app_from_environment() -> FastAPI:
 def build_app(
     settings: CloudSettings, backend: PostgresSyncBackend, key: Ed25519PrivateKey
 ) -> FastAPI:
-    """The app on ``backend``: the sync routes and the Fleet API, sharing its pool."""
+    """The app on ``backend``: the sync routes and the Fleet API, sharing its pool (the
+    engine that starts workflow runs is made on first use, from ``settings``)."""
     clock = SystemClock()
     service = SyncService(backend, clock, key)
     fleet = FleetContext(settings, backend.pool, service, clock, key)
-    return create_app(service, close=backend.close, fleet=fleet)
+
+    def close() -> None:
+        try:
+            fleet.close()
+        finally:
+            backend.close()
+
+    return create_app(service, close=close, fleet=fleet)
 
 
 #: The control plane's sets of tables migrated after the sync service's (their tables

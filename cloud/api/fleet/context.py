@@ -13,14 +13,22 @@ transaction is explicit)::
 and its record commit together or not at all. ``sync_in(conn)`` is the sync service
 working in that same transaction (revoke a device, make an enrollment token, queue a
 command, recorded atomically with the action).
+
+``engine()`` is the cloud engine this process starts and wakes workflow runs with (a
+rollout's run, started once its row commits; woken after an operator's control): the
+cloud's workflows on ``PostgresStore`` with a ``CeleryExecutor`` publishing to the
+settings' broker, made on first use (an API process that never starts a run opens no
+store and no broker connection) and once per process (each ``--workers`` process makes
+its own, after the fork). This process never advances a run: the workers do.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
-from typing import Annotated, Any
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Annotated, Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi import Depends, Request
@@ -35,6 +43,12 @@ from cloud.sync.postgres import UNAVAILABLE, PostgresSyncTx
 from edge.engine.clock import Clock
 from sync.server import BackendUnavailable, SyncService
 
+if TYPE_CHECKING:
+    from edge.engine import Engine
+
+#: Connections of the API process's engine store: a start or a wake at a time, one spare.
+ENGINE_POOL_SIZE = 2
+
 
 @dataclass
 class FleetContext:
@@ -47,6 +61,31 @@ class FleetContext:
     clock: Clock
     #: The control plane's command-signing key (None: a context that cannot seal).
     signing_key: Ed25519PrivateKey | None = None
+    #: Makes the engine ``engine()`` returns (None: ``api_engine`` on ``settings``).
+    engine_factory: Callable[[], Engine] | None = None
+    _engine: Engine | None = field(default=None, init=False, repr=False)
+    _engine_close: list[Callable[[], None]] = field(default_factory=list, init=False, repr=False)
+    _engine_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    def engine(self) -> Engine:
+        """The process's cloud engine, made on the first call (thread-safe)."""
+        with self._engine_lock:
+            if self._engine is None:
+                if self.engine_factory is not None:
+                    self._engine = self.engine_factory()
+                else:
+                    self._engine, self._engine_close = api_engine(self.settings)
+            return self._engine
+
+    def close(self) -> None:
+        """Stop the engine and close its store, if one was made (the app's shutdown)."""
+        with self._engine_lock:
+            engine, closers = self._engine, self._engine_close
+            self._engine, self._engine_close = None, []
+        if engine is not None:
+            engine.close()
+        for close in closers:
+            close()
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Conn]:
@@ -104,6 +143,31 @@ class _InTransaction:
             return tx.schema_versions()
 
 
+def api_engine(settings: CloudSettings) -> tuple[Engine, list[Callable[[], None]]]:
+    """The API process's engine, from the settings serve runs with: the cloud's
+    workflows on ``PostgresStore(settings.database_url)`` (its tables migrated if they
+    are not yet: a fast read when they are), runs submitted to the broker
+    (``cloud.embedded.broker_url``: the configured one, else the serverless one under
+    ``data_dir``, which ``tillflow cloud worker`` on the same settings reads). A lost
+    publish is logged by the executor; the run is in the database and the workers'
+    sweep submits it. Returns the engine and what closes what it opened."""
+    from cloud.engine import cloud_engine
+    from cloud.executor.celery_app import make_app
+    from cloud.executor.executor import CeleryExecutor
+    from cloud.store.postgres import PostgresStore
+
+    if not settings.database_url:
+        raise BackendUnavailable("no database_url: the API cannot start workflow runs")
+    store = PostgresStore(settings.database_url, pool_size=ENGINE_POOL_SIZE)
+    try:
+        executor = CeleryExecutor(make_app(settings))
+        engine = cloud_engine(store, executor, settings=settings)
+    except BaseException:
+        store.close()
+        raise
+    return engine, [executor.close, store.close]
+
+
 def fleet_context(request: Request) -> FleetContext:
     """The dependency giving a route the process's ``FleetContext``."""
     ctx = getattr(request.app.state, "fleet", None)
@@ -115,4 +179,4 @@ def fleet_context(request: Request) -> FleetContext:
 #: ``ctx: Ctx`` is ``ctx: FleetContext = Depends(fleet_context)``.
 Ctx = Annotated[FleetContext, Depends(fleet_context)]
 
-__all__ = ["Ctx", "FleetContext", "fleet_context"]
+__all__ = ["Ctx", "FleetContext", "api_engine", "fleet_context"]
