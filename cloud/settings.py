@@ -76,6 +76,11 @@ class CloudSettings(BaseModel):
         None,
         description="the acquirer's status API (GET /lookup), to resolve unknown outcomes",
     )
+    release_pubkey_file: Path | None = Field(
+        None,
+        description="the release public key (PEM, `make release-key`'s release.pub) an "
+        "uploaded terminal bundle must verify under; unset: uploads are refused",
+    )
     log_format: Literal["json", "text"] = Field("text", description="json under systemd")
     workflow_dirs: list[Path] = Field(
         default_factory=list,

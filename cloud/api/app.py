@@ -8,6 +8,8 @@ the error shape):
 - ``POST /v1/enroll``      the one-time token is the credential
 - ``POST /v1/sync``        signed by the device key (``sync.signing``)
 - ``POST /v1/rotate-key``  signed by the device's current key
+- ``GET  /v1/releases/{release}/manifest``, ``GET /v1/files/{sha256}``  signed by the
+  device key: a release's signed file list and its files by hash (``cloud.api.releases``)
 - ``GET  /v1/health``      ok, and the database's schema versions
 
 Every route carries one access rule (``cloud.api.fleet.auth``): the device routes are
@@ -36,6 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from cloud.api.fleet.auth import check_rules, device_signed, public, require_rule
+from cloud.api.releases import add_release_routes
 from sync import wire
 from sync.server import MAX_ENROLL_BYTES, BackendUnavailable, SyncService
 
@@ -138,6 +141,8 @@ def create_app(
     @app.post("/v1/rotate-key", dependencies=signed_rule, include_in_schema=False)
     async def rotate_key(request: Request) -> JSONResponse:
         return await signed(request, service.rotate_key, SMALL_BODY_CAP)
+
+    add_release_routes(app, service)  # GET /v1/releases/{release}/manifest, /v1/files/{sha256}
 
     @app.get("/v1/health", dependencies=[Depends(public())])
     async def health() -> JSONResponse:
