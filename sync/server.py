@@ -253,6 +253,15 @@ class SyncTransaction(Protocol):
         rows locked until the transaction ends (as ``device(lock=True)``, in id order, so
         two sends never wait on each other in a circle)."""
 
+    def lock_devices(self, device_ids: Sequence[str]) -> list[str]:
+        """Which of ``device_ids`` are active devices, by id, their rows locked as
+        ``target_devices`` locks them."""
+
+    def cancel_commands(self, command_ids: Sequence[str]) -> list[str]:
+        """Cancel those of ``command_ids`` still ``queued`` (never sent) in one
+        statement; returns the ids cancelled. A cancelled command is never sent; a
+        result the device reports for it later is still recorded."""
+
     def next_command_seqs(self, device_ids: Sequence[str]) -> dict[str, int]:
         """Allocate each device's next command seq, atomically, in one statement."""
 
@@ -918,8 +927,9 @@ class SyncService:
         document: NewDocument | None = None,
         ttl_s: float = DEFAULT_COMMAND_TTL_S,
     ) -> CommandBatch:
-        """One call, one transaction: a sealed command for ``target`` -- one device, or
-        every active device of a group or a store (revoked ones are left out) -- each
+        """One call, one transaction: a sealed command for ``target`` -- one device,
+        every active device of a group or a store, or those of a list of devices that are
+        active (revoked ones are left out: the batch's commands say which got one) -- each
         under its own device's next seq, all sharing a batch id (``commands.batch_id``)
         and one document version (stored once, as ``queue_command`` says). A group or
         store with no active device is ``no_devices``; a device target is refused as
@@ -934,7 +944,11 @@ class SyncService:
         now = self.clock.now()
         batch_id = "bat_" + uuid.uuid4().hex
         with self.backend.transaction() as tx:
-            if target.device_id is not None:
+            if target.device_ids is not None:
+                device_ids = tx.lock_devices(target.device_ids)
+                if not device_ids:
+                    raise ServiceError("no_devices", "no active device in the list")
+            elif target.device_id is not None:
                 device = tx.device(target.device_id, lock=True)
                 if device is None:
                     raise ServiceError("unknown_device", f"no device {target.device_id}")
@@ -974,6 +988,23 @@ class SyncService:
             doc.kind if doc else None,
             doc.version if doc else None,
         )
+
+    def cancel_commands(self, command_ids: Sequence[str]) -> list[str]:
+        """Take back the commands of ``command_ids`` not yet sent (``queued``), in one
+        transaction and one UPDATE; returns those cancelled (the others were delivered,
+        answered or expired already, or are not commands). A cancelled command is never
+        sent; a result the device reports for it anyway is still recorded."""
+        if not command_ids:
+            return []
+        with self.backend.transaction() as tx:
+            cancelled = tx.cancel_commands(sorted(set(command_ids)))
+        log.info(
+            "%d of %d command(s) cancelled",
+            len(cancelled),
+            len(command_ids),
+            extra={"action": "commands_cancelled", "count": len(cancelled)},
+        )
+        return cancelled
 
     def _check_command(
         self, action: str, document: NewDocument | None, ttl_s: float

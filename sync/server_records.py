@@ -14,7 +14,7 @@ from edge.engine.audit import GENESIS
 DeviceStatus = Literal["active", "revoked"]
 ChainStateName = Literal["ok", "broken"]
 QuarantineKind = Literal["outbox", "audit"]
-CommandStatus = Literal["queued", "delivered", "applied", "refused", "expired"]
+CommandStatus = Literal["queued", "delivered", "applied", "refused", "expired", "cancelled"]
 DocumentKind = Literal["config", "policy", "release"]
 
 
@@ -140,26 +140,40 @@ class QueuedCommand:
 
 @dataclass(frozen=True)
 class CommandTarget:
-    """Who a command goes to: one device, or every active device of a group or of a
-    store (exactly one of the three)."""
+    """Who a command goes to: one device, every active device of a group or of a store,
+    or an explicit list of devices (a rollout's wave: ``device_ids``, its revoked ones
+    left out) -- exactly one of the four."""
 
     device_id: str | None = None
     group: str | None = None
     store: str | None = None
+    device_ids: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
-        given = [n for n in ("device_id", "group", "store") if getattr(self, n) is not None]
+        given = [
+            n for n in ("device_id", "group", "store", "device_ids") if getattr(self, n) is not None
+        ]
         if len(given) != 1:
-            raise ValueError(f"a command target names one of device_id, group, store; got {given}")
+            raise ValueError(
+                f"a command target names one of device_id, group, store, device_ids; got {given}"
+            )
+        if self.device_ids is not None:
+            if not self.device_ids:
+                raise ValueError("a device list names at least one device")
+            object.__setattr__(self, "device_ids", tuple(sorted(set(self.device_ids))))
 
     @property
-    def scope(self) -> Literal["device", "group", "store"]:
+    def scope(self) -> Literal["device", "group", "store", "devices"]:
         if self.device_id is not None:
             return "device"
+        if self.device_ids is not None:
+            return "devices"
         return "group" if self.group is not None else "store"
 
     @property
     def value(self) -> str:
+        if self.device_ids is not None:
+            return f"{len(self.device_ids)} device(s)"
         value = self.device_id or self.group or self.store
         assert value is not None
         return value

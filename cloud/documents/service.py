@@ -39,6 +39,8 @@ class DocumentVersion:
     version: int
     created_at: float
     content: dict[str, Any] | None = None
+    #: When a rollout's compensation withdrew it (None: in use): never assigned again.
+    withdrawn_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -151,7 +153,37 @@ def get(conn: Conn, kind: str, version: int) -> DocumentVersion:
     row = conn.execute(Q["document"], {"kind": kind, "version": version}).fetchone()
     if row is None:
         raise NotFound("document_not_found", f"no {kind} version {version}", field="version")
-    return DocumentVersion(row[0], int(row[1]), float(row[3]), dict(row[2]))
+    withdrawn = None if row[4] is None else float(row[4])
+    return DocumentVersion(row[0], int(row[1]), float(row[3]), dict(row[2]), withdrawn)
+
+
+def withdraw(conn: Conn, kind: str, version: int, who: Principal, *, at: float) -> bool:
+    """Withdraw ``kind`` ``version`` (a rollout's compensation): it keeps its number
+    (versions only grow), is never assigned or rolled out again, and the withdrawal is
+    recorded (``document.withdraw``). Kinds: config, policy and release. Returns False
+    when it was withdrawn already (nothing recorded: safe to run twice)."""
+    if kind not in (*KINDS, "release"):
+        raise BadRequest(f"unknown document kind {kind!r}", field="kind")
+    row = conn.execute(Q["withdraw_document"], {"kind": kind, "version": version, "at": at})
+    done = row.fetchone()
+    if done is None:
+        exists = conn.execute(Q["document_exists"], {"kind": kind, "version": version})
+        if exists.fetchone() is None:
+            raise NotFound("document_not_found", f"no {kind} version {version}", field="version")
+        return False
+    record(conn, who, "document.withdraw", f"{kind}:{version}", {"kind": kind, "version": version},
+           at)  # fmt: skip
+    return True
+
+
+def refuse_withdrawn(found: DocumentVersion) -> None:
+    """A withdrawn version is not assigned nor rolled out (``withdrawn_version``, 409)."""
+    if found.withdrawn_at is not None:
+        raise StaleVersion(
+            f"{found.kind} version {found.version} was withdrawn",
+            field="version",
+            hint="a withdrawn version is kept for the record only; create a new one",
+        )
 
 
 def versions(
@@ -203,7 +235,7 @@ def assign(
     The result's ``previous`` is what ``unassign(..., restore=previous)`` puts back: the
     compensation of this step in a saga."""
     kind, scope, value = _where(kind, scope, value)
-    get(conn, kind, version)
+    refuse_withdrawn(get(conn, kind, version))
     if scope == "device" and conn.execute(Q["place"], {"device_id": value}).fetchone() is None:
         raise NotFound("device_not_found", f"no device {value[:80]}", field="value")
     _lock(conn, kind, scope, value)
@@ -333,6 +365,8 @@ __all__ = [
     "get",
     "place",
     "record",
+    "refuse_withdrawn",
     "unassign",
     "versions",
+    "withdraw",
 ]

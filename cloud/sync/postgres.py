@@ -443,6 +443,14 @@ class PostgresSyncTx:
         rows = self._x("target_devices", {"group": group, "store": store}).fetchall()
         return [str(r[0]) for r in rows]
 
+    def lock_devices(self, device_ids: Sequence[str]) -> list[str]:
+        rows = self._x("lock_devices", {"device_ids": sorted(set(device_ids))}).fetchall()
+        return [str(r[0]) for r in rows]
+
+    def cancel_commands(self, command_ids: Sequence[str]) -> list[str]:
+        rows = self._x("cancel_commands", {"command_ids": list(command_ids)}).fetchall()
+        return sorted(str(r[0]) for r in rows)
+
     def next_command_seqs(self, device_ids: Sequence[str]) -> dict[str, int]:
         rows = self._x("next_command_seqs", {"device_ids": list(device_ids)}).fetchall()
         seqs = {str(d): int(seq) for d, seq in rows}

@@ -10,9 +10,19 @@ ORDER BY version DESC
 LIMIT %(limit)s;
 
 -- name: document
--- One version with its content.
-SELECT kind, version, content, created_at FROM sync_documents
+-- One version with its content (and when it was withdrawn, if it was).
+SELECT kind, version, content, created_at, withdrawn_at FROM sync_documents
 WHERE kind = %(kind)s AND version = %(version)s;
+
+-- name: document_exists
+-- Whether a version exists.
+SELECT 1 FROM sync_documents WHERE kind = %(kind)s AND version = %(version)s;
+
+-- name: withdraw_document
+-- Withdraw a version (kept, its number taken), unless it was withdrawn already.
+UPDATE sync_documents SET withdrawn_at = %(at)s
+WHERE kind = %(kind)s AND version = %(version)s AND withdrawn_at IS NULL
+RETURNING version;
 
 -- name: lock_assignment
 -- Serialise changes of one (kind, scope, value) until the transaction ends.

@@ -246,6 +246,19 @@ WHERE status = 'active'
 ORDER BY device_id
 FOR UPDATE;
 
+-- name: lock_devices
+-- Which devices of a list are active, locked, in id order.
+SELECT device_id FROM devices
+WHERE status = 'active' AND device_id = ANY(%(device_ids)s::text[])
+ORDER BY device_id
+FOR UPDATE;
+
+-- name: cancel_commands
+-- Cancel the commands of a list not yet sent (queued), in one statement.
+UPDATE commands SET status = 'cancelled', reason = coalesce(reason, 'cancelled before it was sent')
+WHERE command_id = ANY(%(command_ids)s::text[]) AND status = 'queued'
+RETURNING command_id;
+
 -- name: next_command_seqs
 -- Allocate the next command seq of each of some devices.
 UPDATE devices SET command_seq = command_seq + 1
