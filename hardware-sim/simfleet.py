@@ -1,0 +1,631 @@
+"""Simulated terminals running the real runtime, many to a process, against a real cloud.
+
+``SimFleet(spec, work, cloud_urls)`` makes ``spec.terminals`` terminals. Each is a real
+``edge.terminal.service.terminal.Terminal`` with its own SQLite database (under
+``work``), the real payment workflows, simulated card reader and printer
+(``hwsim.card_reader``, ``hwsim.printer``), a ``hwsim.network.SimNetworkLink``, and an
+``HttpAcquirer`` on the fleet's one ``hwsim.acquirer.SimAcquirer``; sales go in through
+the POS app's local API object (``LocalApi.handle``), as a POS app's requests would.
+Sync is the real device side: ``sync.device.identity.enroll`` with a one-time token,
+then ``sync.device.client.SyncClient`` driven by ``sync.device.runner.SyncRunner.turn``
+(its backoff and ``last_error`` rules), over HTTP to the real cloud (``hwsim.cloudrig``).
+
+What it decides is drawn from ``spec.seed``: each terminal's store, group and hardware
+model, its sync jitter, which terminals go offline (``offline(fraction)``), which sell,
+the amounts and cards. Timing is wall-clock (short intervals in tests): what happens when
+is not replayed, who and what is.
+
+The API:
+
+* ``FleetSpec`` / ``HardwareModel``: the fleet as data; ``SimFleet.plan()`` the
+  per-terminal draw (``TerminalSpec``: name, store, group, model).
+* ``enroll_all(tokens)``: ``tokens`` a list (one per terminal, in order) or a callable
+  ``(TerminalSpec) -> token`` (``cloudrig.CloudRig.enroll_token`` fits:
+  ``lambda t: rig.enroll_token(t.store, t.group)``).
+* ``sync_all()``: one sync of every online terminal, in parallel; ``settle()`` syncs
+  until every online terminal's outbox and audit log are acknowledged, plus one more
+  round so the heartbeats report the state; ``run(seconds)``: each terminal syncs on its
+  own interval (jittered) for that long, as the daemon's runner would, and due retries
+  run (``engine.recover``, as the daemon's main loop does).
+* ``sell(n)``: n payments through ``LocalApi`` on terminals drawn from the seed.
+* ``down(t)``/``up(t)`` per terminal (``SimTerminal.down``), ``offline(fraction)``.
+* Hardware models that fail a config: ``HardwareModel(fails_config=predicate)``: once a
+  config document matching it is in force on a terminal of that model, its printer jams
+  on every receipt (payments fail: the saga reverses them) and its ``last_error`` --
+  which the heartbeat carries -- names it; a later config that does not match clears
+  both. Done by wrapping the ``TerminalHooks`` the sync client is handed
+  (``ModelHooks.refresh_documents``), nothing in ``edge`` or ``sync`` changed.
+* Hardware models that refuse a config: ``HardwareModel(refuses_config=predicate)``: the
+  ``update_config`` command is refused with reason ``hardware_unsupported: ...``,
+  recorded, audited and reported as any refusal is. The sync client's
+  ``CommandProcessor`` is replaced by a subclass (``ModelCommands``) that adds the
+  model's check after the standard ones (it overrides the private ``_refusal``: a
+  public seam in ``sync.device.commands`` would be better).
+* ``measure()``: CPU and RSS of this process, syncs done, CPU per sync.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import json
+import os
+import random
+import resource
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from hwsim.acquirer import SimAcquirer
+from hwsim.card_reader import SimCardReader, make_card
+from hwsim.network import SimNetworkLink
+from hwsim.printer import SimPrinter
+
+from edge.engine import SystemClock
+from edge.terminal.config import EdgeConfig, RiskLimits
+from edge.terminal.drivers.acquirer_http import HttpAcquirer
+from edge.terminal.sale.services import Peripherals
+from edge.terminal.service.api import LocalApi
+from edge.terminal.service.terminal import Terminal
+from sync import wire
+from sync.device.client import SyncClient
+from sync.device.commands import CommandProcessor
+from sync.device.identity import DeviceIdentity, enroll, load_identity, load_key
+from sync.device.runner import SyncRunner
+
+#: A config document's content -> whether a hardware model fails (or refuses) it.
+ConfigPredicate = Callable[[dict[str, Any]], bool]
+
+CARDS = ("visa", "mastercard", "amex")
+#: What the failing model's heartbeat says (the start of its ``last_error``).
+FAILURE_PREFIX = "printer_jam: "
+#: The reason code of a model's refusal (``CommandResult.reason`` starts with it).
+REFUSAL_CODE = "hardware_unsupported"
+BINARY_VERSION = "simfleet-1"
+
+
+@dataclass(frozen=True)
+class HardwareModel:
+    """A terminal model. ``fails_config``: configs under which its printer jams (and it
+    says so); ``refuses_config``: configs it refuses outright (with ``refusal``)."""
+
+    name: str
+    weight: float = 1.0
+    fails_config: ConfigPredicate | None = None
+    refuses_config: ConfigPredicate | None = None
+    refusal: str = "this model's firmware cannot apply the config"
+
+
+@dataclass(frozen=True)
+class FleetSpec:
+    terminals: int
+    seed: int = 1
+    stores: int = 4
+    groups: tuple[str, ...] = ("tills", "kiosks")
+    models: tuple[HardwareModel, ...] = (HardwareModel("TF-100"),)
+    #: Seconds between a terminal's syncs while all is well, each drawn within
+    #: +/- ``jitter`` (a fraction) of it.
+    sync_interval_s: float = 1.0
+    jitter: float = 0.25
+    #: Threads that sync and sell (the cloud's requests in flight at most).
+    threads: int = 8
+    #: Terminal database durability: NORMAL spares a simulated fleet the fsyncs.
+    synchronous: str = "NORMAL"
+    batch_max_entries: int = 200
+
+
+@dataclass(frozen=True)
+class TerminalSpec:
+    index: int
+    name: str
+    store: str
+    group: str | None
+    model: HardwareModel
+
+
+@dataclass
+class Sale:
+    terminal: str
+    run_id: str
+    status: int
+    decision: str | None
+    channel: str | None
+
+
+class FleetError(RuntimeError):
+    pass
+
+
+class LinkedHttp:
+    """The HTTP a terminal's sync client and enrollment send with: the fleet's one
+    ``httpx.Client`` (one connection pool), behind the terminal's own link: while it is
+    down, a request fails as a lost network does (``httpx.ConnectError``), unsent."""
+
+    def __init__(self, http: httpx.Client, link: SimNetworkLink) -> None:
+        self.http = http
+        self.link = link
+
+    def post(self, url: str, **kw: Any) -> httpx.Response:
+        if not self.link.is_up():
+            raise httpx.ConnectError("simulated link down: the request was not sent")
+        return self.http.post(url, **kw)
+
+
+class ModelHooks:
+    """The ``TerminalHooks`` the sync client drives: the terminal's own, and after each
+    command that stored documents, the hardware model's reaction to the config now in
+    force (``SimTerminal.check_model``)."""
+
+    def __init__(self, sim: SimTerminal) -> None:
+        self.sim = sim
+
+    @property
+    def last_error(self) -> str | None:
+        return self.sim.terminal.last_error
+
+    @last_error.setter
+    def last_error(self, value: str | None) -> None:
+        self.sim.terminal.last_error = value
+
+    def health(self) -> dict[str, Any]:
+        return self.sim.terminal.health()
+
+    def acknowledge(self, outbox_through: int, audit_through: int | None = None) -> int:
+        return self.sim.terminal.acknowledge(outbox_through, audit_through)
+
+    def refresh_documents(self) -> None:
+        self.sim.terminal.refresh_documents()
+        self.sim.check_model()
+
+    def active_policy_version(self) -> int | None:
+        return self.sim.terminal.active_policy_version()
+
+
+class ModelCommands(CommandProcessor):
+    """The real command processor, and after its own checks the model's: a config its
+    hardware cannot take is refused (recorded, audited and reported as any refusal)."""
+
+    def __init__(self, sim: SimTerminal, identity: DeviceIdentity) -> None:
+        super().__init__(identity, sim.terminal.store, sim.hooks, sim.terminal.clock)
+        self.sim = sim
+
+    def _refusal(self, cmd: wire.Command) -> tuple[str, str] | None:
+        found = super()._refusal(cmd)
+        model = self.sim.spec.model
+        if found is not None or model.refuses_config is None or cmd.document is None:
+            return found
+        if cmd.document.kind == "config" and model.refuses_config(dict(cmd.document.content)):
+            why = f"{model.name}: {model.refusal} (config version {cmd.document.version})"
+            return REFUSAL_CODE, why
+        return None
+
+
+class SimTerminal:
+    """One simulated terminal: the real runtime, its simulated hardware, its sync."""
+
+    def __init__(self, fleet: SimFleet, spec: TerminalSpec) -> None:
+        self.fleet = fleet
+        self.spec = spec
+        self.name = spec.name
+        self.data_dir = fleet.work / spec.name
+        self.clock = SystemClock()
+        self.rng = random.Random(f"{fleet.spec.seed}:{spec.index}")
+        self.reader = SimCardReader()
+        self.printer = SimPrinter()
+        self.link = SimNetworkLink(self.clock)
+        self.acquirer = HttpAcquirer(
+            fleet.acquirer.url, client=fleet.acquirer_http, link=self.link, timeout_s=5
+        )
+        cfg = EdgeConfig(
+            device_id=spec.name,
+            data_dir=self.data_dir,
+            socket_path=self.data_dir / "pos.sock",  # never opened: LocalApi is called
+            synchronous=fleet.spec.synchronous,  # type: ignore[arg-type]
+            risk=RiskLimits(
+                online_random_percent=100,  # online while the link is up, offline when not
+                offline_count_cap=10_000,
+                offline_amount_cap_minor=10**9,
+                velocity_max=10**6,
+            ),
+        )
+        self.terminal = Terminal(
+            cfg,
+            Peripherals(self.reader, self.printer, self.acquirer, self.link),
+            clock=self.clock,
+            rng=random.Random(f"{fleet.spec.seed}:{spec.index}:engine"),
+        )
+        self.api = LocalApi(self.terminal)
+        self.hooks = ModelHooks(self)
+        self.http = LinkedHttp(fleet.http, self.link)
+        self.identity: DeviceIdentity | None = None
+        self.client: SyncClient | None = None
+        self.runner: SyncRunner | None = None
+        self.sales: list[Sale] = []
+        self.syncs = 0
+        self.sync_failures = 0
+        self._sync_lock = threading.Lock()
+        self._sale_lock = threading.Lock()
+        self._failing_under: int | None = None  # the config version that broke it
+        self.terminal.start()
+        self.check_model()
+
+    @property
+    def device_id(self) -> str | None:
+        return None if self.identity is None else self.identity.device_id
+
+    # --- enrollment and sync ----------------------------------------------------------
+
+    def enroll(self, url: str, token: str) -> str:
+        """Enroll with the one-time ``token`` at ``url`` (once); the cloud's device id."""
+        identity = load_identity(self.data_dir)
+        if identity is None:
+            identity = enroll(
+                url, token, self.data_dir, BINARY_VERSION, self.http,  # type: ignore[arg-type]
+                clock=self.clock.now,
+                hardware=wire.Hardware(model=self.spec.model.name, serial=self.spec.name),
+            )  # fmt: skip
+        self._connect(identity)
+        return identity.device_id
+
+    def _connect(self, identity: DeviceIdentity) -> None:
+        self.identity = identity
+        client = SyncClient(
+            identity,
+            load_key(self.data_dir),
+            self.terminal.store,
+            self.hooks,
+            self.clock,
+            self.http,  # type: ignore[arg-type]
+            binary_version=BINARY_VERSION,
+            max_entries=self.fleet.spec.batch_max_entries,
+            key_dir=self.data_dir,
+        )
+        client.commands = ModelCommands(self, identity)
+        self.client = client
+        self.runner = SyncRunner(
+            client,
+            self.hooks,
+            clock=self.clock,
+            interval_s=self.fleet.spec.sync_interval_s,
+            rng=random.Random(f"{self.fleet.spec.seed}:{self.spec.index}:backoff"),
+        )
+
+    def sync(self) -> float:
+        """One turn of the sync runner (never raises); seconds until the next sync, with
+        this terminal's jitter. Runs due retries first, as the daemon's loop does."""
+        if self.runner is None:
+            raise FleetError(f"{self.name} is not enrolled")
+        with self._sync_lock:
+            with contextlib.suppress(Exception):
+                self.terminal.engine.recover()
+            failures = self.runner.failures
+            delay = self.runner.turn()
+            self.syncs += 1
+            if self.runner.failures > failures:
+                self.sync_failures += 1
+        if self.runner.failures == 0 and delay > 0:
+            j = self.fleet.spec.jitter
+            delay *= self.rng.uniform(1 - j, 1 + j)
+        return delay
+
+    def pending(self) -> bool:
+        """Whether anything is left for the cloud: outbox messages, unacknowledged audit."""
+        store = self.terminal.store
+        if store.outbox_stats().depth:
+            return True
+        kept = store.audit_retention()
+        acked = 0 if kept is None else kept.acked_seq
+        return bool(store.audit_after(acked, 1))
+
+    # --- the shop ---------------------------------------------------------------------
+
+    def sell(self, amount_minor: int, card: str, key: str) -> Sale:
+        """One payment through the local API, the card presented first."""
+        with self._sale_lock:
+            self.reader.insert(make_card(card))
+            body = {"amount_minor": amount_minor, "currency": "EUR", "idempotency_key": key}
+            status, view = self.api.handle("POST", "/v1/payments", json.dumps(body).encode())
+        sale = Sale(self.name, str(view.get("run_id")), status, view.get("decision"),
+                    view.get("channel"))  # fmt: skip
+        self.sales.append(sale)
+        return sale
+
+    def approved(self) -> set[str]:
+        """The payments this terminal approved for good (completed, decision approved),
+        read from its store now (a sale retried by ``recover`` may have ended since)."""
+        done = set()
+        for sale in self.sales:
+            run = self.terminal.engine.get(sale.run_id)
+            if str(run.status) == "COMPLETED" and run.state.get("decision") == "approved":
+                done.add(sale.run_id)
+        return done
+
+    def down(self) -> None:
+        """The shop's network goes: no acquirer (sales go offline), no cloud."""
+        self.link.down()
+
+    def up(self) -> None:
+        self.link.up()
+
+    @property
+    def online(self) -> bool:
+        return not self.link._forced_down and not self.link.in_window()
+
+    # --- the hardware model -----------------------------------------------------------
+
+    def check_model(self) -> None:
+        """The model's reaction to the config in force: a config it fails jams the
+        printer for good and says so in ``last_error``; one it does not, clears both."""
+        model = self.spec.model
+        if model.fails_config is None:
+            return
+        found = self.terminal.store.active_document("config")
+        bad = found is not None and model.fails_config(dict(found[1]))
+        if bad and found is not None:
+            self._failing_under = found[0]
+            self.printer.state = "jam"
+            self.terminal.last_error = (
+                f"{FAILURE_PREFIX}{model.name} printer jams on every receipt since config "
+                f"version {found[0]} came into force"
+            )
+        elif self._failing_under is not None:
+            self._failing_under = None
+            self.printer.clear_jam()
+            if (self.terminal.last_error or "").startswith(FAILURE_PREFIX):
+                self.terminal.last_error = None
+
+    @property
+    def failing(self) -> bool:
+        return self._failing_under is not None
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+        self.terminal.close()
+
+
+@dataclass
+class Measure:
+    terminals: int
+    cpu_s: float
+    rss_mib: float
+    syncs: int
+    cpu_ms_per_sync: float | None
+    wall_s: float
+
+
+class SimFleet:
+    """``spec.terminals`` simulated terminals in this process (see the module doc)."""
+
+    def __init__(self, spec: FleetSpec, work: Path, cloud_urls: Sequence[str] | str) -> None:
+        self.spec = spec
+        self.work = Path(work)
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.urls = [cloud_urls] if isinstance(cloud_urls, str) else list(cloud_urls)
+        self.rng = random.Random(spec.seed)
+        self.acquirer = SimAcquirer()
+        self.acquirer.start()
+        limits = httpx.Limits(
+            max_connections=spec.threads * 2, max_keepalive_connections=spec.threads * 2
+        )
+        self.acquirer_http = httpx.Client(timeout=5.0, trust_env=False, limits=limits)
+        self.http = httpx.Client(timeout=10.0, trust_env=False, limits=limits)
+        self.pool = ThreadPoolExecutor(spec.threads, thread_name_prefix="simfleet")
+        self.terminals: list[SimTerminal] = []
+        self._sale_n = 0
+        self._n_lock = threading.Lock()
+        self._started = time.monotonic()
+        self._cpu0 = time.process_time()
+        try:
+            self.terminals = list(self.pool.map(lambda s: SimTerminal(self, s), self.plan()))
+        except BaseException:
+            self.close()
+            raise
+
+    # --- the plan ---------------------------------------------------------------------
+
+    def plan(self) -> list[TerminalSpec]:
+        """Who each terminal is, drawn from the seed: store, group, hardware model."""
+        rng = random.Random(f"{self.spec.seed}:plan")
+        models = self.spec.models
+        weights = [m.weight for m in models]
+        out = []
+        for i in range(self.spec.terminals):
+            store = f"store-{rng.randrange(self.spec.stores):03d}"
+            group = rng.choice(self.spec.groups) if self.spec.groups else None
+            model = rng.choices(models, weights)[0]
+            out.append(TerminalSpec(i, f"T{i:05d}", store, group, model))
+        return out
+
+    def __iter__(self) -> Any:
+        return iter(self.terminals)
+
+    def __len__(self) -> int:
+        return len(self.terminals)
+
+    def by_model(self, name: str) -> list[SimTerminal]:
+        return [t for t in self.terminals if t.spec.model.name == name]
+
+    def by_group(self, group: str) -> list[SimTerminal]:
+        return [t for t in self.terminals if t.spec.group == group]
+
+    def by_device(self) -> dict[str, SimTerminal]:
+        return {t.device_id: t for t in self.terminals if t.device_id is not None}
+
+    # --- enrollment -------------------------------------------------------------------
+
+    def enroll_all(self, tokens: Sequence[str] | Callable[[TerminalSpec], str]) -> list[str]:
+        """Enroll every terminal (in parallel; terminal i at ``urls[i % len(urls)]``);
+        their device ids, in order. ``tokens``: one per terminal, or made per terminal."""
+        if not callable(tokens) and len(tokens) != len(self.terminals):
+            raise ValueError(f"{len(tokens)} tokens for {len(self.terminals)} terminals")
+
+        def one(t: SimTerminal) -> str:
+            token = tokens(t.spec) if callable(tokens) else tokens[t.spec.index]
+            return t.enroll(self.urls[t.spec.index % len(self.urls)], token)
+
+        return list(self.pool.map(one, self.terminals))
+
+    # --- sync -------------------------------------------------------------------------
+
+    def sync_all(self, terminals: Iterable[SimTerminal] | None = None) -> int:
+        """One sync of each online terminal (default: all online), in parallel; how many
+        failed."""
+        chosen = [t for t in (terminals or self.terminals) if t.online]
+        before = sum(t.sync_failures for t in chosen)
+        list(self.pool.map(lambda t: t.sync(), chosen))
+        return sum(t.sync_failures for t in chosen) - before
+
+    def settle(
+        self, *, timeout_s: float = 60.0, terminals: Iterable[SimTerminal] | None = None
+    ) -> int:
+        """Sync the online terminals until none has anything left for the cloud and one
+        more round went through (the heartbeats report the state, command results are
+        up); rounds taken. ``FleetError`` past ``timeout_s``, naming who is behind."""
+        chosen = [t for t in (terminals or self.terminals) if t.online]
+        deadline = time.monotonic() + timeout_s
+        rounds = 0
+        while True:
+            failed = self.sync_all(chosen)
+            rounds += 1
+            behind = [t for t in chosen if t.pending()]
+            if not behind and not failed:
+                self.sync_all(chosen)  # the heartbeat after the last acknowledgement
+                return rounds + 1
+            if time.monotonic() > deadline:
+                names = ", ".join(f"{t.name} ({t.terminal.last_error})" for t in behind[:5])
+                raise FleetError(
+                    f"{len(behind)} terminal(s) not settled within {timeout_s:g}s; "
+                    f"{failed} sync(s) failed in the last round: {names}"
+                )
+
+    def run(self, seconds: float, *, sales_per_s: float = 0.0) -> int:
+        """For ``seconds`` of wall time: each enrolled terminal syncs when its runner says
+        (its interval, jittered; sooner when a batch was cut; its backoff after a
+        failure), ``sales_per_s`` payments a second go through the fleet; syncs done."""
+        end = time.monotonic() + seconds
+        now = time.monotonic()
+        enrolled = [t for t in self.terminals if t.runner is not None]
+        heap = [(now + self.rng.uniform(0, self.spec.sync_interval_s), t.spec.index)
+                for t in enrolled]  # fmt: skip
+        heapq.heapify(heap)
+        lock = threading.Lock()
+        inflight: set[int] = set()
+        done = 0
+        next_sale = now
+        sale_every = 1.0 / sales_per_s if sales_per_s > 0 else None
+
+        def one(t: SimTerminal) -> None:
+            nonlocal done
+            try:
+                delay = t.sync()
+            finally:
+                with lock:
+                    inflight.discard(t.spec.index)
+                    done += 1
+            with lock:
+                heapq.heappush(heap, (time.monotonic() + delay, t.spec.index))
+
+        while True:
+            now = time.monotonic()
+            if now >= end:
+                break
+            if sale_every is not None and now >= next_sale:
+                next_sale += sale_every
+                self.pool.submit(self._one_sale)
+            with lock:
+                due = []
+                while heap and heap[0][0] <= now:
+                    due.append(heapq.heappop(heap)[1])
+                wake = heap[0][0] if heap else end
+            for i in due:
+                with lock:
+                    if i in inflight:
+                        continue
+                    inflight.add(i)
+                self.pool.submit(one, self.terminals[i])
+            nxt = min(wake, end, next_sale if sale_every is not None else end)
+            time.sleep(max(0.0, min(0.05, nxt - time.monotonic())))
+        while True:  # let the syncs in flight finish
+            with lock:
+                if not inflight:
+                    return done
+            time.sleep(0.01)
+
+    # --- the shop ---------------------------------------------------------------------
+
+    def _one_sale(self, t: SimTerminal | None = None) -> Sale:
+        n = self._next_sale()
+        rng = random.Random(f"{self.spec.seed}:sale:{n}")
+        t = t or self.terminals[rng.randrange(len(self.terminals))]
+        amount = rng.randrange(100, 2_000)
+        return t.sell(amount, CARDS[n % len(CARDS)], f"sale-{self.spec.seed}-{n}")
+
+    def _next_sale(self) -> int:
+        with self._n_lock:
+            self._sale_n += 1
+            return self._sale_n
+
+    def sell(self, n: int, terminals: Sequence[SimTerminal] | None = None) -> list[Sale]:
+        """``n`` payments: on each of ``terminals`` (each its share), else on terminals
+        drawn from the seed; in parallel, one at a time per terminal."""
+        if terminals:
+            chosen = [terminals[i % len(terminals)] for i in range(n)]
+            return list(self.pool.map(self._one_sale, chosen))
+        return list(self.pool.map(lambda _: self._one_sale(), range(n)))
+
+    def offline(self, fraction: float) -> list[SimTerminal]:
+        """Cut the link of ``fraction`` of the terminals (drawn from the seed); them."""
+        rng = random.Random(f"{self.spec.seed}:offline:{fraction}")
+        chosen = rng.sample(self.terminals, round(fraction * len(self.terminals)))
+        for t in chosen:
+            t.down()
+        return chosen
+
+    def heal(self) -> None:
+        for t in self.terminals:
+            t.up()
+
+    # --- what it costs ----------------------------------------------------------------
+
+    def measure(self) -> Measure:
+        syncs = sum(t.syncs for t in self.terminals)
+        cpu = time.process_time() - self._cpu0
+        return Measure(
+            terminals=len(self.terminals),
+            cpu_s=round(cpu, 3),
+            rss_mib=round(rss_mib(), 1),
+            syncs=syncs,
+            cpu_ms_per_sync=None if not syncs else round(1000 * cpu / syncs, 2),
+            wall_s=round(time.monotonic() - self._started, 3),
+        )
+
+    def close(self) -> None:
+        for t in self.terminals:
+            with contextlib.suppress(Exception):
+                t.close()
+        self.pool.shutdown(wait=True)
+        self.http.close()
+        self.acquirer_http.close()
+        self.acquirer.stop()
+
+    def __enter__(self) -> SimFleet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def rss_mib() -> float:
+    """This process's resident set now (MiB), from /proc (peak: ``ru_maxrss``)."""
+    try:
+        with open(f"/proc/{os.getpid()}/statm") as f:
+            pages = int(f.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
