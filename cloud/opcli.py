@@ -18,6 +18,9 @@ Commands::
     audit log --device D | --cloud         the rows, paged
     quarantine list|show|replay|discard
     outcomes list|show                     unknown outcomes (open or resolved), with their age
+    rollouts start|list|show|devices|watch|pause|resume|approve|abort|retry-failed
+                                           config, policy and release rollouts in waves
+                                           (cloud.opcli_rollouts)
 
 Output is an aligned table, or with ``--json`` the API's JSON (a list as ``{"items",
 "next"}``: ``next`` is the cursor to go on from, null at the end). Lists follow the
@@ -769,6 +772,11 @@ def register(
     leaf(
         g, "show", outcomes_show, "one outcome: the acquirer's truth and the command"
     ).add_argument("id", metavar="ID")
+
+    # rollouts: config, policy and release changes in waves (cloud.opcli_rollouts)
+    from cloud import opcli_rollouts
+
+    opcli_rollouts.add_commands(sys.modules[__name__], group, leaf)
     return run
 
 
