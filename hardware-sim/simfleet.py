@@ -66,7 +66,7 @@ from hwsim.card_reader import SimCardReader, make_card
 from hwsim.network import SimNetworkLink
 from hwsim.printer import SimPrinter
 
-from edge.engine import SystemClock
+from edge.engine import Status, SystemClock
 from edge.terminal.config import EdgeConfig, RiskLimits
 from edge.terminal.drivers.acquirer_http import HttpAcquirer
 from edge.terminal.sale.services import Peripherals
@@ -341,9 +341,13 @@ class SimTerminal:
         done = set()
         for sale in self.sales:
             run = self.terminal.engine.get(sale.run_id)
-            if str(run.status) == "COMPLETED" and run.state.get("decision") == "approved":
+            if run.status is Status.COMPLETED and run.state.get("decision") == "approved":
                 done.add(sale.run_id)
         return done
+
+    def live_runs(self) -> int:
+        """Runs not finished: retrying (a jammed printer), reversing, in flight."""
+        return len(self.terminal.store.list_runs([Status.RUNNING, Status.COMPENSATING], 100))
 
     def down(self) -> None:
         """The shop's network goes: no acquirer (sales go offline), no cloud."""
@@ -578,6 +582,25 @@ class SimFleet:
             chosen = [terminals[i % len(terminals)] for i in range(n)]
             return list(self.pool.map(self._one_sale, chosen))
         return list(self.pool.map(lambda _: self._one_sale(), range(n)))
+
+    def finish(self, timeout_s: float = 30.0) -> None:
+        """Run due retries on every terminal (``engine.recover``, as the daemon's loop
+        does each second) until none has a run left unfinished; ``FleetError`` past
+        ``timeout_s`` naming who has."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            busy = [t for t in self.terminals if t.live_runs()]
+            if not busy:
+                return
+            if time.monotonic() > deadline:
+                raise FleetError(
+                    f"{len(busy)} terminal(s) still have unfinished runs after {timeout_s:g}s: "
+                    + ", ".join(t.name for t in busy[:10])
+                )
+            for t in busy:
+                with contextlib.suppress(Exception):
+                    t.terminal.engine.recover()
+            time.sleep(0.1)
 
     def offline(self, fraction: float) -> list[SimTerminal]:
         """Cut the link of ``fraction`` of the terminals (drawn from the seed); them."""
