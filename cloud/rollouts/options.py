@@ -35,7 +35,8 @@ DEFAULT_SOAK_S = 300.0
 DEFAULT_DEVICE_TIMEOUT_S = 3600.0
 #: Seconds between two polls of a wave's progress.
 DEFAULT_POLL_S = 15.0
-FAILURE_KINDS = ("failed", "refused", "timed_out")
+FailureKind = Literal["failed", "refused", "timed_out"]
+FAILURE_KINDS: tuple[FailureKind, ...] = ("failed", "refused", "timed_out")
 
 _WAVE = re.compile(r"^(?:(\d{1,9})|(\d{1,3}(?:\.\d{1,4})?)%)$")
 _HHMM = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
@@ -104,7 +105,7 @@ class Abort(_Strict):
     failure_percent: float = Field(10.0, ge=0, le=100)
     min_sample_wave: int = Field(5, ge=1)
     min_sample_total: int = Field(10, ge=1)
-    count: list[Literal["failed", "refused", "timed_out"]] = Field(
+    count: list[FailureKind] = Field(
         default_factory=lambda: list(FAILURE_KINDS), min_length=1
     )
 
