@@ -4,7 +4,8 @@ tokens from the Fleet API, syncing over HTTP with ``tillflow cloud serve`` and a
 ``tillflow cloud worker`` (``hwsim.cloudrig``) on this test's own PostgreSQL database and
 Redis database number.
 
-* Terminals sell online, a quarter go offline and sell offline, come back: the cloud
+* Terminals sell online, a quarter go offline and sell offline, the API process is
+  ``kill -9``'d and restarted, the terminals come back: the cloud
   holds every sale a terminal approved exactly once and no other, and each device's
   audit chain verifies (Fleet API) and ends at the terminal's head.
 * An operator's ``update_config`` to a group (``POST /api/v1/commands``) is applied by
@@ -135,6 +136,9 @@ def test_simfleet__enrolled_terminals_sell_online_and_offline_and_the_cloud_hold
     assert {(s.decision, s.channel) for s in offline} == {("approved", "offline")}
     fleet.sell(N)  # anywhere: online or offline by where it lands
     fleet.run(2.0)  # each on its own interval; the offline ones fail and back off
+    rig.kill9("serve:0")  # the API dies under them: every sync fails, nothing is lost
+    assert fleet.sync_all() == N - len(away)  # (those offline are not tried)
+    rig.restart("serve:0")  # on its port: the terminals come back by themselves
     assert all(t.pending() for t in away)  # nothing of theirs reached the cloud
     assert all(t.runner is not None and t.runner.failures for t in away)
     fleet.settle()
