@@ -19,6 +19,13 @@ Each envelope of a sync response is checked, in this order:
    recorded, else *unknown_outcome*; and no truth for that key is recorded yet, else
    *already_resolved* (one truth per key, whatever the seq).
 
+``install_release`` (a ``release`` document, ``wire.ReleaseContent``): refused
+*cannot_install* on a terminal that does not run from an installed release tree, and
+*install_in_progress* while another install is under way; else recorded applied (the
+download is under way) and handed, after its transaction, to the installer
+(``sync.device.releases``), which reports ``release_result`` when it is done. A release
+already running is answered in the command's own transaction.
+
 A forged or replayed command gets no ledger row: one ``command_refused`` audit row says
 why, and nothing else changes (``record_command(seq=None)``). Any other refusal is a
 ledger row with status ``refused`` (the seq advances, so one bad command never stalls
@@ -59,6 +66,7 @@ from edge.terminal.config import ConfigDocument
 from edge.terminal.sale import payment_steps
 from edge.terminal.sale.policy import PolicyDocument
 from sync import signing, wire
+from sync.device import releases
 from sync.device.identity import DeviceIdentity
 from sync.device.ports import SyncStore, TerminalHooks
 
@@ -79,7 +87,13 @@ ALREADY_RESOLVED = "already_resolved"
 RESULT_TOPIC = "command_result"
 HEALTH_TOPIC = "health"
 #: The document kind each action brings into force.
-DOCUMENT_OF = {"update_config": "config", "activate_policy": "policy", "resolve_outcome": "outcome"}
+DOCUMENT_OF = {
+    "update_config": "config",
+    "activate_policy": "policy",
+    "resolve_outcome": "outcome",
+    "install_release": "release",
+}
+INSTALL_RELEASE = "install_release"
 RESOLVE_OUTCOME = "resolve_outcome"
 #: The document kind a resolve_outcome keeps its truth under: ``outcome:<key>``.
 OUTCOME_DOCUMENT_PREFIX = payment_steps.OUTCOME_DOCUMENT_PREFIX
@@ -124,11 +138,14 @@ class CommandProcessor:
         self.terminal = terminal
         self.clock = clock
         self._public = identity.control_plane_public()
+        #: install_release: fetched and installed off this transaction (``releases``).
+        self.releases = releases.ReleaseHooks(identity, store, terminal, clock)
 
     def handle_all(self, envelopes: Iterable[wire.Envelope]) -> list[CommandOutcome]:
         """Each envelope in order; then, once, the documents applied come into force
         (also when a later envelope's recording failed: what committed is in force)."""
         outcomes: list[CommandOutcome] = []
+        self.releases.poll()  # an install that finished is reported once
         try:
             for envelope in envelopes:
                 outcomes.append(self.handle(envelope))
@@ -170,7 +187,15 @@ class CommandProcessor:
         trusted = now if signed is None else max(now, signed)
         if cmd.expires_at <= trusted:
             return EXPIRED, f"expired at {cmd.expires_at:.3f}, trusted time is {trusted:.3f}"
-        return self._document_refusal(cmd) or self._outcome_refusal(cmd)
+        return (
+            self._document_refusal(cmd) or self._outcome_refusal(cmd) or self._release_refusal(cmd)
+        )
+
+    def _release_refusal(self, cmd: wire.Command) -> tuple[str, str] | None:
+        """install_release: a terminal that can install, and is not installing another."""
+        if cmd.action != INSTALL_RELEASE or cmd.document is None:
+            return None
+        return self.releases.refusal(wire.ReleaseContent.model_validate(cmd.document.content))
 
     def _outcome_refusal(self, cmd: wire.Command) -> tuple[str, str] | None:
         """resolve_outcome's document is an outcome about a run of ours, not yet
@@ -207,6 +232,8 @@ class CommandProcessor:
         try:
             if kind == "config":
                 ConfigDocument.model_validate(doc.content)
+            elif kind == "release":
+                wire.ReleaseContent.model_validate(doc.content)
             else:
                 policy = PolicyDocument.model_validate(doc.content)
                 if policy.version != doc.version:
@@ -248,6 +275,12 @@ class CommandProcessor:
         if cmd.action == RESOLVE_OUTCOME and doc is not None:
             out = wire.Outcome.model_validate(doc.content)  # _outcome_refusal read it
             document = self._settle(cmd.command_id, out, at, audit, outbox)
+        release = None
+        if cmd.action == INSTALL_RELEASE and doc is not None:
+            release = wire.ReleaseContent.model_validate(doc.content)
+            if self.releases.running(release):  # nothing to fetch: the result goes now
+                outbox.append(releases.result_now(release, cmd.command_id, at))
+                release = None
         result = wire.CommandResult(
             command_id=cmd.command_id, seq=cmd.seq, status="applied", reason=None, at=at
         )
@@ -274,6 +307,8 @@ class CommandProcessor:
             cmd.seq,
             extra={"action": "command_applied"},
         )
+        if release is not None:  # the download starts once the command is recorded
+            self.releases.begin(cmd.command_id, release)
         # An outcome's document is kept, not put in force.
         kept = None if doc is None or doc.kind == "outcome" else (doc.kind, doc.version)
         return CommandOutcome(cmd.command_id, cmd.seq, cmd.action, "applied", None, kept)
