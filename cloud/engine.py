@@ -29,11 +29,13 @@ from edge.engine.imports import ImportPathError
 WORKFLOWS = Path(__file__).resolve().parent / "workflows"
 
 #: The step modules of the cloud's workflows, imported by every control-plane process:
-#: AuditAggregation and SilentDevices, resolve_outcome, the documents' assign steps.
+#: AuditAggregation and SilentDevices, resolve_outcome, the documents' assign steps, the
+#: rollouts (ConfigRollout, PolicyRollout, ReleaseRollout).
 STEP_MODULES: tuple[str, ...] = (
     "cloud.control.audit_steps",
     "cloud.outcomes.steps",
     "cloud.documents.steps",
+    "cloud.rollouts.steps",
 )
 
 
