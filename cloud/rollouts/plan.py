@@ -48,9 +48,11 @@ def selector_params(target: Target, *, only: Sequence[str] | None = None) -> dic
 
 def wave_sizes(waves: Sequence[str], targeted: int) -> list[int]:
     """The cumulative size of each wave for ``targeted`` devices: a count as given, a
-    percentage rounded up (so 1% of 50 is 1, never 0), each clipped to ``targeted``;
-    the last always ``targeted`` (the last wave takes every device left). A wave that
-    would add no device is dropped, so every wave has at least one."""
+    percentage rounded up (so 1% of 50 is 1, never 0), each clipped to ``targeted``.
+    A wave that would add no device is dropped, so every wave has at least one. The
+    last is always ``targeted``: the last wave given is raised to every device left,
+    unless it is the only one or was dropped -- then a wave of the rest is added (a
+    first wave never grows)."""
     if targeted <= 0:
         return []
     sizes: list[int] = []
@@ -66,8 +68,22 @@ def wave_sizes(waves: Sequence[str], targeted: int) -> list[int]:
         if not sizes or n > sizes[-1]:
             sizes.append(n)
     if sizes[-1] < targeted:
-        sizes[-1] = targeted
+        # the last wave given is raised to the rest; one dropped (no bigger than the
+        # one before) gives way to a wave of the rest, so wave 1 never grows
+        last_kept = len(sizes) >= 1 and _size(waves[-1], targeted) == sizes[-1]
+        if last_kept and len(sizes) > 1:
+            sizes[-1] = targeted
+        else:
+            sizes.append(targeted)
     return sizes
+
+
+def _size(wave: str, targeted: int) -> int:
+    m = _WAVE.match(wave.strip())
+    assert m is not None
+    if m.group(1) is not None:
+        return max(1, min(targeted, int(m.group(1))))
+    return max(1, min(targeted, math.ceil(float(m.group(2)) * targeted / 100 - 1e-9)))
 
 
 def membership(device_ids: Iterable[str], sizes: Sequence[int], seed: int) -> dict[str, int]:
