@@ -2,10 +2,10 @@
 PostgreSQL, with the options of ``cloud.settings`` (``--config FILE``, ``TILLFLOW_*``,
 then the command's flags).
 
-The database is migrated once (the sync service's tables, then the Fleet API's), in
-this process, before any worker starts; the socket is
-bound here too, so ``--port 0`` can print the port the kernel chose
-(``listening on http://HOST:PORT`` on stdout) before the first request is served:
+The database is migrated once (the sync service's tables, then the Fleet API's and the
+other control-plane sets, then the engine's), in this process, before any worker
+starts; the socket is bound here too, so ``--port 0`` can print the port the kernel
+chose (``listening on http://HOST:PORT`` on stdout) before the first request is served:
 connections that arrive meanwhile wait in the listen queue. With ``--workers N`` > 1,
 uvicorn's supervisor starts N processes on that one socket; each builds its app from
 the environment (``app_from_environment``: the settings as this process read them, the
@@ -35,6 +35,7 @@ from cloud.outcomes import SCHEMA as OUTCOMES_SCHEMA
 from cloud.releases import SCHEMA as RELEASES_SCHEMA
 from cloud.rollouts import SCHEMA as ROLLOUTS_SCHEMA
 from cloud.settings import CONFIG_ENV, CloudSettings, load_settings
+from cloud.store.postgres import PostgresStore
 from cloud.sync.keys import KEY_FILE_ENV, load_key, load_or_create_key
 from cloud.sync.postgres import UNAVAILABLE, PostgresSyncBackend
 from edge.engine.clock import SystemClock
@@ -184,6 +185,9 @@ def serve(
     backend = PostgresSyncBackend(database_url, pool_size=DEFAULT_POOL_SIZE)  # migrates
     try:
         migrate_fleet(backend)
+        # the engine's tables too: the API starts runs (rollouts) and reads them, maybe
+        # before any worker has migrated them
+        PostgresStore(database_url, pool_size=1).close()
         app = build_app(settings, backend, key) if workers == 1 else None
         sock = bind(host, port)
     except BaseException:
