@@ -86,8 +86,10 @@ def test_in_window__local_hours_and_across_midnight():
 
 
 def test_open_stores__a_store_without_its_own_window_takes_the_default():
-    windows = {"s1": Window(start="00:00", end="01:00"), "default": Window(start="12:00",
-                                                                            end="13:00")}  # fmt: skip
+    windows = {
+        "s1": Window(start="00:00", end="01:00"),
+        "default": Window(start="12:00", end="13:00"),
+    }
     assert plan.open_stores(windows, ["s1", "s2", "s2"], ts(12, 30)) == {"s2"}
     assert plan.open_stores(windows, ["s1", "s2"], ts(0, 30)) == {"s1"}
     assert plan.open_stores(None, ["s1"], ts(0)) == {"s1"}
