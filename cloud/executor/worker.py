@@ -56,6 +56,26 @@ def _unknown_outcomes(database_url: str) -> Callable[[Engine], object]:
     return find
 
 
+def _late_joiners(settings: CloudSettings) -> Callable[[Engine], object]:
+    """The sweep's finder of rollouts' late joiners: devices behind the version their
+    assignments make effective get it queued (``cloud.rollouts.reconcile``)."""
+    import psycopg
+
+    from cloud.rollouts.reconcile import finder
+    from cloud.sync.keys import load_key
+
+    url = settings.database_url
+    assert url is not None
+    keys: list[Any] = []
+
+    def key() -> Any:
+        if not keys:  # read once, on the first pass that needs it
+            keys.append(load_key(settings.key_path()))
+        return keys[0]
+
+    return finder(lambda: psycopg.connect(url, autocommit=True), key)
+
+
 def run_worker(settings: CloudSettings) -> int:
     """Migrate the database, start the Celery worker and the sweep; return the exit code
     once the worker stopped (SIGTERM, SIGINT)."""
@@ -85,7 +105,7 @@ def run_worker(settings: CloudSettings) -> int:
         executor,
         interval_s=settings.sweep_interval_s,
         schedules=schedules(settings),
-        finders=[_unknown_outcomes(settings.database_url)],
+        finders=[_unknown_outcomes(settings.database_url), _late_joiners(settings)],
     )
     stop = threading.Event()
     thread = threading.Thread(target=sweep.run, args=(stop,), name="tillflow-sweep", daemon=True)

@@ -414,12 +414,78 @@ SELECT version, content FROM sync_documents
 WHERE kind = 'release' AND content ->> 'release' = %(release)s
 ORDER BY version DESC LIMIT 1;
 
--- name: active_rollout_devices
--- Late joiners: targeted devices of active rollouts (and of rollouts rolled back) whose
--- heartbeat reports a version below the one their assignment names and that have no
--- command of that action queued or delivered.
-SELECT r.rollout_id, r.kind, rd.device_id
-FROM rollout_devices rd JOIN rollouts r ON r.rollout_id = rd.rollout_id
-WHERE r.status IN ('running', 'paused', 'awaiting_approval', 'succeeded', 'rolled_back')
-  AND rd.status IN ('timed_out', 'cancelled', 'notified')
+-- name: behind
+-- Late joiners: active devices whose heartbeat reports a config or policy version below
+-- the one their assignments make effective (device > store > group > fleet), that
+-- version not withdrawn, no command of its action still pending for the device, and
+-- none for that version ever taken or answered (a refusal is not asked again).
+WITH effective AS (
+    SELECT d.device_id, k.kind, k.action, k.field,
+           (SELECT a.version FROM document_assignments a
+            WHERE a.kind = k.kind
+              AND (a.scope = 'fleet'
+                   OR (a.scope = 'group' AND a.value = d.group_name)
+                   OR (a.scope = 'store' AND a.value = d.store)
+                   OR (a.scope = 'device' AND a.value = d.device_id))
+            ORDER BY CASE a.scope WHEN 'device' THEN 0 WHEN 'store' THEN 1
+                                  WHEN 'group' THEN 2 ELSE 3 END
+            LIMIT 1) AS version,
+           h.heartbeat
+    FROM devices d
+    JOIN device_health h ON h.device_id = d.device_id
+    CROSS JOIN (VALUES ('config', 'update_config', 'config_version'),
+                       ('policy', 'activate_policy', 'policy_version'))
+               AS k(kind, action, field)
+    WHERE d.status = 'active'
+)
+SELECT e.device_id, e.kind, e.version
+FROM effective e JOIN sync_documents s ON s.kind = e.kind AND s.version = e.version
+WHERE s.withdrawn_at IS NULL
+  AND coalesce((e.heartbeat ->> e.field)::bigint, 0) < e.version
+  AND NOT EXISTS (
+        SELECT 1 FROM commands c
+        WHERE c.device_id = e.device_id AND c.action = e.action
+          AND (c.status IN ('queued', 'delivered') AND c.expires_at > %(now)s
+               OR ((c.document ->> 'version')::bigint = e.version
+                   AND c.status IN ('applied', 'refused'))))
+ORDER BY e.device_id, e.kind
 LIMIT %(limit)s;
+
+-- name: behind_release
+-- Late joiners of a release: active devices whose heartbeat names another release than
+-- the release document their assignments make effective, with no install_release
+-- pending and none for that document taken or answered.
+WITH effective AS (
+    SELECT d.device_id,
+           (SELECT a.version FROM document_assignments a
+            WHERE a.kind = 'release'
+              AND (a.scope = 'fleet'
+                   OR (a.scope = 'group' AND a.value = d.group_name)
+                   OR (a.scope = 'store' AND a.value = d.store)
+                   OR (a.scope = 'device' AND a.value = d.device_id))
+            ORDER BY CASE a.scope WHEN 'device' THEN 0 WHEN 'store' THEN 1
+                                  WHEN 'group' THEN 2 ELSE 3 END
+            LIMIT 1) AS version,
+           h.heartbeat
+    FROM devices d JOIN device_health h ON h.device_id = d.device_id
+    WHERE d.status = 'active'
+)
+SELECT e.device_id, 'release', e.version
+FROM effective e JOIN sync_documents s ON s.kind = 'release' AND s.version = e.version
+WHERE s.withdrawn_at IS NULL
+  AND e.heartbeat ->> 'binary_version' IS DISTINCT FROM s.content ->> 'release'
+  AND NOT EXISTS (
+        SELECT 1 FROM commands c
+        WHERE c.device_id = e.device_id AND c.action = 'install_release'
+          AND (c.status IN ('queued', 'delivered') AND c.expires_at > %(now)s
+               OR ((c.document ->> 'version')::bigint = e.version
+                   AND c.status IN ('applied', 'refused'))))
+ORDER BY e.device_id
+LIMIT %(limit)s;
+
+-- name: mark_late
+-- Devices of running or finished rollouts the reconciler sent their version late.
+UPDATE rollout_devices rd SET late = true
+FROM rollouts r
+WHERE r.rollout_id = rd.rollout_id AND r.kind = %(kind)s AND r.version = %(version)s
+  AND rd.device_id = ANY(%(device_ids)s::text[]);

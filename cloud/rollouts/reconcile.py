@@ -1,0 +1,116 @@
+"""Late joiners: a device that was offline while a rollout notified it (its command
+expired), or that enrolled during or after one, gets the version in force for it when
+it next syncs -- the rollout's, or after a rollback the old content again.
+
+Rollouts write what each device should follow as assignments (a device-scope one as
+each device is notified, the selector's place at Finalize; a rollback puts them back or
+points them at the restore version), so "what should this device run" is always its
+effective assignment (``cloud.documents.scope``). ``find`` compares that, in one
+set-based query per kind, with what the device's latest heartbeat reports, and
+``reconcile`` queues the effective document for each device that is behind and has no
+command of that action pending -- nor any for that version it already took or refused
+(a refusal is not asked again, every sweep). One batch per version, in one transaction.
+
+The sweep of ``tillflow cloud worker`` calls it every pass (``cloud.executor.worker``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from cloud.rollouts._sql import Conn, Q
+from cloud.rollouts.steps import ACTION, _InTransaction
+from edge.engine.clock import Clock, SystemClock
+from sync.server import ServiceError, SyncService
+from sync.server_records import CommandTarget, NewDocument
+
+log = logging.getLogger(__name__)
+
+#: Devices looked at per pass; the next pass takes the rest.
+DEFAULT_LIMIT = 1000
+#: How long a late joiner's command waits for it (seconds; a day).
+DEFAULT_TTL_S = 86_400.0
+
+
+@dataclass(frozen=True)
+class Behind:
+    device_id: str
+    kind: str
+    version: int
+
+
+def find(conn: Conn, *, now: float, limit: int = DEFAULT_LIMIT) -> list[Behind]:
+    """The devices behind their effective config, policy or release, at most ``limit``."""
+    found = []
+    for query in ("behind", "behind_release"):
+        rows = conn.execute(Q[query], {"now": now, "limit": limit}).fetchall()
+        found += [Behind(str(d), str(k), int(v)) for d, k, v in rows]
+    return found
+
+
+def reconcile(
+    conn: Conn,
+    key: Ed25519PrivateKey,
+    clock: Clock,
+    *,
+    limit: int = DEFAULT_LIMIT,
+    ttl_s: float = DEFAULT_TTL_S,
+) -> dict[tuple[str, int], list[str]]:
+    """Queue the effective document for every device ``find`` finds, in ``conn``'s
+    transaction; returns the devices commanded, by (kind, version)."""
+    now = clock.now()
+    groups: dict[tuple[str, int], list[str]] = {}
+    for b in find(conn, now=now, limit=limit):
+        groups.setdefault((b.kind, b.version), []).append(b.device_id)
+    sync = SyncService(_InTransaction(conn), clock, key)
+    sent: dict[tuple[str, int], list[str]] = {}
+    for (kind, version), ids in sorted(groups.items()):
+        row = conn.execute(Q["document_row"], {"kind": kind, "version": version}).fetchone()
+        if row is None:
+            continue
+        try:
+            batch = sync.queue_commands(
+                CommandTarget(device_ids=tuple(ids)),
+                ACTION[kind],
+                NewDocument(dict(row[0]), kind, version),  # type: ignore[arg-type]
+                ttl_s=ttl_s,
+            )
+        except ServiceError as exc:
+            if exc.code == "no_devices":
+                continue
+            raise
+        done = sorted(c.device_id for c in batch.commands)
+        conn.execute(Q["mark_late"], {"kind": kind, "version": version, "device_ids": done})
+        sent[(kind, version)] = done
+        log.info(
+            "late joiners: %s version %d queued for %d device(s)",
+            kind,
+            version,
+            len(done),
+            extra={"action": "rollout_late_joiners", "count": len(done)},
+        )
+    return sent
+
+
+def finder(
+    connect: Callable[[], AbstractContextManager[Conn]],
+    key: Callable[[], Ed25519PrivateKey],
+    clock: Clock | None = None,
+) -> Callable[[object], Mapping[tuple[str, int], list[str]]]:
+    """A sweep finder (``Sweep(finders=[...])``): one reconcile pass per call, in one
+    transaction on a connection of ``connect()``."""
+    used = clock or SystemClock()
+
+    def run(_engine: object) -> Mapping[tuple[str, int], list[str]]:
+        with connect() as conn, conn.transaction():
+            return reconcile(conn, key(), used)
+
+    return run
+
+
+__all__ = ["DEFAULT_LIMIT", "DEFAULT_TTL_S", "Behind", "find", "finder", "reconcile"]
