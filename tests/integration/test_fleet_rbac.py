@@ -28,7 +28,11 @@ pytest.importorskip("starlette.testclient")
 
 #: The only routes anyone may call, and the device routes (the signature is their rule).
 PUBLIC = {("GET", "/openapi.json"), ("GET", "/v1/health")}
-DEVICE_SIGNED = {("POST", "/v1/enroll"), ("POST", "/v1/sync"), ("POST", "/v1/rotate-key")}
+DEVICE_SIGNED = {
+    ("POST", "/v1/enroll"), ("POST", "/v1/sync"), ("POST", "/v1/rotate-key"),
+    # a release's signed manifest and its files, fetched by a device (cloud.api.releases)
+    ("GET", "/v1/releases/{release}/manifest"), ("GET", "/v1/files/{sha256}"),
+}  # fmt: skip
 
 
 @pytest.fixture
