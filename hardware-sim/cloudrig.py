@@ -279,6 +279,17 @@ class CloudRig:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    def cpu_s(self, which: str) -> float:
+        """CPU seconds (user + system) used so far by ``which`` and every process of its
+        session (a worker's pool, a serve's uvicorn workers), from /proc."""
+        proc = self.proc(which)
+        return 0.0 if proc.pid is None else session_cpu_s(proc.pid)
+
+    def rss_mib(self, which: str) -> float:
+        """Resident memory now (MiB) of ``which`` and every process of its session."""
+        proc = self.proc(which)
+        return 0.0 if proc.pid is None else session_rss_mib(proc.pid)
+
     def logs(self, lines: int = TAIL_LINES) -> str:
         """Every process's log tail (for a failing test's message)."""
         return "\n".join(f"--- {p.name} ({p.log})\n{p.log_tail(lines)}"
@@ -378,3 +389,33 @@ class FleetApi:
             after = page.get("next")
             if not after:
                 return
+
+
+def _session(sid: int) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if os.getsid(int(entry.name)) == sid:
+                    pids.append(int(entry.name))
+    return pids
+
+
+def session_cpu_s(sid: int) -> float:
+    """CPU seconds of the live processes of session ``sid`` (what exited is not counted)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in _session(sid):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / tick
+
+
+def session_rss_mib(sid: int) -> float:
+    page = os.sysconf("SC_PAGE_SIZE")
+    total = 0
+    for pid in _session(sid):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            total += int(Path(f"/proc/{pid}/statm").read_text().split()[1])
+    return total * page / 2**20

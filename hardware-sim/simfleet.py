@@ -66,10 +66,11 @@ from hwsim.card_reader import SimCardReader, make_card
 from hwsim.network import SimNetworkLink
 from hwsim.printer import SimPrinter
 
-from edge.engine import Status, SystemClock
+from edge.engine import Status, SystemClock, loader
 from edge.terminal.config import EdgeConfig, RiskLimits
 from edge.terminal.drivers.acquirer_http import HttpAcquirer
 from edge.terminal.sale.services import Peripherals
+from edge.terminal.service import terminal as terminal_module
 from edge.terminal.service.api import LocalApi
 from edge.terminal.service.terminal import Terminal
 from sync import wire
@@ -117,6 +118,8 @@ class FleetSpec:
     #: Terminal database durability: NORMAL spares a simulated fleet the fsyncs.
     synchronous: str = "NORMAL"
     batch_max_entries: int = 200
+    #: Parse the workflow files once for all the terminals (``share_workflow_definitions``).
+    share_workflows: bool = True
 
 
 @dataclass(frozen=True)
@@ -203,6 +206,31 @@ class ModelCommands(CommandProcessor):
             why = f"{model.name}: {model.refusal} (config version {cmd.document.version})"
             return REFUSAL_CODE, why
         return None
+
+
+_parsed_lock = threading.Lock()
+_parsed: dict[tuple[str, int, int], Any] = {}
+
+
+def _load_shared(path: str | os.PathLike[str]) -> Any:
+    """``edge.engine.loader.load_file``, each file parsed once per process (by path,
+    size and mtime): the terminals of a fleet register the same workflow files, and a
+    ``Workflow`` is read-only once built, so they share one. Parsing them is most of
+    what making a ``Terminal`` costs (about 30 ms of the 45)."""
+    p = Path(path)
+    st = p.stat()
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    with _parsed_lock:
+        if key not in _parsed:
+            _parsed[key] = loader.load_file(p)
+        return _parsed[key]
+
+
+def share_workflow_definitions() -> None:
+    """Make ``Terminal`` (which calls ``load_file`` per workflow file) use
+    ``_load_shared``: set once per process, in ``edge.terminal.service.terminal``'s
+    namespace only (nothing else loads through it)."""
+    terminal_module.load_file = _load_shared  # type: ignore[attr-defined]
 
 
 class SimTerminal:
@@ -420,6 +448,8 @@ class SimFleet:
         self.acquirer_http = httpx.Client(timeout=5.0, trust_env=False, limits=limits)
         self.http = httpx.Client(timeout=10.0, trust_env=False, limits=limits)
         self.pool = ThreadPoolExecutor(spec.threads, thread_name_prefix="simfleet")
+        if spec.share_workflows:
+            share_workflow_definitions()
         self.terminals: list[SimTerminal] = []
         self._sale_n = 0
         self._n_lock = threading.Lock()
@@ -652,3 +682,119 @@ def rss_mib() -> float:
         return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
     except OSError:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# --- the bench: what a simulated terminal costs ----------------------------------------
+
+
+def bench(
+    terminals: int,
+    work: Path,
+    database_url: str,
+    broker_url: str,
+    *,
+    seconds: float = 20.0,
+    interval_s: float = 5.0,
+    threads: int = 8,
+    serves: int = 1,
+    seed: int = 1,
+) -> dict[str, Any]:
+    """Start a cloud (``hwsim.cloudrig``) on ``database_url``, make ``terminals``
+    terminals, enroll them (tokens through the Fleet API), sell one sale each, settle,
+    then let them sync on ``interval_s`` for ``seconds``; what each phase cost (this
+    process's CPU and RSS, the serve processes' CPU), as a dict."""
+    from hwsim.cloudrig import CloudRig
+
+    out: dict[str, Any] = {"terminals": terminals, "interval_s": interval_s,
+                           "threads": threads, "serves": serves}  # fmt: skip
+    phases: dict[str, Any] = {}
+    out["phases"] = phases
+    rig = CloudRig(database_url, broker_url, work / "cloud")
+    rig.start(serves=serves, workers=1)
+    serve_names = [p.name for p in rig.serves]
+
+    def serve_cpu() -> float:
+        return sum(rig.cpu_s(n) for n in serve_names)
+
+    def phase(name: str, fn: Callable[[], Any]) -> Any:
+        w0, c0, s0, r0 = time.monotonic(), time.process_time(), serve_cpu(), rss_mib()
+        result = fn()
+        phases[name] = {
+            "wall_s": round(time.monotonic() - w0, 3),
+            "cpu_s": round(time.process_time() - c0, 3),
+            "serve_cpu_s": round(serve_cpu() - s0, 3),
+            "rss_mib_after": round(rss_mib(), 1),
+            "rss_mib_delta": round(rss_mib() - r0, 1),
+        }
+        return result
+
+    fleet: SimFleet | None = None
+    try:
+        spec = FleetSpec(terminals=terminals, seed=seed, sync_interval_s=interval_s,
+                         threads=threads)  # fmt: skip
+        base_rss = rss_mib()
+        fleet = phase("make", lambda: SimFleet(spec, work / "fleet", rig.urls))
+        assert fleet is not None
+        out["rss_mib_per_terminal"] = round((rss_mib() - base_rss) / terminals, 3)
+        api = rig.fleet()
+
+        def token(t: TerminalSpec) -> str:
+            body = {"store": t.store, "group": t.group}
+            return str(api.post("/api/v1/enroll-tokens", body)["token"])
+
+        tokens = phase("tokens", lambda: list(fleet.pool.map(token, fleet.plan())))
+        phase("enroll", lambda: fleet.enroll_all(tokens))
+        phase("sell", lambda: fleet.sell(terminals))
+        phase("settle", lambda: fleet.settle(timeout_s=600))
+        before = fleet.measure().syncs
+        phase("run", lambda: fleet.run(seconds))
+        syncs = fleet.measure().syncs - before
+        run = phases["run"]
+        run["syncs"] = syncs
+        run["syncs_per_s"] = round(syncs / run["wall_s"], 1)
+        if syncs:
+            run["client_cpu_ms_per_sync"] = round(1000 * run["cpu_s"] / syncs, 2)
+            run["serve_cpu_ms_per_sync"] = round(1000 * run["serve_cpu_s"] / syncs, 2)
+        per = phases["make"]
+        out["make_ms_per_terminal"] = round(1000 * per["wall_s"] / terminals, 2)
+        out["rss_mib_peak"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        out["serve_rss_mib"] = round(sum(rig.rss_mib(n) for n in serve_names), 1)
+        out["sync_failures"] = sum(t.sync_failures for t in fleet)
+        api.close()
+    finally:
+        if fleet is not None:
+            fleet.close()
+        rig.stop()
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m hwsim.simfleet --terminals N --database-url URL --broker-url URL``:
+    the bench, its figures as JSON on stdout."""
+    import argparse
+    import logging
+    import tempfile
+
+    p = argparse.ArgumentParser(prog="python -m hwsim.simfleet", description=bench.__doc__)
+    p.add_argument("--terminals", type=int, default=100)
+    p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--interval", type=float, default=5.0, help="sync interval (s)")
+    p.add_argument("--threads", type=int, default=8)
+    p.add_argument("--serves", type=int, default=1)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--database-url", required=True, help="a fresh PostgreSQL database")
+    p.add_argument("--broker-url", required=True, help="a Redis database (redis://H:P/N)")
+    p.add_argument("--work", help="where the files go (default: a new temporary directory)")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.ERROR)
+    work = Path(a.work or tempfile.mkdtemp(prefix="simfleet-"))
+    figures = bench(
+        a.terminals, work, a.database_url, a.broker_url, seconds=a.seconds,
+        interval_s=a.interval, threads=a.threads, serves=a.serves, seed=a.seed,
+    )  # fmt: skip
+    print(json.dumps(figures, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
