@@ -53,6 +53,8 @@ Control = Literal["pause", "resume", "approve", "abort", "retry_failed"]
 RolloutId = Annotated[
     str, Path(min_length=1, max_length=wire.MAX_FIELD_CHARS, description="ro_..."), Clean
 ]
+#: The most rollout summaries one page holds (each counts its devices).
+LIST_PAGE_MAX = 500
 #: What a WAIT between two polls is answered with when a control wakes the run.
 WAKE_INPUT: dict[str, Any] = {}
 
@@ -193,12 +195,15 @@ def list_rollouts(
     ctx: Ctx,
     kind: Literal["config", "policy", "release"] | None = None,
     status: RolloutStatus | None = None,
-    limit: Annotated[int, Query(ge=1, le=500, description="items per page (at most 500)")] = 50,
+    limit: Limit = 50,
     after: After = None,
 ) -> dict[str, Any]:
-    """Rollouts, newest first (a summary each); every filter given must match."""
+    """Rollouts, newest first (a summary each); every filter given must match. A page
+    holds at most ``LIST_PAGE_MAX`` (a longer ``limit`` gives that many, and ``next``)."""
     with translated(), ctx.transaction() as conn:
-        return service.rollouts(conn, kind=kind, status=status, after=after, limit=limit)
+        return service.rollouts(
+            conn, kind=kind, status=status, after=after, limit=min(limit, LIST_PAGE_MAX)
+        )
 
 
 @router.get("/api/v1/rollouts/{rollout_id}")
