@@ -380,6 +380,22 @@ ALLOWED: dict[str, tuple[str, ...]] = {
 }
 
 
+def _awaits_approval(conn: Conn, row: Mapping[str, Any]) -> bool:
+    """Whether the run waits at a gate: its current wave is done, gated, not approved."""
+    wave = int(row["current_wave"])
+    gates = RolloutOptions.model_validate(row["options"]).gates.approve_after
+    if wave not in gates or int(row["approved_through"]) >= wave:
+        return False
+    found = conn.execute(
+        "SELECT status FROM rollout_waves WHERE rollout_id = %(id)s AND wave = %(wave)s",
+        {"id": row["rollout_id"], "wave": wave},
+    ).fetchone()
+    last = conn.execute(
+        "SELECT max(wave) FROM rollout_waves WHERE rollout_id = %(id)s", {"id": row["rollout_id"]}
+    ).fetchone()
+    return found is not None and found[0] == "done" and last is not None and wave < last[0]
+
+
 def control(
     conn: Conn,
     rollout_id: str,
@@ -417,6 +433,8 @@ def control(
     elif action == "resume":
         paused = False
         new_status = "running" if row["run_id"] else "pending"
+        if row["run_id"] and _awaits_approval(conn, row):
+            new_status = "awaiting_approval"
     elif action == "approve":
         approved, new_status = max(approved, int(row["current_wave"])), "running"
         detail["wave"] = approved

@@ -502,7 +502,7 @@ def check_wave(state: State, ctx: StepContext) -> State:
             gates = _options(row).gates.approve_after
             last = int(state.get("last_wave") or wave)
             awaiting = wave in gates and wave < last and int(row["approved_through"]) < wave
-            if awaiting:
+            if awaiting and not row["paused"]:  # paused: resume says it awaits approval
                 conn.execute(Q["set_status"], {"rollout_id": rollout_id, "at": now,
                                                "status": "awaiting_approval",
                                                "finished_at": None})  # fmt: skip

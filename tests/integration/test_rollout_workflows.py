@@ -239,9 +239,9 @@ class Fleet:
         return Counter(str(r[0]) for r in rows)
 
 
-@pytest.fixture
-def fleet(new_database, tmp_path) -> Iterator[Fleet]:
-    url = new_database()
+@contextlib.contextmanager
+def make_fleet(url: str, work: Path) -> Iterator[Fleet]:
+    """A ``Fleet`` on the empty database ``url`` (migrated here), closed at the end."""
     backend = PostgresSyncBackend(url, pool_size=6, pool_timeout_s=10.0)
     store = PostgresStore(url, pool_size=2)
     engine: Engine | None = None
@@ -257,12 +257,18 @@ def fleet(new_database, tmp_path) -> Iterator[Fleet]:
         with starlette_testclient.TestClient(
             create_app(sync, fleet=ctx), raise_server_exceptions=False
         ) as client:
-            yield Fleet(client, backend, store, clock, key, sync, engine, tmp_path)
+            yield Fleet(client, backend, store, clock, key, sync, engine, work)
     finally:
         if engine is not None:
             engine.close()
         store.close()
         backend.close()
+
+
+@pytest.fixture
+def fleet(new_database, tmp_path) -> Iterator[Fleet]:
+    with make_fleet(new_database(), tmp_path) as made:
+        yield made
 
 
 def _finished(v: dict[str, Any]) -> bool:
