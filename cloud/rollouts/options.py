@@ -105,9 +105,7 @@ class Abort(_Strict):
     failure_percent: float = Field(10.0, ge=0, le=100)
     min_sample_wave: int = Field(5, ge=1)
     min_sample_total: int = Field(10, ge=1)
-    count: list[FailureKind] = Field(
-        default_factory=lambda: list(FAILURE_KINDS), min_length=1
-    )
+    count: list[FailureKind] = Field(default_factory=lambda: list(FAILURE_KINDS), min_length=1)
 
 
 class Gates(_Strict):
