@@ -289,8 +289,8 @@ def create_version(state: State, ctx: StepContext) -> State:
 
 def withdraw_version(state: State, ctx: StepContext) -> State:
     """Create_Config_Version's (Persist_Policy's) compensation, the last of the saga:
-    the version this rollout made is withdrawn (one it was given is left alone), and
-    the rollout is rolled back."""
+    the version this rollout made is withdrawn (one it was given is left alone), the
+    devices of waves never started cancelled, and the rollout is rolled back."""
     rollout_id = _rollout_id(ctx, state)
     now = ctx.clock.now()
     with _transaction(ctx) as conn:
@@ -298,6 +298,8 @@ def withdraw_version(state: State, ctx: StepContext) -> State:
         if row["version"] is not None and row["source_version"] is None:
             documents.withdraw(conn, str(row["kind"]), int(row["version"]), _who(row, ctx),
                                at=now)  # fmt: skip
+        conn.execute(Q["cancel_unstarted"], {"rollout_id": rollout_id, "at": now})
+        conn.execute(Q["abort_unstarted"], {"rollout_id": rollout_id, "at": now})
         _fail_rollout(conn, rollout_id, now, "rolled_back")
     return {"withdrawn": row["version"] if row["source_version"] is None else None}
 

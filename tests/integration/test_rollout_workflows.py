@@ -542,3 +542,45 @@ def test_policy_rollout__persisted_and_activated_on_every_target(fleet):
     assert v["finalized"]["scope"] == "group" and v["finalized"]["value"] == "berlin"
     runs = fleet.sql("SELECT workflow_type, status FROM workflow_runs")
     assert runs == [("PolicyRollout", "COMPLETED")]
+
+
+# --- release -------------------------------------------------------------------------------
+
+
+def _release_row(fleet: Fleet, release: str, digest: str) -> None:
+    fleet.sql(
+        "INSERT INTO releases (release, manifest_sha256, sums, signature, files, bytes, "
+        "new_bytes, uploaded_at, uploaded_by) VALUES (%s, %s, '', %s, 3, 1000, 1000, %s, 't') "
+        "RETURNING release",
+        release,
+        digest,
+        b"\x00" * 64,
+        T0,
+    )
+
+
+def test_release_rollout__refused_by_terminals_that_cannot_install__stops_in_wave_1(fleet):
+    for n in range(6):
+        fleet.enroll(f"s{n % 2}")
+    _release_row(fleet, "1.1.0", "ab" * 32)
+    rid = fleet.rollout("release", {
+        "release": "1.1.0", "target": {"binary_versions": ["1.0.0"]}, "waves": ["2", "100%"],
+        "soak_s": 0, "abort": {"failure_percent": 20, "min_sample_wave": 2,
+                               "min_sample_total": 2},
+    })  # fmt: skip
+    v = fleet.until(rid, _finished)
+    assert v["status"] == "rolled_back", v
+    assert v["document"]["kind"] == "release" and v["document"]["release"] == "1.1.0"
+    assert v["abort"]["criterion"] == "wave_failure_rate" and v["abort"]["wave"] == 1
+    assert v["waves"][0]["refused"] == 2 and v["waves"][1]["cancelled"] == 4
+    doc = fleet.sql("SELECT content, withdrawn_at FROM sync_documents WHERE kind = 'release'")
+    assert doc[0][0] == {"release": "1.1.0", "manifest_sha256": "ab" * 32, "files": 3,
+                         "bytes": 1000}  # fmt: skip
+    assert doc[0][1] is not None  # withdrawn
+    refused = fleet.devices(rid, status="refused")
+    assert all(d["last_error"] and "install" in d["last_error"] for d in refused), refused
+    # a refusal changed nothing on the terminal: nothing to restore
+    assert v["rollback"] == {"status": "done", "to_restore": 0, "restored": 0, "failed": 0,
+                             "timed_out": 0, "pending": 0}  # fmt: skip
+    installs = fleet.sql("SELECT count(*) FROM commands WHERE action = 'install_release'")
+    assert installs == [(2,)]

@@ -166,6 +166,16 @@ UPDATE rollouts SET finalized = %(finalized)s, status = 'succeeded', updated_at 
                     finished_at = coalesce(finished_at, %(at)s)
 WHERE rollout_id = %(rollout_id)s;
 
+-- name: cancel_unstarted
+-- After a rollback: the devices never commanded (waves that never started) cancelled.
+UPDATE rollout_devices SET status = 'cancelled'
+WHERE rollout_id = %(rollout_id)s AND status IN ('planned', 'held') AND command_id IS NULL;
+
+-- name: abort_unstarted
+-- After a rollback: the waves that never started, aborted.
+UPDATE rollout_waves SET status = 'aborted', finished_at = coalesce(finished_at, %(at)s)
+WHERE rollout_id = %(rollout_id)s AND status IN ('planned', 'running');
+
 -- name: to_notify
 -- Devices of the waves through ``wave`` not yet commanded, locked (one writer), by id.
 SELECT device_id, store FROM rollout_devices
