@@ -13,13 +13,20 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
+import yaml
 
 from cloud.api.app import create_app
 from cloud.api.fleet.context import FleetContext
@@ -584,3 +591,140 @@ def test_release_rollout__refused_by_terminals_that_cannot_install__stops_in_wav
                              "timed_out": 0, "pending": 0}  # fmt: skip
     installs = fleet.sql("SELECT count(*) FROM commands WHERE action = 'install_release'")
     assert installs == [(2,)]
+
+
+# --- on real Celery workers ----------------------------------------------------------------
+
+#: Bounds on waits against real workers; reached only when something is broken.
+WORKER_READY_S = 60.0
+ROLLOUT_S = 180.0
+
+
+@pytest.fixture
+def broker() -> Iterator[str]:
+    """A Redis database number of this test's own (taken by SET NX on db 0, as
+    test_celery_executor takes one), flushed at the end."""
+    redis = pytest.importorskip("redis")
+    import services
+
+    try:
+        base = services.redis_url()
+    except Exception as exc:  # no Redis, and none could be started
+        pytest.skip(f"no Redis: {exc}")
+    parts = urlsplit(base)
+    admin = redis.Redis.from_url(urlunsplit(parts._replace(path="/0")))
+    for n in range(1, 16):
+        if admin.set(f"tillflow-test-db:{n}", os.getpid(), nx=True, ex=600):
+            url = urlunsplit(parts._replace(path=f"/{n}"))
+            redis.Redis.from_url(url).flushdb()
+            try:
+                yield url
+            finally:
+                redis.Redis.from_url(url).flushdb()
+                admin.delete(f"tillflow-test-db:{n}")
+            return
+    pytest.fail("no free Redis database number (1-15) for this test")
+
+
+class Worker:
+    """One ``tillflow cloud worker`` process (its own session: a kill takes its pool)."""
+
+    def __init__(self, root: Path, n: int, config: Path) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("TILLFLOW_", "CLOUD_"))}
+        env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
+        self.log_path = root / f"worker{n}.log"
+        with self.log_path.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "edge.cli", "cloud", "worker", "--config", str(config)],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=root,
+                env=env, start_new_session=True,
+            )  # fmt: skip
+
+    def log(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + WORKER_READY_S
+        while f"worker {self.proc.pid} ready" not in self.log():
+            assert self.proc.poll() is None, self.log()
+            assert time.monotonic() < deadline, "worker not ready:\n" + self.log()
+            time.sleep(0.05)
+
+    def kill9(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_config_rollout__on_celery_workers__one_killed_mid_rollout__finishes_once_each(
+    new_database, broker, tmp_path
+):
+    """The run on real ``tillflow cloud worker`` processes (Redis broker, the sweep
+    waking it from its WAITs), the terminals answering in real time; the only worker is
+    kill -9'd once wave 1 was notified, and another, started then, takes the run on from
+    its last commit. Every device ends on the version, each commanded once for it."""
+    from cloud.executor.celery_app import make_app
+    from cloud.executor.executor import CeleryExecutor
+    from cloud.settings import load_settings
+    from cloud.sync.keys import load_or_create_key
+    from edge.engine.clock import SystemClock
+
+    url = new_database()
+    key_file = tmp_path / "signing.key"
+    key, _ = load_or_create_key(key_file)
+    config = tmp_path / "cloud.yaml"
+    config.write_text(yaml.safe_dump({
+        "database_url": url, "broker_url": broker, "sweep_interval_s": 0.5,
+        "control_schedules": False, "signing_key_file": str(key_file),
+    }), encoding="utf-8")  # fmt: skip
+    settings = load_settings(config, environ={})
+    backend = PostgresSyncBackend(url, pool_size=4)
+    store = PostgresStore(url, pool_size=2)
+    workers: list[Worker] = []
+    engine: Engine | None = None
+    clock = SystemClock()
+    try:
+        migrate_fleet(backend)
+        sync = SyncService(backend, clock, key)
+        ctx = FleetContext(settings, backend.pool, sync, clock, key)  # type: ignore[arg-type]
+        engine = cloud_engine(store, CeleryExecutor(make_app(settings)), settings=settings)
+        with starlette_testclient.TestClient(create_app(sync, fleet=ctx)) as client:
+            f = Fleet(client, backend, store, clock, key, sync, engine, tmp_path)  # type: ignore[arg-type]
+            for n in range(4):
+                f.enroll(f"s{n % 2}")
+            v1 = f.baseline()
+            workers.append(Worker(tmp_path, 0, config))
+            workers[0].wait_ready()
+            rid = f.rollout("config", {"content": V2, "target": {"all": True},
+                                       "waves": ["2", "100%"], "soak_s": 0})  # fmt: skip
+            deadline = time.monotonic() + ROLLOUT_S
+            killed = False
+            while True:
+                v = f.view(rid)
+                if v["status"] in ("succeeded", "rolled_back", "failed"):
+                    break
+                assert time.monotonic() < deadline, f"{v}\n{workers[-1].log()[-4000:]}"
+                if not killed and v["waves"][0]["notified"] == 2:
+                    workers[0].kill9()
+                    killed = True
+                    workers.append(Worker(tmp_path, 1, config))
+                    workers[1].wait_ready()
+                for t in f.terminals.values():
+                    t.sync()
+                time.sleep(0.2)
+            assert killed and v["status"] == "succeeded", v
+            version = v["document"]["version"]
+            assert version == v1 + 1
+            for t in f.terminals.values():
+                t.sync()
+                assert t.version() == version
+            assert f.commands_for("config", version) == Counter(dict.fromkeys(f.terminals, 1))
+            assert f"worker {workers[1].proc.pid} ready" in workers[1].log()
+    finally:
+        for w in workers:
+            w.kill9()
+        if engine is not None:
+            engine.close()
+        store.close()
+        backend.close()
