@@ -112,8 +112,12 @@ def draw_seed(rng: random.Random | None = None) -> int:
 
 @dataclass(frozen=True)
 class Figures:
-    """Devices with an outcome (``sampled``: healthy or a failure kind) and those of the
-    counted failure kinds among them."""
+    """The devices sampled -- every one that answered (applied: soaking or healthy;
+    failed, refused) or timed out -- and those of the counted failure kinds among them.
+
+    A soaking device counts as sampled (not yet a failure): a failure shows at once
+    while success waits out the soak, so a rate over finished devices alone would read
+    100% on the first few failures of a wave that is mostly well."""
 
     failures: int
     sampled: int
@@ -142,10 +146,10 @@ class Verdict:
 
 
 def figures(counts: Mapping[str, int], abort: Abort) -> Figures:
-    """``counts``: devices by status (healthy, failed, refused, timed_out, ...)."""
+    """``counts``: devices by status (applied, healthy, failed, refused, timed_out, ...)."""
     failures = sum(int(counts.get(k, 0)) for k in abort.count)
-    sampled = int(counts.get("healthy", 0)) + sum(
-        int(counts.get(k, 0)) for k in ("failed", "refused", "timed_out")
+    sampled = sum(
+        int(counts.get(k, 0)) for k in ("applied", "healthy", "failed", "refused", "timed_out")
     )
     return Figures(failures, sampled)
 

@@ -495,6 +495,32 @@ def test_config_rollout__a_silent_device_times_out_and_gets_it_late_a_new_one_to
     assert fleet.devices(rid, status="timed_out")[0]["late"] is True
 
 
+# --- windows -------------------------------------------------------------------------------
+
+
+def test_config_rollout__a_store_outside_its_window_is_held_until_it_opens(fleet):
+    for n in range(4):
+        fleet.enroll(f"s{n % 2}")
+    fleet.baseline()
+    # now 08:00 UTC, 09:00 in Berlin: s1's window opens at 10:00 there; s0 has none
+    rid = fleet.rollout("config", {
+        "content": V2, "target": {"all": True}, "waves": ["100%"], "soak_s": 0,
+        "windows": {"s1": {"tz": "Europe/Berlin", "start": "10:00", "end": "12:00"}},
+    })  # fmt: skip
+    held = fleet.devices(rid, status="held")
+    assert {d["store"] for d in held} == {"s1"} and len(held) == 2
+    for _ in range(6):
+        fleet.tick(60)  # 08:06 UTC: still closed
+    v = fleet.view(rid)
+    assert v["status"] == "running" and v["waves"][0]["held"] == 2
+    assert v["waves"][0]["healthy"] == 2
+    fleet.clock.advance(3600)  # 09:06 UTC, 10:06 in Berlin
+    v = fleet.until(rid, _finished)
+    assert v["status"] == "succeeded"
+    s1 = [d for d in fleet.devices(rid) if d["store"] == "s1"]
+    assert all(d["notified_at"] >= T0 + 3600 for d in s1)
+
+
 # --- replays -------------------------------------------------------------------------------
 
 

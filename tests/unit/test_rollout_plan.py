@@ -67,6 +67,9 @@ def test_evaluate__total_rate_and_the_kinds_counted():
     verdict = plan.evaluate({"healthy": 1}, total, abort)
     assert verdict.criterion == "total_failure_rate"
     assert verdict.figures == plan.Figures(failures=4, sampled=16)
+    # soaking devices are sampled: three quick failures among many still soaking
+    soaking = {"applied": 27, "failed": 3}
+    assert not plan.evaluate(soaking, soaking, Abort(failure_percent=10)).abort
     # exactly at the threshold is not past it
     at = Abort(failure_percent=20, min_sample_wave=1, min_sample_total=1)
     assert not plan.evaluate({"healthy": 4, "failed": 1}, {"healthy": 4, "failed": 1}, at).abort
