@@ -180,3 +180,40 @@ def test_control__what_the_status_does_not_allow_is_409(fleet):
     v = fleet.view(rid)
     assert v["status"] == "rolled_back" and v["abort"]["criterion"] == "operator"
     assert fleet.sql("SELECT count(*) FROM commands WHERE action = 'update_config'") == [(0,)]
+
+
+def test_schema__migrations_converge_with_schema_sql(new_database):
+    """The rollouts set's migrations give what its ``schema.sql`` says (tables, columns,
+    constraints, indexes)."""
+    import psycopg
+
+    from cloud.rollouts import SCHEMA
+
+    def catalog(url: str) -> list[Any]:
+        with psycopg.connect(url, autocommit=True) as conn:
+            cols = conn.execute(
+                "SELECT table_name, column_name, data_type, is_nullable, column_default "
+                "FROM information_schema.columns WHERE table_schema = 'public' "
+                "AND table_name LIKE 'rollout%%' AND table_name <> 'rollouts_schema_migrations' "
+                "ORDER BY 1, 2"
+            ).fetchall()
+            cons = conn.execute(
+                "SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid) "
+                "FROM pg_constraint WHERE conrelid::regclass::text LIKE 'rollout%%' "
+                "AND conrelid::regclass::text <> 'rollouts_schema_migrations' "
+                "ORDER BY 1, 2"
+            ).fetchall()
+            idx = conn.execute(
+                "SELECT tablename, indexname, indexdef FROM pg_indexes "
+                "WHERE tablename LIKE 'rollout%%' AND tablename <> 'rollouts_schema_migrations' "
+                "ORDER BY 1, 2"
+            ).fetchall()
+        return [cols, cons, idx]
+
+    migrated, built = new_database(), new_database()
+    with psycopg.connect(migrated, autocommit=True) as conn, conn.transaction():
+        assert SCHEMA.migrate(conn, where="test") == len(SCHEMA.migrations())
+    with psycopg.connect(built, autocommit=True) as conn:
+        conn.execute(SCHEMA.schema().encode())
+    a, b = catalog(migrated), catalog(built)
+    assert a == b and len(a[0]) > 40
