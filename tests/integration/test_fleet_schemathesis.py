@@ -69,9 +69,9 @@ def admin_token(cloud: Cloud) -> str:
 
 
 def seed(cloud: Cloud, token: str) -> dict[str, str]:
-    """Things the fuzzing can aim at: an enrolled device that has synced audit rows, and
-    a command sent to it (random ids find nothing, so without these the handlers' paths
-    past "not found" would go unasked)."""
+    """Things the fuzzing can aim at: an enrolled device that has synced audit rows, a
+    command sent to it, and a rollout to it (random ids find nothing, so without these
+    the handlers' paths past "not found" would go unasked)."""
     term = Terminal(SystemClock())
     headers = {"Authorization": f"Bearer {token}"}
     with httpx.Client(base_url=cloud.url, headers=headers, timeout=30) as client:
@@ -85,10 +85,16 @@ def seed(cloud: Cloud, token: str) -> dict[str, str]:
         target = {"target": {"device_id": term.device_id}, "action": "request_health"}
         sent = client.post("/api/v1/commands", json=target)
         assert sent.status_code == 201, sent.text
+        # a rollout to it (its run started; no worker runs here, so it stays pending)
+        rollout = {"content": {"risk": {"floor_limit_minor": 1000}},
+                   "target": {"device_ids": [term.device_id]}}  # fmt: skip
+        rolled = client.post("/api/v1/config/rollout", json=rollout)
+        assert rolled.status_code == 201, rolled.text
     return {
         "device_id": term.device_id,
         "command_id": sent.json()["commands"][0]["command_id"],
         "batch_id": sent.json()["batch_id"],
+        "rollout_id": rolled.json()["rollout_id"],
     }
 
 
@@ -137,7 +143,17 @@ def fuzz(
         tally.no_negative.append(operation.label)
 
 
-def test_fleet_api__no_server_error_for_any_input(cloud: Cloud) -> None:
+@pytest.fixture
+def home(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A HOME of the test's own, set before the server starts: the serverless broker
+    its rollouts' runs are published to is made under it."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    return home
+
+
+def test_fleet_api__no_server_error_for_any_input(home: Any, cloud: Cloud) -> None:
     token = admin_token(cloud)
     schema = schemathesis.openapi.from_url(f"{cloud.url}/openapi.json", timeout=30)
     operations = [result.ok() for result in schema.get_all_operations()]
