@@ -2,6 +2,10 @@
 expired), or that enrolled during or after one, gets the version in force for it when
 it next syncs -- the rollout's, or after a rollback the old content again.
 
+A device a running rollout's selector names but that it did not plan (enrolled, moved
+or tagged since) joins it, in the wave it is at (``join``): the run notifies and
+follows it as any other (its health counts, a rollback restores it).
+
 Rollouts write what each device should follow as assignments (a device-scope one as
 each device is notified, the selector's place at Finalize; a rollback puts them back or
 points them at the restore version), so "what should this device run" is always its
@@ -23,7 +27,9 @@ from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from cloud.rollouts import plan
 from cloud.rollouts._sql import Conn, Q
+from cloud.rollouts.options import RolloutOptions
 from cloud.rollouts.steps import ACTION, _InTransaction
 from edge.engine.clock import Clock, SystemClock
 from sync.server import ServiceError, SyncService
@@ -53,6 +59,35 @@ def find(conn: Conn, *, now: float, limit: int = DEFAULT_LIMIT) -> list[Behind]:
     return found
 
 
+def join(conn: Conn, *, limit: int = DEFAULT_LIMIT) -> dict[str, list[str]]:
+    """Add to each running rollout the devices its selector names now that it did not
+    when it was planned (enrolled, moved, tagged since), in the wave it is at: its run
+    notifies and follows them like the others. Returns them by rollout."""
+    joined: dict[str, list[str]] = {}
+    for rollout_id, options, current_wave in conn.execute(Q["active_rollouts"]).fetchall():
+        target = RolloutOptions.model_validate(options).target
+        params = {**plan.selector_params(target), "rollout_id": rollout_id, "limit": limit}
+        rows = conn.execute(Q["late_targets"], params).fetchall()
+        if not rows:
+            continue
+        wave = int(current_wave)
+        conn.execute(
+            Q["join_late"],
+            {"rollout_id": rollout_id, "wave": wave, "device_ids": [r[0] for r in rows],
+             "stores": [r[1] for r in rows], "groups": [r[2] for r in rows]},
+        )  # fmt: skip
+        conn.execute(Q["wave_grew"], {"rollout_id": rollout_id, "wave": wave, "n": len(rows)})
+        joined[str(rollout_id)] = [str(r[0]) for r in rows]
+        log.info(
+            "rollout %s: %d late joiner(s) in wave %d",
+            rollout_id,
+            len(rows),
+            wave,
+            extra={"action": "rollout_joined", "count": len(rows)},
+        )
+    return joined
+
+
 def reconcile(
     conn: Conn,
     key: Ed25519PrivateKey,
@@ -62,7 +97,9 @@ def reconcile(
     ttl_s: float = DEFAULT_TTL_S,
 ) -> dict[tuple[str, int], list[str]]:
     """Queue the effective document for every device ``find`` finds, in ``conn``'s
-    transaction; returns the devices commanded, by (kind, version)."""
+    transaction; returns the devices commanded, by (kind, version). (Devices a running
+    rollout's selector names now join it first: ``join``.)"""
+    join(conn, limit=limit)
     now = clock.now()
     groups: dict[tuple[str, int], list[str]] = {}
     for b in find(conn, now=now, limit=limit):
@@ -113,4 +150,4 @@ def finder(
     return run
 
 
-__all__ = ["DEFAULT_LIMIT", "DEFAULT_TTL_S", "Behind", "find", "finder", "reconcile"]
+__all__ = ["DEFAULT_LIMIT", "DEFAULT_TTL_S", "Behind", "find", "finder", "join", "reconcile"]

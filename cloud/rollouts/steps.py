@@ -704,6 +704,8 @@ def restore_wave(state: State, ctx: StepContext) -> State:
                               "command_ids": [sent[d] for d in s]})  # fmt: skip
             _record(conn, row, ctx, "rollout.restore",
                     {"wave": wave, "version": version, "devices": len(sent)})  # fmt: skip
+        if kind == "release":
+            conn.execute(Q["restore_release_failed"], {"rollout_id": rollout_id, "wave": wave})
         conn.execute(
             Q["restore_progress"],
             {"rollout_id": rollout_id, "wave": wave, "now": now, "release": kind == "release",

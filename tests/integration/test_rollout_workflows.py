@@ -495,6 +495,30 @@ def test_config_rollout__a_silent_device_times_out_and_gets_it_late_a_new_one_to
     assert fleet.devices(rid, status="timed_out")[0]["late"] is True
 
 
+def test_config_rollout__a_device_enrolled_mid_rollout_joins_the_wave_it_is_at(fleet):
+    for _ in range(4):
+        fleet.enroll("s1")
+    v1 = fleet.baseline()
+    rid = fleet.rollout("config", {"content": V2, "target": {"stores": ["s1"]},
+                                   "waves": ["2", "100%"], "soak_s": 0,
+                                   "gates": {"approve_after": [1]}})  # fmt: skip
+    fleet.until(rid, lambda v: v["status"] == "awaiting_approval")
+    newcomer = fleet.enroll("s1")
+    elsewhere = fleet.enroll("s2")  # not targeted: not joined
+    sent = fleet.tx(lambda c: reconcile.reconcile(c, fleet.key, fleet.clock))
+    # the newcomer waits for the rollout (not given v1 meanwhile); the other follows
+    # the fleet's v1
+    assert sent == {("config", v1): [elsewhere.device_id]}
+    joined = fleet.devices(rid, wave=1)
+    assert [d["device_id"] for d in joined if d["late"]] == [newcomer.device_id]
+    assert fleet.view(rid)["waves"][0]["targeted"] == 3
+    fleet.control(rid, "approve")
+    v = fleet.until(rid, _finished)
+    assert v["status"] == "succeeded" and v["targeted"] == 5
+    assert newcomer.version() == v1 + 1 and elsewhere.version() == v1
+    assert {d["device_id"] for d in fleet.devices(rid, status="healthy")} >= {newcomer.device_id}
+
+
 # --- windows -------------------------------------------------------------------------------
 
 

@@ -404,6 +404,55 @@ WHERE rd.rollout_id = %(rollout_id)s AND rd.wave = %(wave)s
                  AND coalesce((h.heartbeat ->> %(field)s)::bigint, 0) >= rd.restore_version)))
        OR rd.restore_notified_at + %(timeout_s)s <= %(now)s);
 
+-- name: restore_release_failed
+-- Release restores the device reported failed (outbox topic release_result).
+UPDATE rollout_devices rd SET restore_status = 'failed',
+                              last_error = left(coalesce(m.payload ->> 'reason', 'install failed'), 1024)
+FROM sync_messages m
+WHERE rd.rollout_id = %(rollout_id)s AND rd.wave = %(wave)s AND rd.restore_status = 'notified'
+  AND m.device_id = rd.device_id AND m.topic = 'release_result'
+  AND m.payload ->> 'command_id' = rd.restore_command_id AND m.payload ->> 'status' = 'failed';
+
+-- name: active_rollouts
+-- Rollouts a device may still join (their run is on its waves).
+SELECT rollout_id, options, current_wave FROM rollouts
+WHERE status IN ('running', 'paused', 'awaiting_approval') AND current_wave >= 1
+ORDER BY rollout_id;
+
+-- name: late_targets
+-- The active devices a running rollout's selector names that are not its devices yet
+-- (enrolled, moved or tagged since it was planned).
+SELECT d.device_id, d.store, d.group_name
+FROM devices d LEFT JOIN device_health h ON h.device_id = d.device_id
+WHERE d.status = 'active'
+  AND (%(stores)s::text[] IS NULL OR d.store = ANY(%(stores)s::text[]))
+  AND (%(groups)s::text[] IS NULL OR d.group_name = ANY(%(groups)s::text[]))
+  AND (%(tags)s::text[] IS NULL OR EXISTS (
+        SELECT 1 FROM device_tags t
+        WHERE t.device_id = d.device_id AND t.tag = ANY(%(tags)s::text[])))
+  AND (%(binary_versions)s::text[] IS NULL
+       OR coalesce(h.heartbeat ->> 'binary_version', d.binary_version)
+          = ANY(%(binary_versions)s::text[]))
+  AND (%(device_ids)s::text[] IS NULL OR d.device_id = ANY(%(device_ids)s::text[]))
+  AND NOT EXISTS (SELECT 1 FROM rollout_devices rd
+                  WHERE rd.rollout_id = %(rollout_id)s AND rd.device_id = d.device_id)
+ORDER BY d.device_id
+LIMIT %(limit)s;
+
+-- name: join_late
+-- Late joiners added to a running rollout, in the wave it is at (its run notifies and
+-- follows them like the rest).
+INSERT INTO rollout_devices (rollout_id, device_id, store, group_name, wave, late)
+SELECT %(rollout_id)s, d.device_id, d.store, d.group_name, %(wave)s, true
+FROM unnest(%(device_ids)s::text[], %(stores)s::text[], %(groups)s::text[])
+     AS d(device_id, store, group_name)
+ON CONFLICT (rollout_id, device_id) DO NOTHING;
+
+-- name: wave_grew
+-- A wave's device count after late joiners came.
+UPDATE rollout_waves SET targeted = targeted + %(n)s
+WHERE rollout_id = %(rollout_id)s AND wave = %(wave)s;
+
 -- name: restores_unsettled
 -- A wave's restores not yet settled.
 SELECT count(*) FROM rollout_devices
@@ -427,8 +476,9 @@ ORDER BY version DESC LIMIT 1;
 -- name: behind
 -- Late joiners: active devices whose heartbeat reports a config or policy version below
 -- the one their assignments make effective (device > store > group > fleet), that
--- version not withdrawn, no command of its action still pending for the device, and
--- none for that version ever taken or answered (a refusal is not asked again).
+-- version not withdrawn, no command of its action still pending for the device, none
+-- for that version ever taken or answered (a refusal is not asked again), and not
+-- waiting in a rollout of that kind for its wave (the rollout brings it).
 WITH effective AS (
     SELECT d.device_id, k.kind, k.action, k.field,
            (SELECT a.version FROM document_assignments a
@@ -452,6 +502,11 @@ SELECT e.device_id, e.kind, e.version
 FROM effective e JOIN sync_documents s ON s.kind = e.kind AND s.version = e.version
 WHERE s.withdrawn_at IS NULL
   AND coalesce((e.heartbeat ->> e.field)::bigint, 0) < e.version
+  AND NOT EXISTS (
+        SELECT 1 FROM rollout_devices rd JOIN rollouts r ON r.rollout_id = rd.rollout_id
+        WHERE rd.device_id = e.device_id AND r.kind = e.kind
+          AND r.status IN ('pending', 'running', 'paused', 'awaiting_approval')
+          AND rd.status IN ('planned', 'held'))
   AND NOT EXISTS (
         SELECT 1 FROM commands c
         WHERE c.device_id = e.device_id AND c.action = e.action
@@ -484,6 +539,11 @@ SELECT e.device_id, 'release', e.version
 FROM effective e JOIN sync_documents s ON s.kind = 'release' AND s.version = e.version
 WHERE s.withdrawn_at IS NULL
   AND e.heartbeat ->> 'binary_version' IS DISTINCT FROM s.content ->> 'release'
+  AND NOT EXISTS (
+        SELECT 1 FROM rollout_devices rd JOIN rollouts r ON r.rollout_id = rd.rollout_id
+        WHERE rd.device_id = e.device_id AND r.kind = 'release'
+          AND r.status IN ('pending', 'running', 'paused', 'awaiting_approval')
+          AND rd.status IN ('planned', 'held'))
   AND NOT EXISTS (
         SELECT 1 FROM commands c
         WHERE c.device_id = e.device_id AND c.action = 'install_release'
