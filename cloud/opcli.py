@@ -777,6 +777,9 @@ def register(
     from cloud import opcli_rollouts
 
     opcli_rollouts.add_commands(sys.modules[__name__], group, leaf)
+    from cloud import opcli_releases  # releases upload|list|show (cloud.opcli_releases)
+
+    opcli_releases.add_commands(sys.modules[__name__], group, leaf)
     return run
 
 

@@ -10,6 +10,10 @@ import base64
 import gzip
 import hashlib
 import io
+import json
+import os
+import subprocess
+import sys
 import tarfile
 import time
 from collections.abc import Iterator
@@ -18,6 +22,7 @@ from typing import Any
 
 import pytest
 from fleet_app import Fleet
+from hwsim.syncrig import Cloud
 
 from cloud.api.serve import build_app, migrate_fleet
 from cloud.fleet import tokens
@@ -260,3 +265,74 @@ def test_releases__without_a_release_key_the_cloud_takes_no_bundle(new_database,
         assert out.status_code == 503, out.text
         assert out.json()["error"]["code"] == "no_release_key"
         assert counts(f) == (0, 0, 0)
+
+
+class KeyedCloud(Cloud):
+    """``tillflow cloud serve`` with a settings file naming the release public key."""
+
+    def __init__(self, database_url: str, work: Path, pubkey: Path) -> None:
+        super().__init__(database_url, work)
+        self.settings = work / "cloud.yaml"
+        self.settings.write_text(f"release_pubkey_file: {pubkey}\n")
+
+    def start(self) -> str:
+        cmd = [sys.executable, "-m", "edge.cli", "cloud", "serve", "--config", str(self.settings)]
+        cmd += ["--database-url", self.database_url, "--host", "127.0.0.1", "--port", "0"]
+        cmd += ["--signing-key", str(self.signing_key)]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TILLFLOW_")}
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=log)
+        assert self.proc.stdout is not None
+        for raw in iter(self.proc.stdout.readline, b""):  # bounded: serve exits or listens
+            line = raw.decode()
+            if line.startswith("listening on "):
+                self.port = int(line.strip().rsplit(":", 1)[1])
+                return self.url
+        raise AssertionError(f"cloud serve exited before listening: {self.log_tail()}")
+
+
+def test_fleet_releases_cli__upload_list_show_and_a_forged_bundle(
+    new_database, keys, tmp_path, capsys, monkeypatch
+):
+    from edge.cli import main
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ambient ~/.tillflow/api-token
+    (tmp_path / "cloud").mkdir()
+    cloud = KeyedCloud(new_database(), tmp_path / "cloud", keys["pub"])
+    cloud.start()
+    try:
+        made = cloud.cli("api-token", "create", "--name", "ops", "--role", "operator", "--json")
+        token = json.loads(made)["token"]
+
+        def fleet(*argv: str) -> tuple[int, str, str]:
+            code = main(["fleet", *argv, "--url", cloud.url, "--token", token])
+            out = capsys.readouterr()
+            return code, out.out, out.err
+
+        good = tmp_path / "good.tar.gz"
+        good.write_bytes(tar_gz(bundle_dir(tmp_path / "a", "5.0.0", keys["key"], b"five")))
+        code, out, err = fleet("releases", "upload", str(good))
+        assert code == 0, err
+        assert out.startswith("release 5.0.0 uploaded: 6 files"), out
+        code, out, _ = fleet("releases", "upload", str(good))
+        assert code == 0 and "already held" in out
+
+        forged = tmp_path / "forged.tar.gz"
+        forged.write_bytes(tar_gz(bundle_dir(tmp_path / "f", "5.0.1", keys["foreign"], b"x")))
+        code, out, err = fleet("releases", "upload", str(forged))
+        assert code == 1, out
+        assert "422 invalid_bundle" in err and "does not verify" in err, err
+
+        code, out, _ = fleet("releases", "list")
+        assert code == 0
+        assert out.splitlines()[0].split()[:4] == ["RELEASE", "FILES", "BYTES", "NEW"]
+        assert [ln.split()[0] for ln in out.splitlines()[1:]] == ["5.0.0"]
+        code, out, _ = fleet("releases", "show", "5.0.0")
+        assert code == 0 and "tillflow-edge/_internal/libpython.so" in out
+        assert "755" in out  # the binary's mode
+        code, out, _ = fleet("releases", "show", "5.0.0", "--json", "--no-files")
+        assert json.loads(out)["file_list"] is None
+        code, _, err = fleet("releases", "show", "6.0.0")
+        assert code == 1 and "404 release_not_found" in err
+    finally:
+        cloud.stop()
