@@ -336,3 +336,46 @@ def test_fleet_releases_cli__upload_list_show_and_a_forged_bundle(
         assert code == 1 and "404 release_not_found" in err
     finally:
         cloud.stop()
+
+
+# --- schema --------------------------------------------------------------------------------
+
+CATALOG = {
+    "columns": """
+        SELECT table_name, column_name, data_type, is_nullable, column_default, is_identity
+        FROM information_schema.columns
+        WHERE table_schema = current_schema() AND table_name = ANY(%(tables)s)
+        ORDER BY 1, 2""",
+    "indexes": """
+        SELECT tablename, indexname, indexdef FROM pg_indexes
+        WHERE schemaname = current_schema() AND tablename = ANY(%(tables)s)
+        ORDER BY 1, 2""",
+    "constraints": """
+        SELECT c.conrelid::regclass::text, c.conname, pg_get_constraintdef(c.oid)
+        FROM pg_constraint c JOIN pg_namespace n ON n.oid = c.connamespace
+        WHERE n.nspname = current_schema() AND c.conrelid::regclass::text = ANY(%(tables)s)
+        ORDER BY 1, 2""",
+}
+TABLES = ["releases", "release_files", "release_blobs"]
+
+
+def test_schema__migrations_converge_with_schema_sql_and_rerun_is_a_no_op(new_database):
+    import psycopg
+
+    from cloud.releases import SCHEMA
+
+    def catalog(url: str) -> dict[str, list[tuple[Any, ...]]]:
+        with psycopg.connect(url) as conn:
+            return {k: conn.execute(q, {"tables": TABLES}).fetchall() for k, q in CATALOG.items()}
+
+    migrated, fresh = new_database(), new_database()
+    n = len(SCHEMA.migrations())
+    with psycopg.connect(migrated, autocommit=True) as conn, conn.transaction():
+        assert SCHEMA.migrate(conn, where="test") == n >= 1
+    with psycopg.connect(migrated, autocommit=True) as conn, conn.transaction():
+        assert SCHEMA.migrate(conn, where="test") == n  # nothing pending: nothing done
+    with psycopg.connect(fresh, autocommit=True) as conn:
+        conn.execute(SCHEMA.schema().encode())
+    got = catalog(migrated)
+    assert {t for t, *_ in got["columns"]} == set(TABLES)
+    assert got == catalog(fresh)
