@@ -706,14 +706,36 @@ class Worker:
         self.proc.wait(timeout=30)
 
 
+def _cut_database(url: str, seconds: float) -> None:
+    """The database away for ``seconds``: no connection allowed, every one cut (as a
+    PostgreSQL restart looks to its clients), then back."""
+    import psycopg
+
+    name = url.rsplit("/", 1)[1]
+    admin = urlunsplit(urlsplit(url)._replace(path="/postgres"))
+    terminate = b"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false'.encode())
+        try:
+            until = time.monotonic() + seconds
+            while time.monotonic() < until:
+                conn.execute(terminate, (name,))
+                time.sleep(0.2)
+        finally:
+            conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'.encode())
+
+
 @pytest.mark.slow
-def test_config_rollout__on_celery_workers__one_killed_mid_rollout__finishes_once_each(
-    new_database, broker, tmp_path
+@pytest.mark.parametrize("fault", ["worker_killed", "database_away"])
+def test_config_rollout__on_celery_workers__a_fault_mid_rollout__finishes_once_each(
+    new_database, broker, tmp_path, fault
 ):
     """The run on real ``tillflow cloud worker`` processes (Redis broker, the sweep
-    waking it from its WAITs), the terminals answering in real time; the only worker is
-    kill -9'd once wave 1 was notified, and another, started then, takes the run on from
-    its last commit. Every device ends on the version, each commanded once for it."""
+    waking it from its WAITs), the terminals answering in real time. Once wave 1 was
+    notified: the only worker is kill -9'd and another, started then, takes the run on
+    from its last commit (``worker_killed``); or the database is away for 5 s, every
+    connection cut, as in a PostgreSQL restart (``database_away``). Every device ends on
+    the version, each commanded once for it."""
     from cloud.executor.celery_app import make_app
     from cloud.executor.executor import CeleryExecutor
     from cloud.settings import load_settings
@@ -756,10 +778,14 @@ def test_config_rollout__on_celery_workers__one_killed_mid_rollout__finishes_onc
                     break
                 assert time.monotonic() < deadline, f"{v}\n{workers[-1].log()[-4000:]}"
                 if not killed and v["waves"][0]["notified"] == 2:
-                    workers[0].kill9()
                     killed = True
-                    workers.append(Worker(tmp_path, 1, config))
-                    workers[1].wait_ready()
+                    if fault == "worker_killed":
+                        workers[0].kill9()
+                        workers.append(Worker(tmp_path, 1, config))
+                        workers[-1].wait_ready()
+                    else:
+                        _cut_database(url, 5.0)
+                    continue
                 for t in f.terminals.values():
                     t.sync()
                 time.sleep(0.2)
@@ -770,7 +796,8 @@ def test_config_rollout__on_celery_workers__one_killed_mid_rollout__finishes_onc
                 t.sync()
                 assert t.version() == version
             assert f.commands_for("config", version) == Counter(dict.fromkeys(f.terminals, 1))
-            assert f"worker {workers[1].proc.pid} ready" in workers[1].log()
+            if fault == "database_away":
+                assert "sweep pass failed" in workers[0].log(), workers[0].log()[-4000:]
     finally:
         for w in workers:
             w.kill9()
