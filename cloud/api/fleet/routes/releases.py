@@ -96,6 +96,8 @@ def _api(exc: ReleaseError) -> ApiError:
 
 
 def _upload(ctx: FleetContext, who: Principal, data: bytes) -> store.Uploaded:
+    if not data.startswith(b"\x1f\x8b"):  # what it is not is said before the key is asked
+        raise ApiError(422, "invalid_bundle", "the body is not gzip'd: send make bundle's tar.gz")
     key = ctx.settings.release_pubkey_file
     if key is None:
         raise ApiError(
