@@ -12,7 +12,14 @@ The CLI runs in this process (``edge.cli.main``, its stdout/stderr captured).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +31,10 @@ from sync_memory import Terminal
 
 from edge.cli import main
 from edge.engine.clock import SystemClock
+from edge.store.memory import MemoryStore
+from edge.terminal.service.terminal import offline_acknowledgement
+from sync.device import identity as device_identity
+from sync.device.client import SyncClient
 
 CONFIG = "risk:\n  floor_limit_minor: 2500\n"
 
@@ -212,3 +223,186 @@ def test_rollouts__watch_returns_at_once_on_a_rollout_that_ended(
     fleet.sql("UPDATE rollouts SET status = 'succeeded' WHERE rollout_id = %s", rid)
     code, out, _ = fleet("rollouts", "watch", rid)
     assert code == 0 and "succeeded" in out
+
+
+# --- end to end: serve, a worker, terminals that apply what they are sent -----------------------
+
+
+class Hooks:
+    """The terminal side a sync client needs, over a real edge store: its heartbeat
+    reports the documents in force there."""
+
+    def __init__(self, store: MemoryStore) -> None:
+        self.store = store
+
+    def _version(self, kind: str) -> int | None:
+        active = self.store.active_document(kind)
+        return None if active is None else active[0]
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "storage": {"state": "ok", "used_percent": 1.0},
+            "outbox_depth": self.store.outbox_stats().depth,
+            "config_version": self._version("config"),
+            "policy_version": self._version("policy"),
+        }
+
+    def acknowledge(self, outbox_through: int, audit_through: int | None = None) -> int:
+        ack = offline_acknowledgement(self.store, outbox_through, audit_through)
+        return self.store.acknowledge(ack).messages
+
+    def refresh_documents(self) -> None:
+        pass
+
+    def active_policy_version(self) -> int | None:
+        return self._version("policy")
+
+
+class Terminals:
+    """Terminals enrolled over HTTP (``sync.device``'s client: commands checked and
+    applied into an edge store), synced by one thread every ``SYNC_EVERY_S`` as a
+    terminal's sync loop does, until stopped."""
+
+    SYNC_EVERY_S = 0.3
+
+    def __init__(self, cloud: Cloud, work: Path, n: int) -> None:
+        self.http = httpx.Client(timeout=30)
+        self.edges: list[MemoryStore] = []
+        self.clients: list[SyncClient] = []
+        for i in range(n):
+            data_dir = work / f"device-{i}"
+            token = cloud.enroll_token("s-1", "north")
+            identity = device_identity.enroll(cloud.url, token, data_dir, "1.0.0", http=self.http)
+            edge = MemoryStore()
+            self.edges.append(edge)
+            self.clients.append(
+                SyncClient(
+                    identity,
+                    device_identity.load_key(data_dir),
+                    edge,
+                    Hooks(edge),
+                    SystemClock(),
+                    self.http,
+                    binary_version="1.0.0",
+                )
+            )
+        self.stop = threading.Event()
+        self.errors: list[str] = []
+        self.thread = threading.Thread(target=self._loop, name="terminals", daemon=True)
+
+    def _loop(self) -> None:
+        while not self.stop.is_set():
+            for client in self.clients:
+                try:
+                    client.sync_once()
+                except Exception as exc:  # kept for the test to show; the loop goes on
+                    self.errors.append(f"{type(exc).__name__}: {exc}")
+            self.stop.wait(self.SYNC_EVERY_S)
+
+    def versions(self) -> list[int | None]:
+        out = []
+        for edge in self.edges:
+            active = edge.active_document("config")
+            out.append(None if active is None else active[0])
+        return out
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.thread.is_alive():
+            self.thread.join(timeout=30)
+        self.http.close()
+
+
+@contextlib.contextmanager
+def worker(cloud: Cloud, work: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """``tillflow cloud worker`` on the cloud's database, its key, and the serverless
+    broker serve publishes to (both under this test's HOME); the sweep every 0.5 s."""
+    config = work / "worker.yaml"
+    config.write_text(
+        f"database_url: {cloud.database_url}\nsigning_key_file: {cloud.signing_key}\n"
+        "sweep_interval_s: 0.5\ncontrol_schedules: false\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TILLFLOW_")}
+    log = open(work / "worker.log", "wb")  # noqa: SIM115 (closed below)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edge.cli", "cloud", "worker", "--config", str(config)],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        log.close()
+
+
+def until(what: str, done: Callable[[], bool], timeout_s: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if done():
+            return
+        time.sleep(0.2)  # a poll with a deadline, not a wait standing in for an event
+    tail = log.read_text(errors="replace")[-3000:] if log.exists() else "(no log)"
+    pytest.fail(f"not within {timeout_s:g}s: {what}\n--- worker log:\n{tail}")
+
+
+@pytest.mark.slow
+def test_rollouts__started_approved_and_watched_to_the_end_on_a_real_worker(
+    fleet: Fleet, served: Cloud, tmp_path: Path
+) -> None:
+    terms = Terminals(served, tmp_path, 3)
+    content = tmp_path / "config.yaml"
+    content.write_text(CONFIG)
+    with worker(served, tmp_path) as _:
+        terms.thread.start()
+        try:
+            rid = fleet.json(
+                "rollouts", "start", "config", "--content", str(content), "--all",
+                "--waves", "1,100%", "--soak-s", "0", "--approve-after", "1",
+                "--min-sample-wave", "1", "--min-sample-total", "1", "--device-timeout-s", "120",
+            )["rollout_id"]  # fmt: skip
+
+            def status() -> str:
+                return str(fleet.json("rollouts", "show", rid)["status"])
+
+            log = tmp_path / "worker.log"
+            until("wave 1 healthy, awaiting approval", lambda: status() == "awaiting_approval",
+                  90, log)  # fmt: skip
+            code, out, _ = fleet("rollouts", "show", rid)
+            assert code == 0 and "awaiting_approval" in out
+            lines = out.splitlines()
+            header = next(line for line in lines if line.startswith("wave "))
+            assert header.split()[:6] == ["wave", "size", "targeted", "notified", "applied",
+                                          "healthy"]  # fmt: skip
+            assert lines[lines.index(header) + 1].split()[:6] == ["1", "1", "1", "1", "1", "1"]
+            version = fleet.json("rollouts", "show", rid)["document"]["version"]
+            assert terms.versions().count(version) == 1
+
+            # the approval wakes the run: wave 2 is notified at once, not after the
+            # approval WAIT's timeout (60 s) or a lease left to expire (30 s)
+            approved_at = time.monotonic()
+            code, out, _ = fleet("rollouts", "approve", rid, "--reason", "wave 1 fine")
+            assert code == 0 and "approve recorded" in out
+
+            def wave_2_notified() -> bool:
+                waves = fleet.json("rollouts", "show", rid)["waves"]
+                return waves[1]["notified"] == waves[1]["targeted"] > 0
+
+            until("wave 2 notified", wave_2_notified, 25, log)
+            woken_s = time.monotonic() - approved_at
+            with fleet.capsys.disabled():  # pytest -s shows it
+                print(json.dumps({"approve_to_wave_2_notified_s": round(woken_s, 2)}))
+            assert woken_s < 15  # measured 0.5 s; 30.7 s when the API kept the lease
+
+            code, out, _ = fleet("rollouts", "watch", rid, "--interval", "0.5")
+            assert code == 0 and "succeeded" in out, out
+            assert terms.versions() == [version] * 3
+            devices = fleet.json("rollouts", "devices", rid)["items"]
+            assert sorted(d["status"] for d in devices) == ["healthy"] * 3
+            assert not terms.errors, terms.errors[:5]
+        finally:
+            terms.close()
