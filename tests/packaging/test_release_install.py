@@ -7,7 +7,8 @@ It fetches the signed manifest, downloads only the files whose hashes it does no
 the installer, restarts on the new release and reports it (``release_result``
 installed, the heartbeat's ``binary_version``). A release whose binary does not start is
 rolled back by the installer and reported failed; one whose file the cloud serves
-substituted is refused before anything is touched.
+substituted is refused before anything is touched; and going back to the first release
+(a rollout's restore) downloads nothing.
 
 The second binary is built here with PyInstaller (about 15-20 s on this machine;
 ``TILLFLOW_EDGE_NEXT_DIST`` names a prebuilt one with the version ``<v>.1``)."""
@@ -327,6 +328,18 @@ def test_install_release__downloads_the_delta_installs_restarts_and_rolls_back_a
     assert sorted(p.name for p in (root / "opt" / "tillflow" / "releases").iterdir()) == before
     with api(sock) as c:
         assert c.get("/v1/health").status_code == 200
+
+    # Back to A (a rollout's restore: a new version of the release document with A's
+    # content): every file is held already -- A's tree is the previous release, the
+    # bundle's own files were kept from B's install -- so nothing is downloaded.
+    command = send_install(cloud, device_id, uploaded["a"])
+    outcome = wait("A's release_result", lambda: result_of(url, device_id, command), log)
+    assert outcome["status"] == "installed", outcome
+    assert outcome["bytes_downloaded"] == 0, outcome
+    wait("heartbeat of A again", lambda: heartbeat_version(url, device_id) == names["a"], log, 60)
+    assert current(root) == f"releases/{names['a']}"
+    assert running_exe(root).endswith(f"/releases/{names['a']}/tillflow-edge")
+    assert pay(devices, sock, "rel-3")["decision"] == "approved"
 
 
 def sql_exec(url: str, query: str, params: Any) -> None:
