@@ -182,13 +182,22 @@ def request_body(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def _document(doc: dict[str, Any] | None) -> str:
+    """What is rolled out: ``config version 3``, ``release 1.4.0``; a version its run has
+    not made yet reads ``config (version not made yet)``."""
     if not doc:
         return "-"
     if doc.get("release"):
-        return f"release {doc['release']}" + (
-            f" (version {doc['version']})" if doc.get("version") is not None else ""
-        )
-    return f"{doc.get('kind', '?')} {cli.cell(doc.get('version'))}"
+        return f"release {doc['release']}"
+    if doc.get("version") is None:
+        return f"{doc.get('kind', '?')} (version not made yet)"
+    return f"{doc.get('kind', '?')} version {doc['version']}"
+
+
+def _version(doc: dict[str, Any] | None) -> str:
+    """The list's column: the release, or the version (``-`` until the run makes it)."""
+    if not doc:
+        return "-"
+    return str(doc.get("release") or cli.cell(doc.get("version")))
 
 
 def _pct(value: Any) -> str:
@@ -263,8 +272,8 @@ def render(view: dict[str, Any]) -> str:
     gates = (opts.get("gates") or {}).get("approve_after") or []
     waves = view.get("waves") or []
     lines = [
-        f"rollout {view.get('rollout_id')}: {view.get('kind')} {_document(view.get('document'))}"
-        f" -- {view.get('status')}",
+        f"rollout {view.get('rollout_id')}: {_document(view.get('document'))} -- "
+        f"{view.get('status')}",
         f"created {cli.when(view.get('created_at'))} by {cli.cell(view.get('created_by'))}; "
         f"updated {cli.when(view.get('updated_at'))}; finished {cli.when(view.get('finished_at'))}",
         f"run {cli.cell(view.get('run_id'))} ({cli.cell(view.get('run_status'))}); "
@@ -272,8 +281,8 @@ def render(view: dict[str, Any]) -> str:
         f"waves {cli.cell(opts.get('waves'))}; at wave {cli.cell(view.get('current_wave'))} of "
         f"{len(waves)}; soak {cli.cell(opts.get('soak_s'))}s; device timeout "
         f"{cli.cell(opts.get('device_timeout_s'))}s; rate "
-        f"{cli.cell(opts.get('rate_per_minute')) if opts.get('rate_per_minute') else 'unlimited'}"
-        f"/min; approval after wave(s) {cli.cell(gates)}",
+        + (f"{opts['rate_per_minute']}/min" if opts.get("rate_per_minute") else "unlimited")
+        + f"; approval after wave(s) {cli.cell(gates)}",
         f"threshold: {_threshold(view.get('threshold'))}",
         f"current rate: {_rate(view.get('rate'))}",
         f"controls: paused {cli.cell(bool(controls.get('paused')))}, approved through wave "
@@ -307,18 +316,12 @@ def progress(view: dict[str, Any]) -> str:
     return line + (f"; {rb}" if rb else "")
 
 
-def _waves_of(r: dict[str, Any]) -> str:
-    waves = r.get("waves")
-    total = len(waves) if isinstance(waves, list) else r.get("waves_total", waves)
-    return f"{cli.cell(r.get('current_wave'))}/{cli.cell(total)}"
-
-
 def list_cols() -> list[Column]:
     return [
         cli.col("id", "rollout_id"), cli.col("kind"), cli.col("status"),
-        ("document", lambda r: _document(r.get("document"))), ("wave", _waves_of),
-        cli.col("created", "created_at", time=True), cli.col("by", "created_by"),
-        cli.col("finished", "finished_at", time=True),
+        ("version", lambda r: _version(r.get("document"))), cli.col("wave", "current_wave"),
+        cli.col("targeted"), cli.col("created", "created_at", time=True),
+        cli.col("by", "created_by"), cli.col("finished", "finished_at", time=True),
     ]  # fmt: skip
 
 

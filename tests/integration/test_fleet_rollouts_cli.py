@@ -129,7 +129,7 @@ def test_rollouts__start_by_flags_list_show_devices_and_steer(
 
     code, out, _ = fleet("rollouts", "list")
     header, line = out.splitlines()[:2]
-    assert header.split()[:4] == ["id", "kind", "status", "document"] and rid in line
+    assert header.split()[:4] == ["id", "kind", "status", "version"] and rid in line
     assert fleet.json("rollouts", "list", "--kind", "policy")["items"] == []
     assert [
         r["rollout_id"] for r in fleet.json("rollouts", "list", "--kind", "config")["items"]
@@ -137,7 +137,7 @@ def test_rollouts__start_by_flags_list_show_devices_and_steer(
 
     code, out, _ = fleet("rollouts", "show", rid)
     assert code == 0
-    assert f"rollout {rid}: config" in out and "pending" in out
+    assert f"rollout {rid}: config (version not made yet) -- pending" in out
     assert "abort past 20.0% failed, timed_out" in out and "seed 42" in out
     assert "approval after wave(s) 1" in out and "60/min" in out
 
