@@ -230,21 +230,26 @@ def test_rollouts__watch_returns_at_once_on_a_rollout_that_ended(
 
 class Hooks:
     """The terminal side a sync client needs, over a real edge store: its heartbeat
-    reports the documents in force there."""
+    reports the documents in force there, and an error while the config version
+    ``sick_on`` is (a terminal that config breaks)."""
 
     def __init__(self, store: MemoryStore) -> None:
         self.store = store
+        self.sick_on: int | None = None
 
     def _version(self, kind: str) -> int | None:
         active = self.store.active_document(kind)
         return None if active is None else active[0]
 
     def health(self) -> dict[str, Any]:
+        config = self._version("config")
+        sick = self.sick_on is not None and config == self.sick_on
         return {
             "storage": {"state": "ok", "used_percent": 1.0},
             "outbox_depth": self.store.outbox_stats().depth,
-            "config_version": self._version("config"),
+            "config_version": config,
             "policy_version": self._version("policy"),
+            "last_error": "payments declined: host unreachable" if sick else None,
         }
 
     def acknowledge(self, outbox_through: int, audit_through: int | None = None) -> int:
@@ -268,6 +273,7 @@ class Terminals:
     def __init__(self, cloud: Cloud, work: Path, n: int) -> None:
         self.http = httpx.Client(timeout=30)
         self.edges: list[MemoryStore] = []
+        self.hooks: list[Hooks] = []
         self.clients: list[SyncClient] = []
         for i in range(n):
             data_dir = work / f"device-{i}"
@@ -275,12 +281,13 @@ class Terminals:
             identity = device_identity.enroll(cloud.url, token, data_dir, "1.0.0", http=self.http)
             edge = MemoryStore()
             self.edges.append(edge)
+            self.hooks.append(Hooks(edge))
             self.clients.append(
                 SyncClient(
                     identity,
                     device_identity.load_key(data_dir),
                     edge,
-                    Hooks(edge),
+                    self.hooks[-1],
                     SystemClock(),
                     self.http,
                     binary_version="1.0.0",
@@ -403,6 +410,51 @@ def test_rollouts__started_approved_and_watched_to_the_end_on_a_real_worker(
             assert terms.versions() == [version] * 3
             devices = fleet.json("rollouts", "devices", rid)["items"]
             assert sorted(d["status"] for d in devices) == ["healthy"] * 3
+            assert not terms.errors, terms.errors[:5]
+        finally:
+            terms.close()
+
+
+@pytest.mark.slow
+def test_rollouts__one_succeeds_the_next_aborts_and_every_device_is_restored(
+    fleet: Fleet, served: Cloud, tmp_path: Path
+) -> None:
+    terms = Terminals(served, tmp_path, 3)
+    first, second = tmp_path / "v1.yaml", tmp_path / "v2.yaml"
+    first.write_text("risk:\n  floor_limit_minor: 5000\n")
+    second.write_text("risk:\n  floor_limit_minor: 2500\n")
+    log = tmp_path / "worker.log"
+    with worker(served, tmp_path) as _:
+        terms.thread.start()
+        try:
+            ok = fleet.json("rollouts", "start", "config", "--content", str(first), "--all",
+                            "--waves", "100%", "--soak-s", "0")["rollout_id"]  # fmt: skip
+            code, out, _ = fleet("rollouts", "watch", ok, "--interval", "0.5")
+            assert code == 0 and "succeeded" in out, out
+            v1 = fleet.json("rollouts", "show", ok)["document"]["version"]
+            assert terms.versions() == [v1] * 3
+
+            # the next version breaks two terminals of three: past 10% the run aborts
+            # and its saga puts every device that took it back on v1's content
+            for hooks in terms.hooks[:2]:
+                hooks.sick_on = v1 + 1
+            bad = fleet.json(
+                "rollouts", "start", "config", "--content", str(second), "--all",
+                "--waves", "100%", "--soak-s", "2", "--min-sample-wave", "1",
+                "--min-sample-total", "1", "--reason", "lower floor",
+            )["rollout_id"]  # fmt: skip
+            code, out, _ = fleet("rollouts", "watch", bad, "--interval", "0.5")
+            assert code == 1 and "rolled_back" in out, out
+            view = fleet.json("rollouts", "show", bad)
+            assert view["document"]["version"] == v1 + 1
+            assert view["abort"]["criterion"] in ("wave_failure_rate", "total_failure_rate")
+            assert "aborted: " in out and "rollback done" in out, out
+            until("every terminal restored", lambda: all(
+                v is not None and v > v1 + 1 for v in terms.versions()), 60, log)  # fmt: skip
+            restored = fleet.json("rollouts", "devices", bad)["items"]
+            assert {d["restore_status"] for d in restored} == {"restored"}
+            with fleet.capsys.disabled():  # pytest -s shows what an operator reads
+                print(out)
             assert not terms.errors, terms.errors[:5]
         finally:
             terms.close()
