@@ -255,22 +255,48 @@ class Installer:
         self.launch = launch or launch_install
         self.base_path = urlsplit(identity.url.rstrip("/")).path
         self.bytes_downloaded = 0
+        #: Seconds the server's clock is ahead of ours (learnt from a clock_skew answer).
+        self.clock_offset = 0.0
         self.sizes: dict[str, int] = {}
         self.modes: dict[str, int] = {}
         self._key = load_key(self.data_dir)
 
     # --- requests -----------------------------------------------------------------------
 
-    def _get(self, http: httpx.Client, path: str, headers: dict[str, str] | None = None) -> Any:
+    def _signed(self, path: str) -> dict[str, str]:
+        now = self.clock.now() + self.clock_offset
         full = self.base_path + path
-        signed = signing.sign_request(
-            self._key, "GET", full, b"", self.identity.device_id, self.clock.now()
-        )
-        return http.get(self.identity.url.rstrip("/") + path, headers={**signed, **(headers or {})})
+        return signing.sign_request(self._key, "GET", full, b"", self.identity.device_id, now)
+
+    def _retryable(self, r: httpx.Response) -> bool:
+        """A 429/5xx, or a clock_skew 401 (then signed with the server's time after)."""
+        if r.status_code == 429 or r.status_code >= 500:
+            return True
+        if r.status_code == 401:
+            with contextlib.suppress(ValueError, AttributeError, TypeError):
+                err = r.json().get("error") or {}
+                if err.get("code") == "clock_skew" and r.json().get("server_time") is not None:
+                    self.clock_offset = float(r.json()["server_time"]) - self.clock.now()
+                    return True
+        return False
+
+    def _get(self, http: httpx.Client, path: str, headers: dict[str, str] | None = None) -> Any:
+        url = self.identity.url.rstrip("/") + path
+        for attempt in range(1, FETCH_ATTEMPTS + 1):
+            try:
+                r = http.get(url, headers={**self._signed(path), **(headers or {})})
+            except httpx.TransportError:
+                if attempt == FETCH_ATTEMPTS:
+                    raise
+            else:
+                if attempt == FETCH_ATTEMPTS or not self._retryable(r):
+                    return r
+            time.sleep(min(60.0, RETRY_S * 2 ** (attempt - 1)))
+        raise AssertionError("unreachable")
 
     def manifest(self, http: httpx.Client, release: str, expected: str) -> tuple[str, bytes]:
         """The signed file list and its signature, checked (module docstring, 1); the
-        unsigned hints (sizes, modes) kept in ``self.hints``."""
+        unsigned hints kept in ``self.sizes`` and ``self.modes``."""
         r = self._get(http, f"/v1/releases/{release}/manifest")
         if r.status_code != 200:
             raise InstallFailed(f"the manifest of {release}: HTTP {r.status_code}: {r.text[:200]}")
@@ -316,7 +342,12 @@ class Installer:
                     if r.status_code == 416 and have:
                         pass  # all there already (or more): the digest decides
                     elif r.status_code not in (200, 206):
-                        raise InstallFailed(f"{rel}: HTTP {r.status_code}")
+                        r.read()
+                        if not self._retryable(r):
+                            raise InstallFailed(f"{rel}: HTTP {r.status_code}: {r.text[:200]}")
+                        raise httpx.HTTPStatusError(
+                            f"HTTP {r.status_code}", request=r.request, response=r
+                        )
                     else:
                         mode = "ab" if r.status_code == 206 else "wb"
                         with part.open(mode) as fh:
@@ -341,12 +372,8 @@ class Installer:
 
     @contextlib.contextmanager
     def _stream(self, http: httpx.Client, path: str, headers: dict[str, str]) -> Any:
-        full = self.base_path + path
-        signed = signing.sign_request(
-            self._key, "GET", full, b"", self.identity.device_id, self.clock.now()
-        )
         url = self.identity.url.rstrip("/") + path
-        with http.stream("GET", url, headers={**signed, **headers}) as r:
+        with http.stream("GET", url, headers={**self._signed(path), **headers}) as r:
             yield r
 
     # --- the tree -------------------------------------------------------------------------
