@@ -21,12 +21,14 @@ Commands::
 the whole target). Without FILE, the flags are the request.
 
 Only the standard library at import (``cloud.opcli``'s rule): httpx and yaml when a
-command runs.
+command runs. ``render(view)`` and ``progress(view)`` (the view of ``GET
+/api/v1/rollouts/{id}`` as text) need nothing registered: a demo or a test may call them.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import sys
 import time
 from collections.abc import Callable
@@ -66,6 +68,40 @@ CLEAR = "\x1b[H\x1b[2J"
 
 Group = Callable[[str, str], "argparse._SubParsersAction[argparse.ArgumentParser]"]
 Leaf = Callable[..., argparse.ArgumentParser]
+
+
+# --- cells and tables (as cloud.opcli's; here so render and progress need nothing else) ---
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return dt.datetime.fromtimestamp(ts, tz=dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, list | tuple):
+        return ",".join(str(v) for v in value) or "-"
+    return str(value)
+
+
+def _col(header: str, key: str | None = None, *, time: bool = False) -> Column:
+    name = key or header
+    return header, (lambda r: _when(r.get(name))) if time else (lambda r: _cell(r.get(name)))
+
+
+def _table(rows: list[dict[str, Any]], columns: list[Column], empty: str) -> str:
+    if not rows:
+        return empty
+    cells = [[h for h, _ in columns]] + [[str(f(r)) for _, f in columns] for r in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in cells
+    )
 
 
 # --- the request from a file and flags ---------------------------------------------------------
@@ -197,7 +233,7 @@ def _version(doc: dict[str, Any] | None) -> str:
     """The list's column: the release, or the version (``-`` until the run makes it)."""
     if not doc:
         return "-"
-    return str(doc.get("release") or cli.cell(doc.get("version")))
+    return str(doc.get("release") or _cell(doc.get("version")))
 
 
 def _pct(value: Any) -> str:
@@ -210,8 +246,8 @@ def _threshold(t: dict[str, Any] | None) -> str:
     counted = ", ".join(t.get("count") or FAILURE_KINDS)
     return (
         f"abort past {_pct(t.get('failure_percent'))} {counted} "
-        f"(sampled at least {cli.cell(t.get('min_sample_wave'))} in a wave, "
-        f"{cli.cell(t.get('min_sample_total'))} overall)"
+        f"(sampled at least {_cell(t.get('min_sample_wave'))} in a wave, "
+        f"{_cell(t.get('min_sample_total'))} overall)"
     )
 
 
@@ -219,7 +255,7 @@ def _rate(r: dict[str, Any] | None) -> str:
     if not r:
         return "-"
     return (
-        f"{cli.cell(r.get('failures'))} failed of {cli.cell(r.get('sampled'))} sampled "
+        f"{_cell(r.get('failures'))} failed of {_cell(r.get('sampled'))} sampled "
         f"({_pct(r.get('failure_percent'))})"
     )
 
@@ -233,11 +269,11 @@ def _abort(ab: dict[str, Any] | None) -> str | None:
         text += f" in wave {ab['wave']}"
     if figures:
         text += (
-            f": {cli.cell(figures.get('failures'))} failed of "
-            f"{cli.cell(figures.get('sampled'))} sampled ({_pct(figures.get('failure_percent'))}, "
+            f": {_cell(figures.get('failures'))} failed of "
+            f"{_cell(figures.get('sampled'))} sampled ({_pct(figures.get('failure_percent'))}, "
             f"threshold {_pct(figures.get('threshold'))})"
         )
-    text += f" at {cli.when(ab.get('at'))}"
+    text += f" at {_when(ab.get('at'))}"
     if ab.get("by"):
         text += f" by {ab['by']}"
     if ab.get("reason"):
@@ -249,18 +285,18 @@ def _rollback(rb: dict[str, Any] | None) -> str | None:
     if not rb:
         return None
     return (
-        f"rollback {rb.get('status', '?')}: {cli.cell(rb.get('to_restore'))} to restore, "
-        f"{cli.cell(rb.get('restored'))} restored, {cli.cell(rb.get('failed'))} failed, "
-        f"{cli.cell(rb.get('timed_out'))} timed out, {cli.cell(rb.get('pending'))} pending"
+        f"rollback {rb.get('status', '?')}: {_cell(rb.get('to_restore'))} to restore, "
+        f"{_cell(rb.get('restored'))} restored, {_cell(rb.get('failed'))} failed, "
+        f"{_cell(rb.get('timed_out'))} timed out, {_cell(rb.get('pending'))} pending"
     )
 
 
 def wave_cols() -> list[Column]:
     return [
-        cli.col("wave"), cli.col("size"), cli.col("targeted"), cli.col("notified"),
-        cli.col("applied"), cli.col("healthy"), cli.col("failed"), cli.col("refused"),
-        cli.col("timed out", "timed_out"), cli.col("pending"), cli.col("status"),
-        cli.col("started", "started_at", time=True), cli.col("finished", "finished_at", time=True),
+        _col("wave"), _col("size"), _col("targeted"), _col("notified"),
+        _col("applied"), _col("healthy"), _col("failed"), _col("refused"),
+        _col("timed out", "timed_out"), _col("pending"), _col("status"),
+        _col("started", "started_at", time=True), _col("finished", "finished_at", time=True),
     ]  # fmt: skip
 
 
@@ -274,22 +310,22 @@ def render(view: dict[str, Any]) -> str:
     lines = [
         f"rollout {view.get('rollout_id')}: {_document(view.get('document'))} -- "
         f"{view.get('status')}",
-        f"created {cli.when(view.get('created_at'))} by {cli.cell(view.get('created_by'))}; "
-        f"updated {cli.when(view.get('updated_at'))}; finished {cli.when(view.get('finished_at'))}",
-        f"run {cli.cell(view.get('run_id'))} ({cli.cell(view.get('run_status'))}); "
-        f"seed {cli.cell(view.get('seed'))}",
-        f"waves {cli.cell(opts.get('waves'))}; at wave {cli.cell(view.get('current_wave'))} of "
-        f"{len(waves)}; soak {cli.cell(opts.get('soak_s'))}s; device timeout "
-        f"{cli.cell(opts.get('device_timeout_s'))}s; rate "
+        f"created {_when(view.get('created_at'))} by {_cell(view.get('created_by'))}; "
+        f"updated {_when(view.get('updated_at'))}; finished {_when(view.get('finished_at'))}",
+        f"run {_cell(view.get('run_id'))} ({_cell(view.get('run_status'))}); "
+        f"seed {_cell(view.get('seed'))}",
+        f"waves {_cell(opts.get('waves'))}; at wave {_cell(view.get('current_wave'))} of "
+        f"{len(waves)}; soak {_cell(opts.get('soak_s'))}s; device timeout "
+        f"{_cell(opts.get('device_timeout_s'))}s; rate "
         + (f"{opts['rate_per_minute']}/min" if opts.get("rate_per_minute") else "unlimited")
-        + f"; approval after wave(s) {cli.cell(gates)}",
+        + f"; approval after wave(s) {_cell(gates)}",
         f"threshold: {_threshold(view.get('threshold'))}",
         f"current rate: {_rate(view.get('rate'))}",
-        f"controls: paused {cli.cell(bool(controls.get('paused')))}, approved through wave "
-        f"{cli.cell(controls.get('approved_through'))}, abort requested "
-        f"{cli.cell(bool(controls.get('abort_requested')))}",
+        f"controls: paused {_cell(bool(controls.get('paused')))}, approved through wave "
+        f"{_cell(controls.get('approved_through'))}, abort requested "
+        f"{_cell(bool(controls.get('abort_requested')))}",
         "",
-        cli.table(waves, wave_cols(), "no waves planned yet (the run plans them)"),
+        _table(waves, wave_cols(), "no waves planned yet (the run plans them)"),
     ]
     for extra in (_abort(view.get("abort")), _rollback(view.get("rollback"))):
         if extra:
@@ -309,7 +345,7 @@ def progress(view: dict[str, Any]) -> str:
         for n in ("notified", "applied", "healthy", "failed", "refused", "timed_out", "pending")
     )
     line = (
-        f"{view.get('rollout_id')} {view.get('status')}: wave {cli.cell(view.get('current_wave'))}"
+        f"{view.get('rollout_id')} {view.get('status')}: wave {_cell(view.get('current_wave'))}"
         f"/{len(waves)}, {total('targeted')} targeted: {counts}"
     )
     rb = _rollback(view.get("rollback"))
@@ -318,20 +354,20 @@ def progress(view: dict[str, Any]) -> str:
 
 def list_cols() -> list[Column]:
     return [
-        cli.col("id", "rollout_id"), cli.col("kind"), cli.col("status"),
-        ("version", lambda r: _version(r.get("document"))), cli.col("wave", "current_wave"),
-        cli.col("targeted"), cli.col("created", "created_at", time=True),
-        cli.col("by", "created_by"), cli.col("finished", "finished_at", time=True),
+        _col("id", "rollout_id"), _col("kind"), _col("status"),
+        ("version", lambda r: _version(r.get("document"))), _col("wave", "current_wave"),
+        _col("targeted"), _col("created", "created_at", time=True),
+        _col("by", "created_by"), _col("finished", "finished_at", time=True),
     ]  # fmt: skip
 
 
 def device_cols() -> list[Column]:
     return [
-        cli.col("device", "device_id"), cli.col("store"), cli.col("group"), cli.col("wave"),
-        cli.col("status"), cli.col("notified", "notified_at", time=True),
-        cli.col("applied", "applied_at", time=True), cli.col("healthy", "healthy_at", time=True),
-        cli.col("failed", "failed_at", time=True), cli.col("restore", "restore_status"),
-        cli.col("restored", "restored_at", time=True), cli.col("last error", "last_error"),
+        _col("device", "device_id"), _col("store"), _col("group"), _col("wave"),
+        _col("status"), _col("notified", "notified_at", time=True),
+        _col("applied", "applied_at", time=True), _col("healthy", "healthy_at", time=True),
+        _col("failed", "failed_at", time=True), _col("restore", "restore_status"),
+        _col("restored", "restored_at", time=True), _col("last error", "last_error"),
     ]  # fmt: skip
 
 
