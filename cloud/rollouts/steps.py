@@ -599,7 +599,9 @@ def _restore_content(
             content = _release_content(conn, previous_release)
         return content, None if content is None else str(content.get("release"))
     if previous is None:
-        return None, None
+        # no config document was in force: one that overrides nothing puts the
+        # terminal's own config file back; a policy has no such "none"
+        return ({"risk": {}} if kind == "config" else None), None
     return _content(conn, kind, previous), None
 
 

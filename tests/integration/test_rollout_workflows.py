@@ -460,6 +460,24 @@ def test_config_rollout__aborted_by_hand_rolls_back(fleet):
         fleet.control(rid, "abort")
 
 
+def test_config_rollout__rolled_back_where_no_config_was_in_force__the_file_s_values_again(
+    fleet,
+):
+    for _ in range(3):
+        fleet.enroll("s1")
+    rid = fleet.rollout("config", {"content": V2, "target": {"all": True},
+                                   "waves": ["2", "100%"], "soak_s": 0,
+                                   "gates": {"approve_after": [1]}})  # fmt: skip
+    fleet.until(rid, lambda v: v["status"] == "awaiting_approval")
+    fleet.control(rid, "abort")
+    v = fleet.until(rid, _finished)
+    assert v["status"] == "rolled_back" and v["rollback"]["restored"] == 2
+    (restore,) = {d["restore_version"] for d in fleet.devices(rid)} - {None}
+    # a document that overrides nothing: the terminal's config file in force again
+    assert fleet.tx(lambda c: documents.get(c, "config", restore)).content == {"risk": {}}
+    assert sorted(t.version() or 0 for t in fleet.terminals.values()) == [0, restore, restore]
+
+
 # --- late joiners and silent devices -------------------------------------------------------
 
 
