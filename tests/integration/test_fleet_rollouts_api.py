@@ -342,3 +342,39 @@ def test_control__a_run_waiting_between_polls_is_answered_and_let_go_to_a_worker
     finally:
         worker.close()
         store.close()
+
+
+def test_start__a_release_rollout_names_an_uploaded_release(fleet, devices):
+    missing = fleet.post("/api/v1/release/rollout", "operator",
+                         json={"release": "9.9.9", "target": {"all": True}})  # fmt: skip
+    error = refused(missing, 404)
+    assert (error["code"], error["field"]) == ("release_not_found", "release")
+    both = {"release": "1.1.0", "content": CONFIG, "target": {"all": True}}
+    content = fleet.post("/api/v1/release/rollout", "operator", json=both)
+    assert refused(content, 422)["field"] == "content"
+    assert counts(fleet)[0] == 0 and published(fleet) == []
+    # an uploaded release (as cloud.releases stores one)
+    fleet.sql(
+        "INSERT INTO releases (release, manifest_sha256, sums, signature, files, bytes, "
+        "new_bytes, uploaded_at, uploaded_by) VALUES (%s, %s, '', %s, 3, 1000, 1000, %s, 't')",
+        ("1.1.0", "ab" * 32, b"\x00" * 64, time.time()),
+    )
+    body = {"release": "1.1.0", "target": {"binary_versions": ["1.0.0"]}, "waves": ["50%", "100%"]}
+    view = ok(fleet.post("/api/v1/release/rollout", "operator", json=body), 201)
+    assert view["kind"] == "release" and view["document"]["release"] == "1.1.0"
+    [(run_id, workflow_type, key, _, _)] = runs(fleet)
+    assert (workflow_type, key) == ("ReleaseRollout", f"rollout:{view['rollout_id']}")
+    assert published(fleet) == [run_id]
+    devices_page = ok(
+        fleet.get(f"/api/v1/rollouts/{view['rollout_id']}/devices?limit=2", "read_only")
+    )
+    assert len(devices_page["items"]) == 2 and devices_page["next"] is not None
+    rest = ok(fleet.get(f"/api/v1/rollouts/{view['rollout_id']}/devices"
+                        f"?after={devices_page['next']}", "read_only"))  # fmt: skip
+    assert len(devices_page["items"]) + len(rest["items"]) == len(devices)
+    wave_1 = ok(fleet.get(f"/api/v1/rollouts/{view['rollout_id']}/devices?wave=1", "read_only"))
+    assert len(wave_1["items"]) == view["waves"][0]["targeted"] == 2
+    planned = ok(fleet.get(f"/api/v1/rollouts/{view['rollout_id']}/devices?status=planned"))
+    assert len(planned["items"]) == len(devices)
+    assert refused(fleet.get(f"/api/v1/rollouts/{view['rollout_id']}/devices?status=gone"),
+                   422)["field"] == "query.status"  # fmt: skip
