@@ -12,7 +12,8 @@ carrying it (``FleetApi``: ``ok``/``get``/``post``, errors naming the answer).
 
 Every wait is bounded and its error names the process and its log tail (``RigError``).
 hwsim reaches the cloud only through its processes, its CLI and its HTTP API, as
-``hwsim.syncrig.Cloud`` does (and ``sql`` for what no API shows, in tests).
+``hwsim.syncrig.Cloud`` does (a test reads what no API shows with SQL on
+``database_url`` itself: hwsim does not import a database driver).
 """
 
 from __future__ import annotations
@@ -332,13 +333,6 @@ class CloudRig:
             body["group"] = group
         with self.fleet() as api:
             return str(api.ok("POST", "/api/v1/enroll-tokens", json=body, status=201)["token"])
-
-    def sql(self, query: str, *params: Any) -> list[tuple[Any, ...]]:
-        """A read on the cloud's database (what no API shows: tests only)."""
-        import psycopg
-
-        with psycopg.connect(self.database_url, autocommit=True, connect_timeout=5) as conn:
-            return conn.execute(query.encode(), params or None).fetchall()
 
 
 class FleetApi:

@@ -27,6 +27,12 @@ The API:
   round so the heartbeats report the state; ``run(seconds)``: each terminal syncs on its
   own interval (jittered) for that long, as the daemon's runner would, and due retries
   run (``engine.recover``, as the daemon's main loop does).
+* ``run_until(predicate, timeout_s)``: ``run`` until the predicate (asked twice a
+  second: a rollout's status through the Fleet API, say) holds.
+* Late joiners: ``enroll_all(tokens, terminals)`` enrolls only those named; the others
+  sell (offline to the cloud) and enroll when told. Clock skew: ``FleetSpec.skewed`` of
+  the terminals run ``skew_s`` off (``SkewedClock``); the sync client learns the
+  server's time from its ``clock_skew`` refusal, as on a real shop's terminal.
 * ``sell(n)``: n payments through ``LocalApi`` on terminals drawn from the seed.
 * ``down(t)``/``up(t)`` per terminal (``SimTerminal.down``), ``offline(fraction)``.
 * Hardware models that fail a config: ``HardwareModel(fails_config=predicate)``: once a
@@ -118,6 +124,10 @@ class FleetSpec:
     #: Terminal database durability: NORMAL spares a simulated fleet the fsyncs.
     synchronous: str = "NORMAL"
     batch_max_entries: int = 200
+    #: The share of terminals whose clock is off, and by how much (s; negative: behind,
+    #: so the commands' expiry, judged by the terminal's trusted time, still holds).
+    skewed: float = 0.0
+    skew_s: float = -900.0
     #: Parse the workflow files once for all the terminals (``share_workflow_definitions``).
     share_workflows: bool = True
 
@@ -129,6 +139,18 @@ class TerminalSpec:
     store: str
     group: str | None
     model: HardwareModel
+    #: Seconds this terminal's clock is off (negative: behind).
+    skew_s: float = 0.0
+
+
+class SkewedClock(SystemClock):
+    """The wall clock, ``offset_s`` off (a shop's terminal with no NTP)."""
+
+    def __init__(self, offset_s: float) -> None:
+        self.offset_s = offset_s
+
+    def now(self) -> float:
+        return time.time() + self.offset_s
 
 
 @dataclass
@@ -241,7 +263,7 @@ class SimTerminal:
         self.spec = spec
         self.name = spec.name
         self.data_dir = fleet.work / spec.name
-        self.clock = SystemClock()
+        self.clock = SkewedClock(spec.skew_s) if spec.skew_s else SystemClock()
         self.rng = random.Random(f"{fleet.spec.seed}:{spec.index}")
         self.reader = SimCardReader()
         self.printer = SimPrinter()
@@ -473,7 +495,8 @@ class SimFleet:
             store = f"store-{rng.randrange(self.spec.stores):03d}"
             group = rng.choice(self.spec.groups) if self.spec.groups else None
             model = rng.choices(models, weights)[0]
-            out.append(TerminalSpec(i, f"T{i:05d}", store, group, model))
+            skew = self.spec.skew_s if rng.random() < self.spec.skewed else 0.0
+            out.append(TerminalSpec(i, f"T{i:05d}", store, group, model, skew))
         return out
 
     def __iter__(self) -> Any:
@@ -493,24 +516,35 @@ class SimFleet:
 
     # --- enrollment -------------------------------------------------------------------
 
-    def enroll_all(self, tokens: Sequence[str] | Callable[[TerminalSpec], str]) -> list[str]:
-        """Enroll every terminal (in parallel; terminal i at ``urls[i % len(urls)]``);
-        their device ids, in order. ``tokens``: one per terminal, or made per terminal."""
-        if not callable(tokens) and len(tokens) != len(self.terminals):
-            raise ValueError(f"{len(tokens)} tokens for {len(self.terminals)} terminals")
+    def enroll_all(
+        self,
+        tokens: Sequence[str] | Callable[[TerminalSpec], str],
+        terminals: Sequence[SimTerminal] | None = None,
+    ) -> list[str]:
+        """Enroll ``terminals`` (default: every one; a late joiner is enrolled later by
+        naming it), in parallel, terminal i at ``urls[i % len(urls)]``; their device
+        ids, in order. ``tokens``: one per terminal enrolled (in that order), or a
+        callable making one per terminal."""
+        chosen = list(self.terminals if terminals is None else terminals)
+        if not callable(tokens) and len(tokens) != len(chosen):
+            raise ValueError(f"{len(tokens)} tokens for {len(chosen)} terminals")
 
-        def one(t: SimTerminal) -> str:
-            token = tokens(t.spec) if callable(tokens) else tokens[t.spec.index]
+        def one(pair: tuple[int, SimTerminal]) -> str:
+            n, t = pair
+            token = tokens(t.spec) if callable(tokens) else tokens[n]
             return t.enroll(self.urls[t.spec.index % len(self.urls)], token)
 
-        return list(self.pool.map(one, self.terminals))
+        return list(self.pool.map(one, enumerate(chosen)))
+
+    def enrolled(self) -> list[SimTerminal]:
+        return [t for t in self.terminals if t.runner is not None]
 
     # --- sync -------------------------------------------------------------------------
 
     def sync_all(self, terminals: Iterable[SimTerminal] | None = None) -> int:
         """One sync of each online terminal (default: all online), in parallel; how many
         failed."""
-        chosen = [t for t in (terminals or self.terminals) if t.online]
+        chosen = [t for t in (terminals or self.terminals) if t.online and t.runner is not None]
         before = sum(t.sync_failures for t in chosen)
         list(self.pool.map(lambda t: t.sync(), chosen))
         return sum(t.sync_failures for t in chosen) - before
@@ -521,7 +555,7 @@ class SimFleet:
         """Sync the online terminals until none has anything left for the cloud and one
         more round went through (the heartbeats report the state, command results are
         up); rounds taken. ``FleetError`` past ``timeout_s``, naming who is behind."""
-        chosen = [t for t in (terminals or self.terminals) if t.online]
+        chosen = [t for t in (terminals or self.terminals) if t.online and t.runner is not None]
         deadline = time.monotonic() + timeout_s
         rounds = 0
         while True:
@@ -538,11 +572,35 @@ class SimFleet:
                     f"{failed} sync(s) failed in the last round: {names}"
                 )
 
-    def run(self, seconds: float, *, sales_per_s: float = 0.0) -> int:
-        """For ``seconds`` of wall time: each enrolled terminal syncs when its runner says
-        (its interval, jittered; sooner when a batch was cut; its backoff after a
-        failure), ``sales_per_s`` payments a second go through the fleet; syncs done."""
+    def run_until(
+        self, until: Callable[[], bool], timeout_s: float, *, sales_per_s: float = 0.0,
+        check_s: float = 0.5,
+    ) -> int:  # fmt: skip
+        """``run`` until ``until()`` (asked every ``check_s``, in this thread) is true;
+        syncs done. ``FleetError`` if it is not within ``timeout_s``."""
+        reached: list[bool] = []
+        done = self.run(timeout_s, sales_per_s=sales_per_s, until=until, check_s=check_s,
+                        reached=reached)  # fmt: skip
+        if not reached:
+            raise FleetError(f"not reached within {timeout_s:g}s ({done} syncs): {until}")
+        return done
+
+    def run(
+        self,
+        seconds: float,
+        *,
+        sales_per_s: float = 0.0,
+        until: Callable[[], bool] | None = None,
+        check_s: float = 0.5,
+        reached: list[bool] | None = None,
+    ) -> int:
+        """For ``seconds`` of wall time (or until ``until()``, asked every ``check_s``, is
+        true; then True is put in ``reached``): each enrolled terminal syncs when its
+        runner says (its interval, jittered; sooner when a batch was cut; its backoff
+        after a failure), ``sales_per_s`` payments a second go through the fleet; syncs
+        done."""
         end = time.monotonic() + seconds
+        next_check = time.monotonic()
         now = time.monotonic()
         enrolled = [t for t in self.terminals if t.runner is not None]
         heap = [(now + self.rng.uniform(0, self.spec.sync_interval_s), t.spec.index)
@@ -569,6 +627,12 @@ class SimFleet:
             now = time.monotonic()
             if now >= end:
                 break
+            if until is not None and now >= next_check:
+                next_check = now + check_s
+                if until():
+                    if reached is not None:
+                        reached.append(True)
+                    break
             if sale_every is not None and now >= next_sale:
                 next_sale += sale_every
                 self.pool.submit(self._one_sale)

@@ -4,10 +4,11 @@ tokens from the Fleet API, syncing over HTTP with ``tillflow cloud serve`` and a
 ``tillflow cloud worker`` (``hwsim.cloudrig``) on this test's own PostgreSQL database and
 Redis database number.
 
-* Terminals sell online, a quarter go offline and sell offline, the API process is
-  ``kill -9``'d and restarted, the terminals come back: the cloud
-  holds every sale a terminal approved exactly once and no other, and each device's
-  audit chain verifies (Fleet API) and ends at the terminal's head.
+* Terminals sell online (a fifth with clocks 15 minutes behind), a quarter go offline
+  and sell offline, the API process is ``kill -9``'d and restarted, the terminals come
+  back, two enroll late: the cloud holds every sale a terminal approved exactly once and
+  no other (the late ones' too, sold before they enrolled), and each device's audit
+  chain verifies (Fleet API) and ends at the terminal's head.
 * An operator's ``update_config`` to a group (``POST /api/v1/commands``) is applied by
   every terminal of the group, and only by them; a model that refuses the config says
   why, in the command's status.
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import psycopg
 import pytest
 import redis
 from hwsim.cloudrig import CloudRig, FleetApi
@@ -33,11 +35,14 @@ from hwsim.simfleet import (
     FleetSpec,
     HardwareModel,
     SimFleet,
+    SimTerminal,
 )
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
 N = 20
+#: Terminals the fixture leaves unenrolled: late joiners (``_enroll_late``).
+LATE = 2
 
 
 def _floor(content: dict[str, Any]) -> int:
@@ -93,18 +98,27 @@ def api(rig: CloudRig) -> Iterator[FleetApi]:
 
 @pytest.fixture
 def fleet(rig: CloudRig, api: FleetApi, tmp_path: Path) -> Iterator[SimFleet]:
-    """N terminals (seed 7: every model present), enrolled with tokens from the API."""
-    spec = FleetSpec(terminals=N, seed=7, stores=3, models=(PLAIN, JAMS, REFUSES))
+    """N terminals (seed 7: every model present, some clocks 15 minutes behind), all but
+    the last LATE enrolled with tokens from the API."""
+    spec = FleetSpec(terminals=N, seed=7, stores=3, models=(PLAIN, JAMS, REFUSES), skewed=0.2)
     made = SimFleet(spec, tmp_path / "fleet", rig.url)
     try:
-        tokens = [
-            api.post("/api/v1/enroll-tokens", {"store": t.store, "group": t.group})["token"]
-            for t in made.plan()
-        ]
-        made.enroll_all(tokens)
+        _enroll(api, made, made.terminals[: N - LATE])
         yield made
     finally:
         made.close()
+
+
+def _enroll(api: FleetApi, fleet: SimFleet, terminals: list[SimTerminal]) -> list[str]:
+    tokens = [
+        api.post("/api/v1/enroll-tokens", {"store": t.spec.store, "group": t.spec.group})["token"]
+        for t in terminals
+    ]
+    return fleet.enroll_all(tokens, terminals)
+
+
+def _enroll_late(api: FleetApi, fleet: SimFleet) -> list[str]:
+    return _enroll(api, fleet, fleet.terminals[N - LATE :])
 
 
 def _config(api: FleetApi, floor_limit_minor: int) -> int:
@@ -124,10 +138,13 @@ def test_simfleet__enrolled_terminals_sell_online_and_offline_and_the_cloud_hold
     rig: CloudRig, api: FleetApi, fleet: SimFleet
 ) -> None:
     assert {t.spec.model.name for t in fleet} == {"TF-100", "XR-7", "K-2"}
+    skewed = [t for t in fleet.enrolled() if t.spec.skew_s]
+    assert skewed  # enrolled although their clock is 15 minutes off
     devices = list(api.pages("/api/v1/devices"))
     assert {d["device_id"] for d in devices} == set(fleet.by_device())
+    assert len(devices) == N - LATE
     assert {(d["store"], d["group"]) for d in devices} == {(t.spec.store, t.spec.group)
-                                                           for t in fleet}  # fmt: skip
+                                                           for t in fleet.enrolled()}  # fmt: skip
     online = fleet.sell(2 * N)
     assert {(s.decision, s.channel) for s in online} == {("approved", "online")}
     away = fleet.offline(0.25)
@@ -137,19 +154,27 @@ def test_simfleet__enrolled_terminals_sell_online_and_offline_and_the_cloud_hold
     fleet.sell(N)  # anywhere: online or offline by where it lands
     fleet.run(2.0)  # each on its own interval; the offline ones fail and back off
     rig.kill9("serve:0")  # the API dies under them: every sync fails, nothing is lost
-    assert fleet.sync_all() == N - len(away)  # (those offline are not tried)
+    assert fleet.sync_all() == N - LATE - len(
+        [t for t in away if t.runner]
+    )  # (those offline are not tried)
     rig.restart("serve:0")  # on its port: the terminals come back by themselves
     assert all(t.pending() for t in away)  # nothing of theirs reached the cloud
-    assert all(t.runner is not None and t.runner.failures for t in away)
+    assert all(t.runner.failures for t in away if t.runner is not None)
     fleet.settle()
     fleet.heal()
+    late = fleet.terminals[N - LATE :]
+    _enroll_late(api, fleet)  # they sold before they enrolled: it all goes up now
     fleet.settle()
+    assert all(t.device_id in {d["device_id"] for d in api.pages("/api/v1/devices")}
+               for t in late)  # fmt: skip
+    assert all(t.client is not None and t.client.clock_offset for t in skewed)
 
     by_device = fleet.by_device()
-    rows = rig.sql(
-        "SELECT device_id, payload->>'run_id', count(*) FROM sync_messages "
-        "WHERE topic = 'payment' AND payload->>'decision' = 'approved' GROUP BY 1, 2"
-    )
+    with psycopg.connect(rig.database_url) as conn:  # no API lists the sales
+        rows = conn.execute(
+            "SELECT device_id, payload->>'run_id', count(*) FROM sync_messages "
+            "WHERE topic = 'payment' AND payload->>'decision' = 'approved' GROUP BY 1, 2"
+        ).fetchall()
     held: dict[str, set[str]] = {d: set() for d in by_device}
     for device_id, run_id, count in rows:
         assert count == 1, (device_id, run_id, count)
@@ -174,6 +199,7 @@ def test_simfleet__enrolled_terminals_sell_online_and_offline_and_the_cloud_hold
 def test_simfleet__a_group_config_is_applied_by_each_of_its_terminals_and_a_model_may_refuse(
     api: FleetApi, fleet: SimFleet
 ) -> None:
+    _enroll_late(api, fleet)
     fleet.sell(N)
     fleet.settle()
     v = _config(api, 800)  # K-2 refuses a floor limit under 1000
@@ -207,6 +233,7 @@ def test_simfleet__a_group_config_is_applied_by_each_of_its_terminals_and_a_mode
 def test_simfleet__the_failing_model_reports_unhealthy_after_the_bad_config_and_recovers(
     api: FleetApi, fleet: SimFleet
 ) -> None:
+    _enroll_late(api, fleet)
     jams = fleet.by_model("XR-7")
     assert jams and len(jams) < N
     bad = _config(api, 9_000)
