@@ -27,10 +27,12 @@ from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from cloud.rollouts import plan
+from cloud.rollouts import plan, steps
+from cloud.rollouts import service as rollouts
 from cloud.rollouts._sql import Conn, Q
 from cloud.rollouts.options import RolloutOptions
 from cloud.rollouts.steps import ACTION, _InTransaction
+from edge.engine import StepContext
 from edge.engine.clock import Clock, SystemClock
 from sync.server import ServiceError, SyncService
 from sync.server_records import CommandTarget, NewDocument
@@ -88,6 +90,29 @@ def join(conn: Conn, *, limit: int = DEFAULT_LIMIT) -> dict[str, list[str]]:
     return joined
 
 
+def retry_finished(
+    conn: Conn, key: Ed25519PrivateKey, clock: Clock, *, limit: int = DEFAULT_LIMIT
+) -> list[str]:
+    """The devices an operator asked to retry in a rollout that already succeeded (its
+    run is over): notified again (each once for the retry) and followed to an outcome,
+    with the run's own notify and progress, in this transaction. Returns the rollouts."""
+    done = []
+    for (rollout_id,) in conn.execute(Q["retried_finished"], {"limit": limit}).fetchall():
+        row = rollouts.load(conn, str(rollout_id), lock=True)
+        last = conn.execute(
+            "SELECT max(wave) FROM rollout_waves WHERE rollout_id = %(id)s", {"id": rollout_id}
+        ).fetchone()
+        ctx = StepContext(
+            run_id=str(row["run_id"] or f"rollout:{rollout_id}"), step="retry_failed",
+            attempt=1, idempotency_key=f"retry:{rollout_id}", clock=clock,
+            input={"rollout_id": rollout_id}, services={"signing_key": key},
+        )  # fmt: skip
+        steps._notify(conn, row, int(last[0]) if last and last[0] else 1, ctx)
+        steps._progress(conn, row, clock.now())
+        done.append(str(rollout_id))
+    return done
+
+
 def reconcile(
     conn: Conn,
     key: Ed25519PrivateKey,
@@ -97,9 +122,11 @@ def reconcile(
     ttl_s: float = DEFAULT_TTL_S,
 ) -> dict[tuple[str, int], list[str]]:
     """Queue the effective document for every device ``find`` finds, in ``conn``'s
-    transaction; returns the devices commanded, by (kind, version). (Devices a running
-    rollout's selector names now join it first: ``join``.)"""
+    transaction; returns the devices commanded, by (kind, version). (First: devices a
+    running rollout's selector names now join it, ``join``; and the devices retried in
+    a rollout that succeeded are notified and followed, ``retry_finished``.)"""
     join(conn, limit=limit)
+    retry_finished(conn, key, clock, limit=limit)
     now = clock.now()
     groups: dict[tuple[str, int], list[str]] = {}
     for b in find(conn, now=now, limit=limit):
@@ -150,4 +177,13 @@ def finder(
     return run
 
 
-__all__ = ["DEFAULT_LIMIT", "DEFAULT_TTL_S", "Behind", "find", "finder", "join", "reconcile"]
+__all__ = [
+    "DEFAULT_LIMIT",
+    "DEFAULT_TTL_S",
+    "Behind",
+    "find",
+    "finder",
+    "join",
+    "reconcile",
+    "retry_finished",
+]

@@ -376,7 +376,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "resume": ("paused",),
     "approve": ("awaiting_approval",),
     "abort": ("pending", "running", "paused", "awaiting_approval"),
-    "retry_failed": ("running", "paused"),
+    "retry_failed": ("running", "paused", "succeeded"),
 }
 
 
@@ -408,9 +408,10 @@ def control(
     """Record an operator's request (``rollout_controls`` and ``rollout.<action>`` in the
     audit log) and the controls it sets; returns the view after. The run acts on it at
     its next poll (pause: no device notified, no wave advances; approve: the wave it
-    waits after; abort: the saga rolls back; retry_failed: the failed and timed-out
-    devices are notified again). A request the status does not allow is
-    ``RolloutState`` (409)."""
+    waits after; abort: the saga rolls back; retry_failed: the failed, refused and
+    timed-out devices are notified again -- by the run, or for a rollout that succeeded
+    by the sweep's reconciler, which follows them as the run would). A request the
+    status does not allow is ``RolloutState`` (409)."""
     if action not in ALLOWED:
         raise BadRequest(f"unknown control {action!r}; one of: {', '.join(ALLOWED)}",
                          field="action")  # fmt: skip

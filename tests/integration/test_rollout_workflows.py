@@ -537,6 +537,34 @@ def test_config_rollout__a_device_enrolled_mid_rollout_joins_the_wave_it_is_at(f
     assert {d["device_id"] for d in fleet.devices(rid, status="healthy")} >= {newcomer.device_id}
 
 
+def test_config_rollout__retry_failed_after_success__the_sweep_notifies_and_follows_them(fleet):
+    for _ in range(4):
+        fleet.enroll("s1")
+    fleet.baseline()
+    silent = sorted(fleet.terminals)[-1]
+    fleet.terminals[silent].online = False
+    rid = fleet.rollout("config", {
+        "content": V2, "target": {"device_ids": sorted(fleet.terminals)}, "waves": ["100%"],
+        "soak_s": 0, "device_timeout_s": 60,
+        "abort": {"failure_percent": 50, "min_sample_wave": 4, "min_sample_total": 4},
+    })  # fmt: skip
+    v = fleet.until(rid, _finished)
+    assert v["status"] == "succeeded" and v["waves"][0]["timed_out"] == 1
+    version = v["document"]["version"]
+    fleet.terminals[silent].online = True
+    after = fleet.control(rid, "retry_failed", reason="it is back")
+    assert after["status"] == "succeeded" and after["waves"][0]["pending"] == 1
+    assert fleet.tx(lambda c: reconcile.reconcile(c, fleet.key, fleet.clock)) == {}
+    d = fleet.devices(rid, status="notified")
+    assert [x["device_id"] for x in d] == [silent] and d[0]["command_id"]
+    fleet.tick()
+    fleet.tx(lambda c: reconcile.reconcile(c, fleet.key, fleet.clock))
+    v = fleet.view(rid)
+    assert v["waves"][0]["healthy"] == 4 and v["waves"][0]["timed_out"] == 0
+    assert fleet.terminals[silent].version() == version
+    assert fleet.commands_for("config", version)[silent] == 2  # the expired one, the retry
+
+
 # --- windows -------------------------------------------------------------------------------
 
 

@@ -453,6 +453,16 @@ ON CONFLICT (rollout_id, device_id) DO NOTHING;
 UPDATE rollout_waves SET targeted = targeted + %(n)s
 WHERE rollout_id = %(rollout_id)s AND wave = %(wave)s;
 
+-- name: retried_finished
+-- Rollouts that succeeded with devices an operator asked to retry (retry_failed), or
+-- still on their way after such a retry.
+SELECT r.rollout_id FROM rollouts r
+WHERE r.status = 'succeeded' AND EXISTS (
+      SELECT 1 FROM rollout_devices rd
+      WHERE rd.rollout_id = r.rollout_id AND rd.status IN ('planned', 'notified', 'applied'))
+ORDER BY r.rollout_id
+LIMIT %(limit)s;
+
 -- name: restores_unsettled
 -- A wave's restores not yet settled.
 SELECT count(*) FROM rollout_devices
