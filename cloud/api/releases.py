@@ -1,9 +1,10 @@
 """The device's release routes: what a terminal told to ``install_release`` fetches.
 
 - ``GET /v1/releases/{release}/manifest``  the release's signed file list:
-  ``{"release", "manifest_sha256", "sums", "signature"}`` (``sums`` the exact text of
-  ``SHA256SUMS``, ``signature`` its Ed25519 signature, base64). The terminal checks the
-  SHA-256 of ``sums`` against its command's ``manifest_sha256`` and the signature with
+  ``{"release", "manifest_sha256", "sums", "signature", "sizes", "modes"}`` (``sums``
+  the exact text of ``SHA256SUMS``, ``signature`` its Ed25519 signature, base64;
+  ``sizes`` sha256 -> bytes and ``modes`` path -> mode, unsigned hints). The terminal
+  checks the SHA-256 of ``sums`` against its command's ``manifest_sha256`` and the signature with
   its own pinned release key: the cloud is not trusted with the release's integrity.
 - ``GET /v1/files/{sha256}``  one file's bytes by content hash, ``Range: bytes=N-`` or
   ``bytes=N-M`` answered 206 with ``Content-Range`` (an interrupted download resumes),
@@ -56,6 +57,7 @@ def _manifest(service: SyncService, request: Request, release: str) -> JSONRespo
             if not store.RELEASE_RE.match(release):
                 raise ReleaseError(404, "release_not_found", "no such release")
             m = store.manifest(tx.conn, release)
+            listed = store.files(tx.conn, release)
     except Refusal as exc:
         return _refused(exc)
     except ReleaseError as exc:
@@ -68,6 +70,10 @@ def _manifest(service: SyncService, request: Request, release: str) -> JSONRespo
             "manifest_sha256": m.manifest_sha256,
             "sums": m.sums,
             "signature": base64.b64encode(m.signature).decode(),
+            # Not signed, so only hints: a size lets the terminal find a file it holds
+            # without hashing every other; a mode which downloaded file is executable.
+            "sizes": {f.sha256: f.size for f in listed},
+            "modes": {f.path: f.mode for f in listed},
         }
     )
 
