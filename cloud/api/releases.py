@@ -4,8 +4,9 @@
   ``{"release", "manifest_sha256", "sums", "signature", "sizes", "modes"}`` (``sums``
   the exact text of ``SHA256SUMS``, ``signature`` its Ed25519 signature, base64;
   ``sizes`` sha256 -> bytes and ``modes`` path -> mode, unsigned hints). The terminal
-  checks the SHA-256 of ``sums`` against its command's ``manifest_sha256`` and the signature with
-  its own pinned release key: the cloud is not trusted with the release's integrity.
+  checks the SHA-256 of ``sums`` against its command's ``manifest_sha256`` and the
+  signature with its own pinned release key: the cloud is not trusted with the
+  release's integrity.
 - ``GET /v1/files/{sha256}``  one file's bytes by content hash, ``Range: bytes=N-`` or
   ``bytes=N-M`` answered 206 with ``Content-Range`` (an interrupted download resumes),
   ``Accept-Ranges: bytes``; a range past the end is 416.
