@@ -23,7 +23,15 @@ embedded PostgreSQL unless ``TILLFLOW_DATABASE_URL`` is set:
   8. the terminal enrolls with an operator's token and hands over its outbox;
   9. the link goes down, sales offline, the link comes back, the outbox drains;
  10. an operator command (``request_health``) reaches it and is applied;
- 11. everything stops.
+ 11. everything stops;
+
+then a config rolled out in waves to eight simulated terminals on serve and a worker
+(``hwsim.rolloutdemo``):
+
+ 12. eight terminals of two hardware models enroll and take config version 1;
+ 13. a config that jams one model's printer: past the abort threshold, the saga
+     restores every terminal that applied it and withdraws the version;
+ 14. a config every model takes: every terminal on it, healthy; everything stops.
 
 Everything lives in a fresh temporary directory, removed at the end unless ``--keep``
 (``make demo KEEP=1``) or something failed; the last lines say which. Exit status 0 only
@@ -48,7 +56,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from hwsim import clouddemo
+from hwsim import clouddemo, rolloutdemo
 from hwsim.acquirer import LedgerEntry, SimAcquirer
 from hwsim.demorig import (
     CURRENCY,
@@ -494,6 +502,8 @@ def main(argv: list[str] | None = None) -> int:
         story(term, Hardware(devices), acquirer, checks)
         term.close()
         clouddemo.story(work, sock_dir, devices, acquirer.url, add=checks.add, say=say, eur=eur)
+        say()
+        rolloutdemo.story(work / "rollouts", add=checks.add, say=say)
     except Exception as exc:  # report it, and still clean up and summarise
         failure = f"{type(exc).__name__}: {exc}"
         say(f"!! {failure}")

@@ -81,9 +81,7 @@ def eur(minor: int | None) -> str:
 
 #: The plain model, and the one whose printer jams under a floor limit over 50.00 EUR.
 PLAIN = HardwareModel("TF-100", weight=2)
-XR7 = HardwareModel(
-    "XR-7", weight=1, fails_config=lambda c: (_floor(c) or 0) > XR7_JAMS_ABOVE
-)
+XR7 = HardwareModel("XR-7", weight=1, fails_config=lambda c: (_floor(c) or 0) > XR7_JAMS_ABOVE)
 
 
 def config(floor_minor: int) -> dict[str, Any]:
@@ -374,8 +372,7 @@ def bad(
         f"it reported it in force: {back.get('restored')} of {back.get('to_restore')} "
         f"restored, {back.get('failed')} failed, {back.get('timed_out')} timed out."
         + (
-            f" {len(cancelled)} terminal(s) never reached were cancelled: nothing goes to "
-            "them."
+            f" {len(cancelled)} terminal(s) never reached were cancelled: nothing goes to them."
             if cancelled
             else ""
         )
