@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 DEFAULT_LIMIT = 1000
 #: How long a late joiner's command waits for it (seconds; a day).
 DEFAULT_TTL_S = 86_400.0
+#: Any 64-bit number of ours: one reconcile pass at a time across every worker's sweep
+#: (two at once would each find a device behind and each queue it a command).
+RECONCILE_LOCK = 0x7417_2EC0
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,9 @@ def reconcile(
     transaction; returns the devices commanded, by (kind, version). (First: devices a
     running rollout's selector names now join it, ``join``; and the devices retried in
     a rollout that succeeded are notified and followed, ``retry_finished``.)"""
+    got = conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (RECONCILE_LOCK,)).fetchone()
+    if not got or not got[0]:
+        return {}  # another sweep is at it: what it queues, this one would have too
     join(conn, limit=limit)
     retry_finished(conn, key, clock, limit=limit)
     now = clock.now()
@@ -180,6 +186,7 @@ def finder(
 __all__ = [
     "DEFAULT_LIMIT",
     "DEFAULT_TTL_S",
+    "RECONCILE_LOCK",
     "Behind",
     "find",
     "finder",

@@ -565,6 +565,21 @@ def test_config_rollout__retry_failed_after_success__the_sweep_notifies_and_foll
     assert fleet.commands_for("config", version)[silent] == 2  # the expired one, the retry
 
 
+def test_reconcile__two_sweeps_at_once_queue_a_late_joiner_once(fleet):
+    fleet.enroll("s1")
+    v1 = fleet.baseline()
+    late = fleet.enroll("s1")
+    with fleet.backend.pool.connection() as a, fleet.backend.pool.connection() as b:
+        with a.transaction():
+            first = reconcile.reconcile(a, fleet.key, fleet.clock)
+            with b.transaction():  # the other sweep, while the first holds its lock
+                assert reconcile.reconcile(b, fleet.key, fleet.clock) == {}
+        assert first == {("config", v1): [late.device_id]}
+        with b.transaction():  # after it committed: the command is pending, nothing to do
+            assert reconcile.reconcile(b, fleet.key, fleet.clock) == {}
+    assert fleet.commands_for("config", v1)[late.device_id] == 1
+
+
 # --- windows -------------------------------------------------------------------------------
 
 
