@@ -36,6 +36,7 @@ from hwsim.simfleet import (
     HardwareModel,
     SimFleet,
     SimTerminal,
+    TerminalSpec,
 )
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
@@ -118,7 +119,12 @@ def _enroll(api: FleetApi, fleet: SimFleet, terminals: list[SimTerminal]) -> lis
 
 
 def _enroll_late(api: FleetApi, fleet: SimFleet) -> list[str]:
-    return _enroll(api, fleet, fleet.terminals[N - LATE :])
+    """The late joiners, each with a token made as it enrolls (a callable)."""
+
+    def token(t: TerminalSpec) -> str:
+        return str(api.post("/api/v1/enroll-tokens", {"store": t.store, "group": t.group})["token"])
+
+    return fleet.enroll_all(token, fleet.terminals[N - LATE :])
 
 
 def _config(api: FleetApi, floor_limit_minor: int) -> int:
@@ -231,7 +237,7 @@ def test_simfleet__a_group_config_is_applied_by_each_of_its_terminals_and_a_mode
 
 
 def test_simfleet__the_failing_model_reports_unhealthy_after_the_bad_config_and_recovers(
-    api: FleetApi, fleet: SimFleet
+    rig: CloudRig, api: FleetApi, fleet: SimFleet
 ) -> None:
     _enroll_late(api, fleet)
     jams = fleet.by_model("XR-7")
@@ -258,6 +264,14 @@ def test_simfleet__the_failing_model_reports_unhealthy_after_the_bad_config_and_
     assert {str(t.terminal.engine.get(s.run_id).status) for t in jams for s in t.sales} == {
         "ROLLED_BACK"
     }
+    fleet.settle()
+    with psycopg.connect(rig.database_url) as conn:  # the cloud holds none of them approved
+        held = conn.execute(
+            "SELECT count(*) FROM sync_messages WHERE topic = 'payment' "
+            "AND payload->>'decision' = 'approved' AND payload->>'run_id' = ANY(%s)",
+            ([s.run_id for s in sales],),
+        ).fetchone()
+    assert held == (0,)
     # the next config (the old floor limit back) clears it
     good = _config(api, 2_500)
     for group in {t.spec.group for t in fleet if t.spec.group}:
