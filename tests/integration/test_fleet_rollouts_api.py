@@ -152,6 +152,10 @@ def test_start__the_row_its_record_then_its_run_started_and_published(fleet, dev
     assert view["status"] == "pending" and view["seed"] == 7
     assert view["options"]["waves"] == ["1", "100%"] and view["options"]["soak_s"] == 0
     assert view["threshold"]["failure_percent"] == 10.0  # defaults filled in
+    assert view["targeted"] == 2 and view["reason"] == "floor limit up"  # the service's own
+    assert [w["targeted"] for w in view["waves"]] == [1, 1]
+    schema = fleet.client.get("/openapi.json").json()["components"]["schemas"]
+    assert {"waves", "abort", "rollback", "controls"} <= set(schema["RolloutOut"]["properties"])
 
     [(run_id, workflow_type, key, run_input, _)] = runs(fleet)
     assert (workflow_type, key, run_input) == (

@@ -29,7 +29,7 @@ from cloud.api.fleet.auth import CanOperate, CanRead
 from cloud.api.fleet.context import Ctx, FleetContext
 from cloud.api.fleet.errors import ApiError
 from cloud.api.fleet.fields import Clean, Why
-from cloud.api.fleet.paging import After, Limit
+from cloud.api.fleet.paging import After, Limit, Page
 from cloud.api.fleet.routes.documents import translated
 from cloud.rollouts import service
 from cloud.rollouts.service import RolloutKind, RolloutRequest
@@ -63,6 +63,131 @@ class ControlIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     reason: Why | None = Field(None, description="why (kept in the audit log)")
+
+
+# --- what the routes answer (the design's view; a field the service adds is kept) ------------
+
+
+class _Open(BaseModel):
+    """A model of the view that documents its fields and keeps any others it carries."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class DocumentOut(_Open):
+    kind: str
+    version: int | None = Field(description="the version the run made or took (null: not yet)")
+    release: str | None = Field(None, description="(release) the release's name")
+
+
+class ThresholdOut(_Open):
+    failure_percent: float
+    min_sample_wave: int
+    min_sample_total: int
+    count: list[str] = Field(description="the failure kinds that count")
+
+
+class RateOut(_Open):
+    failure_percent: float | None
+    failures: int
+    sampled: int
+
+
+class WaveOut(_Open):
+    wave: int
+    size: int = Field(description="devices targeted through this wave (cumulative)")
+    targeted: int = Field(description="this wave's own devices")
+    notified: int
+    applied: int
+    healthy: int
+    failed: int
+    refused: int
+    timed_out: int
+    pending: int
+    cancelled: int
+    status: str
+    started_at: float | None
+    finished_at: float | None
+
+
+class AbortOut(_Open):
+    criterion: str = Field(description="wave_failure_rate, total_failure_rate or operator")
+    wave: int | None = None
+    figures: dict[str, Any] | None = Field(
+        None, description="failures, sampled, failure_percent, threshold"
+    )
+    at: float | None = None
+    by: str | None = None
+    reason: str | None = None
+
+
+class RollbackOut(_Open):
+    status: Literal["running", "done"]
+    to_restore: int
+    restored: int
+    failed: int
+    timed_out: int
+    pending: int
+
+
+class ControlsOut(_Open):
+    paused: bool
+    approved_through: int
+    abort_requested: bool
+
+
+class RolloutOut(_Open):
+    rollout_id: str
+    kind: str
+    status: str
+    created_at: float
+    created_by: str
+    run_id: str | None
+    run_status: str | None
+    updated_at: float
+    finished_at: float | None
+    document: DocumentOut
+    options: dict[str, Any] = Field(description="the options as given, defaults filled in")
+    seed: int
+    current_wave: int
+    threshold: ThresholdOut
+    rate: RateOut
+    waves: list[WaveOut]
+    abort: AbortOut | None
+    rollback: RollbackOut | None
+    controls: ControlsOut
+
+
+class RolloutSummary(_Open):
+    rollout_id: str
+    kind: str
+    status: str
+    created_at: float
+    created_by: str
+    updated_at: float
+    finished_at: float | None
+    document: DocumentOut
+    current_wave: int
+    targeted: int
+    abort: AbortOut | None
+
+
+class RolloutDeviceOut(_Open):
+    device_id: str
+    store: str
+    group: str | None
+    wave: int
+    status: str
+    previous_version: int | None
+    command_id: str | None
+    notified_at: float | None
+    applied_at: float | None
+    healthy_at: float | None
+    failed_at: float | None
+    last_error: str | None
+    restore_status: str
+    restore_command_id: str | None
+    restored_at: float | None
 
 
 # --- text the database cannot hold ---------------------------------------------------------
@@ -154,20 +279,20 @@ def _started(ctx: FleetContext, kind: RolloutKind, rollout_id: str) -> None:
     )  # fmt: skip
 
 
-def _create(ctx: FleetContext, kind: RolloutKind, body: RolloutRequest, who: Any) -> dict[str, Any]:
+def _create(ctx: FleetContext, kind: RolloutKind, body: RolloutRequest, who: Any) -> RolloutOut:
     _check_storable(body)
     with translated(), ctx.transaction() as conn:
         rollout_id = service.create(conn, kind, body, who, at=ctx.clock.now())
     _started(ctx, kind, rollout_id)
     with translated(), ctx.transaction() as conn:
-        return service.view(conn, rollout_id, now=ctx.clock.now())
+        return RolloutOut.model_validate(service.view(conn, rollout_id, now=ctx.clock.now()))
 
 
 # --- starting -------------------------------------------------------------------------------
 
 
 @router.post("/api/v1/config/rollout", status_code=201)
-def config_rollout(body: RolloutRequest, who: CanOperate, ctx: Ctx) -> dict[str, Any]:
+def config_rollout(body: RolloutRequest, who: CanOperate, ctx: Ctx) -> RolloutOut:
     """Roll a config out: new ``content`` (validated with the terminal's model) or an
     existing ``version``, to the devices ``target`` selects, in ``waves``; the answer is
     the rollout (status pending: its run has just started)."""
@@ -175,13 +300,13 @@ def config_rollout(body: RolloutRequest, who: CanOperate, ctx: Ctx) -> dict[str,
 
 
 @router.post("/api/v1/policy/rollout", status_code=201)
-def policy_rollout(body: RolloutRequest, who: CanOperate, ctx: Ctx) -> dict[str, Any]:
+def policy_rollout(body: RolloutRequest, who: CanOperate, ctx: Ctx) -> RolloutOut:
     """Roll a fraud policy out: new ``content`` or an existing ``version``."""
     return _create(ctx, "policy", body, who)
 
 
 @router.post("/api/v1/release/rollout", status_code=201)
-def release_rollout(body: RolloutRequest, who: CanOperate, ctx: Ctx) -> dict[str, Any]:
+def release_rollout(body: RolloutRequest, who: CanOperate, ctx: Ctx) -> RolloutOut:
     """Roll a terminal release out: ``release``, the name of an uploaded bundle."""
     return _create(ctx, "release", body, who)
 
@@ -197,22 +322,23 @@ def list_rollouts(
     status: RolloutStatus | None = None,
     limit: Limit = 50,
     after: After = None,
-) -> dict[str, Any]:
+) -> Page[RolloutSummary]:
     """Rollouts, newest first (a summary each); every filter given must match. A page
     holds at most ``LIST_PAGE_MAX`` (a longer ``limit`` gives that many, and ``next``)."""
     with translated(), ctx.transaction() as conn:
-        return service.rollouts(
+        found = service.rollouts(
             conn, kind=kind, status=status, after=after, limit=min(limit, LIST_PAGE_MAX)
         )
+    return Page[RolloutSummary].model_validate(found)
 
 
 @router.get("/api/v1/rollouts/{rollout_id}")
-def get_rollout(rollout_id: RolloutId, who: CanRead, ctx: Ctx) -> dict[str, Any]:
+def get_rollout(rollout_id: RolloutId, who: CanRead, ctx: Ctx) -> RolloutOut:
     """Everything about one rollout: per wave targeted, notified, applied, healthy,
     failed, refused, timed out, pending; the threshold and the current rate; why it
     aborted (criterion, figures) and how far the rollback has got; the controls."""
     with translated(), ctx.transaction() as conn:
-        return service.view(conn, rollout_id, now=ctx.clock.now())
+        return RolloutOut.model_validate(service.view(conn, rollout_id, now=ctx.clock.now()))
 
 
 @router.get("/api/v1/rollouts/{rollout_id}/devices")
@@ -224,22 +350,25 @@ def rollout_devices(
     status: DeviceStatus | None = None,
     limit: Limit = 100,
     after: After = None,
-) -> dict[str, Any]:
+) -> Page[RolloutDeviceOut]:
     """A rollout's devices: wave, status with its timestamps, last error, restore."""
     with translated(), ctx.transaction() as conn:
-        return service.devices(conn, rollout_id, wave=wave, status=status, after=after, limit=limit)
+        found = service.devices(
+            conn, rollout_id, wave=wave, status=status, after=after, limit=limit
+        )
+    return Page[RolloutDeviceOut].model_validate(found)
 
 
 # --- steering -------------------------------------------------------------------------------
 
 
-def _control(action: Control) -> Callable[..., dict[str, Any]]:
+def _control(action: Control) -> Callable[..., RolloutOut]:
     def steer(
         rollout_id: RolloutId,
         who: CanOperate,
         ctx: Ctx,
         body: Annotated[ControlIn | None, Body()] = None,
-    ) -> dict[str, Any]:
+    ) -> RolloutOut:
         reason = None if body is None else body.reason
         try:  # first: its store's tables are there before the rollout's run is read
             ctx.engine()
@@ -258,7 +387,7 @@ def _control(action: Control) -> Callable[..., dict[str, Any]]:
                 rollout_id, action, type(exc).__name__, exc,
                 extra={"action": "rollout_wake_failed"},
             )  # fmt: skip
-        return view
+        return RolloutOut.model_validate(view)
 
     steer.__name__ = f"rollout_{action}"
     return steer
