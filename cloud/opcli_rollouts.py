@@ -274,7 +274,7 @@ def _abort(ab: dict[str, Any] | None) -> str | None:
             f"threshold {_pct(figures.get('threshold'))})"
         )
     text += f" at {_when(ab.get('at'))}"
-    if ab.get("by"):
+    if ab.get("by") and ab.get("criterion") == "operator":  # else the run's own verdict
         text += f" by {ab['by']}"
     if ab.get("reason"):
         text += f": {ab['reason']}"

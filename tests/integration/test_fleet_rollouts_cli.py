@@ -458,3 +458,36 @@ def test_rollouts__one_succeeds_the_next_aborts_and_every_device_is_restored(
             assert not terms.errors, terms.errors[:5]
         finally:
             terms.close()
+
+
+@pytest.mark.slow
+def test_rollouts__aborted_by_hand_at_the_approval_gate(
+    fleet: Fleet, served: Cloud, tmp_path: Path
+) -> None:
+    terms = Terminals(served, tmp_path, 2)
+    content = tmp_path / "config.yaml"
+    content.write_text(CONFIG)
+    log = tmp_path / "worker.log"
+    with worker(served, tmp_path) as _:
+        terms.thread.start()
+        try:
+            rid = fleet.json(
+                "rollouts", "start", "config", "--content", str(content), "--all",
+                "--waves", "1,100%", "--soak-s", "0", "--approve-after", "1",
+            )["rollout_id"]  # fmt: skip
+            until("awaiting approval", lambda: fleet.json("rollouts", "show", rid)["status"]
+                  == "awaiting_approval", 90, log)  # fmt: skip
+            code, out, _ = fleet("rollouts", "abort", rid, "--reason", "not today")
+            assert code == 0 and "abort recorded" in out
+            code, _, err = fleet("rollouts", "abort", rid)
+            assert code == 1 and "409 rollout_state" in err  # one abort is enough
+            code, out, _ = fleet("rollouts", "watch", rid, "--interval", "0.5")
+            assert code == 1 and "rolled_back" in out, out
+            assert "aborted: operator" in out and "by ops: not today" in out, out
+            view = fleet.json("rollouts", "show", rid)
+            assert view["abort"]["criterion"] == "operator" and view["rollback"]["status"] == "done"
+            waves = {w["wave"]: w for w in view["waves"]}
+            assert waves[2]["notified"] == 0  # wave 2 never started
+            assert not terms.errors, terms.errors[:5]
+        finally:
+            terms.close()
