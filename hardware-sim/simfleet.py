@@ -47,6 +47,9 @@ The API:
   ``CommandProcessor`` is replaced by a subclass (``ModelCommands``) that adds the
   model's check after the standard ones (it overrides the private ``_refusal``: a
   public seam in ``sync.device.commands`` would be better).
+* ``install_release``: ``SimReleases`` installs in ``install_s`` and reports through
+  the real ``release_result``; a model's ``fails_release`` makes it roll back (failed,
+  version unchanged).
 * ``measure()``: CPU and RSS of this process, syncs done, CPU per sync.
 """
 
@@ -80,6 +83,7 @@ from edge.terminal.service import terminal as terminal_module
 from edge.terminal.service.api import LocalApi
 from edge.terminal.service.terminal import Terminal
 from sync import wire
+from sync.device import releases
 from sync.device.client import SyncClient
 from sync.device.commands import CommandProcessor
 from sync.device.identity import DeviceIdentity, enroll, load_identity, load_key
@@ -106,6 +110,9 @@ class HardwareModel:
     fails_config: ConfigPredicate | None = None
     refuses_config: ConfigPredicate | None = None
     refusal: str = "this model's firmware cannot apply the config"
+    #: Releases (by name) that install but are not healthy on this model: the
+    #: installer rolls back, the terminal reports the install failed, its version stays.
+    fails_release: Callable[[str], bool] | None = None
 
 
 @dataclass(frozen=True)
@@ -130,6 +137,8 @@ class FleetSpec:
     skew_s: float = -900.0
     #: Parse the workflow files once for all the terminals (``share_workflow_definitions``).
     share_workflows: bool = True
+    #: Seconds a simulated release install takes (``SimReleases``).
+    install_s: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -255,6 +264,60 @@ def share_workflow_definitions() -> None:
     terminal_module.load_file = _load_shared  # type: ignore[attr-defined]
 
 
+class SimReleases:
+    """``install_release`` on a simulated terminal, in place of
+    ``sync.device.releases.ReleaseHooks`` (which installs only from an installed release
+    tree): the command is checked and recorded applied by the real processor; the
+    install then "takes" ``FleetSpec.install_s`` and its outcome is reported by the real
+    ``releases.finish`` (the ``release_result`` message and the audit row, in one
+    transaction) on the first exchange after: ``installed``, and the terminal reports
+    the release as its ``binary_version`` from then on; or, for a model whose
+    ``fails_release`` says so, ``failed`` as install.sh's rollback says it (exit 4),
+    its version unchanged. Nothing is downloaded."""
+
+    def __init__(self, sim: SimTerminal) -> None:
+        self.sim = sim
+        self.paths = releases.paths_of(sim.data_dir)
+        self._done_at: float | None = None
+        self._lock = threading.Lock()
+
+    def refusal(self, content: wire.ReleaseContent) -> tuple[str, str] | None:
+        if self.running(content):
+            return None
+        if self.paths.pending.exists():
+            return releases.INSTALL_IN_PROGRESS, "another release is being installed"
+        return None
+
+    def running(self, content: wire.ReleaseContent) -> bool:
+        return self.sim.binary_version == content.release
+
+    def begin(self, command_id: str, content: wire.ReleaseContent) -> None:
+        self.paths.base.mkdir(parents=True, exist_ok=True)
+        state = {"command_id": command_id, "release": content.release, "state": "installing",
+                 "from_release": self.sim.binary_version, "bytes_downloaded": 0}  # fmt: skip
+        self.paths.pending.write_text(json.dumps(state), encoding="utf-8")
+        with self._lock:
+            self._done_at = time.monotonic() + self.sim.fleet.spec.install_s
+
+    def poll(self) -> None:
+        with self._lock:
+            if self._done_at is None or time.monotonic() < self._done_at:
+                return
+            self._done_at = None
+        try:
+            state = json.loads(self.paths.pending.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return
+        release = str(state["release"])
+        model = self.sim.spec.model
+        if model.fails_release is not None and model.fails_release(release):
+            why = f"{releases._INSTALL_EXIT[4]}: {model.name} does not start {release}"
+            releases.finish(self.sim.terminal.store, self.sim.clock, self.paths, "failed", why)
+            return
+        releases.finish(self.sim.terminal.store, self.sim.clock, self.paths, "installed", None)
+        self.sim.binary_version = release
+
+
 class SimTerminal:
     """One simulated terminal: the real runtime, its simulated hardware, its sync."""
 
@@ -293,6 +356,7 @@ class SimTerminal:
         self.hooks = ModelHooks(self)
         self.http = LinkedHttp(fleet.http, self.link)
         self.identity: DeviceIdentity | None = None
+        self._binary_version = BINARY_VERSION
         self.client: SyncClient | None = None
         self.runner: SyncRunner | None = None
         self.sales: list[Sale] = []
@@ -305,6 +369,17 @@ class SimTerminal:
         self.check_model()
 
     @property
+    def binary_version(self) -> str:
+        """The release this terminal runs (``BINARY_VERSION`` until one is installed)."""
+        return self._binary_version
+
+    @binary_version.setter
+    def binary_version(self, value: str) -> None:
+        self._binary_version = value
+        if self.client is not None:
+            self.client.binary_version = value  # the next heartbeat says so
+
+    @property
     def device_id(self) -> str | None:
         return None if self.identity is None else self.identity.device_id
 
@@ -315,7 +390,7 @@ class SimTerminal:
         identity = load_identity(self.data_dir)
         if identity is None:
             identity = enroll(
-                url, token, self.data_dir, BINARY_VERSION, self.http,  # type: ignore[arg-type]
+                url, token, self.data_dir, self.binary_version, self.http,  # type: ignore[arg-type]
                 clock=self.clock.now,
                 hardware=wire.Hardware(model=self.spec.model.name, serial=self.spec.name),
             )  # fmt: skip
@@ -331,11 +406,12 @@ class SimTerminal:
             self.hooks,
             self.clock,
             self.http,  # type: ignore[arg-type]
-            binary_version=BINARY_VERSION,
+            binary_version=self.binary_version,
             max_entries=self.fleet.spec.batch_max_entries,
             key_dir=self.data_dir,
         )
         client.commands = ModelCommands(self, identity)
+        client.commands.releases = SimReleases(self)  # type: ignore[assignment]
         self.client = client
         self.runner = SyncRunner(
             client,

@@ -30,11 +30,13 @@ import pytest
 import redis
 from hwsim.cloudrig import CloudRig, FleetApi
 from hwsim.simfleet import (
+    BINARY_VERSION,
     FAILURE_PREFIX,
     REFUSAL_CODE,
     FleetSpec,
     HardwareModel,
     SimFleet,
+    SimReleases,
     SimTerminal,
     TerminalSpec,
 )
@@ -283,3 +285,39 @@ def test_simfleet__the_failing_model_reports_unhealthy_after_the_bad_config_and_
         assert not t.failing and t.printer.state == "ok"
     after = fleet.sell(len(jams), terminals=jams)
     assert {s.decision for s in after} == {"approved"}
+
+
+def test_simfleet__a_release_installs_on_a_simulated_terminal_or_rolls_back_on_its_model(
+    tmp_path: Path,
+) -> None:
+    """``SimReleases``: the outcome goes up as the real installer's does (one
+    ``release_result`` message and its audit row); a model that fails the release keeps
+    its version and says why. (No cloud: a release document needs a signed bundle; the
+    rollout tests send real ones.)"""
+    from sync import wire
+
+    bad = HardwareModel("XR-7", weight=2, fails_release=lambda r: r == "2.0.0")
+    spec = FleetSpec(terminals=6, seed=3, models=(PLAIN, bad), install_s=0.0)
+    with SimFleet(spec, tmp_path / "fleet", "http://127.0.0.1:9") as fleet:
+        assert {t.spec.model.name for t in fleet} == {"TF-100", "XR-7"}
+        release = wire.ReleaseContent(release="2.0.0", manifest_sha256="a" * 64, files=3,
+                                      bytes=100)  # fmt: skip
+        for n, t in enumerate(fleet):
+            hooks = SimReleases(t)
+            assert hooks.refusal(release) is None and not hooks.running(release)
+            hooks.begin(f"cmd-{n}", release)
+            assert hooks.refusal(release) is not None  # one install at a time
+            hooks.poll()
+            [msg] = [m for m in t.terminal.store.outbox(after_seq=0, limit=50)
+                     if m.topic == "release_result"]  # fmt: skip
+            assert msg.payload["command_id"] == f"cmd-{n}"
+            assert msg.payload["from_release"] == BINARY_VERSION
+            if t.spec.model is bad:
+                assert msg.payload["status"] == "failed"
+                assert "rolled back" in msg.payload["reason"] and "XR-7" in msg.payload["reason"]
+                assert t.binary_version == BINARY_VERSION
+            else:
+                assert (msg.payload["status"], msg.payload["reason"]) == ("installed", None)
+                assert t.binary_version == "2.0.0" and hooks.running(release)
+            events = [r.event for r in t.terminal.store.audit_rows()]
+            assert ("release_failed" if t.spec.model is bad else "release_installed") in events
