@@ -346,8 +346,10 @@ def bad(
     say(
         f"   Threshold crossed: {which} ({criterion}): {f.get('failures')} of "
         f"{f.get('sampled')} sampled terminals failed, {f.get('failure_percent')}%, above "
-        f"the {f.get('threshold')}% allowed. The finalize step raised, and that started "
-        "the saga: the workflow undoes what it did, in reverse order."
+        f"the {f.get('threshold')}% allowed. The wave's check step (Check_Wave) failed for "
+        "good, and that started the saga: the workflow runs the compensation of each step "
+        "it completed, in reverse order: each wave's broadcast, the last wave first, then "
+        "the version's creation."
     )
     add(
         "13a. bad config: threshold",
@@ -366,13 +368,15 @@ def bad(
     cancelled = [d for d in devices if d["status"] == "cancelled"]
     rv = ", ".join(map(str, restore_versions)) or "none"
     say(
-        f"   The rollback: each terminal that had applied version {version} "
-        f"({len(applied)}) was sent version {rv}: a new version with version {v1}'s "
-        "content (versions only grow, so a rollback is a new number), and followed until "
-        f"it reported it in force: {back.get('restored')} of {back.get('to_restore')} "
-        f"restored, {back.get('failed')} failed, {back.get('timed_out')} timed out."
+        f"   The rollback: commands not yet delivered were cancelled, and the "
+        f"{len(applied)} terminal(s) that had applied version {version} were each sent "
+        f"version {rv}, a new version with version {v1}'s content (versions only grow, so "
+        "a rollback is a new number), and followed until each reported it in force: "
+        f"{back.get('restored')} of {back.get('to_restore')} restored, {back.get('failed')} "
+        f"failed, {back.get('timed_out')} timed out."
         + (
-            f" {len(cancelled)} terminal(s) never reached were cancelled: nothing goes to them."
+            f" The {len(cancelled)} terminal(s) it never reached were cancelled: they keep "
+            f"version {v1}, nothing was sent to them."
             if cancelled
             else ""
         )
