@@ -53,7 +53,7 @@ TYPES = {"config": "ConfigRollout", "policy": "PolicyRollout", "release": "Relea
 
 
 @contextlib.contextmanager
-def rollout_app(url: str, data_dir: Path) -> Iterator[Fleet]:
+def rollout_app(url: str, data_dir: Path, **settings_: Any) -> Iterator[Fleet]:
     """``fleet_app``'s app, its settings' data_dir this test's (the serverless broker's
     folders are made there, not in the home directory), and the signing key in a file
     there (a worker's steps read it from the settings)."""
@@ -61,7 +61,9 @@ def rollout_app(url: str, data_dir: Path) -> Iterator[Fleet]:
     try:
         migrate_fleet(backend)
         key_file = data_dir / "control-plane.key"
-        settings = CloudSettings(database_url=url, data_dir=data_dir, signing_key_file=key_file)
+        settings = CloudSettings(
+            database_url=url, data_dir=data_dir, signing_key_file=key_file, **settings_
+        )
         key, _ = load_or_create_key(key_file)  # the workers' steps sign with it too
         app = build_app(settings, backend, key)
         with starlette_testclient.TestClient(app, raise_server_exceptions=False) as client:
@@ -382,3 +384,21 @@ def test_start__a_release_rollout_names_an_uploaded_release(fleet, devices):
     assert len(planned["items"]) == len(devices)
     assert refused(fleet.get(f"/api/v1/rollouts/{view['rollout_id']}/devices?status=gone"),
                    422)["field"] == "query.status"  # fmt: skip
+
+
+def test_start__a_broker_that_cannot_be_reached_still_answers_201_the_run_is_in_the_database(
+    new_database, tmp_path: Path, caplog
+):
+    # nothing listens on port 1: every publish fails, at once
+    with rollout_app(new_database(), tmp_path, broker_url="redis://127.0.0.1:1/0") as f:
+        f.enroll("store-1")
+        body = {"content": CONFIG, "target": {"all": True}}
+        view = ok(f.post("/api/v1/config/rollout", "operator", json=body), 201)
+        [(_, workflow_type, key, _, status)] = runs(f)
+        assert (workflow_type, key, status) == (
+            "ConfigRollout", f"rollout:{view['rollout_id']}", "RUNNING",
+        )  # fmt: skip
+        executor = f.client.app.state.fleet.engine().executor
+        assert executor.failed >= 1 and executor.sent == 0
+        assert "the sweep will submit it" in caplog.text  # a worker's sweep finds it
+        ok(f.post(f"/api/v1/rollouts/{view['rollout_id']}/pause", "operator"))  # recorded too
