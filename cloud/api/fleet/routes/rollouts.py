@@ -270,8 +270,9 @@ def _started(ctx: FleetContext, kind: RolloutKind, rollout_id: str) -> None:
         raise ApiError(
             503,
             "run_not_started",
-            f"rollout {rollout_id} is recorded but its run could not be started "
-            f"({type(exc).__name__}); ask again with POST /api/v1/rollouts/{rollout_id}/resume",
+            f"rollout {rollout_id} is recorded (pending) but its run could not be started "
+            f"({type(exc).__name__}); a control on it starts the run: POST "
+            f"/api/v1/rollouts/{rollout_id}/pause then /resume, or /abort to drop it",
         ) from None
     log.info(
         "rollout %s: run %s started", rollout_id, run_id,
