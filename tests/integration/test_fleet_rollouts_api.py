@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 from fleet_app import Fleet
 
+from cloud.api.fleet.context import api_engine
 from cloud.api.serve import build_app, migrate_fleet
 from cloud.engine import cloud_engine
 from cloud.executor.celery_app import make_app
@@ -402,3 +403,22 @@ def test_start__a_broker_that_cannot_be_reached_still_answers_201_the_run_is_in_
         assert executor.failed >= 1 and executor.sent == 0
         assert "the sweep will submit it" in caplog.text  # a worker's sweep finds it
         ok(f.post(f"/api/v1/rollouts/{view['rollout_id']}/pause", "operator"))  # recorded too
+
+
+def test_start__a_run_that_cannot_be_started_is_503_naming_the_rollout_a_control_starts_it(
+    fleet, devices
+):
+    ctx = fleet.client.app.state.fleet
+    # the engine's store unreachable (nothing listens on port 1), the API's own database up
+    away = ctx.settings.model_copy(update={"database_url": "postgresql://postgres@127.0.0.1:1/x"})
+    ctx.engine_factory = lambda: api_engine(away)[0]
+    body = {"content": CONFIG, "target": {"all": True}}
+    error = refused(fleet.post("/api/v1/config/rollout", "operator", json=body), 503)
+    assert error["code"] == "run_not_started"
+    [(rid, status)] = fleet.sql("SELECT rollout_id, status FROM rollouts")
+    assert rid in error["message"] and status == "pending"
+    ctx.engine_factory = None  # the store back
+    ok(fleet.post(f"/api/v1/rollouts/{rid}/pause", "operator"))
+    [(run_id, workflow_type, key, _, _)] = runs(fleet)
+    assert (workflow_type, key) == ("ConfigRollout", f"rollout:{rid}")
+    assert published(fleet) == [run_id]
