@@ -212,6 +212,9 @@ fi
 rm -rf "${RELEASES:?}/.$VERSION.partial" "${RELEASES:?}/$VERSION"
 cp -R "$BUNDLE/tillflow-edge" "$RELEASES/.$VERSION.partial"
 cp "$BUNDLE/VERSION" "$RELEASES/.$VERSION.partial/VERSION"
+# The root side of install_release under systemd runs the INSTALLED release's copy.
+[ ! -f "$BUNDLE/tillflow-edge-update.sh" ] ||
+    cp "$BUNDLE/tillflow-edge-update.sh" "$RELEASES/.$VERSION.partial/tillflow-edge-update.sh"
 mv "$RELEASES/.$VERSION.partial" "$RELEASES/$VERSION"
 
 [ -f "$CONFIG" ] || cp "$BUNDLE/edge.yaml" "$CONFIG"
@@ -219,12 +222,20 @@ mv "$RELEASES/.$VERSION.partial" "$RELEASES/$VERSION"
 cp "$BUNDLE/tillflow-edge.service" "$UNIT_DIR/.$SERVICE.service.new"
 mv "$UNIT_DIR/.$SERVICE.service.new" "$UNIT_DIR/$SERVICE.service"
 chmod 0644 "$UNIT_DIR/$SERVICE.service" "$ETC/release.pub"
+UPDATE_UNITS=""  # the daemon's hand-off to root (systemd/README.md), when the bundle has them
+for unit in "$SERVICE-update.path" "$SERVICE-update.service"; do
+    [ -f "$BUNDLE/$unit" ] || continue
+    cp "$BUNDLE/$unit" "$UNIT_DIR/.$unit.new" && mv "$UNIT_DIR/.$unit.new" "$UNIT_DIR/$unit"
+    chmod 0644 "$UNIT_DIR/$unit"
+    UPDATE_UNITS="$UPDATE_UNITS $unit"
+done
 chmod 0640 "$CONFIG"
 if [ "$SUPERVISE" = systemd ]; then
     chgrp "$SERVICE_USER" "$CONFIG"
     chown -R "$SERVICE_USER:$SERVICE_USER" "$STATE"
     systemctl daemon-reload
     systemctl enable "$SERVICE" >/dev/null 2>&1
+    case "$UPDATE_UNITS" in *.path*) systemctl enable --now "$SERVICE-update.path" >/dev/null 2>&1 ;; esac
 fi
 
 # --- 3. switch, restart, check --------------------------------------------------------

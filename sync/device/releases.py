@@ -35,6 +35,16 @@ sync client's command processor calls ``report_finished`` on every exchange, whi
 "bytes_downloaded"}``) and a ``release_installed``/``release_failed`` audit row, in one
 transaction. A daemon that stopped mid-download resumes the download when it next syncs.
 
+Under systemd (``INVOCATION_ID`` or ``NOTIFY_SOCKET`` set and the tree at ``/``) the
+daemon is the unprivileged ``tillflow`` user and cannot run install.sh, which needs root.
+It hands the verified stage over instead (``hand_over``): ``<data_dir>/update/request.json``
+(``{"id", "release", "stage"}``, renamed into place) starts ``tillflow-edge-update.service``
+through ``tillflow-edge-update.path``; that root side (``packaging/tillflow-edge-update.sh``)
+copies the stage, verifies it with the installed binary and only then runs its
+``install.sh``; its exit status and output land in
+``/var/lib/tillflow-update/result/<id>.rc`` and ``<id>.log``, which this daemon (the new
+one, after the restart) reads where it reads ``install.rc`` in process mode.
+
 Only a terminal that runs from an installed tree (``.../opt/tillflow/releases/<v>/``,
 the frozen binary) can install; any other refuses the command (``cannot_install``).
 """
@@ -90,7 +100,11 @@ _INSTALL_EXIT = {
     3: "the installer refused the bundle (it does not verify)",
     4: "the new release was not healthy: rolled back",
     5: "the new release was not healthy and there was no healthy release to fall back to",
+    6: "the update service refused the request (malformed, or its stage is not a plain "
+    "directory in the state directory)",
 }
+#: The data dir the root side reads requests from (tillflow-edge-update.path's), under the root.
+HANDOFF_DATA_DIR = PurePosixPath("var/lib/tillflow")
 
 Status = Literal["installed", "failed"]
 
@@ -118,6 +132,11 @@ class Tree:
         """The pinned release key (``install.sh --pubkey`` copies it here)."""
         return self.root / "etc" / "tillflow" / "release.pub"
 
+    @property
+    def results(self) -> Path:
+        """Where the root side leaves ``<id>.rc`` and ``<id>.log`` (its StateDirectory=)."""
+        return self.root / "var" / "lib" / "tillflow-update" / "result"
+
     def install_args(self) -> list[str]:
         if self.root == Path("/"):
             return ["--health-timeout", str(HEALTH_TIMEOUT_S)]
@@ -141,6 +160,19 @@ def find_tree(executable: str | None = None) -> Tree | None:
     except OSError:
         name = here.name
     return Tree(root=opt.parent.parent, running=here, release=name or here.name)
+
+
+def under_systemd(env: dict[str, str] | None = None) -> bool:
+    """The daemon runs as a systemd service (systemd sets ``INVOCATION_ID`` for every
+    unit, ``NOTIFY_SOCKET`` for ``Type=notify``)."""
+    env = dict(os.environ) if env is None else env
+    return bool(env.get("INVOCATION_ID") or env.get("NOTIFY_SOCKET"))
+
+
+def hands_over(tree: Tree, env: dict[str, str] | None = None) -> bool:
+    """Installs go through the root side: systemd supervises a tree at ``/`` (install.sh
+    has no systemd mode under ``--root``)."""
+    return tree.root == Path("/") and under_systemd(env)
 
 
 def running_release(executable: str | None = None) -> str | None:
@@ -178,6 +210,11 @@ class Paths:
     @property
     def kept(self) -> Path:
         return self.base / "kept"
+
+    @property
+    def request(self) -> Path:
+        """The hand-off to the root side (``<data_dir>/update/request.json``)."""
+        return self.base.parent / "update" / "request.json"
 
 
 def paths_of(data_dir: Path) -> Paths:
@@ -244,6 +281,7 @@ class Installer:
         *,
         http: Callable[[], httpx.Client] | None = None,
         launch: Callable[[Path, list[str], Paths], None] | None = None,
+        handoff: bool | None = None,
     ) -> None:
         self.tree = tree
         self.data_dir = Path(data_dir)
@@ -253,6 +291,8 @@ class Installer:
         self.clock = clock
         self.make_http = http or (lambda: httpx.Client(timeout=HTTP_TIMEOUT_S, trust_env=False))
         self.launch = launch or launch_install
+        #: Under systemd: a request to the root side instead of launching install.sh.
+        self.handoff = hands_over(tree) if handoff is None else handoff
         self.base_path = urlsplit(identity.url.rstrip("/")).path
         self.bytes_downloaded = 0
         #: Seconds the server's clock is ahead of ours (learnt from a clock_skew answer).
@@ -483,20 +523,43 @@ class Installer:
             _write_json(self.paths.pending, {**pending, "bytes_downloaded": self.bytes_downloaded})
             finish(self.store, self.clock, self.paths, "failed", str(exc))
             return
+        self.install(content.release, stage, pending)
+
+    def install(self, release: str, stage: Path, pending: dict[str, Any]) -> None:
+        """The verified ``stage``: its install.sh launched, or (under systemd) handed over."""
         with contextlib.suppress(FileNotFoundError):
             self.paths.rc.unlink()
         pending |= {"state": "installing", "bytes_downloaded": self.bytes_downloaded}
         pending["install_started_at"] = self.clock.now()
+        if self.handoff:
+            self.hand_over(release, stage, pending)
+            return
         _write_json(self.paths.pending, pending)
         log.info(
             "release %s verified whole: running its install.sh",
-            content.release,
+            release,
             extra={"action": "release_install"},
         )
         try:
             self.launch(stage / "install.sh", self.tree.install_args(), self.paths)
         except OSError as exc:
             finish(self.store, self.clock, self.paths, "failed", f"install.sh did not start: {exc}")
+
+    def hand_over(self, release: str, stage: Path, pending: dict[str, Any]) -> None:
+        """Ask the root side to install ``stage`` (module docstring): the request names
+        the release and its stage relative to the data dir, nothing else. The pending
+        state first, so a result is always looked for once the request exists."""
+        rel = stage.relative_to(self.data_dir).as_posix()
+        request_id = uuid.uuid4().hex
+        pending |= {"request_id": request_id, "results": str(self.tree.results)}
+        _write_json(self.paths.pending, pending)
+        _write_json(self.paths.request, {"id": request_id, "release": release, "stage": rel})
+        log.info(
+            "release %s verified whole: handed to tillflow-edge-update (request %s)",
+            release,
+            request_id,
+            extra={"action": "release_install"},
+        )
 
 
 def _executable(rel: str) -> bool:
@@ -586,6 +649,8 @@ def finish(
     claimed.unlink()
     with contextlib.suppress(FileNotFoundError):
         paths.rc.unlink()
+    with contextlib.suppress(FileNotFoundError):
+        paths.request.unlink()  # a hand-off the root side never took
     shutil.rmtree(paths.stage, ignore_errors=True)
     shutil.rmtree(paths.partial, ignore_errors=True)
     level = logging.INFO if status == "installed" else logging.WARNING
@@ -679,13 +744,23 @@ def report_finished(
         )
         start(installer, str(state["command_id"]), content)
         return False
+    rc_file, log_file = paths.rc, paths.install_log
+    if state.get("request_id"):  # handed to the root side: its result, where it keeps it
+        results = Path(str(state.get("results", "")))
+        rc_file = results / f"{state['request_id']}.rc"
+        log_file = results / f"{state['request_id']}.log"
     try:
-        rc_text = paths.rc.read_text().strip()
+        rc_text = rc_file.read_text().strip()
     except FileNotFoundError:
         began = float(state.get("install_started_at") or clock.now())
         if clock.now() - began < INSTALL_DEADLINE_S:
             return False  # install.sh is still at work
         why = f"install.sh did not finish within {INSTALL_DEADLINE_S:.0f} s"
+        if state.get("request_id") and paths.request.exists():
+            why = (
+                f"no update service took the request within {INSTALL_DEADLINE_S:.0f} s "
+                "(is tillflow-edge-update.path enabled?)"
+            )
         return finish(store, clock, paths, "failed", why)
     rc = int(rc_text) if rc_text.lstrip("-").isdigit() else 1
     running = running_release()
@@ -696,7 +771,7 @@ def report_finished(
     why = _INSTALL_EXIT.get(rc, f"install.sh exited {rc}")
     if rc == 0:
         why = f"install.sh reported success but {running} runs, not {wanted}"
-    last = _last_line(paths.install_log)
+    last = _last_line(log_file)
     return finish(store, clock, paths, "failed", f"{why}: {last}" if last else why)
 
 
@@ -742,9 +817,11 @@ class ReleaseHooks:
         *,
         tree: Tree | None = None,
         data_dir: Path | None = None,
+        handoff: bool | None = None,
     ) -> None:
         self.identity, self.store, self.clock = identity, store, clock
         self.tree = tree if tree is not None else find_tree()
+        self.handoff = handoff
         cfg = getattr(terminal, "cfg", None)
         found = data_dir if data_dir is not None else getattr(cfg, "data_dir", None)
         self.data_dir = None if found is None else Path(found)
@@ -758,10 +835,23 @@ class ReleaseHooks:
             )
         if self.running(content):
             return None
+        handoff_dir = self.tree.root / HANDOFF_DATA_DIR
+        if self.hands_over() and self.data_dir.resolve() != handoff_dir.resolve():
+            return (
+                CANNOT_INSTALL,
+                f"under systemd the update service reads requests from {handoff_dir}; "
+                f"this terminal's data_dir is {self.data_dir}",
+            )
         if busy(self.data_dir):
             state = _read_json(paths_of(self.data_dir).pending) or {}
             return INSTALL_IN_PROGRESS, f"release {state.get('release', '?')} is being installed"
         return None
+
+    def hands_over(self) -> bool:
+        """Installs go through the root side (``hands_over``, or as told)."""
+        if self.handoff is not None:
+            return self.handoff
+        return self.tree is not None and hands_over(self.tree)
 
     def running(self, content: wire.ReleaseContent) -> bool:
         return self.tree is not None and self.tree.release == content.release
@@ -770,7 +860,14 @@ class ReleaseHooks:
         if self.tree is None or self.data_dir is None:
             return None
         try:
-            return Installer(self.tree, self.data_dir, self.identity, self.store, self.clock)
+            return Installer(
+                self.tree,
+                self.data_dir,
+                self.identity,
+                self.store,
+                self.clock,
+                handoff=self.hands_over(),
+            )
         except Exception as exc:  # the device key unreadable: said in the log, and reported
             log.error("the release installer cannot start: %s", exc)
             return None
