@@ -243,3 +243,72 @@ def test_cloud_unit__systemd_analyze_verify_passes(tmp_path: Path, name: str) ->
     report = f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     assert result.returncode == 0, report
     assert (result.stdout + result.stderr).strip() == "", report
+
+
+# --- the update units: the daemon's hand-off of a staged release to root -----------------
+
+UPDATE_PATH = SYSTEMD / "tillflow-edge-update.path"
+UPDATE_SERVICE = SYSTEMD / "tillflow-edge-update.service"
+UPDATE_SCRIPT = "/opt/tillflow/current/tillflow-edge-update.sh"
+
+
+def test_update_path__watches_the_request_in_the_daemons_state_directory(unit: Unit) -> None:
+    path = parse_unit(UPDATE_PATH.read_text())
+    state = "/var/lib/" + one(unit, "Service", "StateDirectory")
+    # Inside the daemon's StateDirectory=: no new write access for it.
+    assert one(path, "Path", "PathExists") == f"{state}/update/request.json"
+    assert one(path, "Path", "Unit") == UPDATE_SERVICE.name
+    assert one(path, "Install", "WantedBy") == "paths.target"
+
+
+def test_update_service__runs_the_installed_script_as_root_hardened(unit: Unit) -> None:
+    svc = parse_unit(UPDATE_SERVICE.read_text())
+    service = svc["Service"]
+    assert one(svc, "Service", "Type") == "oneshot"
+    # The INSTALLED release's script (root-owned, under /opt), never the staged one's.
+    assert one(svc, "Service", "ExecStart") == f"/bin/sh {UPDATE_SCRIPT}"
+    assert "User" not in service and "DynamicUser" not in service  # root: install.sh needs it
+    assert "Install" not in svc  # started by the .path unit only
+    assert one(svc, "Service", "StateDirectory") == "tillflow-update"
+    assert one(svc, "Service", "StateDirectoryMode") == "0755"  # the daemon reads results
+    assert one(svc, "Service", "UMask") == "0022"  # the daemon reads /opt/tillflow
+    assert one(svc, "Service", "NoNewPrivileges") == "yes"
+    assert one(svc, "Service", "ProtectSystem") == "strict"
+    writable = one(svc, "Service", "ReadWritePaths").split()
+    assert writable == ["/etc", "-/opt/tillflow", "/var/lib/tillflow"]
+    assert one(svc, "Service", "PrivateNetwork") == "yes"
+    assert one(svc, "Service", "RestrictAddressFamilies") == "AF_UNIX"
+    caps = one(svc, "Service", "CapabilityBoundingSet").split()
+    assert caps == ["CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER"]
+    assert service["SystemCallFilter"] == ["@system-service"]  # no ~@privileged: chown(2)
+    for key in ("RestrictNamespaces", "RestrictRealtime", "RestrictSUIDSGID", "LockPersonality",
+                "ProtectKernelTunables", "ProtectKernelModules", "ProtectKernelLogs",
+                "ProtectControlGroups", "ProtectHostname", "ProtectProc", "PrivateMounts",
+                "SystemCallArchitectures", "ProtectHome", "PrivateTmp"):  # fmt: skip
+        assert service.get(key) == unit["Service"].get(key), key
+    assert one(svc, "Service", "PrivateDevices") == "yes"
+    assert "MemoryDenyWriteExecute" not in service  # the installed Python binary verifies
+
+
+def test_update_script__is_what_install_sh_puts_where_the_service_runs_it() -> None:
+    install_sh = (SYSTEMD.parent / "packaging" / "install.sh").read_text()
+    assert '"$RELEASES/.$VERSION.partial/tillflow-edge-update.sh"' in install_sh
+    assert (SYSTEMD.parent / "packaging" / "tillflow-edge-update.sh").is_file()
+
+
+@pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed"
+)
+def test_update_units__systemd_analyze_verify_passes(tmp_path: Path) -> None:
+    """Both units as they are (ExecStart= is /bin/sh, which exists here), verified
+    together (the .path names the .service); every warning fails."""
+    for source in (UPDATE_PATH, UPDATE_SERVICE):
+        (tmp_path / source.name).write_text(source.read_text())
+    result = subprocess.run(
+        ["systemd-analyze", "verify", str(tmp_path / UPDATE_PATH.name),
+         str(tmp_path / UPDATE_SERVICE.name)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    report = f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    assert result.returncode == 0, report
+    assert (result.stdout + result.stderr).strip() == "", report
