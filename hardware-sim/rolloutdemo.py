@@ -219,11 +219,18 @@ def story(
     alive = [p.name for p in [*rig.serves, *rig.workers] if p.alive()]
     embedded = not given_db
     db_up = embedded and clouddemo._answers(url)
-    say(
-        "   Stopped: the eight terminals closed their databases, the worker and the server "
-        "exited"
-        + (", and the embedded PostgreSQL stopped (its last lease ended)." if embedded else ".")
-    )
+    if alive or db_up:
+        say(
+            "   !! Not everything stopped: "
+            + ", ".join([*alive, *(["the embedded PostgreSQL"] if db_up else [])])
+            + " still running."
+        )
+    else:
+        say(
+            "   Stopped: the eight terminals closed their databases, the worker and the "
+            "server exited"
+            + (", and the embedded PostgreSQL stopped (its last lease ended)." if embedded else ".")
+        )
     add(
         "14b. stop",
         "worker, server" + (", database" if embedded else "") + " stopped",

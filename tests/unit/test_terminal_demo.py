@@ -1,7 +1,10 @@
 """``make demo`` (``python -m hwsim.demo``): the simulated terminal's story runs end to end
 and says so -- the daemon as a subprocess, the POS over its socket, the simulators --
 then the control plane's (``hwsim.clouddemo``): an embedded PostgreSQL, enrollment,
-sync through an outage, an operator command applied."""
+sync through an outage, an operator command applied; then the rollouts'
+(``hwsim.rolloutdemo``): eight simulated terminals on serve and a worker (a second
+embedded PostgreSQL, the serverless broker), a config rolled back by saga past the
+threshold, one that reaches every terminal (about 2 minutes in all)."""
 
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ def test_terminal_demo__tells_the_whole_story_exits_0_and_leaves_no_directory(tm
         cwd=REPO,
         env=env,
         capture_output=True,
-        timeout=120,
+        timeout=360,
         check=False,
     )
     out = proc.stdout.decode("utf-8", errors="replace")
@@ -62,11 +65,29 @@ def test_terminal_demo__tells_the_whole_story_exits_0_and_leaves_no_directory(tm
         "“command_applied” for it",
         "audit verify re-checks the chain: ok",
         "and so did the embedded PostgreSQL",  # 11. everything stopped
+        # 12. eight terminals on serve + a worker, config 1 brought by the reconciler
+        "tillflow cloud serve and tillflow cloud worker",
+        "is woken through the serverless broker",
+        "All 8 terminals now run config version 1.",
+        # 13. the config that jams the XR-7: past the threshold, restored, withdrawn
+        "printer_jam: XR-7 printer jams on every receipt since config version 2",
+        "Threshold crossed: wave",
+        "The wave's check step (Check_Wave) failed for good, and that started the saga",
+        "were each sent version 3, a new version with version 1's content",
+        "restored, 0 failed, 0 timed out.",
+        "version 2 was withdrawn: it keeps its number, but assigning it again is refused "
+        "(409 stale_version",
+        "8 of 8 run a floor limit of 25.00 EUR again",
+        "the XR-7 printers jammed now: 0; errors: none.",
+        # 14. the good config: every terminal on it, healthy; everything stopped
+        "It succeeded in",
+        "8 of 8 terminals healthy on version 4. Asked the terminals themselves: 8 of 8 run it",
+        "the worker and the server exited, and the embedded PostgreSQL stopped",
         "Everything behaved as described.",
     ):
         assert phrase in flat, f"missing {phrase!r} in:\n{out}"
     assert "✗" not in out
-    assert out.count("✓") == 15
+    assert out.count("✓") == 21
     removed = re.search(r"Removed (\S+)(?: and (\S+))?; to keep it .* make demo KEEP=1", flat)
     assert removed, out
     for d in filter(None, removed.groups()):
