@@ -13,7 +13,8 @@
 #    --verifier bundle is given: the bundle's own binary then checks it, which catches
 #    corruption but cannot catch a forgery; use it only for media you trust.
 # 2. Create the service user (systemd mode), /opt/tillflow/releases/<version>/,
-#    /etc/tillflow/ (config kept if present), /var/lib/tillflow/; install the unit.
+#    /etc/tillflow/ (config kept if present), /var/lib/tillflow/; install the unit (and the
+#    update units and script, systemd/README.md, when the bundle carries them).
 # 3. Switch /opt/tillflow/current to the new release atomically (rename of a symlink),
 #    keeping the previous release; restart the service; wait for health: systemd mode,
 #    `systemctl is-active` (Type=notify: active only after READY=1) and then the
@@ -40,7 +41,7 @@ SERVICE_USER=tillflow
 
 say() { printf 'install.sh: %s\n' "$*" >&2; }
 die() { say "error: $1"; exit "${2:-1}"; }
-usage() { sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; }
 
 while [ $# -gt 0 ]; do
     case "$1" in

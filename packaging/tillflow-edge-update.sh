@@ -45,7 +45,7 @@ while [ $# -gt 0 ]; do
         --supervise) [ $# -ge 2 ] || die "--supervise needs a mode" 2; SUPERVISE=$2; shift 2 ;;
         --health-timeout) [ $# -ge 2 ] || die "--health-timeout needs seconds" 2
             HEALTH_TIMEOUT=$2; shift 2 ;;
-        -h | --help) sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h | --help) sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown argument: $1" 2 ;;
     esac
 done

@@ -575,9 +575,10 @@ def _link_or_copy(source: Path, target: Path) -> None:
 
 def launch_install(script: Path, args: list[str], paths: Paths) -> None:
     """``sh install.sh ARGS`` in a session of its own (it outlives this daemon, which it
-    stops), its output in ``install.log`` and its exit status in ``install.rc``. Under
-    systemd (no ``--root``) through ``systemd-run``: the daemon's cgroup is stopped with
-    it, and a child inside it would be too."""
+    stops), its output in ``install.log`` and its exit status in ``install.rc``. At ``/``
+    (no ``--root``; run by hand as root, not under systemd, which hands over instead)
+    through ``systemd-run``: the daemon's cgroup is stopped with it, and a child inside it
+    would be too."""
     paths.base.mkdir(parents=True, exist_ok=True)
     log_file, rc_file = str(paths.install_log), str(paths.rc)
     tmp = shlex.quote(rc_file + ".tmp")
