@@ -100,7 +100,13 @@ def in_force(t: SimTerminal) -> tuple[int | None, int | None]:
 @contextlib.contextmanager
 def _database(work: Path, say: Say, given: str | None) -> Iterator[tuple[str, str]]:
     if given:
-        yield given, "The control plane uses the database it was given."
+        yield (
+            given,
+            (
+                f"{DATABASE_URL_ENV} is set: the control plane uses that database (a fresh one: "
+                "devices of an earlier run in these groups would be targeted too)."
+            ),
+        )
         return
     with clouddemo.control_plane_database(work, say) as found:
         yield found
