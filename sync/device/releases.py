@@ -762,6 +762,11 @@ def report_finished(
                 f"no update service took the request within {INSTALL_DEADLINE_S:.0f} s "
                 "(is tillflow-edge-update.path enabled?)"
             )
+        elif state.get("request_id"):
+            why = (
+                f"the update service left no result within {INSTALL_DEADLINE_S:.0f} s "
+                "(journalctl -u tillflow-edge-update)"
+            )
         return finish(store, clock, paths, "failed", why)
     rc = int(rc_text) if rc_text.lstrip("-").isdigit() else 1
     running = running_release()

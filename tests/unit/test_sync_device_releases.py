@@ -263,6 +263,19 @@ def test_handoff__a_request_no_update_service_took_fails_naming_the_path_unit(un
     assert not (data / "update" / "request.json").exists()  # withdrawn
 
 
+def test_handoff__a_request_taken_but_never_answered_fails_pointing_at_the_journal(
+    under_systemd,
+):
+    """The root side refuses a request it cannot read an id from in its journal only."""
+    rig, data, tree = under_systemd
+    _handed_over(data, tree, rig.clock.now())
+    (data / "update" / "request.json").unlink()  # taken
+    rig.clock.advance(releases.INSTALL_DEADLINE_S + 1)
+    rig.take()
+    (msg,) = rig.outbox("release_result")
+    assert "journalctl -u tillflow-edge-update" in msg.payload["reason"]
+
+
 def test_handoff__refused_when_the_data_dir_is_not_where_the_root_side_reads(tmp_path):
     rig = Rig(MemoryStore())
     running = tmp_path / "opt" / "tillflow" / "releases" / "1.0.0"
