@@ -187,7 +187,7 @@ def request_body(a: argparse.Namespace) -> dict[str, Any]:
         target = {"all": True}
     if target:
         body["target"] = target
-    for field in ("waves", "seed", "soak_s", "device_timeout_s", "rate_per_minute", "poll_s"):
+    for field in ("waves", "seed", "soak_s", "device_timeout_s", "rate_per_minute"):
         value = getattr(a, field)
         if value is not None:
             body[field] = value
@@ -489,8 +489,6 @@ def add_commands(opcli: ModuleType, group: Group, leaf: Leaf) -> None:
                      help="pause for approval after these waves (1,2)")  # fmt: skip
     how.add_argument("--rate-per-minute", type=cli._positive, metavar="N",
                      help="devices notified per minute (unlimited)")  # fmt: skip
-    how.add_argument("--poll-s", type=_seconds, metavar="S",
-                     help="seconds between two looks at a wave's progress (15)")  # fmt: skip
     c.add_argument("--reason", help="why (kept in the audit log)")
 
     c = leaf(g, "list", rollouts_list, "rollouts, newest first", paged=True)

@@ -14,8 +14,9 @@ names the field.
     gates      approve_after: waves after which it waits for an operator's approval
     rate_per_minute    devices notified per minute (None: no limit)
     windows    per store {tz, start, end} (plus "default"): notified only inside it
-    poll_s     seconds between two looks at the wave's progress (the run waits in the
-               database between them)
+
+(How often the run looks at a wave's progress is its workflow's: the WAIT between two
+polls, 10 s in cloud/workflows/*_rollout.yaml.)
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ DEFAULT_SOAK_S = 300.0
 #: Seconds a device has to apply or answer before it counts as timed out (an hour).
 DEFAULT_DEVICE_TIMEOUT_S = 3600.0
 #: Seconds between two polls of a wave's progress.
-DEFAULT_POLL_S = 15.0
 FailureKind = Literal["failed", "refused", "timed_out"]
 FAILURE_KINDS: tuple[FailureKind, ...] = ("failed", "refused", "timed_out")
 
@@ -159,7 +159,6 @@ class RolloutOptions(_Strict):
     gates: Gates = Field(default_factory=Gates)
     rate_per_minute: int | None = Field(None, ge=1, le=1_000_000)
     windows: dict[str, Window] | None = None
-    poll_s: float = Field(DEFAULT_POLL_S, gt=0, le=3600)
 
     @field_validator("waves")
     @classmethod
@@ -177,7 +176,6 @@ class RolloutOptions(_Strict):
 
 __all__ = [
     "DEFAULT_DEVICE_TIMEOUT_S",
-    "DEFAULT_POLL_S",
     "DEFAULT_SOAK_S",
     "DEFAULT_WAVES",
     "FAILURE_KINDS",

@@ -321,7 +321,7 @@ def test_control__a_run_that_lost_its_start_is_started_by_the_next_control(fleet
 
 def test_control__a_run_waiting_between_polls_is_answered_and_let_go_to_a_worker(fleet, devices):
     body = {"content": CONFIG, "target": {"all": True}, "waves": ["1", "100%"],
-            "gates": {"approve_after": [1]}, "poll_s": 600}  # fmt: skip
+            "gates": {"approve_after": [1]}}  # fmt: skip
     rid = ok(fleet.post("/api/v1/config/rollout", "operator", json=body), 201)["rollout_id"]
     [(run_id, *_)] = runs(fleet)
     # a worker's engine (the cloud's, in this process) drives the run to its first WAIT

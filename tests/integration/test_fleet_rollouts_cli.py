@@ -112,7 +112,7 @@ def test_rollouts__start_by_flags_list_show_devices_and_steer(
         "--target-group", "south", "--waves", "1,100%", "--seed", "42", "--soak-s", "0",
         "--failure-percent", "20", "--min-sample-wave", "1", "--min-sample-total", "2",
         "--count", "failed,timed_out", "--device-timeout-s", "600", "--approve-after", "1",
-        "--rate-per-minute", "60", "--poll-s", "1", "--reason", "floor up",
+        "--rate-per-minute", "60", "--reason", "floor up",
     )  # fmt: skip
     rid = started["rollout_id"]
     opts = started["options"]
