@@ -94,7 +94,11 @@ enter() {
 # --- 1. take the request ------------------------------------------------------------------
 
 [ -d "$STATE/update" ] || { say "no request"; exit 0; }
-enter "$STATE" update || die "$STATE/update is not a plain directory: request refused" 6
+if ! enter "$STATE" update; then
+    # Removed (the link, never its target), or the .path unit would start this again.
+    [ ! -L "$STATE/update" ] || rm -f "$STATE/update" || true
+    die "$STATE/update is not a plain directory: request refused" 6
+fi
 if [ ! -e request.json ] && [ ! -L request.json ]; then say "no request"; exit 0; fi
 mv -fT request.json "$WORK/request.json"
 cd /

@@ -210,6 +210,7 @@ def test_root_side__an_update_directory_that_is_a_symlink_is_refused(world: Worl
     assert run.returncode == 6
     world.untouched()
     assert (elsewhere / "request.json").exists()  # root moved nothing out of there
+    assert not (world.data / "update").exists()  # the link removed: the .path unit rests
 
 
 @pytest.mark.parametrize("where", ["stage", "stage-parent"])
