@@ -336,7 +336,9 @@ class CloudRig:
 
 
 class FleetApi:
-    """An httpx client for the Fleet API with a bearer token; ``ok`` checks the status."""
+    """An httpx client for the Fleet API with a bearer token; ``ok`` checks the status.
+    One per thread: one shared by 32 threads once failed a read with EBADF (5,000
+    terminals' tokens, ``simfleet.bench``)."""
 
     def __init__(self, url: str, token: str, timeout_s: float = 30.0) -> None:
         self.url = url.rstrip("/")
