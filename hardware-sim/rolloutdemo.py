@@ -215,7 +215,7 @@ def story(
         rig = CloudRig(url, broker or "", work / "cloud", settings={"broker_url": broker})
         stack.callback(rig.stop)
         try:
-            _parts(rig, work, add=add, say=say, broker=broker, stack=stack)
+            _parts(rig, work, add=add, say=say, broker=broker, stack=stack, embedded=not given_db)
         except Exception:
             say("   The cloud's last log lines:")
             print("\n".join("     | " + ln for ln in rig.logs(12).splitlines()), flush=True)
@@ -254,6 +254,7 @@ def _parts(
     say: Say,
     broker: str | None,
     stack: contextlib.ExitStack,
+    embedded: bool,
 ) -> None:
     rig.start(serves=1, workers=1)
     where = (
@@ -315,7 +316,10 @@ def _parts(
     bad(rollouts, api, fleet, v1, add=add, say=say)
     say("")
     good(rollouts, fleet, add=add, say=say)
-    say("   Closing time: the terminals, the worker, the server, the database.")
+    say(
+        "   Closing time: the terminals, the worker (SIGTERM), the server"
+        + (", the embedded PostgreSQL." if embedded else ".")
+    )
     fleet.close()
     rig.stop()
 
