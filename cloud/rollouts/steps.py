@@ -408,7 +408,8 @@ def _progress(conn: Conn, row: Mapping[str, Any], now: float) -> None:
         "timeout_s": options.device_timeout_s,
     }  # fmt: skip
     for name in ("progress_refused", "progress_release_failed", "progress_applied",
-                 "progress_unhealthy", "progress_healthy", "progress_timed_out"):  # fmt: skip
+                 "progress_unhealthy", "progress_payments_failing", "progress_healthy",
+                 "progress_timed_out"):  # fmt: skip
         conn.execute(Q[name], params)
 
 

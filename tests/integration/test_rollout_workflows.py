@@ -866,3 +866,43 @@ def test_config_rollout__on_celery_workers__a_fault_mid_rollout__finishes_once_e
             engine.close()
         store.close()
         backend.close()
+
+
+# --- health from the sales, not only the heartbeat ----------------------------------------
+
+
+def test_config_rollout__a_device_whose_payments_stop_being_approved_fails(fleet):
+    """A terminal whose heartbeat looks fine but whose sales since the change are none
+    approved (three received, all reversed) fails its soak; the others stay healthy."""
+    for n in range(4):
+        fleet.enroll(f"s{n}")
+    fleet.baseline()
+    rid = fleet.rollout("config", {
+        "content": V2, "target": {"all": True}, "waves": ["100%"], "soak_s": 300,
+        "abort": {"failure_percent": 50, "min_sample_wave": 4, "min_sample_total": 4},
+    })  # fmt: skip
+    fleet.until(rid, lambda v: v["waves"][0]["applied"] == 4)
+    sick, *well = sorted(fleet.terminals)
+    applied_at = max(d["applied_at"] for d in fleet.devices(rid))
+    for seq in range(3):  # what the sync service stores as the terminal's sales arrive
+        fleet.sql(
+            "INSERT INTO sync_messages (device_id, stream, seq, message_id, topic, payload,"
+            " created_at, content_hash, received_at) VALUES (%s, %s, %s, %s, 'payment',"
+            " %s::jsonb, %s, %s, %s) RETURNING seq",
+            sick, "f" * 32, 900 + seq, f"m-{seq}", '{"decision": "reversed"}',
+            applied_at, "0" * 64, applied_at + 1 + seq,
+        )  # fmt: skip
+    for seq, device in enumerate(well):  # one approved sale does not make a verdict
+        fleet.sql(
+            "INSERT INTO sync_messages (device_id, stream, seq, message_id, topic, payload,"
+            " created_at, content_hash, received_at) VALUES (%s, %s, %s, %s, 'payment',"
+            " %s::jsonb, %s, %s, %s) RETURNING seq",
+            device, "f" * 32, 900 + seq, f"ok-{seq}", '{"decision": "approved"}',
+            applied_at, "0" * 64, applied_at + 1,
+        )  # fmt: skip
+    v = fleet.until(rid, _finished)
+    assert v["status"] == "succeeded", v  # 1 of 4 failed: under the 50% threshold
+    by_id = {d["device_id"]: d for d in fleet.devices(rid)}
+    assert by_id[sick]["status"] == "failed"
+    assert by_id[sick]["last_error"] == "payments failing: 3 since the change, none approved"
+    assert all(by_id[d]["status"] == "healthy" for d in well)

@@ -287,6 +287,23 @@ WHERE rd.rollout_id = %(rollout_id)s AND rd.status = 'applied'
        OR (%(release)s::text IS NOT NULL
            AND h.heartbeat ->> 'binary_version' IS DISTINCT FROM %(release)s::text));
 
+-- name: progress_payments_failing
+-- Soaking devices whose sales stopped being approved: at least 3 payments received since
+-- they applied, none approved (a terminal that cannot take a payment is not healthy,
+-- whatever its heartbeat says). Read through sync_messages_payments (sync 0004).
+UPDATE rollout_devices rd
+SET status = 'failed', failed_at = %(now)s,
+    last_error = 'payments failing: ' || f.n || ' since the change, none approved'
+FROM (SELECT r.device_id, count(*) AS n,
+             count(*) FILTER (WHERE m.payload ->> 'decision' = 'approved') AS approved
+      FROM rollout_devices r
+      JOIN sync_messages m ON m.device_id = r.device_id AND m.topic = 'payment'
+                          AND m.received_at >= r.applied_at
+      WHERE r.rollout_id = %(rollout_id)s AND r.status = 'applied'
+      GROUP BY r.device_id) f
+WHERE rd.rollout_id = %(rollout_id)s AND rd.status = 'applied'
+  AND f.device_id = rd.device_id AND f.n >= 3 AND f.approved = 0;
+
 -- name: progress_healthy
 -- Soaking devices with a healthy heartbeat soak_s or more after they applied.
 UPDATE rollout_devices rd SET status = 'healthy', healthy_at = %(now)s

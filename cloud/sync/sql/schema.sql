@@ -67,6 +67,9 @@ CREATE TABLE sync_messages (
     received_at  double precision NOT NULL,
     PRIMARY KEY (device_id, stream, seq)
 );
+-- a device's payments by when they arrived: a rollout's health check reads them (0004)
+CREATE INDEX sync_messages_payments ON sync_messages (device_id, received_at)
+    WHERE topic = 'payment';
 
 -- The devices' audit rows, every field the hash covers, verified before they land.
 CREATE TABLE device_audit (
