@@ -7,8 +7,10 @@
     python packaging/release_tool.py verify DIR --pubkey FILE
 
 ``bundle`` writes ``<out>/tillflow-edge-<version>.tar.gz``: one top directory
-``tillflow-edge-<version>/`` holding ``VERSION``, ``install.sh``, the unit, a default
-config ``edge.yaml``, the onedir binary ``tillflow-edge/`` and a signed ``SHA256SUMS``.
+``tillflow-edge-<version>/`` holding ``VERSION``, ``install.sh``, the unit, the update
+hand-off (``tillflow-edge-update.path``/``.service`` and the root side's
+``tillflow-edge-update.sh``: systemd/README.md), a default config ``edge.yaml``, the
+onedir binary ``tillflow-edge/`` and a signed ``SHA256SUMS``.
 Entries are sorted, owned by 0:0, dated ``SOURCE_DATE_EPOCH`` (default: the commit's
 date), so two bundles of one build compare equal byte for byte.
 """
@@ -42,6 +44,12 @@ from edge.terminal.service.release import (  # noqa: E402
 DIST = ROOT / "dist" / "tillflow-edge"
 UNIT = ROOT / "systemd" / "tillflow-edge.service"
 INSTALLER = ROOT / "packaging" / "install.sh"
+#: What a terminal under systemd installs a release it was told to with (root's side).
+UPDATE_FILES = (
+    ROOT / "systemd" / "tillflow-edge-update.path",
+    ROOT / "systemd" / "tillflow-edge-update.service",
+    ROOT / "packaging" / "tillflow-edge-update.sh",
+)
 DEFAULT_CONFIG = ROOT / "edge" / "terminal" / "edge.example.yaml"
 
 
@@ -83,6 +91,8 @@ def stage(folder: Path, dist: Path, version: str) -> None:
     shutil.copy2(INSTALLER, folder / "install.sh")
     (folder / "install.sh").chmod(0o755)
     shutil.copy2(UNIT, folder / "tillflow-edge.service")
+    for path in UPDATE_FILES:
+        shutil.copy2(path, folder / path.name)
     shutil.copy2(DEFAULT_CONFIG, folder / "edge.yaml")
     shutil.copytree(dist, folder / "tillflow-edge", symlinks=False)
 
