@@ -74,6 +74,8 @@ import httpx
 
 from edge.engine.clock import Clock
 from edge.engine.records import AuditEvent, CommandRecord, OutboxMessage
+from edge.errors import BundleInvalid
+from edge.terminal.service import release
 from sync import signing, wire
 from sync.device.identity import DeviceIdentity, load_key
 from sync.device.ports import SyncStore
@@ -81,8 +83,8 @@ from sync.device.ports import SyncStore
 log = logging.getLogger(__name__)
 
 RESULT_TOPIC = "release_result"
-SUMS = "SHA256SUMS"
-SIGNATURE = "SHA256SUMS.sig"
+SUMS = release.SUMS
+SIGNATURE = release.SIGNATURE
 #: Tries of one file before the install fails (a corrupt or substituted copy is one).
 FETCH_ATTEMPTS = 4
 #: Seconds between two tries of a file the network lost (doubling, at most 60).
@@ -236,33 +238,16 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+_digest = release.file_digest
 
 
 def parse_sums(text: str) -> dict[str, str]:
-    """``SHA256SUMS``: path -> digest (the rules of ``verify_bundle``'s reader)."""
-    listed: dict[str, str] = {}
-    for number, line in enumerate(text.splitlines(), start=1):
-        digest, sep, rel = line.partition("  ")
-        path = PurePosixPath(rel)
-        if (
-            not sep
-            or len(digest) != 64
-            or any(c not in "0123456789abcdef" for c in digest)
-            or not rel
-            or path.is_absolute()
-            or ".." in path.parts
-            or rel in listed
-            or rel in (SUMS, SIGNATURE)
-        ):
-            raise InstallFailed(f"{SUMS} line {number} is malformed")
-        listed[rel] = digest
-    return listed
+    """``SHA256SUMS``: path -> digest, read by the installer's own reader
+    (``edge.terminal.service.release.parse_sums``); a bad line fails the install."""
+    try:
+        return release.parse_sums(text)
+    except BundleInvalid as exc:
+        raise InstallFailed(str(exc)) from None
 
 
 # --- the installer ----------------------------------------------------------------------------

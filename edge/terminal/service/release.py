@@ -21,7 +21,16 @@ from pathlib import Path, PurePosixPath
 
 from edge.errors import BundleInvalid, ConfigError
 
-__all__ = ["SIGNATURE", "SUMS", "generate_keypair", "sign_bundle", "sums_text", "verify_bundle"]
+__all__ = [
+    "SIGNATURE",
+    "SUMS",
+    "file_digest",
+    "generate_keypair",
+    "parse_sums",
+    "sign_bundle",
+    "sums_text",
+    "verify_bundle",
+]
 
 SUMS = "SHA256SUMS"
 SIGNATURE = "SHA256SUMS.sig"
@@ -51,7 +60,8 @@ def generate_keypair(private_path: Path, public_path: Path) -> None:
     public_path.write_bytes(public_pem)
 
 
-def _digest(path: Path) -> str:
+def file_digest(path: Path) -> str:
+    """The lowercase hex SHA-256 of a file, read in chunks."""
     h = hashlib.sha256()
     with path.open("rb") as fh:
         while chunk := fh.read(_CHUNK):
@@ -73,7 +83,7 @@ def _files(root: Path) -> list[str]:
 
 def sums_text(root: Path) -> str:
     """``SHA256SUMS`` for the directory ``root``: ``<hex>  <path>`` per file, sorted."""
-    return "".join(f"{_digest(root / rel)}  {rel}\n" for rel in _files(root))
+    return "".join(f"{file_digest(root / rel)}  {rel}\n" for rel in _files(root))
 
 
 def sign_bundle(root: Path, private_key_path: Path) -> None:
@@ -89,7 +99,11 @@ def sign_bundle(root: Path, private_key_path: Path) -> None:
     (root / SIGNATURE).write_bytes(key.sign(text))
 
 
-def _parse_sums(text: str) -> dict[str, str]:
+def parse_sums(text: str) -> dict[str, str]:
+    """``SHA256SUMS``: path -> digest, or :class:`BundleInvalid` naming the first bad line
+    (not ``<64 hex>  <relative path>``, a path out of the tree, a path twice, or the list
+    naming itself or its signature). The one reader: the installer's verification and
+    a terminal's download of a release (``sync.device.releases``) both use it."""
     listed: dict[str, str] = {}
     for number, line in enumerate(text.splitlines(), start=1):
         digest, sep, rel = line.partition("  ")
@@ -98,9 +112,11 @@ def _parse_sums(text: str) -> dict[str, str]:
             not sep
             or len(digest) != 64
             or any(c not in "0123456789abcdef" for c in digest)
+            or not rel
             or path.is_absolute()
             or ".." in path.parts
             or rel in listed
+            or rel in (SUMS, SIGNATURE)
         ):
             raise BundleInvalid(f"{SUMS} line {number} is malformed: {line[:120]!r}")
         listed[rel] = digest
@@ -135,7 +151,7 @@ def verify_bundle(root: Path, public_key_path: Path) -> list[str]:
             f"{root}: {SIGNATURE} does not verify under {public_key_path}",
             hint="the bundle was altered, or signed with another release key",
         ) from exc
-    listed = _parse_sums(text.decode("utf-8", errors="replace"))
+    listed = parse_sums(text.decode("utf-8", errors="replace"))
     present = _files(root)
     if extra := sorted(set(present) - set(listed)):
         raise BundleInvalid(f"{root}: files not in {SUMS}: {', '.join(extra[:5])}")
@@ -143,6 +159,6 @@ def verify_bundle(root: Path, public_key_path: Path) -> list[str]:
         path = root / rel
         if not path.is_file():
             raise BundleInvalid(f"{root}: {rel} is listed in {SUMS} but missing")
-        if _digest(path) != digest:
+        if file_digest(path) != digest:
             raise BundleInvalid(f"{root}: {rel} does not match its SHA-256 in {SUMS}")
     return sorted(listed)
