@@ -363,7 +363,9 @@ def _listed(bundle: Path) -> dict[str, str]:
 
 
 def _changed_bytes(a: Path, b: Path) -> int:
-    """Bytes of B's files whose digest A's installed tree (its bundle's binary folder)
-    has nowhere: what a terminal running A must download."""
-    held = {d for rel, d in _listed(a).items() if rel.startswith("tillflow-edge/")}
+    """Bytes of B's files whose digest A's installed tree (its bundle's binary folder,
+    and the update hand-off's script install.sh copies beside it) has nowhere: what a
+    terminal running A must download."""
+    installed = ("tillflow-edge/", "tillflow-edge-update.sh")
+    held = {d for rel, d in _listed(a).items() if rel.startswith(installed)}
     return sum((b / rel).stat().st_size for rel, digest in _listed(b).items() if digest not in held)

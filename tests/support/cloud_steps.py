@@ -77,24 +77,30 @@ def counted_yaml(workflow_type: str = "counted", version: str = "1") -> str:
     """Four steps: an effect, a short pause, one that fails its first attempt (a retry
     backoff a worker times itself), and a last effect."""
     m = __name__
+    retry = "{max_attempts: 12, initial_backoff_s: 0.2, max_backoff_s: 1.0, jitter: 0}"
     return f"""\
 workflow_type: {workflow_type}
 version: "{version}"
 steps:
+  # Every step records its call in the database, so every step has attempts enough to
+  # outlast the 5 s database outage of the restart test (a step caught in it fails
+  # that attempt; with one attempt only, the run would fail for good).
   - name: first
     type: STANDARD
     function: {m}:effect
+    retry: {retry}
   - name: pause
     type: STANDARD
     function: {m}:pause
+    retry: {retry}
   - name: flaky
     type: STANDARD
     function: {m}:flaky
-    # enough attempts to outlast the 5 s database outage of the restart test
-    retry: {{max_attempts: 12, initial_backoff_s: 0.2, max_backoff_s: 1.0, jitter: 0}}
+    retry: {retry}
   - name: last
     type: STANDARD
     function: {m}:effect
+    retry: {retry}
 """
 
 
