@@ -43,6 +43,7 @@ from cloud.control import digest as digests
 from cloud.control._sql import Q
 from cloud.control.chains import check_device
 from cloud.settings import CloudSettings
+from cloud.stepservices import service
 from cloud.sync.keys import load_key
 from edge.engine import StepContext
 from edge.errors import ConfigError, StepError
@@ -56,15 +57,8 @@ DEVICES_PER_PAGE = 100
 MAX_NAMED = 100
 
 
-def _service(ctx: StepContext, name: str) -> Any:
-    services = ctx.services
-    if isinstance(services, Mapping):
-        return services.get(name)
-    return getattr(services, name, None)
-
-
 def _settings(ctx: StepContext) -> CloudSettings:
-    settings = _service(ctx, "settings")
+    settings = service(ctx, "settings")
     if not isinstance(settings, CloudSettings):
         raise StepError(
             "AuditAggregation needs the control plane's settings as ctx.services.settings",
@@ -77,7 +71,7 @@ def _settings(ctx: StepContext) -> CloudSettings:
 @contextlib.contextmanager
 def _connect(ctx: StepContext) -> Iterator[Conn]:
     """A connection for one step: from ``services.pool``, else one of its own."""
-    pool = _service(ctx, "pool")
+    pool = service(ctx, "pool")
     if pool is not None:
         with pool.connection() as conn:
             yield conn
@@ -90,7 +84,7 @@ def _connect(ctx: StepContext) -> Iterator[Conn]:
 
 
 def _signing_key(ctx: StepContext) -> Ed25519PrivateKey:
-    key = _service(ctx, "signing_key")
+    key = service(ctx, "signing_key")
     if isinstance(key, Ed25519PrivateKey):
         return key
     try:

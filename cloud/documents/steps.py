@@ -29,49 +29,14 @@ psycopg_pool pool of autocommit connections), or ``settings`` (``CloudSettings``
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
-import psycopg
-
 from cloud.documents import service
-from cloud.documents._sql import Conn
-from cloud.documents.errors import DocumentError
 from cloud.fleet.tokens import Principal
-from cloud.settings import CloudSettings
-from cloud.sync.postgres import UNAVAILABLE
+from cloud.stepservices import transaction
 from edge.engine import StepContext
 from edge.errors import StepError
-
-
-def _service(ctx: StepContext, name: str) -> Any:
-    services = ctx.services
-    if isinstance(services, Mapping):
-        return services.get(name)
-    return getattr(services, name, None)
-
-
-@contextlib.contextmanager
-def _transaction(ctx: StepContext) -> Iterator[Conn]:
-    """One transaction for the step; a refusal fails it for good, a database fault is
-    retried (the engine's retry policy)."""
-    try:
-        pool = _service(ctx, "pool")
-        if pool is not None:
-            with pool.connection() as conn, conn.transaction():
-                yield conn
-            return
-        settings = _service(ctx, "settings")
-        url = settings.database_url if isinstance(settings, CloudSettings) else None
-        if not url:
-            raise StepError("no ctx.services.pool nor settings.database_url", retryable=False)
-        with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn, conn.transaction():
-            yield conn
-    except DocumentError as exc:
-        raise StepError(f"{exc.code}: {exc.message}", retryable=False) from exc
-    except UNAVAILABLE as exc:
-        raise StepError(f"the database failed: {type(exc).__name__}", retryable=True) from exc
 
 
 def _where(state: Mapping[str, Any], ctx: StepContext) -> dict[str, Any]:
@@ -91,7 +56,7 @@ def _actor(source: Mapping[str, Any], ctx: StepContext) -> Principal:
 def note_assignment(state: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
     """``previous``: the version assigned to (kind, scope, value) now (None: none)."""
     w = _where(state, ctx)
-    with _transaction(ctx) as conn:
+    with transaction(ctx) as conn:
         found = service.current(conn, w["kind"], w["scope"], w.get("value"))
     return {"previous": None if found is None else found.version}
 
@@ -99,7 +64,7 @@ def note_assignment(state: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
 def assign(state: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
     """Assign the version (with its audit record, one transaction)."""
     w = _where(state, ctx)
-    with _transaction(ctx) as conn:
+    with transaction(ctx) as conn:
         made = service.assign(
             conn, w["kind"], int(w["version"]), w["scope"], w.get("value"), _actor(w, ctx),
             at=ctx.clock.now(),
@@ -112,7 +77,7 @@ def restore_assignment(state: dict[str, Any], ctx: StepContext) -> dict[str, Any
     assignment if there was none), with its audit record."""
     w = _where(state, ctx)
     previous = state.get("previous")
-    with _transaction(ctx) as conn:
+    with transaction(ctx) as conn:
         service.unassign(
             conn, w["kind"], w["scope"], w.get("value"), _actor(w, ctx), at=ctx.clock.now(),
             restore=None if previous is None else int(previous),

@@ -16,7 +16,7 @@ nothing again.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +35,7 @@ from cloud.outcomes.acquirer import (
 )
 from cloud.outcomes.command import DEFAULT_TTL_S, queue_resolution
 from cloud.settings import CloudSettings
+from cloud.stepservices import service
 from cloud.sync.keys import load_key
 from edge.engine import StepContext
 from edge.errors import ConfigError, StepError
@@ -61,13 +62,6 @@ class OutcomeServices:
     command_ttl_s: float = DEFAULT_TTL_S
 
 
-def _service(ctx: StepContext, name: str) -> Any:
-    services = ctx.services
-    if isinstance(services, Mapping):
-        return services.get(name)
-    return getattr(services, name, None)
-
-
 def _services(ctx: StepContext) -> OutcomeServices:
     """The ``OutcomeServices`` given (``ctx.services`` itself, or its ``outcomes``), else
     one made of the cloud engine's usual services: ``pool`` (else a connection of its
@@ -76,11 +70,11 @@ def _services(ctx: StepContext) -> OutcomeServices:
     HTTP one for ``settings.acquirer_url``, when the settings have that field). Missing
     pieces are a retryable failure: the run waits, open and listed, until a worker that
     has them takes it."""
-    for found in (ctx.services, _service(ctx, "outcomes")):
+    for found in (ctx.services, service(ctx, "outcomes")):
         if isinstance(found, OutcomeServices):
             return found
-    settings = _service(ctx, "settings")
-    acquirer = _service(ctx, "acquirer_lookup")
+    settings = service(ctx, "settings")
+    acquirer = service(ctx, "acquirer_lookup")
     url = getattr(settings, "acquirer_url", None)
     if acquirer is None and isinstance(url, str) and url:
         acquirer = _http_lookup(url)
@@ -91,7 +85,7 @@ def _services(ctx: StepContext) -> OutcomeServices:
             hint="give the cloud engine OutcomeServices (services.outcomes), or an "
             "acquirer_lookup, or settings.acquirer_url",
         )
-    key = _service(ctx, "signing_key")
+    key = service(ctx, "signing_key")
     if not isinstance(key, Ed25519PrivateKey):
         if not isinstance(settings, CloudSettings):
             raise StepError("no signing key and no settings to find one", retryable=True)
@@ -114,7 +108,7 @@ def _http_lookup(url: str) -> HttpAcquirerLookup:
 
 
 def _connector(ctx: StepContext, settings: Any) -> Callable[[], AbstractContextManager[Conn]]:
-    pool = _service(ctx, "pool")
+    pool = service(ctx, "pool")
     if pool is not None:
         return pool.connection  # type: ignore[no-any-return]
     url = getattr(settings, "database_url", None)

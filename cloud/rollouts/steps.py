@@ -43,7 +43,6 @@ import logging
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-import psycopg
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from psycopg.types.json import Jsonb
 
@@ -55,6 +54,7 @@ from cloud.rollouts import service as rollouts
 from cloud.rollouts._sql import Conn, Q
 from cloud.rollouts.options import RolloutOptions
 from cloud.settings import CloudSettings
+from cloud.stepservices import service, transaction
 from cloud.sync.keys import load_key
 from cloud.sync.postgres import UNAVAILABLE, PostgresSyncTx
 from edge.engine import StepContext
@@ -79,40 +79,11 @@ _FAULTS: tuple[type[BaseException], ...] = (*UNAVAILABLE, BackendUnavailable)
 # --- what the steps run on --------------------------------------------------------------
 
 
-def _service(ctx: StepContext, name: str) -> Any:
-    services = ctx.services
-    if isinstance(services, Mapping):
-        return services.get(name)
-    return getattr(services, name, None)
-
-
-@contextlib.contextmanager
-def _transaction(ctx: StepContext) -> Iterator[Conn]:
-    """One transaction for the step. A refusal of the documents service fails the step
-    for good; a database fault is retried (the step's retry policy)."""
-    try:
-        pool = _service(ctx, "pool")
-        if pool is not None:
-            with pool.connection() as conn, conn.transaction():
-                yield conn
-            return
-        settings = _service(ctx, "settings")
-        url = settings.database_url if isinstance(settings, CloudSettings) else None
-        if not url:
-            raise StepError("no ctx.services.pool nor settings.database_url", retryable=True)
-        with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn, conn.transaction():
-            yield conn
-    except DocumentError as exc:
-        raise StepError(f"{exc.code}: {exc.message}", retryable=False) from exc
-    except _FAULTS as exc:
-        raise StepError(f"the database failed: {type(exc).__name__}", retryable=True) from exc
-
-
 def _key(ctx: StepContext) -> Ed25519PrivateKey:
-    key = _service(ctx, "signing_key")
+    key = service(ctx, "signing_key")
     if isinstance(key, Ed25519PrivateKey):
         return key
-    settings = _service(ctx, "settings")
+    settings = service(ctx, "settings")
     if not isinstance(settings, CloudSettings):
         raise StepError("no signing key and no settings to find one", retryable=True)
     try:
@@ -227,7 +198,7 @@ def validate(state: State, ctx: StepContext) -> State:
     rollout_id = _rollout_id(ctx, state)
     now = ctx.clock.now()
     problem: str | None = None
-    with _transaction(ctx) as conn:
+    with transaction(ctx, _FAULTS) as conn:
         row = rollouts.load(conn, rollout_id, lock=True)
         conn.execute(Q["set_started"], {"rollout_id": rollout_id, "run_id": ctx.run_id,
                                         "at": now})  # fmt: skip
@@ -265,7 +236,7 @@ def create_version(state: State, ctx: StepContext) -> State:
     recorded on the rollout, a re-run returns it."""
     rollout_id = _rollout_id(ctx, state)
     now = ctx.clock.now()
-    with _transaction(ctx) as conn:
+    with transaction(ctx, _FAULTS) as conn:
         row = rollouts.load(conn, rollout_id, lock=True)
         if row["version"] is not None:
             return {"version": int(row["version"])}
@@ -293,7 +264,7 @@ def withdraw_version(state: State, ctx: StepContext) -> State:
     devices of waves never started cancelled, and the rollout is rolled back."""
     rollout_id = _rollout_id(ctx, state)
     now = ctx.clock.now()
-    with _transaction(ctx) as conn:
+    with transaction(ctx, _FAULTS) as conn:
         row = rollouts.load(conn, rollout_id, lock=True)
         if row["version"] is not None and row["source_version"] is None:
             documents.withdraw(conn, str(row["kind"]), int(row["version"]), _who(row, ctx),
@@ -384,7 +355,7 @@ def broadcast(state: State, ctx: StepContext) -> State:
     rollout_id = _rollout_id(ctx, state)
     wave = int(ctx.item)
     now = ctx.clock.now()
-    with _transaction(ctx) as conn:
+    with transaction(ctx, _FAULTS) as conn:
         row = rollouts.load(conn, rollout_id, lock=True)
         conn.execute(Q["set_wave"], {"rollout_id": rollout_id, "wave": wave, "at": now})
         conn.execute(Q["start_wave"], {"rollout_id": rollout_id, "wave": wave, "at": now})
@@ -429,7 +400,7 @@ def poll_wave(state: State, ctx: StepContext) -> State:
     rollout_id = _rollout_id(ctx, state)
     wave = int(state["wave"])
     now = ctx.clock.now()
-    with _transaction(ctx) as conn:
+    with transaction(ctx, _FAULTS) as conn:
         row = rollouts.load(conn, rollout_id, lock=True)
         if row["abort_requested"]:
             return {"wave_done": True, "verdict": {"criterion": "operator"}}
@@ -490,7 +461,7 @@ def check_wave(state: State, ctx: StepContext) -> State:
     now = ctx.clock.now()
     failure: str | None = None
     awaiting = False
-    with _transaction(ctx) as conn:
+    with transaction(ctx, _FAULTS) as conn:
         row = rollouts.load(conn, rollout_id, lock=True)
         verdict = state.get("verdict")
         if row["abort"] is not None:
@@ -521,7 +492,7 @@ def poll_approval(state: State, ctx: StepContext) -> State:
     wave = int(state["wave"])
     failure: str | None = None
     awaiting = True
-    with _transaction(ctx) as conn:
+    with transaction(ctx, _FAULTS) as conn:
         row = rollouts.load(conn, rollout_id, lock=True)
         if row["abort_requested"]:
             failure = _abort(conn, row, wave, {"criterion": "operator"}, ctx)
@@ -539,7 +510,7 @@ def finalize(state: State, ctx: StepContext) -> State:
     selector keeps its device assignments. The rollout succeeded."""
     rollout_id = _rollout_id(ctx, state)
     now = ctx.clock.now()
-    with _transaction(ctx) as conn:
+    with transaction(ctx, _FAULTS) as conn:
         row = rollouts.load(conn, rollout_id, lock=True)
         if row["status"] == "succeeded":
             return {"finalized": row["finalized"]}
@@ -625,7 +596,7 @@ def restore_wave(state: State, ctx: StepContext) -> State:
     output = ctx.output if isinstance(ctx.output, Mapping) else {}
     wave = int(output.get("wave") or state.get("wave") or 0)
     now = ctx.clock.now()
-    with _transaction(ctx) as conn:
+    with transaction(ctx, _FAULTS) as conn:
         row = rollouts.load(conn, rollout_id, lock=True)
         kind = str(row["kind"])
         options = _options(row)
