@@ -28,11 +28,11 @@ import psycopg
 import pytest
 from hwsim.syncrig import Cloud
 from sync_memory import Terminal
+from test_rollout_workflows import Hooks
 
 from edge.cli import main
 from edge.engine.clock import SystemClock
 from edge.store.memory import MemoryStore
-from edge.terminal.service.terminal import offline_acknowledgement
 from sync.device import identity as device_identity
 from sync.device.client import SyncClient
 
@@ -226,41 +226,6 @@ def test_rollouts__watch_returns_at_once_on_a_rollout_that_ended(
 
 
 # --- end to end: serve, a worker, terminals that apply what they are sent -----------------------
-
-
-class Hooks:
-    """The terminal side a sync client needs, over a real edge store: its heartbeat
-    reports the documents in force there, and an error while the config version
-    ``sick_on`` is (a terminal that config breaks)."""
-
-    def __init__(self, store: MemoryStore) -> None:
-        self.store = store
-        self.sick_on: int | None = None
-
-    def _version(self, kind: str) -> int | None:
-        active = self.store.active_document(kind)
-        return None if active is None else active[0]
-
-    def health(self) -> dict[str, Any]:
-        config = self._version("config")
-        sick = self.sick_on is not None and config == self.sick_on
-        return {
-            "storage": {"state": "ok", "used_percent": 1.0},
-            "outbox_depth": self.store.outbox_stats().depth,
-            "config_version": config,
-            "policy_version": self._version("policy"),
-            "last_error": "payments declined: host unreachable" if sick else None,
-        }
-
-    def acknowledge(self, outbox_through: int, audit_through: int | None = None) -> int:
-        ack = offline_acknowledgement(self.store, outbox_through, audit_through)
-        return self.store.acknowledge(ack).messages
-
-    def refresh_documents(self) -> None:
-        pass
-
-    def active_policy_version(self) -> int | None:
-        return self._version("policy")
 
 
 class Terminals:
