@@ -91,6 +91,9 @@ from sync.device.runner import SyncRunner
 
 #: A config document's content -> whether a hardware model fails (or refuses) it.
 ConfigPredicate = Callable[[dict[str, Any]], bool]
+#: Told of every request a terminal sent the cloud: (monotonic start, seconds, HTTP
+#: status; 0 when no answer came).
+RequestObserver = Callable[[float, float, int], None]
 
 CARDS = ("visa", "mastercard", "amex")
 #: What the failing model's heartbeat says (the start of its ``last_error``).
@@ -180,14 +183,26 @@ class LinkedHttp:
     ``httpx.Client`` (one connection pool), behind the terminal's own link: while it is
     down, a request fails as a lost network does (``httpx.ConnectError``), unsent."""
 
-    def __init__(self, http: httpx.Client, link: SimNetworkLink) -> None:
+    def __init__(
+        self, http: httpx.Client, link: SimNetworkLink, observe: RequestObserver | None = None
+    ) -> None:
         self.http = http
         self.link = link
+        self.observe = observe
 
     def post(self, url: str, **kw: Any) -> httpx.Response:
         if not self.link.is_up():
             raise httpx.ConnectError("simulated link down: the request was not sent")
-        return self.http.post(url, **kw)
+        if self.observe is None:
+            return self.http.post(url, **kw)
+        t0 = time.monotonic()
+        try:
+            response = self.http.post(url, **kw)
+        except httpx.HTTPError:
+            self.observe(t0, time.monotonic() - t0, 0)
+            raise
+        self.observe(t0, time.monotonic() - t0, response.status_code)
+        return response
 
 
 class ModelHooks:
@@ -354,7 +369,7 @@ class SimTerminal:
         )
         self.api = LocalApi(self.terminal)
         self.hooks = ModelHooks(self)
-        self.http = LinkedHttp(fleet.http, self.link)
+        self.http = LinkedHttp(fleet.http, self.link, fleet.observe)
         self.identity: DeviceIdentity | None = None
         self._binary_version = BINARY_VERSION
         self.client: SyncClient | None = None
@@ -532,8 +547,20 @@ class Measure:
 class SimFleet:
     """``spec.terminals`` simulated terminals in this process (see the module doc)."""
 
-    def __init__(self, spec: FleetSpec, work: Path, cloud_urls: Sequence[str] | str) -> None:
+    def __init__(
+        self,
+        spec: FleetSpec,
+        work: Path,
+        cloud_urls: Sequence[str] | str,
+        *,
+        only: Iterable[int] | None = None,
+        observe: RequestObserver | None = None,
+    ) -> None:
+        """``only``: make just these terminals of the plan (by index: one process's share
+        of a fleet spread over several, ``hwsim.fleetsim``); ``observe``: told of every
+        request to the cloud."""
         self.spec = spec
+        self.observe = observe
         self.work = Path(work)
         self.work.mkdir(parents=True, exist_ok=True)
         self.urls = [cloud_urls] if isinstance(cloud_urls, str) else list(cloud_urls)
@@ -549,12 +576,18 @@ class SimFleet:
         if spec.share_workflows:
             share_workflow_definitions()
         self.terminals: list[SimTerminal] = []
+        self._by_index: dict[int, SimTerminal] = {}
         self._sale_n = 0
         self._n_lock = threading.Lock()
         self._started = time.monotonic()
         self._cpu0 = time.process_time()
+        mine = self.plan()
+        if only is not None:
+            wanted = set(only)
+            mine = [t for t in mine if t.index in wanted]
         try:
-            self.terminals = list(self.pool.map(lambda s: SimTerminal(self, s), self.plan()))
+            self.terminals = list(self.pool.map(lambda s: SimTerminal(self, s), mine))
+            self._by_index = {t.spec.index: t for t in self.terminals}
         except BaseException:
             self.close()
             raise
@@ -722,7 +755,7 @@ class SimFleet:
                     if i in inflight:
                         continue
                     inflight.add(i)
-                self.pool.submit(one, self.terminals[i])
+                self.pool.submit(one, self._by_index[i])
             nxt = min(wake, end, next_sale if sale_every is not None else end)
             time.sleep(max(0.0, min(0.05, nxt - time.monotonic())))
         while True:  # let the syncs in flight finish
