@@ -70,8 +70,15 @@ redis-server-binary:
 test-fast: $(STAMP)
 	$(PY) -m pytest -q tests/unit tests/conformance -m "not slow"
 
+# Reproducible: two builds of one commit give the same files (same hashes, so a terminal's
+# delta download is what changed): a fixed hash seed, the commit's date as the build date,
+# and base_library.zip rewritten sorted (packaging/release_tool.py normalise).
+SOURCE_DATE_EPOCH ?= $(shell git log -1 --format=%ct 2>/dev/null || echo 0)
+REPRODUCIBLE := PYTHONHASHSEED=0 SOURCE_DATE_EPOCH=$(SOURCE_DATE_EPOCH)
+
 $(BINARY): $(STAMP) $(BINARY_SOURCES)
-	$(PYINSTALLER) --distpath dist packaging/tillflow-edge.spec
+	$(REPRODUCIBLE) $(PYINSTALLER) --distpath dist packaging/tillflow-edge.spec
+	@$(PY) packaging/release_tool.py normalise --dist dist/tillflow-edge
 	@$(PY) packaging/release_tool.py report
 
 package: $(BINARY)
@@ -83,7 +90,7 @@ package-onefile: $(STAMP)
 
 bundle: $(BINARY)
 	@test -f $(RELEASE_KEY) || { echo "no release key $(RELEASE_KEY): make release-key, or RELEASE_KEY=FILE"; exit 1; }
-	$(PY) packaging/release_tool.py bundle --key $(RELEASE_KEY)
+	SOURCE_DATE_EPOCH=$(SOURCE_DATE_EPOCH) $(PY) packaging/release_tool.py bundle --key $(RELEASE_KEY)
 
 release-key: $(STAMP)
 	$(PY) packaging/release_tool.py keygen --out-dir $(dir $(RELEASE_KEY))

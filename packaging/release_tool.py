@@ -1,6 +1,7 @@
 """Release tooling: build info of ``dist/``, key pairs, signed bundles.
 
     python packaging/release_tool.py report [--dist dist/tillflow-edge]
+    python packaging/release_tool.py normalise [--dist dist/tillflow-edge]
     python packaging/release_tool.py keygen --out-dir DIR        # release.key + release.pub
     python packaging/release_tool.py bundle --key FILE [--version V] [--dist D] [--out DIR]
     python packaging/release_tool.py sign DIR --key FILE
@@ -13,6 +14,15 @@ hand-off (``tillflow-edge-update.path``/``.service`` and the root side's
 onedir binary ``tillflow-edge/`` and a signed ``SHA256SUMS``.
 Entries are sorted, owned by 0:0, dated ``SOURCE_DATE_EPOCH`` (default: the commit's
 date), so two bundles of one build compare equal byte for byte.
+
+``normalise`` (run by ``make package`` after PyInstaller) makes two builds of one source
+compare equal file for file, so a release that changes little has few new file hashes
+and a terminal's delta download stays small (README "Releases"). PyInstaller writes
+``_internal/base_library.zip`` (the stdlib the bootloader imports first) in the order
+of a set of module names, which follows the hash seed; ``normalise`` rewrites it with
+its members sorted, each dated 1980-01-01 with fixed attributes, its compression kept.
+The Makefile also sets ``PYTHONHASHSEED=0`` and ``SOURCE_DATE_EPOCH`` (the build date
+baked into the binary) for the build.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ import sys
 import tarfile
 import tempfile
 import tomllib
+import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,6 +86,49 @@ def report(dist: Path) -> str:
     )
 
 
+#: The zip archives of a onedir build whose member order and dates the build leaves open.
+NORMALISED = ("_internal/base_library.zip",)
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+
+
+def normalise_zip(path: Path) -> bool:
+    """Rewrite the zip ``path`` deterministically (sorted members, fixed dates and
+    attributes, each member's compression kept); True when its bytes changed."""
+    before = path.read_bytes()
+    with zipfile.ZipFile(io.BytesIO(before)) as src:
+        members = sorted(src.infolist(), key=lambda i: i.filename)
+        names = [i.filename for i in members]
+        if len(set(names)) != len(names):
+            raise SystemExit(f"{path}: a member name appears twice; not normalised")
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as out:
+            for info in members:
+                fixed = zipfile.ZipInfo(info.filename, date_time=_ZIP_EPOCH)
+                fixed.compress_type = info.compress_type
+                fixed.create_system = 3  # unix
+                mode = 0o755 if info.is_dir() else 0o644
+                fixed.external_attr = (mode | (0o040000 if info.is_dir() else 0o100000)) << 16
+                out.writestr(fixed, src.read(info))
+    after = buf.getvalue()
+    if after == before:
+        return False
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(after)
+    tmp.replace(path)
+    return True
+
+
+def normalise(dist: Path) -> list[str]:
+    """Normalise the build in ``dist`` (module docstring); the files it rewrote."""
+    if not (dist / "tillflow-edge").is_file():
+        raise SystemExit(f"{dist}: no binary; run `make package`")
+    changed = []
+    for rel in NORMALISED:
+        if (dist / rel).is_file() and normalise_zip(dist / rel):
+            changed.append(rel)
+    return changed
+
+
 def _epoch() -> int:
     if value := os.environ.get("SOURCE_DATE_EPOCH"):
         return int(value)
@@ -100,7 +154,7 @@ def stage(folder: Path, dist: Path, version: str) -> None:
 def write_tar(folder: Path, out: Path) -> None:
     epoch = _epoch()
 
-    def normalise(info: tarfile.TarInfo) -> tarfile.TarInfo:
+    def owned_by_root(info: tarfile.TarInfo) -> tarfile.TarInfo:
         info.uid = info.gid = 0
         info.uname = info.gname = "root"
         info.mtime = epoch
@@ -112,7 +166,7 @@ def write_tar(folder: Path, out: Path) -> None:
         paths = sorted([folder, *folder.rglob("*")])
         for path in paths:
             arc = path.relative_to(folder.parent).as_posix()
-            tar.add(path, arcname=arc, recursive=False, filter=normalise)
+            tar.add(path, arcname=arc, recursive=False, filter=owned_by_root)
     tmp = out.with_suffix(".partial")
     with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
         gz.write(buf.getvalue())
@@ -138,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("report", help="size and SHA-256 of the built binary")
     s.add_argument("--dist", type=Path, default=DIST)
+    s = sub.add_parser("normalise", help="make the build's zip archives deterministic")
+    s.add_argument("--dist", type=Path, default=DIST)
     s = sub.add_parser("keygen", help="make an Ed25519 release key pair")
     s.add_argument("--out-dir", type=Path, required=True)
     s = sub.add_parser("bundle", help="a signed tillflow-edge-<version>.tar.gz")
@@ -155,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "report":
         print(report(args.dist))
+    elif args.command == "normalise":
+        changed = normalise(args.dist)
+        print(f"normalised {', '.join(changed)}" if changed else f"{args.dist}: already normal")
     elif args.command == "keygen":
         args.out_dir.mkdir(parents=True, exist_ok=True)
         generate_keypair(args.out_dir / "release.key", args.out_dir / "release.pub")
