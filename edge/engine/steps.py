@@ -13,9 +13,8 @@ import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
 from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticSerializationError
 
@@ -25,6 +24,9 @@ from edge.engine.loader import Workflow
 from edge.engine.records import RunRecord, Status
 from edge.engine.templating import render
 from edge.errors import ExpressionError, MergeConflict, StepError, StepTimeout
+
+if TYPE_CHECKING:  # imported by run_http: only a workflow with an HTTP step needs httpx
+    import httpx
 
 #: Seconds an HTTP step waits when its YAML gives no timeout_s: a payment terminal's
 #: host link should answer well inside this, and a hung socket must not hold the run.
@@ -214,6 +216,8 @@ def run_http(
     step: HttpStep, client: httpx.Client, state: Any, run_input: Any, ctx: StepContext
 ) -> dict[str, Any]:
     """One HTTP call; the step's idempotency key travels as the Idempotency-Key header."""
+    import httpx  # the client came from Engine._http_client, which imported it already
+
     try:
         url = render(step.url, state, run_input)
         headers = render(step.headers, state, run_input)
