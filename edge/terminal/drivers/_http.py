@@ -1,24 +1,58 @@
 """What every HTTP driver of the terminal shares (acquirer, card reader, printer, link):
 URL checks, client ownership, lifecycle, and error text scrubbed of anything that could
-be a card number."""
+be a card number.
+
+httpx is imported when a driver first talks to its device, not when it is built: an
+idle terminal makes no HTTP call, and httpx with its TLS context is ~13 MB of RSS and
+~40 ms of start. A plain URL (the usual ``http://127.0.0.1:8791``) is checked here
+without it; anything else goes to httpx's parser at start, as before, so what is
+accepted and what a refusal says do not change (``tests/unit/test_idle_imports.py``).
+"""
 
 from __future__ import annotations
 
 import functools
 import re
 import ssl
+import threading
 from types import TracebackType
-from typing import Self
-
-import httpx
+from typing import TYPE_CHECKING, Self
 
 from edge.errors import ConfigError
+
+if TYPE_CHECKING:
+    import httpx
 
 #: A run of digits as long as a PAN: never let one into a message or a log line.
 DIGIT_RUNS = re.compile(r"\d{12,19}")
 
+#: URLs that httpx.URL keeps exactly as written: lower-case http(s), a lower-case name
+#: or IPv4-free host, a port other than the scheme's default without a leading zero, a
+#: path of unreserved characters. Anything else is parsed (and normalised) by httpx.
+_PLAIN_URL = re.compile(
+    r"(?P<scheme>https?)://(?P<host>[a-z0-9-][a-z0-9.-]*)(?::(?P<port>[1-9][0-9]{0,4}))?"
+    r"(?:/[A-Za-z0-9._~/-]*)?"
+)
+_DEFAULT_PORTS = {"http": "80", "https": "443"}
+_ALL_DIGITS_AND_DOTS = re.compile(r"[0-9.]+")  # IPv4-shaped: httpx validates those
 
-def endpoint(kind: str, value: str) -> httpx.URL:
+
+def _plain(value: object) -> bool:
+    m = _PLAIN_URL.fullmatch(value) if isinstance(value, str) else None
+    return (
+        m is not None
+        and m["port"] != _DEFAULT_PORTS[m["scheme"]]
+        and not _ALL_DIGITS_AND_DOTS.fullmatch(m["host"])
+    )
+
+
+def endpoint(kind: str, value: str) -> tuple[str, str]:
+    """``value`` as the URL httpx will use (``str(httpx.URL(value))``) and as it is shown
+    in messages (``shown``), or ConfigError."""
+    if _plain(value):
+        return value, value  # no user:password in a plain URL
+    import httpx
+
     try:
         url = httpx.URL(value)
     except (httpx.InvalidURL, TypeError) as exc:
@@ -28,7 +62,7 @@ def endpoint(kind: str, value: str) -> httpx.URL:
             f"{kind} URL {value!r} must be http(s)://host[:port][/path]",
             hint="e.g. http://127.0.0.1:8791",
         )
-    return url
+    return str(url), shown(url)
 
 
 def shown(url: httpx.URL) -> str:
@@ -41,6 +75,8 @@ def tls_context() -> ssl.SSLContext:
     """The TLS settings every driver's client gets: httpx's default (certifi's CA
     bundle, hostname checked), built once. Each build parses ~150 CA certificates:
     ~20 ms and ~0.8 MB, four times over at start for four drivers otherwise."""
+    import httpx
+
     return httpx.create_ssl_context(trust_env=False)
 
 
@@ -49,6 +85,8 @@ def own_client(client: httpx.Client | None) -> httpx.Client:
     # nobody wrote down, and would see the card data.
     if client is not None:
         return client
+    import httpx
+
     return httpx.Client(trust_env=False, verify=tls_context())
 
 
@@ -59,22 +97,35 @@ def describe(exc: BaseException) -> str:
 
 
 class HttpDriver:
-    """Lifecycle shared by the drivers: close the client if we made it; ``with`` support."""
+    """Lifecycle shared by the drivers: the client (made at the first call if none was
+    given, closed by ``close`` if we made it); ``with`` support."""
 
-    _client: httpx.Client
+    _http: httpx.Client | None
     _owns_client: bool
     _shown_url: str
+    _client_lock: threading.Lock
 
-    def _connect(self, kind: str, url: str, client: httpx.Client | None) -> httpx.URL:
-        parsed = endpoint(kind, url)
-        self._shown_url = shown(parsed)
+    def _connect(self, kind: str, url: str, client: httpx.Client | None) -> str:
+        """The checked URL (a ConfigError at start for a bad one, not at the first call)."""
+        parsed, self._shown_url = endpoint(kind, url)
         self._owns_client = client is None
-        self._client = own_client(client)
+        self._http = client
+        self._client_lock = threading.Lock()
         return parsed
 
+    @property
+    def _client(self) -> httpx.Client:
+        client = self._http
+        if client is None:
+            with self._client_lock:  # request threads share a driver: one client
+                if self._http is None:
+                    self._http = own_client(None)
+                client = self._http
+        return client
+
     def close(self) -> None:
-        if self._owns_client:
-            self._client.close()
+        if self._owns_client and self._http is not None:
+            self._http.close()
 
     def __enter__(self) -> Self:
         return self

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import TYPE_CHECKING
 
-import httpx
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from edge.errors import ConfigError
@@ -35,6 +35,9 @@ from edge.terminal.drivers.contracts import (
     AuthResponse,
     NetworkLink,
 )
+
+if TYPE_CHECKING:  # imported by the first call: an idle terminal has no use for httpx
+    import httpx
 
 __all__ = [
     "AUTHORIZE_PATH",
@@ -176,8 +179,7 @@ class HttpAcquirer(HttpDriver):
         if timeout_s <= 0:
             raise ConfigError(f"acquirer timeout must be positive, got {timeout_s}")
         url = self._connect("acquirer", base_url, client)
-        self._base = str(url).rstrip("/")
-        self._timeout = httpx.Timeout(timeout_s)
+        self._base = url.rstrip("/")
         self._timeout_s = timeout_s
         self._link = link
 
@@ -198,6 +200,8 @@ class HttpAcquirer(HttpDriver):
     def _post(self, operation: str, path: str, key: str, content: bytes) -> AuthResponse:
         if not key:
             raise ValueError("an acquirer call needs a non-empty idempotency key")
+        import httpx
+
         if self._link is not None and not self._link.is_up():
             raise AcquirerUnavailable(
                 f"acquirer {operation} not sent: the network link is down", outcome_unknown=False
@@ -206,7 +210,7 @@ class HttpAcquirer(HttpDriver):
         headers = {IDEMPOTENCY_HEADER: key, "Content-Type": "application/json"}
         try:
             response = self._client.post(
-                url, content=content, headers=headers, timeout=self._timeout
+                url, content=content, headers=headers, timeout=httpx.Timeout(self._timeout_s)
             )
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             raise AcquirerUnavailable(

@@ -36,9 +36,8 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, cast, get_args
+from typing import TYPE_CHECKING, Any, cast, get_args
 
-import httpx
 from pydantic import ValidationError
 
 from edge.errors import ConfigError
@@ -51,6 +50,9 @@ from edge.terminal.drivers.contracts import (
     PrinterError,
     PrinterJam,
 )
+
+if TYPE_CHECKING:  # imported by each call: an idle terminal has no use for httpx
+    import httpx
 
 __all__ = [
     "CARD_READ_PATH",
@@ -166,6 +168,8 @@ class HttpCardReader(HttpDriver):
     def read(self, timeout_s: float) -> CardRead:
         if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) or timeout_s < 0:
             raise ValueError(f"timeout_s must be a non-negative number, got {timeout_s!r}")
+        import httpx
+
         timeout = httpx.Timeout(self._grace_s, read=timeout_s + self._grace_s)
         try:
             response = self._client.post(
@@ -247,6 +251,8 @@ class HttpPrinter(HttpDriver):
     def print_receipt(self, lines: list[str]) -> None:
         if isinstance(lines, str) or not all(isinstance(line, str) for line in lines):
             raise TypeError("print_receipt takes a list of str, one per line")
+        import httpx
+
         where = f"the printer at {self._shown_url}"
         try:
             response = self._client.post(
@@ -318,7 +324,7 @@ class HttpNetworkLink(HttpDriver):
         if isinstance(cache_s, bool) or not isinstance(cache_s, int | float) or cache_s < 0:
             raise ConfigError(f"network link cache_s must be >= 0 seconds, got {cache_s!r}")
         self._cache_s = float(cache_s)
-        self._url = str(self._connect("network link", url, client))
+        self._url = self._connect("network link", url, client)
         self._clock = clock
         self._lock = threading.Lock()
         self._checked_at: float | None = None
