@@ -38,12 +38,8 @@ import re
 import secrets
 import stat
 from pathlib import Path
-from typing import Any, Literal, NoReturn, SupportsIndex
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, NoReturn, SupportsIndex
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -58,6 +54,9 @@ from pydantic_core import core_schema
 
 from edge.errors import TillflowError
 from edge.terminal.files import write_durably
+
+if TYPE_CHECKING:  # cryptography is imported by the first card a DataKey protects
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 __all__ = [
     "KEY_FILE_NAME",
@@ -342,15 +341,30 @@ class ProtectedCard(BaseModel):
 
 
 def _derive(key: bytes, purpose: str) -> bytes:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
     info = f"tillflow/card-data/{purpose}/v1".encode()
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(key)
 
 
+class _Subkeys(NamedTuple):
+    key_id: str
+    aead: AESGCM
+    hash_key: bytes
+    aad: bytes
+
+
 class DataKey:
     """The terminal's card-data key: encrypts PANs, hashes them, names itself by
-    ``key_id`` (a fingerprint derived from the key, safe to log)."""
+    ``key_id`` (a fingerprint derived from the key, safe to log).
 
-    __slots__ = ("_aad", "_aead", "_hash_key", "key_id")
+    The subkeys are derived at the first use, not when the key is loaded: that imports
+    cryptography (~7 MB of RSS), which a terminal without a card to protect yet (the
+    idle daemon) does not need. The key itself is checked at once; it is dropped once
+    the subkeys are derived."""
+
+    __slots__ = ("_key", "_subkeys_made")
 
     def __init__(self, key: bytes) -> None:
         if not isinstance(key, bytes) or len(key) != KEY_BYTES:
@@ -359,11 +373,29 @@ class DataKey:
                 f"a card-data key is exactly {KEY_BYTES} bytes, got {size}",
                 hint="provision 32 random bytes (e.g. os.urandom(32))",
             )
-        self.key_id: str = _derive(key, "key-id")[:8].hex()
-        self._aead = AESGCM(_derive(key, "pan-encryption"))
-        self._hash_key = _derive(key, "pan-hash")
-        # Binds every token to this key's id, so a token is meaningful under one key only.
-        self._aad = f"tillflow/card-data/pan/v1:{self.key_id}".encode()
+        self._key = key
+        self._subkeys_made: _Subkeys | None = None
+
+    def _subkeys(self) -> _Subkeys:
+        made = self._subkeys_made
+        if made is None:  # two threads may both derive: the same values, either wins
+            from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+            key_id = _derive(self._key, "key-id")[:8].hex()
+            made = _Subkeys(
+                key_id,
+                AESGCM(_derive(self._key, "pan-encryption")),
+                _derive(self._key, "pan-hash"),
+                # Binds every token to this key's id: meaningful under one key only.
+                f"tillflow/card-data/pan/v1:{key_id}".encode(),
+            )
+            self._subkeys_made = made
+            self._key = b""
+        return made
+
+    @property
+    def key_id(self) -> str:
+        return self._subkeys().key_id
 
     @classmethod
     def from_bytes(cls, key: bytes) -> DataKey:
@@ -388,7 +420,8 @@ class DataKey:
         """``v1:`` + urlsafe-base64(nonce || ciphertext+tag); a fresh nonce every call."""
         digits = _pan_digits(pan)
         nonce = os.urandom(_NONCE_BYTES)
-        sealed = self._aead.encrypt(nonce, digits.encode("ascii"), self._aad)
+        k = self._subkeys()
+        sealed = k.aead.encrypt(nonce, digits.encode("ascii"), k.aad)
         return _TOKEN_PREFIX + base64.urlsafe_b64encode(nonce + sealed).decode("ascii")
 
     def decrypt_pan(self, token: str) -> str:
@@ -407,8 +440,11 @@ class DataKey:
             raise CardTokenError(
                 f"card token is too short ({len(raw)} bytes)", hint="the stored token is damaged"
             )
+        from cryptography.exceptions import InvalidTag
+
+        k = self._subkeys()
         try:
-            clear = self._aead.decrypt(raw[:_NONCE_BYTES], raw[_NONCE_BYTES:], self._aad)
+            clear = k.aead.decrypt(raw[:_NONCE_BYTES], raw[_NONCE_BYTES:], k.aad)
         except InvalidTag as exc:
             raise CardTokenError(
                 f"card token does not decrypt under key {self.key_id}",
@@ -420,7 +456,9 @@ class DataKey:
         """HMAC-SHA256 of the PAN's digits under a subkey of this key, hex. Stable for one
         key, so it can match hot lists and count velocity; useless without the key."""
         digits = _pan_digits(pan)
-        return hmac.new(self._hash_key, digits.encode("ascii"), hashlib.sha256).hexdigest()
+        return hmac.new(
+            self._subkeys().hash_key, digits.encode("ascii"), hashlib.sha256
+        ).hexdigest()
 
     def protect(self, card: CardRead) -> ProtectedCard:
         """What may be stored of ``card``. CVV, track data and PIN block are dropped."""
