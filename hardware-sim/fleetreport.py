@@ -1,0 +1,616 @@
+"""The fleet simulation's report page: ``report.json`` (written by ``hwsim.fleetsim``)
+turned into one self-contained ``report.html``, the page an operator or a CI reviewer
+reads to decide whether a release survived 10,000 terminals.
+
+Top to bottom: the verdict (reconciliation passed, or each violation by name, and
+anything else that went wrong: the scenario's own failure, a rollout that ended other
+than expected, a budget target missed, a section that could not be read), the budget
+table against the issue's targets, then the charts (phases, each rollout's funnel and
+failure rate against its abort threshold, sync lag and outbox age, cloud rate and
+latency, per-terminal cost), the reconciliation, profile and screenshot sections.
+
+Self-contained: inline SVG drawn by ``hwsim.svgplot``, a little inline CSS, no script, no
+network; screenshots are ``<img>`` of PNG paths relative to the page. Every string taken
+from the JSON is escaped (device names and reasons are data). Any section may be missing
+or empty and renders as "not measured"; a section of the wrong shape renders as
+"unreadable" with the JSON path that was wrong, and is named in the verdict, so one bad
+field never hides the rest of the run.
+
+    render(report, out_dir) -> out_dir/report.html
+    python -m hwsim.fleetreport report.json [-o DIR]   (DIR defaults to report.json's)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from hwsim import svgplot
+from hwsim.svgplot import Marker, Series, Threshold, esc, fmt_number
+
+from edge.errors import ConfigError
+
+__all__ = ["ReportError", "main", "render"]
+
+#: The issue's budget: 10,000 terminals in 10 minutes or less ...
+WALL_TARGET_S = 600.0
+#: ... and peak memory (simulator plus cloud) under 12 GB, in MiB.
+MEMORY_TARGET_MIB = 12e9 / 2**20
+#: Examples shown per reconciliation check; the JSON holds what the simulator kept.
+EXAMPLES_SHOWN = 5
+#: Funnel lines in drawing order, with their colours; ``restored`` joins after an abort.
+FUNNEL = (
+    ("notified", "#56B4E9"),
+    ("applied", "#0072B2"),
+    ("healthy", "#009E73"),
+    ("failed", "#D55E00"),
+    ("restored", "#E69F00"),
+)
+#: Outcomes drawn only when some sample has one (dashed: they are rarer, secondary).
+FUNNEL_RARE = (("refused", "#CC79A7"), ("timed_out", "#000000"))
+#: Separates facts on one line (a middle dot).
+DOT = " \u00b7 "
+NOT_MEASURED = '<p class="nm">not measured</p>'
+
+CSS = """
+body{font:14px/1.45 system-ui,sans-serif;color:#222;margin:24px auto;max-width:1260px;
+padding:0 12px}
+h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px;
+border-bottom:1px solid #ddd;padding-bottom:4px}h3{font-size:15px;margin:16px 0 6px}
+.meta{color:#555}.verdict{border-radius:6px;padding:12px 16px;margin:14px 0;
+border:2px solid}.verdict.pass{background:#e9f7ef;border-color:#1e8449}
+.verdict.fail{background:#fdecea;border-color:#c0392b}
+.verdict.unknown{background:#fef5e7;border-color:#b9770e}.verdict .word{font-size:20px;
+font-weight:bold}.verdict ul{margin:6px 0 0}
+table{border-collapse:collapse;margin:6px 0}td,th{border:1px solid #ddd;padding:3px 8px;
+text-align:left;vertical-align:top}td.n{text-align:right;font-variant-numeric:tabular-nums}
+.ok{color:#1e8449;font-weight:bold}.bad{color:#c0392b;font-weight:bold}
+.nm{color:#888;font-style:italic}.err{color:#c0392b}.charts{display:flex;flex-wrap:wrap;
+gap:12px}.chart{border:1px solid #eee;background:#fff}code{font-size:12px}
+.share{background:#0072B2;height:10px;display:inline-block}nav a{margin-right:12px}
+figure{margin:8px 0}figure img{max-width:600px;border:1px solid #ccc}
+"""
+
+
+class ReportError(ConfigError):
+    """``report.json`` is not what ``hwsim.fleetsim`` writes: names the JSON path."""
+
+    code = "report_invalid"
+
+
+class _View:
+    """A JSON object read by key, each value checked for its type, errors naming the
+    path (``rollouts[1].samples[3].t_s``). A missing key (or null) reads as None."""
+
+    def __init__(self, value: object, path: str) -> None:
+        if not isinstance(value, dict):
+            raise ReportError(f"{path}: expected an object, got {_kind(value)}")
+        self.data: dict[str, Any] = value
+        self.path = path
+
+    def _at(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def num(self, key: str) -> float | None:
+        value = self.data.get(key)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ReportError(f"{self._at(key)}: expected a number, got {_kind(value)}")
+        if not math.isfinite(value):
+            raise ReportError(f"{self._at(key)}: expected a finite number, got {value!r}")
+        return float(value)
+
+    def text(self, key: str) -> str | None:
+        value = self.data.get(key)
+        return None if value is None else str(value)
+
+    def flag(self, key: str) -> bool | None:
+        value = self.data.get(key)
+        if value is None or isinstance(value, bool):
+            return value
+        raise ReportError(f"{self._at(key)}: expected true or false, got {_kind(value)}")
+
+    def obj(self, key: str) -> _View | None:
+        value = self.data.get(key)
+        return None if value is None else _View(value, self._at(key))
+
+    def items(self, key: str) -> list[_View]:
+        """A list of objects (empty when missing)."""
+        return [_View(v, f"{self._at(key)}[{i}]") for i, v in enumerate(self.raw_list(key))]
+
+    def raw_list(self, key: str) -> list[Any]:
+        value = self.data.get(key)
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise ReportError(f"{self._at(key)}: expected a list, got {_kind(value)}")
+        return value
+
+    def numbers(self, key: str) -> dict[str, float]:
+        """An object of name -> number (per-process figures)."""
+        view = self.obj(key)
+        if view is None:
+            return {}
+        return {k: v for k in view.data if (v := view.num(k)) is not None}
+
+
+def _kind(value: object) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _fmt(value: float | None, unit: str = "", decimals: int = 1) -> str:
+    if value is None:
+        return '<span class="nm">not measured</span>'
+    shown = f"{value:,.0f}" if value == int(value) else f"{value:,.{decimals}f}"
+    return esc(f"{shown} {unit}".strip())
+
+
+def _tick(ok: bool | None) -> str:
+    if ok is None:
+        return '<span class="nm">?</span>'
+    return '<span class="ok">\u2713</span>' if ok else '<span class="bad">\u2717</span>'
+
+
+class _Page:
+    """The page being built: its sections' HTML and the problems the verdict names."""
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+        self.unreadable: list[str] = []
+
+    def section(self, anchor: str, title: str, body: Callable[[], str]) -> str:
+        try:
+            inner = body()
+        except ReportError as exc:
+            self.unreadable.append(f"{title}: {exc}")
+            inner = f'<p class="err">unreadable: {esc(exc)}</p>'
+        return f'<section id="{anchor}"><h2>{esc(title)}</h2>\n{inner}\n</section>'
+
+
+def _chart(svg: str | None, what: str) -> str:
+    return svg if svg is not None else f'<p class="nm">{esc(what)}: not measured</p>'
+
+
+# -- sections ---------------------------------------------------------------------------
+
+
+def _budget(report: _View, page: _Page) -> str:
+    budget = report.obj("budget")
+    if budget is None or not budget.data:
+        return NOT_MEASURED
+    terminals = (report.obj("scenario") or _View({}, "scenario")).num("terminals")
+    sim_rss, cloud_rss = budget.num("sim_peak_rss_mib"), budget.numbers("cloud_peak_rss_mib")
+    wall = budget.num("wall_s")
+    total_rss = None if sim_rss is None else sim_rss + sum(cloud_rss.values())
+    rows: list[tuple[str, str, str, bool | None]] = []
+    per_n = f" (the target for {fmt_number(10000)} terminals)"
+    wall_ok = None if wall is None else wall <= WALL_TARGET_S
+    rows.append(("wall time", _fmt(wall, "s"), f"\u2264 {WALL_TARGET_S:,.0f} s{per_n}", wall_ok))
+    mem_ok = None if total_rss is None else total_rss <= MEMORY_TARGET_MIB
+    target = f"\u2264 {MEMORY_TARGET_MIB:,.0f} MiB (12 GB)"
+    rows.append(("peak RSS, simulator + cloud", _fmt(total_rss, "MiB"), target, mem_ok))
+    rows.append(("peak RSS, simulator", _fmt(sim_rss, "MiB"), "", None))
+    for name, mib in sorted(cloud_rss.items()):
+        rows.append((f"peak RSS, cloud {name}", _fmt(mib, "MiB"), "", None))
+    rows.append(("CPU per terminal", _fmt(budget.num("cpu_ms_per_terminal"), "ms"), "", None))
+    rows.append(("CPU, simulator", _fmt(budget.num("sim_cpu_s"), "s"), "", None))
+    for name, cpu in sorted(budget.numbers("cloud_cpu_s").items()):
+        rows.append((f"CPU, cloud {name}", _fmt(cpu, "s"), "", None))
+    rows.append(("requests", _fmt(budget.num("requests")), "", None))
+    rows.append(("requests/s sustained", _fmt(budget.num("requests_per_s"), "/s"), "", None))
+    rows.append(("syncs", _fmt(budget.num("syncs")), "", None))
+    for label, ok in (("wall time", wall_ok), ("peak memory", mem_ok)):
+        if ok is False:
+            page.problems.append(f"budget: {label} over its target")
+    body = "".join(
+        f'<tr><td>{esc(name)}</td><td class="n">{value}</td><td>{esc(target)}</td>'
+        f"<td>{_tick(ok) if target else ''}</td></tr>"
+        for name, value, target, ok in rows
+    )
+    note = "" if terminals is None else f" for {esc(fmt_number(terminals))} terminals"
+    return (
+        f"<p>Measured in this run{note}.</p><table><tr><th>measure</th><th>value</th>"
+        f"<th>target</th><th></th></tr>{body}</table>"
+    )
+
+
+def _phases(report: _View) -> str:
+    scenario = report.obj("scenario")
+    phases = [] if scenario is None else scenario.items("phases")
+    spans = []
+    for p in phases:
+        start, end = p.num("start_s"), p.num("end_s")
+        if start is None or end is None:
+            raise ReportError(f"{p.path}: a phase needs start_s and end_s")
+        spans.append((p.text("name") or "?", start, end))
+    return _chart(svgplot.timeline(spans, title="phases", x_label="s since start"), "phases")
+
+
+def _rollout(ro: _View, page: _Page) -> str:
+    name = ro.text("name") or ro.text("id") or "rollout"
+    status, expected = ro.text("status"), ro.text("expected")
+    if status is not None and expected is not None and status != expected:
+        page.problems.append(f"rollout {name}: ended {status}, expected {expected}")
+    threshold = ro.num("failure_percent")
+    abort = ro.obj("abort")
+    abort_at = None if abort is None else abort.num("at_s")
+    samples = ro.items("samples")
+    times = []
+    for s in samples:
+        t = s.num("t_s")
+        if t is None:
+            raise ReportError(f"{s.path}.t_s: missing")
+        times.append(t)
+    series = [Series("targeted", _line(samples, times, "targeted"), "#bbbbbb", True, True)]
+    for key, color in FUNNEL:
+        if key != "restored" or abort is not None or any(s.num(key) for s in samples):
+            series.append(Series(key, _line(samples, times, key), color))
+    for key, color in FUNNEL_RARE:
+        if any(s.num(key) for s in samples):
+            series.append(Series(key, _line(samples, times, key), color, dashed=True))
+    markers = _wave_markers(samples, times)
+    if abort_at is not None:
+        markers.append(Marker(abort_at, "abort", "#c0392b", dashed=False))
+    funnel = svgplot.line_chart(
+        series, title=f"{name}: devices per outcome", x_label="s since start",
+        y_label="devices", markers=markers,
+    )  # fmt: skip
+    rate = [
+        (t, r * 100)
+        for t, s in zip(times, samples, strict=True)
+        if (r := s.num("failure_rate")) is not None
+    ]
+    thresholds = [] if threshold is None else [Threshold(threshold, f"abort at {threshold:g}%")]
+    rate_chart = svgplot.line_chart(
+        [Series("failure rate", rate, "#D55E00")], title=f"{name}: failure rate",
+        x_label="s since start", y_label="% failed", thresholds=thresholds, markers=markers,
+    )  # fmt: skip
+    waves = ", ".join(
+        f"{int(w.num('index') or 0)}: {fmt_number(w.num('size') or 0)}" for w in ro.items("waves")
+    )
+    facts = [
+        f"<b>{esc(name)}</b> ({esc(ro.text('kind') or '?')},"
+        f" <code>{esc(ro.text('id') or '?')}</code>)",
+        f"status <b>{esc(status or '?')}</b>, expected {esc(expected or '?')}"
+        f" {_tick(None if status is None or expected is None else status == expected)}",
+        f"abort threshold {esc(f'{threshold:g}%' if threshold is not None else 'not given')}",
+        f"waves (index: size) {esc(waves or 'none')}",
+    ]
+    if abort is not None:
+        at = "?" if abort_at is None else fmt_number(abort_at, 0.1)
+        facts.append(f"aborted at {esc(at)} s: {esc(abort.text('reason') or 'no reason given')}")
+    return (
+        f'<div class="rollout"><h3>{esc(name)}</h3><p>{DOT.join(facts)}</p>'
+        f'<div class="charts">{_chart(funnel, "funnel")}{_chart(rate_chart, "failure rate")}'
+        "</div></div>"
+    )
+
+
+def _line(samples: Sequence[_View], times: Sequence[float], key: str) -> list[tuple[float, float]]:
+    return [(t, v) for t, s in zip(times, samples, strict=True) if (v := s.num(key)) is not None]
+
+
+def _wave_markers(samples: Sequence[_View], times: Sequence[float]) -> list[Marker]:
+    markers, last = [], None
+    for t, s in zip(times, samples, strict=True):
+        wave = s.num("wave")
+        if wave is not None and wave != last:
+            markers.append(Marker(t, f"wave {wave:g}"))
+            last = wave
+    return markers
+
+
+def _rollouts(report: _View, page: _Page) -> str:
+    rollouts = report.items("rollouts")
+    return "".join(_rollout(r, page) for r in rollouts) if rollouts else NOT_MEASURED
+
+
+def _distribution(dist: _View | None, title: str, unit: str) -> str:
+    if dist is None or not dist.data:
+        return f'<div><p class="nm">{esc(title)}: not measured</p></div>'
+    bins = []
+    for i, b in enumerate(dist.raw_list("histogram")):
+        ok = isinstance(b, list) and len(b) == 3
+        if not ok or not all(isinstance(x, int | float) and not isinstance(x, bool) for x in b):
+            raise ReportError(f"{dist.path}.histogram[{i}]: expected [lo, hi, count]")
+        bins.append((float(b[0]), float(b[1]), float(b[2])))
+    marks = [(k, dist.num(k)) for k in ("p50", "p90", "p99")]
+    markers = [Marker(v, k, "#c0392b") for k, v in marks if v is not None]
+    svg = svgplot.histogram(bins, title=title, x_label=unit, markers=markers)
+    figures = DOT.join(f"{k} {_fmt(dist.num(k), unit, 2)}" for k in ("p50", "p90", "p99", "max"))
+    return f"<div>{_chart(svg, title)}<p>{figures}</p></div>"
+
+
+def _sync(report: _View) -> str:
+    sync = report.obj("sync")
+    if sync is None or not sync.data:
+        return NOT_MEASURED
+    parts = [
+        _distribution(sync.obj("lag_s"), "sync lag", "s"),
+        _distribution(sync.obj("outbox_age_s"), "outbox age", "s"),
+        _distribution(sync.obj("syncs_per_terminal"), "syncs per terminal", "syncs"),
+    ]
+    return f'<div class="charts">{"".join(parts)}</div>'
+
+
+def _cloud(report: _View) -> str:
+    cloud = report.obj("cloud")
+    timeline = [] if cloud is None else cloud.items("timeline")
+    if not timeline:
+        return NOT_MEASURED
+    times = []
+    for s in timeline:
+        t = s.num("t_s")
+        if t is None:
+            raise ReportError(f"{s.path}.t_s: missing")
+        times.append(t)
+    markers = [Marker(t, name) for name, t in _phase_starts(report)]
+    rate = svgplot.line_chart(
+        [Series("requests/s", _line(timeline, times, "requests_per_s"))],
+        title="cloud request rate", x_label="s since start", y_label="requests/s",
+        markers=markers,
+    )  # fmt: skip
+    latency = svgplot.line_chart(
+        [Series(k, _line(timeline, times, f"{k}_ms"), c, dashed=k == "p50")
+         for k, c in (("p50", "#009E73"), ("p95", "#0072B2"), ("p99", "#D55E00"))],
+        title="cloud latency", x_label="s since start", y_label="ms", markers=markers,
+    )  # fmt: skip
+    errors = _line(timeline, times, "errors")
+    total = sum(v for _, v in errors)
+    parts = [_chart(rate, "request rate"), _chart(latency, "latency")]
+    if total:
+        parts.append(_chart(svgplot.line_chart(
+            [Series("errors", errors, "#c0392b")], title="cloud errors per sample",
+            x_label="s since start", y_label="errors", markers=markers,
+        ), "errors"))  # fmt: skip
+    note = f"{fmt_number(total)} errors in {fmt_number(len(timeline))} samples"
+    return f'<div class="charts">{"".join(parts)}</div><p>{esc(note)}</p>'
+
+
+def _phase_starts(report: _View) -> list[tuple[str, float]]:
+    scenario = report.obj("scenario")
+    out = []
+    for p in [] if scenario is None else scenario.items("phases")[1:]:
+        start = p.num("start_s")
+        if start is not None:
+            out.append((p.text("name") or "?", start))
+    return out
+
+
+def _terminals(report: _View) -> str:
+    terms = report.obj("terminals")
+    if terms is None or not terms.data:
+        return NOT_MEASURED
+    cpu = _distribution(terms.obj("cpu_ms"), "CPU per terminal", "ms")
+    models = []
+    for m in terms.items("by_model"):
+        models.append((m.text("model") or "?", m.num("count") or 0.0))
+    bars = svgplot.bar_chart(models, title="terminals by hardware model", y_label="terminals")
+    offline = terms.obj("offline_hours")
+    rows = [
+        ("memory per terminal", _fmt(terms.num("rss_kib_per_terminal"), "KiB")),
+        ("terminals offline for hours", _fmt(None if offline is None else offline.num("count"))),
+    ]
+    table = "".join(f'<tr><td>{esc(k)}</td><td class="n">{v}</td></tr>' for k, v in rows)
+    charts = f'<div class="charts">{cpu}<div>{_chart(bars, "hardware models")}</div></div>'
+    return f"{charts}<table>{table}</table>"
+
+
+def _reconciliation_table(recon: _View | None) -> str:
+    checks = [] if recon is None else recon.items("checks")
+    if not checks:
+        return NOT_MEASURED
+    rows = []
+    for c in checks:
+        examples = [esc(e) for e in c.raw_list("examples")[:EXAMPLES_SHOWN]]
+        more = len(c.raw_list("examples")) - len(examples)
+        shown = "<br/>".join(f"<code>{e}</code>" for e in examples)
+        if more > 0:
+            shown += f"<br/>(and {more} more)"
+        rows.append(
+            f'<tr class="check"><td>{_tick(_check_ok(c))}</td><td>{esc(c.text("name") or "?")}</td>'
+            f'<td class="n">{_fmt(c.num("checked"))}</td><td class="n">{_fmt(c.num("violations"))}'
+            f"</td><td>{shown}</td></tr>"
+        )
+    return (
+        "<table><tr><th></th><th>check</th><th>checked</th><th>violations</th><th>examples</th>"
+        f"</tr>{''.join(rows)}</table>"
+    )
+
+
+def _check_ok(check: _View) -> bool | None:
+    ok, violations = check.flag("ok"), check.num("violations")
+    if violations:
+        return False
+    return ok
+
+
+def _profile(report: _View) -> str:
+    rows = [(p.text("where") or "?", p.num("cpu_s") or 0.0) for p in report.items("profile")]
+    if not rows:
+        return NOT_MEASURED
+    rows.sort(key=lambda r: -r[1])
+    total = sum(c for _, c in rows) or 1.0
+    body = "".join(
+        f'<tr><td>{esc(w)}</td><td class="n">{_fmt(c, "s")}</td><td class="n">'
+        f'{100 * c / total:.1f}%</td><td><span class="share" style="width:{300 * c / total:.0f}px">'
+        "</span></td></tr>"
+        for w, c in rows
+    )
+    return f"<table><tr><th>where</th><th>CPU</th><th>share</th><th></th></tr>{body}</table>"
+
+
+def _screenshots(report: _View, out_dir: Path) -> str:
+    shots = report.items("screenshots")
+    if not shots:
+        return NOT_MEASURED
+    out = []
+    for s in shots:
+        page, path = s.text("page") or "?", s.text("path") or ""
+        rel = PurePosixPath(path)
+        if not path or rel.is_absolute() or ".." in rel.parts or ":" in path or "\\" in path:
+            out.append(
+                f'<p class="err">{esc(page)}: not shown, <code>{esc(path)}</code> is not'
+                " a path relative to the report</p>"
+            )
+            continue
+        missing = "" if (out_dir / rel).is_file() else " (file missing beside the report)"
+        out.append(
+            f'<figure class="screenshot"><img src="{esc(rel.as_posix())}" alt="{esc(page)}"/>'
+            f"<figcaption>{esc(page)}, loaded in {_fmt(s.num('load_ms'), 'ms')}"
+            f"{esc(missing)}</figcaption></figure>"
+        )
+    return "".join(out)
+
+
+# -- the verdict and the page -----------------------------------------------------------
+
+
+def _reconciliation_verdict(report: _View) -> tuple[bool | None, str, list[str]]:
+    """(passed, the headline, each violation): ``None`` when nothing was reconciled."""
+    recon = report.obj("reconciliation")
+    checks = [] if recon is None else recon.items("checks")
+    if recon is None or (not checks and recon.flag("ok") is None):
+        return None, "reconciliation not measured", []
+    failing = []
+    for c in checks:
+        if _check_ok(c) is False:
+            violations = c.num("violations")
+            count = "failed" if not violations else f"{fmt_number(violations)} violations"
+            failing.append(f"{c.text('name') or '?'}: {count}")
+    if recon.flag("ok") is False and not failing:
+        failing.append("the simulator reported reconciliation failed (no check names it)")
+    if failing:
+        return False, f"reconciliation failed: {len(failing)} of {len(checks)} checks", failing
+    if recon.flag("ok") is None:
+        return None, "reconciliation did not say whether it passed", []
+    checked = sum(c.num("checked") or 0 for c in checks)
+    return (
+        True,
+        (
+            f"reconciliation passed: {len(checks)} checks, {fmt_number(checked)} records, "
+            "no violation"
+        ),
+        [],
+    )
+
+
+def _header(report: _View, page: _Page) -> str:
+    scenario = report.obj("scenario") or _View({}, "scenario")
+    try:
+        passed, headline, violations = _reconciliation_verdict(report)
+    except ReportError as exc:
+        passed, headline, violations = None, "reconciliation unreadable", [str(exc)]
+    others = list(page.problems)
+    if scenario.flag("ok") is False:
+        others.insert(0, "the simulator reported the scenario failed")
+    others += [f"unreadable section, {u}" for u in page.unreadable]
+    overall = "unknown" if passed is None else "pass" if passed and not others else "fail"
+    word = {"pass": "PASSED", "fail": "FAILED", "unknown": "NOT RECONCILED"}[overall]
+    if overall == "fail" and passed:
+        word = "FAILED"  # reconciled, yet something else went wrong: still not a pass
+    items = "".join(f'<li class="violation">{esc(v)}</li>' for v in violations)
+    items += "".join(f'<li class="problem">{esc(p)}</li>' for p in others)
+    terminals = scenario.num("terminals")
+    meta = [
+        f"{fmt_number(terminals)} terminals" if terminals is not None else "terminals: ?",
+        f"seed {scenario.text('seed') or '?'}",
+        f"{fmt_number(scenario.num('processes') or 0)} processes",
+        f"started {scenario.text('started_at') or '?'}",
+        f"wall {_plain(scenario.num('wall_s'), 's')}",
+    ]
+    return (
+        f"<header><h1>Fleet simulation: {esc(meta[0])}</h1>"
+        f'<p class="meta">{esc(DOT.join(meta))}</p>'
+        f'<div class="verdict {overall}" id="verdict"><span class="word">{word}</span> '
+        f'<span class="headline">{esc(headline)}</span>'
+        f"{f'<ul>{items}</ul>' if items else ''}</div></header>"
+    )
+
+
+def _plain(value: float | None, unit: str) -> str:
+    return "?" if value is None else f"{value:,.1f} {unit}"
+
+
+SECTIONS = (
+    ("budget", "Budget"),
+    ("phases", "Phases"),
+    ("rollouts", "Rollouts"),
+    ("sync", "Sync"),
+    ("cloud", "Cloud"),
+    ("terminals", "Terminals"),
+    ("reconciliation", "Reconciliation"),
+    ("profile", "Where the time goes"),
+    ("screenshots", "Screenshots"),
+)
+
+
+def render_html(report: object, out_dir: Path) -> str:
+    """The page for ``report`` (the parsed report.json) as text; ``out_dir`` is where it
+    will live (screenshot paths are checked against it)."""
+    root = _View(report, "")
+    page = _Page()
+    bodies: dict[str, Callable[[], str]] = {
+        "budget": lambda: _budget(root, page),
+        "phases": lambda: _phases(root),
+        "rollouts": lambda: _rollouts(root, page),
+        "sync": lambda: _sync(root),
+        "cloud": lambda: _cloud(root),
+        "terminals": lambda: _terminals(root),
+        "reconciliation": lambda: _reconciliation_table(root.obj("reconciliation")),
+        "profile": lambda: _profile(root),
+        "screenshots": lambda: _screenshots(root, out_dir),
+    }
+    sections = [page.section(a, t, bodies[a]) for a, t in SECTIONS]
+    header = _header(root, page)
+    nav = "".join(f'<a href="#{a}">{esc(t)}</a>' for a, t in SECTIONS)
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"/>'
+        f"<title>{esc('Fleet simulation report')}</title><style>{CSS}</style></head>\n<body>"
+        f"{header}<nav>{nav}</nav>\n{''.join(sections)}\n"
+        '<footer class="meta"><p>All times are seconds since the scenario started. Written'
+        " by hwsim.fleetreport from report.json.</p></footer></body></html>\n"
+    )
+
+
+def render(report: dict[str, Any], out_dir: Path) -> Path:
+    """Write ``out_dir/report.html`` for ``report`` and return its path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "report.html"
+    path.write_text(render_html(report, out_dir), encoding="utf-8")
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m hwsim.fleetreport", description="Render report.json as report.html."
+    )
+    parser.add_argument("report", type=Path, help="the fleet simulator's report.json")
+    parser.add_argument(
+        "-o", "--out", type=Path, help="directory for report.html (default: report.json's)"
+    )
+    args = parser.parse_args(argv)
+    try:
+        data = json.loads(args.report.read_text(encoding="utf-8"))
+        path = render(data, args.out or args.report.parent)
+    except OSError as exc:
+        print(f"fleetreport: cannot read or write: {exc}", file=sys.stderr)
+        return 2
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        print(f"fleetreport: {args.report} is not JSON: {exc}", file=sys.stderr)
+        return 2
+    except ReportError as exc:
+        print(f"fleetreport: {args.report}: {exc}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,362 @@
+"""The fleet report page (hwsim.fleetreport, hwsim.svgplot): rendered from a small
+synthetic report.json, then read back as XML, so each assertion is about what a reader
+of the page would see: the verdict, the charts and their series, the abort threshold
+where the axis says it is, hostile strings shown as text, missing sections said so."""
+
+from __future__ import annotations
+
+import copy
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hwsim import fleetreport, svgplot
+
+HOSTILE = '<script>alert("x")</script>&amp;\'"'
+
+
+def synthetic_report() -> dict[str, Any]:
+    """A small report of the shape hwsim.fleetsim writes: a bad config rolled back in
+    wave 1 (threshold 10 %), a good one that succeeds, reconciliation clean."""
+    bad_samples = []
+    for i, t in enumerate(range(100, 230, 10)):
+        wave = 0 if t < 150 else 1
+        targeted = 100 if wave == 0 else 1100
+        applied = min(targeted, 8 * (i + 1) * (1 + 9 * wave))
+        failed = applied // 9 if wave else 2
+        aborted = t >= 200
+        bad_samples.append(
+            {
+                "t_s": float(t),
+                "wave": wave,
+                "targeted": targeted,
+                "notified": min(targeted, applied + 20),
+                "applied": applied,
+                "healthy": applied - failed,
+                "failed": failed,
+                "refused": 0,
+                "timed_out": 0,
+                "restored": (t - 190) * 20 if aborted else 0,
+                "failure_rate": failed / applied,
+            }
+        )
+    # fmt: off
+    good_samples = [
+        {"t_s": float(t), "wave": (t - 300) // 40, "targeted": 10 * (t - 290),
+         "notified": 9 * (t - 290), "applied": 8 * (t - 290), "healthy": 8 * (t - 290),
+         "failed": 0, "refused": 0, "timed_out": 0, "restored": 0, "failure_rate": 0.0}
+        for t in range(300, 420, 20)
+    ]
+    dist = {"p50": 1.5, "p90": 4.0, "p99": 9.0, "max": 14.0,
+            "histogram": [[0, 1, 3000], [1, 2, 4000], [2, 5, 2500], [5, 10, 450],
+                          [10, 20, 50]]}
+    return {
+        "scenario": {
+            "terminals": 10000, "seed": 1, "processes": 2, "started_at": "2026-12-04T18:00:00Z",
+            "wall_s": 512.3, "ok": True,
+            "phases": [{"name": "enroll", "start_s": 0.0, "end_s": 61.2},
+                       {"name": "trading day", "start_s": 61.2, "end_s": 95.0},
+                       {"name": "bad config", "start_s": 95.0, "end_s": 290.0},
+                       {"name": "good config", "start_s": 290.0, "end_s": 420.0},
+                       {"name": "reconcile", "start_s": 420.0, "end_s": 512.3}],
+        },
+        "budget": {
+            "wall_s": 512.3, "sim_peak_rss_mib": 4300.0,
+            "cloud_peak_rss_mib": {"serve-0": 210.0, "worker-0": 180.0, "postgres": 900.0},
+            "cpu_ms_per_terminal": 48.2, "sim_cpu_s": 480.0,
+            "cloud_cpu_s": {"serve-0": 120.0, "worker-0": 60.0},
+            "requests": 123456, "requests_per_s": 240.1, "syncs": 98765,
+        },
+        "rollouts": [
+            {"id": "ro_bad", "kind": "config", "name": "bad-config", "status": "rolled_back",
+             "expected": "rolled_back", "failure_percent": 10.0,
+             "waves": [{"index": 0, "size": 100}, {"index": 1, "size": 1000}],
+             "abort": {"reason": "failure rate 11.1% >= 10% over 200 devices", "at_s": 201.5},
+             "samples": bad_samples},
+            {"id": "ro_good", "kind": "config", "name": "good-config", "status": "succeeded",
+             "expected": "succeeded", "failure_percent": 10.0,
+             "waves": [{"index": 0, "size": 100}, {"index": 1, "size": 1000}],
+             "abort": None, "samples": good_samples},
+        ],
+        "sync": {"lag_s": dist, "outbox_age_s": copy.deepcopy(dist),
+                 "syncs_per_terminal": {"p50": 10, "p90": 12, "p99": 15, "max": 18,
+                                        "histogram": [[0, 5, 10], [5, 10, 4000], [10, 15, 5900],
+                                                      [15, 20, 90]]}},
+        "cloud": {"timeline": [
+            {"t_s": float(t), "requests_per_s": 200.0 + t % 50, "p50_ms": 12.0, "p95_ms": 40.0,
+             "p99_ms": 90.0 + t % 30, "errors": 3 if t == 250 else 0}
+            for t in range(10, 510, 10)]},
+        "terminals": {"cpu_ms": dist, "rss_kib_per_terminal": 440.0,
+                      "by_model": [{"model": "m-a", "count": 6000},
+                                   {"model": "m-b", "count": 4000}],
+                      "offline_hours": {"count": 500}},
+        "reconciliation": {"ok": True, "checks": [
+            {"name": "every approved sale in the cloud exactly once", "ok": True,
+             "checked": 31234, "violations": 0, "examples": []},
+            {"name": "no outbox left undrained", "ok": True, "checked": 10000,
+             "violations": 0, "examples": []}]},
+        "profile": [{"where": "terminal sync (client)", "cpu_s": 200.0},
+                    {"where": "cloud sync apply", "cpu_s": 120.0}],
+        "screenshots": [{"page": "fleet", "path": "screenshots/fleet.png", "load_ms": 180.0}],
+    }
+    # fmt: on
+
+
+def page(report: dict[str, Any], out: Path) -> ET.Element:
+    """Render, then parse the whole page as XML: well-formedness is part of the test."""
+    path = fleetreport.render(report, out)
+    assert path == out / "report.html"
+    return ET.fromstring(path.read_text(encoding="utf-8"))
+
+
+def charts(root: ET.Element) -> dict[str, ET.Element]:
+    return {s.get("aria-label", ""): s for s in root.iter("svg")}
+
+
+def series(svg: ET.Element) -> dict[str, int]:
+    """Series name -> points drawn (a step series draws two per point after the first)."""
+    out = {}
+    for g in svg.iter("g"):
+        if g.get("class") == "series":
+            points = g.find("polyline").get("points", "").split()  # type: ignore[union-attr]
+            out[g.get("data-name", "")] = len(points)
+    return out
+
+
+def y_of(svg: ET.Element, value: float) -> float:
+    """Where the chart's own y gridlines put ``value`` (interpolated between two)."""
+    grid = sorted(
+        (float(ln.get("data-value", "")), float(ln.get("y1", "")))
+        for ln in svg.iter("line")
+        if ln.get("class") == "grid y"
+    )
+    (v0, y0), (v1, y1) = grid[0], grid[-1]
+    return y0 + (value - v0) / (v1 - v0) * (y1 - y0)
+
+
+def text_of(el: ET.Element) -> str:
+    return "".join(el.itertext())
+
+
+def by_id(root: ET.Element, anchor: str) -> ET.Element:
+    found = root.find(f".//*[@id='{anchor}']")
+    assert found is not None, anchor
+    return found
+
+
+def test_report__verdict_passes_when_reconciliation_is_clean(tmp_path: Path) -> None:
+    root = page(synthetic_report(), tmp_path)
+    verdict = by_id(root, "verdict")
+    assert "pass" in verdict.get("class", "").split()
+    assert "PASSED" in text_of(verdict)
+    assert "2 checks, 41,234 records, no violation" in text_of(verdict)
+
+
+def test_report__verdict_names_each_violation(tmp_path: Path) -> None:
+    report = synthetic_report()
+    report["reconciliation"]["ok"] = False
+    report["reconciliation"]["checks"][0].update(ok=False, violations=3, examples=["t-0042: s1"])
+    root = page(report, tmp_path)
+    verdict = by_id(root, "verdict")
+    assert "fail" in verdict.get("class", "").split()
+    violations = [text_of(li) for li in verdict.iter("li") if li.get("class") == "violation"]
+    assert violations == ["every approved sale in the cloud exactly once: 3 violations"]
+    table = text_of(by_id(root, "reconciliation"))
+    assert "\u2717" in table and "t-0042: s1" in table
+
+
+def test_report__verdict_fails_on_a_check_with_violations_even_if_ok_says_true(
+    tmp_path: Path,
+) -> None:
+    report = synthetic_report()
+    report["reconciliation"]["checks"][1]["violations"] = 2
+    verdict = by_id(page(report, tmp_path), "verdict")
+    assert "fail" in verdict.get("class", "").split()
+    assert "no outbox left undrained: 2 violations" in text_of(verdict)
+
+
+def test_report__verdict_fails_on_an_unexpected_rollout_end_and_a_missed_budget(
+    tmp_path: Path,
+) -> None:
+    report = synthetic_report()
+    report["rollouts"][1]["status"] = "rolled_back"
+    report["budget"]["wall_s"] = 700.0
+    verdict = by_id(page(report, tmp_path), "verdict")
+    assert "FAILED" in text_of(verdict)
+    problems = [text_of(li) for li in verdict.iter("li")]
+    assert "rollout good-config: ended rolled_back, expected succeeded" in problems
+    assert "budget: wall time over its target" in problems
+
+
+def test_report__without_reconciliation_says_not_reconciled(tmp_path: Path) -> None:
+    report = synthetic_report()
+    del report["reconciliation"]
+    root = page(report, tmp_path)
+    verdict = by_id(root, "verdict")
+    assert "unknown" in verdict.get("class", "").split()
+    assert "NOT RECONCILED" in text_of(verdict)
+    assert "not measured" in text_of(by_id(root, "reconciliation"))
+
+
+def test_report__each_rollout_has_a_funnel_and_a_failure_rate_chart(tmp_path: Path) -> None:
+    report = synthetic_report()
+    found = charts(page(report, tmp_path))
+    n = len(report["rollouts"][0]["samples"])
+    bad = series(found["bad-config: devices per outcome"])
+    # targeted is a staircase: 2 points per sample after the first
+    assert bad == {
+        "targeted": 2 * n - 1, "notified": n, "applied": n, "healthy": n, "failed": n, "restored": n
+    }  # fmt: skip
+    good = series(found["good-config: devices per outcome"])
+    assert "restored" not in good  # no abort, nothing restored: no line for it
+    assert series(found["bad-config: failure rate"]) == {"failure rate": n}
+
+
+def test_report__threshold_line_sits_at_the_abort_percent_on_the_axis(tmp_path: Path) -> None:
+    svg = charts(page(synthetic_report(), tmp_path))["bad-config: failure rate"]
+    (line,) = [ln for ln in svg.iter("line") if ln.get("class") == "threshold"]
+    assert line.get("data-value") == "10"
+    assert line.get("stroke-dasharray")
+    assert float(line.get("y1", "")) == pytest.approx(y_of(svg, 10.0), abs=0.02)
+    assert line.get("y1") == line.get("y2")
+    # and a point at 11.1 % sits above it (smaller y) on the same chart
+    assert y_of(svg, 11.1) < float(line.get("y1", ""))
+
+
+def test_report__abort_and_waves_are_marked_on_the_funnel(tmp_path: Path) -> None:
+    svg = charts(page(synthetic_report(), tmp_path))["bad-config: devices per outcome"]
+    marks = {text_of(g): g.get("data-value") for g in svg.iter("g") if g.get("class") == "marker"}
+    assert marks == {"wave 0": "100", "wave 1": "150", "abort": "201.5"}
+
+
+def test_report__distributions_are_histograms_with_percentiles(tmp_path: Path) -> None:
+    report = synthetic_report()
+    found = charts(page(report, tmp_path))
+    for title in ("sync lag", "outbox age", "syncs per terminal", "CPU per terminal"):
+        svg = found[title]
+        bins = [r for r in svg.iter("rect") if r.get("class") == "bin"]
+        expected = (
+            report["sync"]["syncs_per_terminal"]["histogram"]
+            if title == "syncs per terminal"
+            else report["sync"]["lag_s"]["histogram"]
+        )
+        assert [float(b.get("data-count", "")) for b in bins] == [c for _, _, c in expected]
+        heights = [float(b.get("height", "")) for b in bins]
+        tallest = max(range(len(expected)), key=lambda i: expected[i][2])
+        assert heights.index(max(heights)) == tallest
+        labels = {text_of(g) for g in svg.iter("g") if g.get("class") == "marker"}
+        assert labels == {"p50", "p90", "p99"}
+
+
+def test_report__cloud_rate_and_latency_over_time(tmp_path: Path) -> None:
+    report = synthetic_report()
+    found = charts(page(report, tmp_path))
+    n = len(report["cloud"]["timeline"])
+    assert series(found["cloud request rate"]) == {"requests/s": n}
+    assert series(found["cloud latency"]) == {"p50": n, "p95": n, "p99": n}
+    assert series(found["cloud errors per sample"]) == {"errors": n}
+
+
+def test_report__phases_and_budget_table(tmp_path: Path) -> None:
+    report = synthetic_report()
+    root = page(report, tmp_path)
+    spans = [g for g in charts(root)["phases"].iter("g") if g.get("class") == "span"]
+    assert [g.get("data-name") for g in spans] == [p["name"] for p in report["scenario"]["phases"]]
+    budget = text_of(by_id(root, "budget"))
+    assert "512.3 s" in budget and "5,590 MiB" in budget  # 4300 + 210 + 180 + 900
+    assert "123,456" in budget
+
+
+def test_report__hostile_strings_are_text_not_markup(tmp_path: Path) -> None:
+    report = synthetic_report()
+    report["rollouts"][0]["name"] = HOSTILE
+    report["rollouts"][0]["abort"]["reason"] = HOSTILE
+    report["terminals"]["by_model"][0]["model"] = HOSTILE
+    report["reconciliation"]["checks"][0].update(ok=False, violations=1, examples=[HOSTILE])
+    report["phases"] = []
+    report["scenario"]["phases"][0]["name"] = HOSTILE + "\x00\x1b"
+    report["screenshots"][0]["page"] = HOSTILE
+    root = page(report, tmp_path)  # parses: nothing broke out of its element
+    assert not [el for el in root.iter("script")]
+    text = text_of(root)
+    assert text.count(HOSTILE) >= 5
+    assert f"{HOSTILE}: devices per outcome" in charts(root)
+
+
+@pytest.mark.parametrize(
+    "missing", ["budget", "rollouts", "sync", "cloud", "terminals", "profile", "screenshots",
+                "scenario"],
+)  # fmt: skip
+def test_report__a_missing_section_says_not_measured(tmp_path: Path, missing: str) -> None:
+    report = synthetic_report()
+    del report[missing]
+    root = page(report, tmp_path)
+    if missing != "scenario":
+        assert "not measured" in text_of(by_id(root, missing))
+    else:
+        assert "not measured" in text_of(by_id(root, "phases"))
+
+
+def test_report__empty_sections_and_an_empty_report_render(tmp_path: Path) -> None:
+    report = synthetic_report()
+    report.update(rollouts=[], cloud={"timeline": []}, screenshots=[], profile=[], sync={})
+    root = page(report, tmp_path / "a")
+    for anchor in ("rollouts", "cloud", "screenshots", "profile", "sync"):
+        assert "not measured" in text_of(by_id(root, anchor))
+    root = page({}, tmp_path / "b")
+    assert "NOT RECONCILED" in text_of(by_id(root, "verdict"))
+    assert not list(root.iter("svg"))
+
+
+def test_report__a_malformed_section_is_named_and_the_rest_renders(tmp_path: Path) -> None:
+    report = synthetic_report()
+    report["rollouts"][0]["samples"][3]["applied"] = "many"
+    root = page(report, tmp_path)
+    assert "rollouts[0].samples[3].applied: expected a number, got str" in text_of(
+        by_id(root, "rollouts")
+    )
+    verdict = by_id(root, "verdict")
+    assert "FAILED" in text_of(verdict) and "unreadable section, Rollouts" in text_of(verdict)
+    assert "cloud latency" in charts(root)
+
+
+def test_report__screenshots_are_relative_images_with_captions(tmp_path: Path) -> None:
+    report = synthetic_report()
+    report["screenshots"].append({"page": "evil", "path": "/etc/passwd", "load_ms": 1.0})
+    report["screenshots"].append({"page": "up", "path": "../x.png", "load_ms": 1.0})
+    (tmp_path / "screenshots").mkdir()
+    (tmp_path / "screenshots" / "fleet.png").write_bytes(b"\x89PNG")
+    section = by_id(page(report, tmp_path), "screenshots")
+    assert [img.get("src") for img in section.iter("img")] == ["screenshots/fleet.png"]
+    caption = text_of(next(section.iter("figcaption")))
+    assert caption == "fleet, loaded in 180 ms"
+    assert text_of(section).count("not a path relative to the report") == 2
+
+
+def test_cli__renders_beside_the_json_and_rejects_bad_input(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = tmp_path / "report.json"
+    src.write_text(json.dumps(synthetic_report()), encoding="utf-8")
+    assert fleetreport.main([str(src)]) == 0
+    assert (tmp_path / "report.html").is_file()
+    assert fleetreport.main([str(src), "-o", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "report.html").is_file()
+    capsys.readouterr()
+    src.write_text("{not json", encoding="utf-8")
+    assert fleetreport.main([str(src)]) == 2
+    assert "is not JSON" in capsys.readouterr().err
+    src.write_text("[1, 2]", encoding="utf-8")
+    assert fleetreport.main([str(src)]) == 2
+    assert "expected an object, got list" in capsys.readouterr().err
+
+
+def test_nice_ticks__cover_the_range_with_round_steps() -> None:
+    assert svgplot.nice_ticks(0, 11.1) == [0, 2.5, 5, 7.5, 10, 12.5]
+    assert svgplot.nice_ticks(100, 410) == [100, 200, 300, 400, 500]
+    # a flat line still gets an axis
+    assert svgplot.nice_ticks(0, 0) == [0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    ticks = svgplot.nice_ticks(0.0, 0.037)
+    assert ticks[0] == 0 and ticks[-1] >= 0.037 and len(ticks) <= 7
