@@ -12,6 +12,7 @@ accepted and what a refusal says do not change (``tests/unit/test_idle_imports.p
 from __future__ import annotations
 
 import functools
+import ipaddress
 import re
 import ssl
 import threading
@@ -27,23 +28,27 @@ if TYPE_CHECKING:
 DIGIT_RUNS = re.compile(r"\d{12,19}")
 
 #: URLs that httpx.URL keeps exactly as written: lower-case http(s), a lower-case name
-#: or IPv4-free host, a port other than the scheme's default without a leading zero, a
-#: path of unreserved characters. Anything else is parsed (and normalised) by httpx.
+#: or a valid IPv4 address, a port other than the scheme's default without a leading
+#: zero, a path of unreserved characters. Anything else is parsed (and normalised, or
+#: refused with its reason) by httpx.
 _PLAIN_URL = re.compile(
     r"(?P<scheme>https?)://(?P<host>[a-z0-9-][a-z0-9.-]*)(?::(?P<port>[1-9][0-9]{0,4}))?"
     r"(?:/[A-Za-z0-9._~/-]*)?"
 )
 _DEFAULT_PORTS = {"http": "80", "https": "443"}
-_ALL_DIGITS_AND_DOTS = re.compile(r"[0-9.]+")  # IPv4-shaped: httpx validates those
+_IPV4_SHAPED = re.compile(r"[0-9]+\.[0-9]+\.[0-9]+\.[0-9]+")  # httpx's IPv4_STYLE_HOSTNAME
 
 
 def _plain(value: object) -> bool:
     m = _PLAIN_URL.fullmatch(value) if isinstance(value, str) else None
-    return (
-        m is not None
-        and m["port"] != _DEFAULT_PORTS[m["scheme"]]
-        and not _ALL_DIGITS_AND_DOTS.fullmatch(m["host"])
-    )
+    if m is None or m["port"] == _DEFAULT_PORTS[m["scheme"]]:
+        return False
+    if _IPV4_SHAPED.fullmatch(m["host"]):
+        try:  # httpx refuses an IPv4-shaped host that is not an address
+            ipaddress.IPv4Address(m["host"])
+        except ValueError:
+            return False
+    return True
 
 
 def endpoint(kind: str, value: str) -> tuple[str, str]:
