@@ -144,6 +144,11 @@ def _kind(value: object) -> str:
     return "null" if value is None else type(value).__name__
 
 
+def _is_number(value: object) -> bool:
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    return ok and math.isfinite(value)  # type: ignore[arg-type]
+
+
 def _fmt(value: float | None, unit: str = "", decimals: int = 1) -> str:
     if value is None:
         return '<span class="nm">not measured</span>'
@@ -317,8 +322,8 @@ def _distribution(dist: _View | None, title: str, unit: str) -> str:
     bins = []
     for i, b in enumerate(dist.raw_list("histogram")):
         ok = isinstance(b, list) and len(b) == 3
-        if not ok or not all(isinstance(x, int | float) and not isinstance(x, bool) for x in b):
-            raise ReportError(f"{dist.path}.histogram[{i}]: expected [lo, hi, count]")
+        if not ok or not all(_is_number(x) for x in b):
+            raise ReportError(f"{dist.path}.histogram[{i}]: expected [lo, hi, count] numbers")
         bins.append((float(b[0]), float(b[1]), float(b[2])))
     marks = [(k, dist.num(k)) for k in ("p50", "p90", "p99")]
     markers = [Marker(v, k, "#c0392b") for k, v in marks if v is not None]
@@ -502,7 +507,11 @@ def _reconciliation_verdict(report: _View) -> tuple[bool | None, str, list[str]]
 
 
 def _header(report: _View, page: _Page) -> str:
-    scenario = report.obj("scenario") or _View({}, "scenario")
+    try:
+        scenario = report.obj("scenario") or _View({}, "scenario")
+    except ReportError as exc:
+        page.unreadable.append(f"scenario: {exc}")
+        scenario = _View({}, "scenario")
     try:
         passed, headline, violations = _reconciliation_verdict(report)
     except ReportError as exc:

@@ -322,6 +322,41 @@ def test_report__a_malformed_section_is_named_and_the_rest_renders(tmp_path: Pat
     assert "cloud latency" in charts(root)
 
 
+@pytest.mark.parametrize("bad", ["oops", 42, [1]])
+@pytest.mark.parametrize(
+    "key", ["scenario", "budget", "rollouts", "sync", "cloud", "terminals", "reconciliation",
+            "profile", "screenshots"],
+)  # fmt: skip
+def test_report__a_section_of_the_wrong_shape_is_named_and_not_a_pass(
+    tmp_path: Path, key: str, bad: object
+) -> None:
+    report = synthetic_report()
+    report[key] = bad
+    root = page(report, tmp_path)
+    verdict = by_id(root, "verdict")
+    assert "PASSED" not in text_of(verdict)
+    problems = [text_of(li) for li in verdict.iter("li") if li.get("class") == "problem"]
+    assert any(p.startswith("unreadable section") for p in problems), problems
+    assert len(root.findall(".//section")) == len(fleetreport.SECTIONS)
+
+
+@pytest.mark.parametrize("key", ["scenario", "sync", "cloud", "terminals", "budget"])
+def test_report__unknown_fields_are_ignored(tmp_path: Path, key: str) -> None:
+    report = synthetic_report()
+    report[key]["added_later"] = {"x": [1, 2]}
+    report["also_new"] = 1
+    assert "PASSED" in text_of(by_id(page(report, tmp_path), "verdict"))
+
+
+def test_report__a_nan_in_a_histogram_is_named(tmp_path: Path) -> None:
+    report = synthetic_report()
+    report["sync"]["outbox_age_s"] = {"p50": 1, "histogram": [[0, 1, float("inf")]]}
+    root = page(report, tmp_path)
+    assert "sync.outbox_age_s.histogram[0]: expected [lo, hi, count] numbers" in text_of(
+        by_id(root, "sync")
+    )
+
+
 def test_report__screenshots_are_relative_images_with_captions(tmp_path: Path) -> None:
     report = synthetic_report()
     report["screenshots"].append({"page": "evil", "path": "/etc/passwd", "load_ms": 1.0})
