@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
-import ssl
 import threading
 from types import TracebackType
 from typing import TYPE_CHECKING, Self
@@ -22,6 +21,8 @@ from typing import TYPE_CHECKING, Self
 from edge.errors import ConfigError
 
 if TYPE_CHECKING:
+    import ssl  # ssl (and libssl) come with the first https call, through httpx
+
     import httpx
 
 #: A run of digits as long as a PAN: never let one into a message or a log line.
