@@ -13,8 +13,8 @@ Self-contained: inline SVG drawn by ``hwsim.svgplot``, a little inline CSS, no s
 network; screenshots are ``<img>`` of PNG paths relative to the page. Every string taken
 from the JSON is escaped (device names and reasons are data). Any section may be missing
 or empty and renders as "not measured"; a section of the wrong shape renders as
-"unreadable" with the JSON path that was wrong, and is named in the verdict, so one bad
-field never hides the rest of the run.
+"unreadable" with the JSON path that was wrong (``hwsim.reportview`` reads the JSON), and
+is named in the verdict, so one bad field never hides the rest of the run.
 
     render(report, out_dir) -> out_dir/report.html
     python -m hwsim.fleetreport report.json [-o DIR]   (DIR defaults to report.json's)
@@ -24,16 +24,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from hwsim import svgplot
+from hwsim.reportview import ReportError, View, is_number
 from hwsim.svgplot import Marker, Series, Threshold, esc, fmt_number
-
-from edge.errors import ConfigError
 
 __all__ = ["ReportError", "main", "render"]
 
@@ -77,78 +75,6 @@ figure{margin:8px 0}figure img{max-width:600px;border:1px solid #ccc}
 """
 
 
-class ReportError(ConfigError):
-    """``report.json`` is not what ``hwsim.fleetsim`` writes: names the JSON path."""
-
-    code = "report_invalid"
-
-
-class _View:
-    """A JSON object read by key, each value checked for its type, errors naming the
-    path (``rollouts[1].samples[3].t_s``). A missing key (or null) reads as None."""
-
-    def __init__(self, value: object, path: str) -> None:
-        if not isinstance(value, dict):
-            raise ReportError(f"{path}: expected an object, got {_kind(value)}")
-        self.data: dict[str, Any] = value
-        self.path = path
-
-    def _at(self, key: str) -> str:
-        return f"{self.path}.{key}" if self.path else key
-
-    def num(self, key: str) -> float | None:
-        value = self.data.get(key)
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ReportError(f"{self._at(key)}: expected a number, got {_kind(value)}")
-        if not math.isfinite(value):
-            raise ReportError(f"{self._at(key)}: expected a finite number, got {value!r}")
-        return float(value)
-
-    def text(self, key: str) -> str | None:
-        value = self.data.get(key)
-        return None if value is None else str(value)
-
-    def flag(self, key: str) -> bool | None:
-        value = self.data.get(key)
-        if value is None or isinstance(value, bool):
-            return value
-        raise ReportError(f"{self._at(key)}: expected true or false, got {_kind(value)}")
-
-    def obj(self, key: str) -> _View | None:
-        value = self.data.get(key)
-        return None if value is None else _View(value, self._at(key))
-
-    def items(self, key: str) -> list[_View]:
-        """A list of objects (empty when missing)."""
-        return [_View(v, f"{self._at(key)}[{i}]") for i, v in enumerate(self.raw_list(key))]
-
-    def raw_list(self, key: str) -> list[Any]:
-        value = self.data.get(key)
-        if value is None:
-            return []
-        if not isinstance(value, list):
-            raise ReportError(f"{self._at(key)}: expected a list, got {_kind(value)}")
-        return value
-
-    def numbers(self, key: str) -> dict[str, float]:
-        """An object of name -> number (per-process figures)."""
-        view = self.obj(key)
-        if view is None:
-            return {}
-        return {k: v for k in view.data if (v := view.num(k)) is not None}
-
-
-def _kind(value: object) -> str:
-    return "null" if value is None else type(value).__name__
-
-
-def _is_number(value: object) -> bool:
-    ok = isinstance(value, int | float) and not isinstance(value, bool)
-    return ok and math.isfinite(value)  # type: ignore[arg-type]
-
-
 def _fmt(value: float | None, unit: str = "", decimals: int = 1) -> str:
     if value is None:
         return '<span class="nm">not measured</span>'
@@ -185,11 +111,11 @@ def _chart(svg: str | None, what: str) -> str:
 # -- sections ---------------------------------------------------------------------------
 
 
-def _budget(report: _View, page: _Page) -> str:
+def _budget(report: View, page: _Page) -> str:
     budget = report.obj("budget")
     if budget is None or not budget.data:
         return NOT_MEASURED
-    terminals = (report.obj("scenario") or _View({}, "scenario")).num("terminals")
+    terminals = (report.obj("scenario") or View({}, "scenario")).num("terminals")
     sim_rss, cloud_rss = budget.num("sim_peak_rss_mib"), budget.numbers("cloud_peak_rss_mib")
     wall = budget.num("wall_s")
     total_rss = None if sim_rss is None else sim_rss + sum(cloud_rss.values())
@@ -225,7 +151,7 @@ def _budget(report: _View, page: _Page) -> str:
     )
 
 
-def _phases(report: _View) -> str:
+def _phases(report: View) -> str:
     scenario = report.obj("scenario")
     phases = [] if scenario is None else scenario.items("phases")
     spans = []
@@ -237,7 +163,7 @@ def _phases(report: _View) -> str:
     return _chart(svgplot.timeline(spans, title="phases", x_label="s since start"), "phases")
 
 
-def _rollout(ro: _View, page: _Page) -> str:
+def _rollout(ro: View, page: _Page) -> str:
     name = ro.text("name") or ro.text("id") or "rollout"
     status, expected = ro.text("status"), ro.text("expected")
     if status is not None and expected is not None and status != expected:
@@ -245,13 +171,7 @@ def _rollout(ro: _View, page: _Page) -> str:
     threshold = ro.num("failure_percent")
     abort = ro.obj("abort")
     abort_at = None if abort is None else abort.num("at_s")
-    samples = ro.items("samples")
-    times = []
-    for s in samples:
-        t = s.num("t_s")
-        if t is None:
-            raise ReportError(f"{s.path}.t_s: missing")
-        times.append(t)
+    samples, times = _by_time(ro.items("samples"))
     series = [Series("targeted", _line(samples, times, "targeted"), "#bbbbbb", True, True)]
     for key, color in FUNNEL:
         if key != "restored" or abort is not None or any(s.num(key) for s in samples):
@@ -297,11 +217,23 @@ def _rollout(ro: _View, page: _Page) -> str:
     )
 
 
-def _line(samples: Sequence[_View], times: Sequence[float], key: str) -> list[tuple[float, float]]:
+def _by_time(samples: Sequence[View]) -> tuple[list[View], list[float]]:
+    """``samples`` in time order, and their ``t_s``: each must have one."""
+    timed = []
+    for s in samples:
+        t = s.num("t_s")
+        if t is None:
+            raise ReportError(f"{s.path}.t_s: missing")
+        timed.append((t, s))
+    timed.sort(key=lambda ts: ts[0])
+    return [s for _, s in timed], [t for t, _ in timed]
+
+
+def _line(samples: Sequence[View], times: Sequence[float], key: str) -> list[tuple[float, float]]:
     return [(t, v) for t, s in zip(times, samples, strict=True) if (v := s.num(key)) is not None]
 
 
-def _wave_markers(samples: Sequence[_View], times: Sequence[float]) -> list[Marker]:
+def _wave_markers(samples: Sequence[View], times: Sequence[float]) -> list[Marker]:
     markers, last = [], None
     for t, s in zip(times, samples, strict=True):
         wave = s.num("wave")
@@ -311,18 +243,24 @@ def _wave_markers(samples: Sequence[_View], times: Sequence[float]) -> list[Mark
     return markers
 
 
-def _rollouts(report: _View, page: _Page) -> str:
-    rollouts = report.items("rollouts")
-    return "".join(_rollout(r, page) for r in rollouts) if rollouts else NOT_MEASURED
+def _rollouts(report: View, page: _Page) -> str:
+    out = []
+    for ro in report.items("rollouts"):
+        try:  # one rollout of the wrong shape does not hide the others
+            out.append(_rollout(ro, page))
+        except ReportError as exc:
+            page.unreadable.append(f"Rollouts: {exc}")
+            out.append(f'<p class="err">unreadable: {esc(exc)}</p>')
+    return "".join(out) or NOT_MEASURED
 
 
-def _distribution(dist: _View | None, title: str, unit: str) -> str:
+def _distribution(dist: View | None, title: str, unit: str) -> str:
     if dist is None or not dist.data:
         return f'<div><p class="nm">{esc(title)}: not measured</p></div>'
     bins = []
     for i, b in enumerate(dist.raw_list("histogram")):
         ok = isinstance(b, list) and len(b) == 3
-        if not ok or not all(_is_number(x) for x in b):
+        if not ok or not all(is_number(x) for x in b):
             raise ReportError(f"{dist.path}.histogram[{i}]: expected [lo, hi, count] numbers")
         bins.append((float(b[0]), float(b[1]), float(b[2])))
     marks = [(k, dist.num(k)) for k in ("p50", "p90", "p99")]
@@ -332,7 +270,7 @@ def _distribution(dist: _View | None, title: str, unit: str) -> str:
     return f"<div>{_chart(svg, title)}<p>{figures}</p></div>"
 
 
-def _sync(report: _View) -> str:
+def _sync(report: View) -> str:
     sync = report.obj("sync")
     if sync is None or not sync.data:
         return NOT_MEASURED
@@ -344,17 +282,12 @@ def _sync(report: _View) -> str:
     return f'<div class="charts">{"".join(parts)}</div>'
 
 
-def _cloud(report: _View) -> str:
+def _cloud(report: View) -> str:
     cloud = report.obj("cloud")
     timeline = [] if cloud is None else cloud.items("timeline")
     if not timeline:
         return NOT_MEASURED
-    times = []
-    for s in timeline:
-        t = s.num("t_s")
-        if t is None:
-            raise ReportError(f"{s.path}.t_s: missing")
-        times.append(t)
+    timeline, times = _by_time(timeline)
     markers = [Marker(t, name) for name, t in _phase_starts(report)]
     rate = svgplot.line_chart(
         [Series("requests/s", _line(timeline, times, "requests_per_s"))],
@@ -378,7 +311,7 @@ def _cloud(report: _View) -> str:
     return f'<div class="charts">{"".join(parts)}</div><p>{esc(note)}</p>'
 
 
-def _phase_starts(report: _View) -> list[tuple[str, float]]:
+def _phase_starts(report: View) -> list[tuple[str, float]]:
     scenario = report.obj("scenario")
     out = []
     for p in [] if scenario is None else scenario.items("phases")[1:]:
@@ -388,7 +321,7 @@ def _phase_starts(report: _View) -> list[tuple[str, float]]:
     return out
 
 
-def _terminals(report: _View) -> str:
+def _terminals(report: View) -> str:
     terms = report.obj("terminals")
     if terms is None or not terms.data:
         return NOT_MEASURED
@@ -407,7 +340,7 @@ def _terminals(report: _View) -> str:
     return f"{charts}<table>{table}</table>"
 
 
-def _reconciliation_table(recon: _View | None) -> str:
+def _reconciliation_table(recon: View | None) -> str:
     checks = [] if recon is None else recon.items("checks")
     if not checks:
         return NOT_MEASURED
@@ -429,14 +362,14 @@ def _reconciliation_table(recon: _View | None) -> str:
     )
 
 
-def _check_ok(check: _View) -> bool | None:
+def _check_ok(check: View) -> bool | None:
     ok, violations = check.flag("ok"), check.num("violations")
     if violations:
         return False
     return ok
 
 
-def _profile(report: _View) -> str:
+def _profile(report: View) -> str:
     rows = [(p.text("where") or "?", p.num("cpu_s") or 0.0) for p in report.items("profile")]
     if not rows:
         return NOT_MEASURED
@@ -451,7 +384,7 @@ def _profile(report: _View) -> str:
     return f"<table><tr><th>where</th><th>CPU</th><th>share</th><th></th></tr>{body}</table>"
 
 
-def _screenshots(report: _View, out_dir: Path) -> str:
+def _screenshots(report: View, out_dir: Path) -> str:
     shots = report.items("screenshots")
     if not shots:
         return NOT_MEASURED
@@ -477,7 +410,7 @@ def _screenshots(report: _View, out_dir: Path) -> str:
 # -- the verdict and the page -----------------------------------------------------------
 
 
-def _reconciliation_verdict(report: _View) -> tuple[bool | None, str, list[str]]:
+def _reconciliation_verdict(report: View) -> tuple[bool | None, str, list[str]]:
     """(passed, the headline, each violation): ``None`` when nothing was reconciled."""
     recon = report.obj("reconciliation")
     checks = [] if recon is None else recon.items("checks")
@@ -506,12 +439,12 @@ def _reconciliation_verdict(report: _View) -> tuple[bool | None, str, list[str]]
     )
 
 
-def _header(report: _View, page: _Page) -> str:
+def _header(report: View, page: _Page) -> str:
     try:
-        scenario = report.obj("scenario") or _View({}, "scenario")
+        scenario = report.obj("scenario") or View({}, "scenario")
     except ReportError as exc:
         page.unreadable.append(f"scenario: {exc}")
-        scenario = _View({}, "scenario")
+        scenario = View({}, "scenario")
     try:
         passed, headline, violations = _reconciliation_verdict(report)
     except ReportError as exc:
@@ -563,7 +496,7 @@ SECTIONS = (
 def render_html(report: object, out_dir: Path) -> str:
     """The page for ``report`` (the parsed report.json) as text; ``out_dir`` is where it
     will live (screenshot paths are checked against it)."""
-    root = _View(report, "")
+    root = View(report, "")
     page = _Page()
     bodies: dict[str, Callable[[], str]] = {
         "budget": lambda: _budget(root, page),

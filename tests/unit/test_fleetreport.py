@@ -225,6 +225,15 @@ def test_report__threshold_line_sits_at_the_abort_percent_on_the_axis(tmp_path: 
     assert y_of(svg, 11.1) < float(line.get("y1", ""))
 
 
+def test_report__samples_out_of_order_are_drawn_in_time_order(tmp_path: Path) -> None:
+    report = synthetic_report()
+    report["cloud"]["timeline"].reverse()
+    svg = charts(page(report, tmp_path))["cloud request rate"]
+    (line,) = svg.iter("polyline")
+    xs = [float(p.split(",")[0]) for p in line.get("points", "").split()]
+    assert xs == sorted(xs)
+
+
 def test_report__abort_and_waves_are_marked_on_the_funnel(tmp_path: Path) -> None:
     svg = charts(page(synthetic_report(), tmp_path))["bad-config: devices per outcome"]
     marks = {text_of(g): g.get("data-value") for g in svg.iter("g") if g.get("class") == "marker"}
@@ -320,6 +329,7 @@ def test_report__a_malformed_section_is_named_and_the_rest_renders(tmp_path: Pat
     verdict = by_id(root, "verdict")
     assert "FAILED" in text_of(verdict) and "unreadable section, Rollouts" in text_of(verdict)
     assert "cloud latency" in charts(root)
+    assert "good-config: devices per outcome" in charts(root)  # the other rollout still drawn
 
 
 @pytest.mark.parametrize("bad", ["oops", 42, [1]])
