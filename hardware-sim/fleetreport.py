@@ -50,7 +50,12 @@ FUNNEL = (
     ("restored", "#E69F00"),
 )
 #: Outcomes drawn only when some sample has one (dashed: they are rarer, secondary).
-FUNNEL_RARE = (("refused", "#CC79A7"), ("timed_out", "#000000"))
+FUNNEL_RARE = (
+    ("refused", "#CC79A7"),
+    ("timed_out", "#000000"),
+    ("cancelled", "#888888"),
+    ("to_restore", "#E69F00"),
+)
 #: Separates facts on one line (a middle dot).
 DOT = " \u00b7 "
 NOT_MEASURED = '<p class="nm">not measured</p>'
@@ -234,12 +239,18 @@ def _line(samples: Sequence[View], times: Sequence[float], key: str) -> list[tup
 
 
 def _wave_markers(samples: Sequence[View], times: Sequence[float]) -> list[Marker]:
-    markers, last = [], None
+    """A marker where each wave is first seen, and where the rollout's status changes
+    (the first sample seen aborted or rolling back, even if ``abort.at_s`` is later)."""
+    markers: list[Marker] = []
+    wave_seen, status_seen = None, samples[0].text("status") if samples else None
     for t, s in zip(times, samples, strict=True):
-        wave = s.num("wave")
-        if wave is not None and wave != last:
+        wave, status = s.num("wave"), s.text("status")
+        if wave is not None and wave != wave_seen:
             markers.append(Marker(t, f"wave {wave:g}"))
-            last = wave
+            wave_seen = wave
+        if status is not None and status != status_seen:
+            markers.append(Marker(t, status, "#7f3c8d"))
+            status_seen = status
     return markers
 
 
@@ -266,7 +277,13 @@ def _distribution(dist: View | None, title: str, unit: str) -> str:
     marks = [(k, dist.num(k)) for k in ("p50", "p90", "p99")]
     markers = [Marker(v, k, "#c0392b") for k, v in marks if v is not None]
     svg = svgplot.histogram(bins, title=title, x_label=unit, markers=markers)
-    figures = DOT.join(f"{k} {_fmt(dist.num(k), unit, 2)}" for k in ("p50", "p90", "p99", "max"))
+    figures = DOT.join(
+        f"{k} {_fmt(dist.num(k), unit, 2)}"
+        for k in ("p50", "p90", "p99", "max", "mean")
+        if k != "mean" or dist.num(k) is not None
+    )
+    if (count := dist.num("count")) is not None:
+        figures = f"n = {esc(fmt_number(count))}{DOT}{figures}"
     return f"<div>{_chart(svg, title)}<p>{figures}</p></div>"
 
 

@@ -240,6 +240,31 @@ def test_report__abort_and_waves_are_marked_on_the_funnel(tmp_path: Path) -> Non
     assert marks == {"wave 0": "100", "wave 1": "150", "abort": "201.5"}
 
 
+def test_report__a_status_change_is_marked_and_rare_outcomes_drawn(tmp_path: Path) -> None:
+    report = synthetic_report()
+    samples = report["rollouts"][0]["samples"]
+    for s in samples:
+        s["status"] = "running" if s["t_s"] < 200 else "rolling_back"
+        s["to_restore"] = 0 if s["t_s"] < 200 else 180
+    samples[-1]["timed_out"] = 4
+    svg = charts(page(report, tmp_path))["bad-config: devices per outcome"]
+    marks = {text_of(g): g.get("data-value") for g in svg.iter("g") if g.get("class") == "marker"}
+    assert marks["rolling_back"] == "200"
+    drawn = series(svg)
+    assert drawn["timed_out"] == drawn["to_restore"] == len(samples)
+    assert "refused" not in drawn  # never happened: no line for it
+
+
+def test_report__an_empty_distribution_from_fleetstats_says_not_measured(tmp_path: Path) -> None:
+    report = synthetic_report()
+    empty = {"count": 0, "p50": None, "p90": None, "p99": None, "max": None, "histogram": []}
+    report["sync"]["lag_s"] = empty
+    root = page(report, tmp_path)
+    assert "sync lag" not in charts(root)
+    assert "sync lag: not measured" in text_of(by_id(root, "sync"))
+    assert "n = 0" in text_of(by_id(root, "sync"))
+
+
 def test_report__distributions_are_histograms_with_percentiles(tmp_path: Path) -> None:
     report = synthetic_report()
     found = charts(page(report, tmp_path))
