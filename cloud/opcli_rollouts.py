@@ -8,8 +8,10 @@ Commands::
     show ID                                      per wave: targeted, notified, applied,
                                                  healthy, failed, refused, timed out,
                                                  pending; threshold and current rate;
-                                                 why it aborted; the rollback's progress
-    devices ID [--wave N] [--status S]           each device's status and timestamps
+                                                 why it aborted; the rollback's progress;
+                                                 a release's bytes sent (total, mean, max)
+    devices ID [--wave N] [--status S]           each device's status and timestamps (a
+                                                 release: the bytes it downloaded)
     pause|resume|approve|abort|retry-failed ID [--reason WHY]
     watch ID [--interval S]                      show again every 2 s until it ends
                                                  (exit 0 succeeded, 1 rolled back/failed)
@@ -291,6 +293,26 @@ def _rollback(rb: dict[str, Any] | None) -> str | None:
     )
 
 
+def _size(n: Any) -> str:
+    return "-" if n is None else f"{int(n) / 1e6:.1f} MB ({int(n):,} bytes)"
+
+
+def _downloads(d: dict[str, Any] | None) -> str | None:
+    """A release rollout's bytes sent, as the devices reported downloading them."""
+    if not d:
+        return None
+    text = (
+        f"bytes sent: {_cell(d.get('devices'))} device(s) reported, {_size(d.get('total'))} "
+        f"in all, mean {_size(d.get('mean'))}, max {_size(d.get('max'))}"
+    )
+    if d.get("restore_devices"):
+        text += (
+            f"; restores: {_cell(d.get('restore_devices'))} device(s), "
+            f"{_size(d.get('restore_total'))}"
+        )
+    return text
+
+
 def wave_cols() -> list[Column]:
     return [
         _col("wave"), _col("size"), _col("targeted"), _col("notified"),
@@ -327,7 +349,12 @@ def render(view: dict[str, Any]) -> str:
         "",
         _table(waves, wave_cols(), "no waves planned yet (the run plans them)"),
     ]
-    for extra in (_abort(view.get("abort")), _rollback(view.get("rollback"))):
+    extras = (
+        _downloads(view.get("bytes_downloaded")),
+        _abort(view.get("abort")),
+        _rollback(view.get("rollback")),
+    )
+    for extra in extras:
         if extra:
             lines.append(extra)
     return "\n".join(lines)
@@ -367,7 +394,8 @@ def device_cols() -> list[Column]:
         _col("status"), _col("notified", "notified_at", time=True),
         _col("applied", "applied_at", time=True), _col("healthy", "healthy_at", time=True),
         _col("failed", "failed_at", time=True), _col("restore", "restore_status"),
-        _col("restored", "restored_at", time=True), _col("last error", "last_error"),
+        _col("restored", "restored_at", time=True), _col("bytes", "bytes_downloaded"),
+        _col("last error", "last_error"),
     ]  # fmt: skip
 
 

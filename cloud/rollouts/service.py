@@ -278,8 +278,10 @@ def view(conn: Conn, rollout_id: str, *, now: float) -> dict[str, Any]:
             "pending": unsettled,
         }  # fmt: skip
     document: dict[str, Any] = {"kind": row["kind"], "version": row["version"]}
+    downloads = None
     if row["kind"] == "release":
         document["release"] = row["release"]
+        downloads = _downloads(release_bytes(conn, rollout_id))
     return {
         "rollout_id": row["rollout_id"], "kind": row["kind"], "status": status,
         "created_at": row["created_at"], "created_by": row["created_by"],
@@ -292,7 +294,7 @@ def view(conn: Conn, rollout_id: str, *, now: float) -> dict[str, Any]:
                  "sampled": rate.sampled},
         "targeted": sum(w["targeted"] for w in waves),
         "waves": waves, "abort": row["abort"], "rollback": rollback,
-        "finalized": row["finalized"],
+        "finalized": row["finalized"], "bytes_downloaded": downloads,
         "controls": {"paused": bool(row["paused"]),
                      "approved_through": int(row["approved_through"]),
                      "abort_requested": bool(row["abort_requested"])},
@@ -303,6 +305,46 @@ _DEVICE_FIELDS = ("device_id", "store", "group", "wave", "status", "previous_ver
                   "command_id", "notified_at", "applied_at", "healthy_at", "failed_at",
                   "last_error", "restore_status", "restore_command_id", "restored_at",
                   "previous_release", "restore_version", "late")  # fmt: skip
+
+
+#: The largest byte count taken from a device's report (a bigint; more is not believed).
+_MAX_BYTES = 2**63 - 1
+
+
+def _byte_count(value: Any) -> int | None:
+    """A device's ``bytes_downloaded`` as it reported it: a non-negative integer, else
+    None (missing, or not a count: the payload is the device's, never trusted)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return None
+    return value if 0 <= value <= _MAX_BYTES else None
+
+
+def release_bytes(
+    conn: Conn, rollout_id: str, device_ids: Sequence[str] | None = None
+) -> dict[str, tuple[int | None, int | None]]:
+    """device id -> the bytes its ``release_result`` reported downloading, for the
+    rollout's command and for its restore (None: no result, or none yet), of the devices
+    named or (None) every device of the rollout."""
+    params = {"rollout_id": rollout_id, "devices": None if device_ids is None else list(device_ids)}
+    return {
+        str(device): (_byte_count(install), _byte_count(restore))
+        for device, install, restore in conn.execute(Q["release_bytes"], params)
+    }
+
+
+def _downloads(found: Mapping[str, tuple[int | None, int | None]]) -> dict[str, Any]:
+    """The rollout's bytes sent: over the devices that reported their install, the total,
+    mean and max, and the total of the restores after a rollback."""
+    sent = [install for install, _ in found.values() if install is not None]
+    restores = [restore for _, restore in found.values() if restore is not None]
+    return {
+        "devices": len(sent),
+        "total": sum(sent),
+        "mean": round(sum(sent) / len(sent)) if sent else None,
+        "max": max(sent) if sent else None,
+        "restore_devices": len(restores),
+        "restore_total": sum(restores),
+    }
 
 
 def _limit(limit: int, most: int = MAX_PAGE) -> int:
@@ -320,14 +362,22 @@ def devices(
     after: str | None = None,
     limit: int = 100,
 ) -> dict[str, Any]:
-    """A page of the rollout's devices by id (``next``: the cursor of the next page)."""
-    load(conn, rollout_id)
+    """A page of the rollout's devices by id (``next``: the cursor of the next page);
+    a release rollout's with the bytes each reported downloading (``release_bytes``)."""
+    row = load(conn, rollout_id)
     if status is not None and status not in DEVICE_STATUSES:
         raise BadRequest(f"unknown device status {status!r}", field="status")
     params = {"rollout_id": rollout_id, "wave": wave, "status": status, "after": after,
               "limit": _limit(limit)}  # fmt: skip
     items = [dict(zip(_DEVICE_FIELDS, r, strict=True))
              for r in conn.execute(Q["devices"], params)]  # fmt: skip
+    found = {}
+    if row["kind"] == "release" and items:
+        found = release_bytes(conn, rollout_id, [item["device_id"] for item in items])
+    for item in items:
+        item["bytes_downloaded"], item["restore_bytes_downloaded"] = found.get(
+            item["device_id"], (None, None)
+        )
     return {"items": items, "next": items[-1]["device_id"] if len(items) == limit else None}
 
 
@@ -474,6 +524,7 @@ __all__ = [
     "create",
     "devices",
     "load",
+    "release_bytes",
     "rollouts",
     "run_key",
     "view",

@@ -114,8 +114,8 @@ def test_schema__the_migrations_converge_with_schema_sql_and_rerun_is_a_no_op(
     finally:
         with psycopg.connect(pg_server, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{other}" WITH (FORCE)')
-    assert backend.migrate() == len(load_migrations()) == 4
-    assert backend.schema_versions() == {"sync": 4}
+    assert backend.migrate() == len(load_migrations()) == 5
+    assert backend.schema_versions() == {"sync": 5}
 
 
 def test_schema__sits_beside_the_engine_store_and_refuses_a_newer_version(sync_url):

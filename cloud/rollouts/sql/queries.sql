@@ -586,3 +586,20 @@ UPDATE rollout_devices rd SET late = true
 FROM rollouts r
 WHERE r.rollout_id = rd.rollout_id AND r.kind = %(kind)s AND r.version = %(version)s
   AND rd.device_id = ANY(%(device_ids)s::text[]);
+
+-- name: release_bytes
+-- The bytes each device of a release rollout reported downloading (its release_result:
+-- for the rollout's command and for its restore), of the devices named or (NULL) all.
+-- The values are the devices' own, as sent (checked by the caller).
+SELECT d.device_id,
+       (SELECT m.payload->'bytes_downloaded' FROM sync_messages m
+        WHERE m.device_id = d.device_id AND m.topic = 'release_result'
+          AND m.payload->>'command_id' = d.command_id
+        ORDER BY m.received_at DESC LIMIT 1),
+       (SELECT m.payload->'bytes_downloaded' FROM sync_messages m
+        WHERE m.device_id = d.device_id AND m.topic = 'release_result'
+          AND m.payload->>'command_id' = d.restore_command_id
+        ORDER BY m.received_at DESC LIMIT 1)
+FROM rollout_devices d
+WHERE d.rollout_id = %(rollout_id)s
+  AND (%(devices)s::text[] IS NULL OR d.device_id = ANY(%(devices)s::text[]));

@@ -70,6 +70,9 @@ CREATE TABLE sync_messages (
 -- a device's payments by when they arrived: a rollout's health check reads them (0004)
 CREATE INDEX sync_messages_payments ON sync_messages (device_id, received_at)
     WHERE topic = 'payment';
+-- a device's release results by the command they answer: a release rollout's bytes (0005)
+CREATE INDEX sync_messages_release_results ON sync_messages (device_id, (payload->>'command_id'))
+    WHERE topic = 'release_result';
 
 -- The devices' audit rows, every field the hash covers, verified before they land.
 CREATE TABLE device_audit (

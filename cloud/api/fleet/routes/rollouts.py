@@ -136,6 +136,15 @@ class ControlsOut(_Open):
     abort_requested: bool
 
 
+class DownloadsOut(_Open):
+    devices: int = Field(description="devices whose release_result reported their bytes")
+    total: int = Field(description="bytes they downloaded, together")
+    mean: int | None = Field(description="per device (null: none reported yet)")
+    max: int | None
+    restore_devices: int = Field(description="devices that reported a restore's bytes")
+    restore_total: int = Field(description="bytes the restores after a rollback downloaded")
+
+
 class RolloutOut(_Open):
     rollout_id: str
     kind: str
@@ -155,6 +164,9 @@ class RolloutOut(_Open):
     waves: list[WaveOut]
     abort: AbortOut | None
     rollback: RollbackOut | None
+    bytes_downloaded: DownloadsOut | None = Field(
+        None, description="(release) the bytes sent: what the devices reported downloading"
+    )
     controls: ControlsOut
 
 
@@ -188,6 +200,12 @@ class RolloutDeviceOut(_Open):
     restore_status: str
     restore_command_id: str | None
     restored_at: float | None
+    bytes_downloaded: int | None = Field(
+        None, description="(release) what its release_result reported downloading (delta)"
+    )
+    restore_bytes_downloaded: int | None = Field(
+        None, description="(release) what its restore's release_result reported downloading"
+    )
 
 
 # --- text the database cannot hold ---------------------------------------------------------
