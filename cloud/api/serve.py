@@ -62,17 +62,23 @@ def app_from_environment() -> FastAPI:
     settings = load_settings().model_copy(update={"database_url": url})
     backend = PostgresSyncBackend(url, migrate=False, pool_size=DEFAULT_POOL_SIZE)
     try:
-        return build_app(settings, backend, load_key(Path(key_file)))
+        return build_app(settings, backend, load_key(Path(key_file)), dashboard=True)
     except BaseException:
         backend.close()
         raise
 
 
 def build_app(
-    settings: CloudSettings, backend: PostgresSyncBackend, key: Ed25519PrivateKey
+    settings: CloudSettings,
+    backend: PostgresSyncBackend,
+    key: Ed25519PrivateKey,
+    *,
+    dashboard: bool = False,
 ) -> FastAPI:
     """The app on ``backend``: the sync routes and the Fleet API, sharing its pool (the
-    engine that starts workflow runs is made on first use, from ``settings``)."""
+    engine that starts workflow runs is made on first use, from ``settings``);
+    ``dashboard``: the operator dashboard under ``/ui`` too (``cloud.dashboard``; what
+    serve runs)."""
     clock = SystemClock()
     service = SyncService(backend, clock, key)
     fleet = FleetContext(settings, backend.pool, service, clock, key)
@@ -83,7 +89,12 @@ def build_app(
         finally:
             backend.close()
 
-    return create_app(service, close=close, fleet=fleet)
+    app = create_app(service, close=close, fleet=fleet)
+    if dashboard:
+        from cloud.dashboard import mount_dashboard
+
+        mount_dashboard(app)
+    return app
 
 
 #: The control plane's sets of tables migrated after the sync service's (their tables
@@ -192,7 +203,7 @@ def serve(
         # the engine's tables too: the API starts runs (rollouts) and reads them, maybe
         # before any worker has migrated them
         PostgresStore(database_url, pool_size=1).close()
-        app = build_app(settings, backend, key) if workers == 1 else None
+        app = build_app(settings, backend, key, dashboard=True) if workers == 1 else None
         sock = bind(host, port)
     except BaseException:
         backend.close()
