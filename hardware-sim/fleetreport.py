@@ -74,7 +74,8 @@ table{border-collapse:collapse;margin:6px 0}td,th{border:1px solid #ddd;padding:
 text-align:left;vertical-align:top}td.n{text-align:right;font-variant-numeric:tabular-nums}
 .ok{color:#1e8449;font-weight:bold}.bad{color:#c0392b;font-weight:bold}
 .nm{color:#888;font-style:italic}.err{color:#c0392b}.charts{display:flex;flex-wrap:wrap;
-gap:12px}.chart{border:1px solid #eee;background:#fff}code{font-size:12px}
+gap:12px}.charts>div{max-width:604px}.chart{border:1px solid #eee;background:#fff}
+code{font-size:12px}
 .share{background:#0072B2;height:10px;display:inline-block}nav a{margin-right:12px}
 figure{margin:8px 0}figure img{max-width:600px;border:1px solid #ccc}
 """

@@ -37,6 +37,8 @@ LEFT, RIGHT, TOP, BOTTOM = 62, 16, 46, 42
 TICKS = 5
 #: At most this many bin-edge labels under a histogram; more would overlap.
 EDGE_LABELS = 8
+#: Decimals a label may show (the simulator rounds its figures to milliseconds).
+MAX_DECIMALS = 3
 #: Marker labels: rows they may stack in, and about how wide a character is (10 px font).
 MARKER_ROWS, LABEL_EM = 3, 5.6
 #: Palette (colour-blind-safe, Okabe-Ito), in the order series are given colours.
@@ -120,10 +122,14 @@ def fmt_number(value: float, step: float | None = None) -> str:
     as ``step`` (the tick spacing) needs."""
     if step is None:
         step = 1.0 if value == int(value) else 0.1
-    decimals = 0 if step >= 1 else min(6, math.ceil(-math.log10(step) - 1e-9))
-    if step < 1 and step * 10**decimals != round(step * 10**decimals):
+    decimals = 0
+    while decimals < MAX_DECIMALS and not _whole(step * 10**decimals):
         decimals += 1
     return f"{value:,.{decimals}f}"
+
+
+def _whole(x: float) -> bool:
+    return abs(x - round(x)) <= 1e-9 * max(1.0, abs(x))
 
 
 def _svg_open(title: str, width: int, height: int) -> list[str]:
@@ -326,8 +332,9 @@ def histogram(
             f" to {esc(fmt_number(hi))}: {esc(fmt_number(count))}</title></rect>"
         )
     edges = [b[0] for b in bins] + [bins[-1][1]]
-    every = max(1, math.ceil(len(edges) / EDGE_LABELS))
-    for i in range(0, len(edges), every):
+    # the first and last edges always labelled, the others spread evenly between
+    shown = min(len(edges), EDGE_LABELS)
+    for i in sorted({round(k * (len(edges) - 1) / (shown - 1)) for k in range(shown)}):
         out.append(
             f'<text class="tick x" x="{xs(i):.2f}" y="{base + 16}" font-size="11"'
             f' text-anchor="middle">{esc(fmt_number(edges[i], _edge_step(edges)))}</text>'

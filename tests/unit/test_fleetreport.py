@@ -282,6 +282,17 @@ def test_report__distributions_are_histograms_with_percentiles(tmp_path: Path) -
         assert heights.index(max(heights)) == tallest
         labels = {text_of(g) for g in svg.iter("g") if g.get("class") == "marker"}
         assert labels == {"p50", "p90", "p99"}
+        edges = [text_of(t) for t in svg.iter("text") if t.get("class") == "tick x"]
+        assert edges[0] == svgplot.fmt_number(expected[0][0]), edges
+        assert edges[-1] == svgplot.fmt_number(expected[-1][1]), edges
+
+
+def test_histogram__labels_the_first_and_last_edge_of_many_bins() -> None:
+    bins = [(i * 1.5, (i + 1) * 1.5, i) for i in range(20)]
+    svg = ET.fromstring(svgplot.histogram(bins, title="t", x_label="s") or "")
+    labels = [text_of(t) for t in svg.iter("text") if t.get("class") == "tick x"]
+    assert labels[0] == "0.0" and labels[-1] == "30.0"  # 1.5-wide bins: one decimal
+    assert len(labels) == svgplot.EDGE_LABELS
 
 
 def test_report__cloud_rate_and_latency_over_time(tmp_path: Path) -> None:
@@ -421,6 +432,14 @@ def test_cli__renders_beside_the_json_and_rejects_bad_input(
     src.write_text("[1, 2]", encoding="utf-8")
     assert fleetreport.main([str(src)]) == 2
     assert "expected an object, got list" in capsys.readouterr().err
+
+
+def test_fmt_number__shows_the_decimals_the_step_needs() -> None:
+    assert svgplot.fmt_number(12500, 2500) == "12,500"
+    assert [svgplot.fmt_number(v, 2.5) for v in (0, 2.5, 5)] == ["0.0", "2.5", "5.0"]
+    assert svgplot.fmt_number(0.04, 0.02) == "0.04"
+    assert svgplot.fmt_number(11.1111) == "11.1"
+    assert svgplot.fmt_number(1 / 3, 1 / 3) == "0.333"  # capped
 
 
 def test_nice_ticks__cover_the_range_with_round_steps() -> None:
