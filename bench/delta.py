@@ -1,7 +1,7 @@
 """Full bundle vs delta update: the bytes a terminal running release A downloads to
 install B, against the whole bundle (the baseline).
 
-    python bench/delta.py [--bump idna==3.19] [--keep]
+    python bench/delta.py [--bump idna==3.19] [--pyc PKG,PKG...] [--keep]
 
 Everything is built from the last commit (``git worktree`` in a temporary directory;
 nothing in the working directory), the way ``make package`` builds (PYTHONHASHSEED=0,
@@ -17,14 +17,21 @@ SOURCE_DATE_EPOCH of the commit, ``release_tool.py normalise``) and bundled with
                with ``pip install --target`` ahead of the venv on PYTHONPATH), version V;
 * ``dep_new``  the commit as locked, version V.1: ``dep_old -> dep_new`` is the bump.
 
-The delta is what ``sync.device.releases`` downloads: the files of B's signed
-``SHA256SUMS`` whose SHA-256 the terminal on A does not hold, where it holds what
-``install.sh`` installed of A (the onedir tree and the update script beside it; the
-few KB of the bundle's own files, install.sh, the units, the default config and
-VERSION, count as downloaded: a terminal installed from media does not keep them).
-Files are served as they are (``GET /v1/files/{sha256}``), so the delta is counted
-uncompressed; its gzip'd size is given too. Prints one JSON object; ratios are
-``delta / full bundle gzip'd`` from the same run.
+The delta is what ``sync.device.releases`` downloads (its ``bytes_downloaded``): the
+files of B's signed ``SHA256SUMS`` whose SHA-256 the terminal on A does not hold, one
+download per distinct hash. A terminal that took A over the air holds all of A's
+files: the installed tree (the onedir tree, the update script beside it) and the
+bundle's own files its installer keeps (install.sh, the units, the default config,
+VERSION); one installed from media holds only the installed tree and downloads those
+few KB too (``first_update_extra_bytes``). The signed manifest (``manifest_bytes``:
+SHA256SUMS and its signature) comes on top. Files are served as they are (``GET
+/v1/files/{sha256}``), so the delta is counted uncompressed; its gzip'd size is given
+too. Prints one JSON object; ratios are ``delta / full bundle gzip'd`` of the same run.
+
+``--pyc`` is an experiment, not what ships: the worktree's spec is given
+``module_collection_mode={PKG: "pyc"}`` for the packages named, which PyInstaller then
+collects as ``.pyc`` files under ``_internal/`` instead of into the archive appended to
+the executable (which every change of any module in it replaces whole).
 """
 
 from __future__ import annotations
@@ -86,6 +93,17 @@ class Builds:
         generate_keypair(self.key, work / "release.pub")
         self.seconds: dict[str, float] = {}
 
+    def collect_as_pyc(self, packages: list[str]) -> None:
+        """The experiment of ``--pyc`` (module docstring), in the worktree's spec."""
+        spec = self.src / "packaging" / "tillflow-edge.spec"
+        text, marker = spec.read_text(), "    optimize=2,\n)"
+        if marker not in text:
+            raise SystemExit(f"{spec}: no `optimize=2,` closing Analysis(); cannot patch --pyc")
+        modes = ", ".join(f"{p!r}: 'pyc'" for p in packages)
+        spec.write_text(
+            text.replace(marker, f"    optimize=2,\n    module_collection_mode={{{modes}}},\n)")
+        )
+
     def close(self) -> None:
         subprocess.run(["git", "worktree", "remove", "--force", str(self.src)], cwd=ROOT,
                        capture_output=True, check=False)  # fmt: skip
@@ -118,6 +136,10 @@ class Builds:
             dist = folder / "dist" / "tillflow-edge"
             tool = str(self.src / "packaging" / "release_tool.py")
             run([sys.executable, tool, "normalise", "--dist", str(dist)], env=env, timeout=120)
+            # The build works: it starts and reads a config (pydantic, yaml, the models).
+            exe = str(dist / "tillflow-edge")
+            config = str(self.src / "edge" / "terminal" / "edge.example.yaml")
+            run([exe, "config", "check", config], env=clean_env(), timeout=60)
             self.seconds[name] = round(time.monotonic() - began, 1)
             run([sys.executable, tool, "bundle", "--key", str(self.key), "--version", version,
                  "--dist", str(dist), "--out", str(folder)], env=env, timeout=300)  # fmt: skip
@@ -132,6 +154,10 @@ class Builds:
         return folder / f"tillflow-edge-{version}"
 
 
+def clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHASHSEED")}
+
+
 def bundle_of(unpacked: Path) -> Path:
     return unpacked.parent / f"{unpacked.name}.tar.gz"
 
@@ -140,26 +166,34 @@ def listed(unpacked: Path) -> dict[str, str]:
     return parse_sums((unpacked / "SHA256SUMS").read_text())
 
 
-def delta(a: Path, b: Path) -> dict[str, Any]:
-    """What a terminal running ``a`` downloads to install ``b`` (module docstring)."""
-    held = {d for rel, d in listed(a).items() if rel.startswith(INSTALLED)}
-    wanted = listed(b)
-    fetched: dict[str, int] = {}  # digest -> size: one download per distinct file
+def fetched(held: set[str], b: Path) -> tuple[dict[str, int], list[dict[str, Any]]]:
+    """The files of ``b`` whose hash is not in ``held``: digest -> size (one download
+    per distinct file), and each file as listed."""
+    sizes: dict[str, int] = {}
     files = []
-    for rel, digest in sorted(wanted.items()):
+    for rel, digest in sorted(listed(b).items()):
         if digest in held:
             continue
         size = (b / rel).stat().st_size
-        files.append({"path": rel, "bytes": size, "new": digest not in fetched})
-        fetched.setdefault(digest, size)
-    total = sum(fetched.values())
+        files.append({"path": rel, "bytes": size, "new": digest not in sizes})
+        sizes.setdefault(digest, size)
+    return sizes, files
+
+
+def delta(a: Path, b: Path) -> dict[str, Any]:
+    """What a terminal running ``a`` downloads to install ``b`` (module docstring)."""
+    ota, files = fetched(set(listed(a).values()), b)
+    media, _ = fetched({d for rel, d in listed(a).items() if rel.startswith(INSTALLED)}, b)
+    total = sum(ota.values())
     payload = b"".join((b / f["path"]).read_bytes() for f in files if f["new"])
     full = bundle_of(b).stat().st_size
     return {
         "delta_bytes": total,
         "delta_gz_bytes": len(gzip.compress(payload, compresslevel=9, mtime=0)),
-        "files_downloaded": len(fetched),
-        "files_listed": len(wanted),
+        "manifest_bytes": sum((b / n).stat().st_size for n in ("SHA256SUMS", "SHA256SUMS.sig")),
+        "first_update_extra_bytes": sum(media.values()) - total,
+        "files_downloaded": len(ota),
+        "files_listed": len(listed(b)),
         "bundle_gz_bytes": full,
         "ratio_to_full_bundle": round(total / full, 4),
         "files": sorted(files, key=lambda f: -f["bytes"])[:8],
@@ -194,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--bump", default="idna==3.19",
                    help="a dependency one version back, for dep_old")  # fmt: skip
+    p.add_argument("--pyc", default="", help="experiment: packages collected as .pyc files")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = p.parse_args(argv)
     package, _, old_version = args.bump.partition("==")
@@ -202,7 +237,12 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="tf-delta-"))
     builds = Builds(work)
     result: dict[str, Any] = {"benchmark": "delta", "commit": builds.commit}
+    pyc = [name for name in args.pyc.split(",") if name]
+    if pyc:
+        result["experiment"] = {"collected_as_pyc": pyc}
     try:
+        if pyc:
+            builds.collect_as_pyc(pyc)
         v, nxt = builds.version, f"{builds.version}.1"
         a = builds.build("a", v)
         again = builds.build("a_again", v)
