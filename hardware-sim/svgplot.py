@@ -32,9 +32,11 @@ from dataclasses import dataclass
 #: Chart size in CSS pixels: two charts side by side in a 1280 px window.
 WIDTH, HEIGHT = 600, 260
 #: Plot margins: left holds y tick labels up to "100,000", top the title and the legend.
-LEFT, RIGHT, TOP, BOTTOM = 62, 16, 46, 42
+LEFT, RIGHT, TOP, BOTTOM = 62, 20, 46, 42
 #: About how many ticks an axis gets (nice_ticks picks 1/2/2.5/5 x 10^k steps).
 TICKS = 5
+#: ... and an x axis, which is wider than it is tall.
+X_TICKS = 7
 #: At most this many bin-edge labels under a histogram; more would overlap.
 EDGE_LABELS = 8
 #: Decimals a label may show (the simulator rounds its figures to milliseconds).
@@ -250,7 +252,7 @@ def line_chart(
         return None
     all_x = [x for s in drawn for x, _ in s.points] + [m.x for m in markers]
     all_y = [y for s in drawn for _, y in s.points] + [t.y for t in thresholds]
-    x_ticks = nice_ticks(min(all_x), max(all_x))
+    x_ticks = nice_ticks(min(all_x), max(all_x), X_TICKS)
     y_ticks = nice_ticks(0.0, max([*all_y, y_max or 0.0, 0.0]) or 1.0)
     xs = Scale(x_ticks[0], x_ticks[-1], LEFT, width - RIGHT)
     ys = Scale(y_ticks[0], y_ticks[-1], height - BOTTOM, TOP)
@@ -331,13 +333,12 @@ def histogram(
             f' height="{base - top:.2f}" fill="{color}"><title>{esc(fmt_number(lo))}'
             f" to {esc(fmt_number(hi))}: {esc(fmt_number(count))}</title></rect>"
         )
-    edges = [b[0] for b in bins] + [bins[-1][1]]
-    # the first and last edges always labelled, the others spread evenly between
-    shown = min(len(edges), EDGE_LABELS)
-    for i in sorted({round(k * (len(edges) - 1) / (shown - 1)) for k in range(shown)}):
+    for value, label in _bin_labels(bins):
+        x = _bin_position(value, bins=bins, xs=xs)
+        anchor = "end" if x > width - RIGHT - 12 else "middle"
         out.append(
-            f'<text class="tick x" x="{xs(i):.2f}" y="{base + 16}" font-size="11"'
-            f' text-anchor="middle">{esc(fmt_number(edges[i], _edge_step(edges)))}</text>'
+            f'<text class="tick x" x="{x:.2f}" y="{base + 16}" font-size="11"'
+            f' text-anchor="{anchor}">{esc(label)}</text>'
         )
     out.append(
         f'<text class="axis-label x" x="{(LEFT + width - RIGHT) / 2:.1f}" y="{height - 6}"'
@@ -350,9 +351,31 @@ def histogram(
     return "\n".join(out)
 
 
-def _edge_step(edges: Sequence[float]) -> float:
-    gaps = [b - a for a, b in itertools.pairwise(edges) if b > a]
-    return min(gaps) if gaps else 1.0
+def _bin_labels(bins: Sequence[tuple[float, float, float]]) -> list[tuple[float, str]]:
+    """Labels under a histogram: round ticks when the bins are uniform and contiguous
+    (the axis is then linear), else bin edges (log-spaced bins), the first and last
+    always, the others spread evenly, each to about three figures."""
+    lo, hi = bins[0][0], bins[-1][1]
+    widths = [b - a for a, b, _ in bins]
+    joined = all(
+        abs(b[0] - a[1]) <= 1e-9 * max(1.0, abs(b[0])) for a, b in itertools.pairwise(bins)
+    )
+    if joined and max(widths) - min(widths) <= 1e-6 * max(widths):
+        ticks = nice_ticks(lo, hi, X_TICKS)
+        step = ticks[1] - ticks[0]
+        inside = [t for t in ticks if lo - step * 1e-9 <= t <= hi + step * 1e-9]
+        return [(t, fmt_number(t, step)) for t in inside]
+    edges = [b[0] for b in bins] + [hi]
+    shown = min(len(edges), EDGE_LABELS)
+    picked = sorted({round(k * (len(edges) - 1) / max(shown - 1, 1)) for k in range(shown)})
+    return [(edges[i], _short(edges[i])) for i in picked]
+
+
+def _short(value: float) -> str:
+    """About three significant figures, no trailing zeros: 0.125, 2.5, 19.3, 1,250."""
+    decimals = 0 if abs(value) >= 100 else 1 if abs(value) >= 10 else 2 if abs(value) >= 1 else 3
+    text = f"{value:,.{decimals}f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
 
 
 def bar_chart(
@@ -405,7 +428,7 @@ def timeline(
         return None
     left = 150
     height = TOP - 20 + row * len(spans) + BOTTOM
-    x_ticks = nice_ticks(min(s for _, s, _ in spans), max(e for _, _, e in spans))
+    x_ticks = nice_ticks(min(s for _, s, _ in spans), max(e for _, _, e in spans), 2 * X_TICKS)
     xs = Scale(x_ticks[0], x_ticks[-1], left, width - RIGHT)
     out = _svg_open(title, width, height)
     for i, (name, start, end) in enumerate(spans):

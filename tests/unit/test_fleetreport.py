@@ -6,6 +6,7 @@ where the axis says it is, hostile strings shown as text, missing sections said 
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -287,11 +288,23 @@ def test_report__distributions_are_histograms_with_percentiles(tmp_path: Path) -
         assert edges[-1] == svgplot.fmt_number(expected[-1][1]), edges
 
 
-def test_histogram__labels_the_first_and_last_edge_of_many_bins() -> None:
-    bins = [(i * 1.5, (i + 1) * 1.5, i) for i in range(20)]
+def test_histogram__uniform_bins_get_round_ticks_across_the_range() -> None:
+    bins = [(15.2 + i * 1.5, 15.2 + (i + 1) * 1.5, i) for i in range(20)]  # 15.2 .. 45.2
     svg = ET.fromstring(svgplot.histogram(bins, title="t", x_label="s") or "")
     labels = [text_of(t) for t in svg.iter("text") if t.get("class") == "tick x"]
-    assert labels[0] == "0.0" and labels[-1] == "30.0"  # 1.5-wide bins: one decimal
+    assert labels == ["20", "25", "30", "35", "40", "45"]
+    # and 30 sits where it falls, 14.8/30 of the way along the plot
+    (x30,) = [float(t.get("x", "")) for t in svg.iter("text") if text_of(t) == "30"]
+    left, right = svgplot.LEFT, svgplot.WIDTH - svgplot.RIGHT
+    assert x30 == pytest.approx(left + (30 - 15.2) / 30 * (right - left), abs=0.01)
+
+
+def test_histogram__log_spaced_bins_get_their_edges_first_and_last_labelled() -> None:
+    edges = [0.001 * 2**i for i in range(16)]
+    bins = [(a, b, 1.0) for a, b in itertools.pairwise(edges)]
+    svg = ET.fromstring(svgplot.histogram(bins, title="t", x_label="s") or "")
+    labels = [text_of(t) for t in svg.iter("text") if t.get("class") == "tick x"]
+    assert labels[0] == "0.001" and labels[-1] == "32.8"  # 0.001 * 2**15 = 32.768
     assert len(labels) == svgplot.EDGE_LABELS
 
 
