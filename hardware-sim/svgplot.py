@@ -39,6 +39,8 @@ TICKS = 5
 X_TICKS = 7
 #: At most this many bin-edge labels under a histogram; more would overlap.
 EDGE_LABELS = 8
+#: Bins whose widths differ by at most this fraction of the widest are uniform.
+UNIFORM_SLACK = 0.01
 #: Decimals a label may show (the simulator rounds its figures to milliseconds).
 MAX_DECIMALS = 3
 #: Marker labels: rows they may stack in, and about how wide a character is (10 px font).
@@ -357,10 +359,9 @@ def _bin_labels(bins: Sequence[tuple[float, float, float]]) -> list[tuple[float,
     always, the others spread evenly, each to about three figures."""
     lo, hi = bins[0][0], bins[-1][1]
     widths = [b - a for a, b, _ in bins]
-    joined = all(
-        abs(b[0] - a[1]) <= 1e-9 * max(1.0, abs(b[0])) for a, b in itertools.pairwise(bins)
-    )
-    if joined and max(widths) - min(widths) <= 1e-6 * max(widths):
+    slack = UNIFORM_SLACK * max(widths)  # edges rounded to ms still count as uniform
+    joined = all(abs(b[0] - a[1]) <= slack for a, b in itertools.pairwise(bins))
+    if joined and max(widths) - min(widths) <= slack:
         ticks = nice_ticks(lo, hi, X_TICKS)
         step = ticks[1] - ticks[0]
         inside = [t for t in ticks if lo - step * 1e-9 <= t <= hi + step * 1e-9]

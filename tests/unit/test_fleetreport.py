@@ -299,6 +299,13 @@ def test_histogram__uniform_bins_get_round_ticks_across_the_range() -> None:
     assert x30 == pytest.approx(left + (30 - 15.2) / 30 * (right - left), abs=0.01)
 
 
+def test_histogram__bins_rounded_to_milliseconds_still_count_as_uniform() -> None:
+    bins = [(round(i * 0.9657, 3), round((i + 1) * 0.9657, 3), 1.0) for i in range(20)]
+    svg = ET.fromstring(svgplot.histogram(bins, title="t", x_label="s") or "")
+    labels = [text_of(t) for t in svg.iter("text") if t.get("class") == "tick x"]
+    assert labels == ["0", "5", "10", "15"]  # round ticks, not edges like 0.966
+
+
 def test_histogram__log_spaced_bins_get_their_edges_first_and_last_labelled() -> None:
     edges = [0.001 * 2**i for i in range(16)]
     bins = [(a, b, 1.0) for a, b in itertools.pairwise(edges)]
