@@ -17,7 +17,6 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +169,10 @@ def _parser() -> argparse.ArgumentParser:
 def _add_plugin_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     """Mount the ``tillflow.commands`` entry points; one whose extra is not installed
     (its import fails) is left out, and ``tillflow`` works without it."""
+    # Here, not at import: importlib.metadata (with email, zipfile, csv) is ~4 MB that
+    # tillflow-edge, which imports this module for its parser, never needs.
+    from importlib.metadata import entry_points
+
     for ep in entry_points(group=COMMANDS_GROUP):
         if ep.name in _COMMANDS or ep.name in sub.choices:
             continue
