@@ -206,21 +206,26 @@ def _markers(
     bottom: float,
     label_y: float,
     row_dy: float,
+    right: float,
 ) -> list[str]:
     """Vertical lines at each marker's ``place(x)``, labelled at ``label_y``; a label
     that would overlap the previous one on its row moves to the next row (``row_dy``
-    further), so close markers (p50/p90, two phases) stay readable."""
+    further), so close markers (p50/p90, two phases) stay readable; one that would run
+    past ``right`` is set to the left of its line."""
     out, row_ends = [], [-math.inf] * MARKER_ROWS
     for m in sorted(markers, key=lambda m: m.x):
         x = place(m.x)
         row = next((r for r, end in enumerate(row_ends) if x > end), len(row_ends) - 1)
-        row_ends[row] = x + 8 + LABEL_EM * len(m.label)
+        label_w = LABEL_EM * len(m.label)
+        row_ends[row] = x + 8 + label_w
+        flip = x + 3 + label_w > right
+        text_x, anchor = (x - 3, "end") if flip else (x + 3, "start")
         dash = ' stroke-dasharray="3 3"' if m.dashed else ""
         out.append(
             f'<g class="marker" data-value="{m.x:g}"><line x1="{x:.2f}" y1="{top}" x2="{x:.2f}"'
             f' y2="{bottom}" stroke="{m.color}" stroke-width="1.5"{dash}/>'
-            f'<text x="{x + 3:.2f}" y="{label_y + row * row_dy:.1f}" font-size="10"'
-            f' fill="{m.color}">{esc(m.label)}</text></g>'
+            f'<text x="{text_x:.2f}" y="{label_y + row * row_dy:.1f}" font-size="10"'
+            f' text-anchor="{anchor}" fill="{m.color}">{esc(m.label)}</text></g>'
         )
     return out
 
@@ -287,7 +292,7 @@ def line_chart(
             f'<text class="threshold-label" x="{width - RIGHT - 2}" y="{y - 4:.2f}"'
             f' font-size="10" text-anchor="end" fill="{t.color}">{esc(t.label)}</text>'
         )
-    out += _markers(markers, xs, TOP, height - BOTTOM, TOP + 10, 12)
+    out += _markers(markers, xs, TOP, height - BOTTOM, TOP + 10, 12, width)
     out.append("</svg>")
     return "\n".join(out)
 
@@ -348,7 +353,7 @@ def histogram(
     )
     # labels above the bars (a histogram has no legend row), rising when they crowd
     place = functools.partial(_bin_position, bins=bins, xs=xs)
-    out += _markers(markers, place, TOP - 8, base, TOP - 6, -11)
+    out += _markers(markers, place, TOP - 8, base, TOP - 6, -11, width)
     out.append("</svg>")
     return "\n".join(out)
 
@@ -459,6 +464,6 @@ def timeline(
         f'<text class="axis-label x" x="{(left + width - RIGHT) / 2:.1f}" y="{height - 6}"'
         f' font-size="11" text-anchor="middle">{esc(x_label)}</text>'
     )
-    out += _markers(markers, xs, TOP - 20, base, TOP - 10, 12)
+    out += _markers(markers, xs, TOP - 20, base, TOP - 10, 12, width)
     out.append("</svg>")
     return "\n".join(out)

@@ -306,6 +306,14 @@ def test_histogram__bins_rounded_to_milliseconds_still_count_as_uniform() -> Non
     assert labels == ["0", "5", "10", "15"]  # round ticks, not edges like 0.966
 
 
+def test_histogram__a_marker_at_the_right_edge_keeps_its_label_inside() -> None:
+    bins = [(float(i), i + 1.0, 1.0) for i in range(10)]
+    markers = [svgplot.Marker(0.5, "p50"), svgplot.Marker(10.0, "p99")]
+    svg = ET.fromstring(svgplot.histogram(bins, title="t", x_label="s", markers=markers) or "")
+    anchors = {text_of(t): t.get("text-anchor") for t in svg.iter("text") if text_of(t) in "p50p99"}
+    assert anchors == {"p50": "start", "p99": "end"}
+
+
 def test_histogram__log_spaced_bins_get_their_edges_first_and_last_labelled() -> None:
     edges = [0.001 * 2**i for i in range(16)]
     bins = [(a, b, 1.0) for a, b in itertools.pairwise(edges)]
