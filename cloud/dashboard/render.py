@@ -14,7 +14,6 @@ from typing import Any
 import jinja2
 from fastapi import Request
 from fastapi.responses import HTMLResponse
-from markupsafe import Markup
 
 from cloud.dashboard.session import DashboardError, Session
 
@@ -70,7 +69,8 @@ def make_env(now: Any) -> jinja2.Environment:
         delta = now() - ts
         return "just now" if -5 < delta < 5 else f"{duration(delta)} ago"
 
-    env.filters.update(when=when, ago=ago, duration=duration, svg=Markup)
+    # svg: markup the server drew itself (cloud.dashboard.svg escapes every text in it)
+    env.filters.update(when=when, ago=ago, duration=duration, svg=env.filters["safe"])
     return env
 
 

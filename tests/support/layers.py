@@ -36,8 +36,9 @@ PACKAGES: list[tuple[str, str, set[str], set[str]]] = [
         | {"psycopg", "psycopg_pool", "celery", "kombu", "fastapi", "starlette", "uvicorn"}
         | {"prometheus_client", "jinja2"},
     ),
-    # The simulators reach the cloud only through its processes, API and CLI.
-    ("hardware-sim", "hwsim", {"hwsim", "edge", "sync"}, EDGE_THIRD_PARTY),
+    # The simulators reach the cloud only through its processes, API and CLI (and its
+    # dashboard through a browser: hwsim.screenshots drives Chromium with playwright).
+    ("hardware-sim", "hwsim", {"hwsim", "edge", "sync"}, EDGE_THIRD_PARTY | {"playwright"}),
 ]
 
 #: Modules of ``edge`` that must not import others of ``edge`` (module prefix -> banned).
