@@ -42,4 +42,11 @@ EXCLUDES += [
     "_multibytecodec", "_codecs_cn", "_codecs_hk", "_codecs_iso2022", "_codecs_jp",
     "_codecs_kr", "_codecs_tw",
 ] + [f"encodings.{c}" for c in CJK_CODECS]
+# _hashlib: OpenSSL's hashes. hashlib and hmac import it at their own import and fall
+# back to CPython's built-in _sha256, _sha512, _md5, _blake2, _sha3 without it; loading
+# it maps libcrypto (3.4 MB of the idle daemon's RSS) for the audit chain's sha256,
+# which the built-ins compute alike. libcrypto stays in the tree for ssl, which loads it
+# with the first https call. The cost: sha256 of large files (a release's, once per
+# install) at ~0.15 of OpenSSL's speed; nothing here uses pbkdf2_hmac or scrypt.
+EXCLUDES += ["_hashlib"]
 # fmt: on
