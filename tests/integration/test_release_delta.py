@@ -6,6 +6,9 @@ loopback, without the frozen binary: the issue's three promises, each seen from 
   (``cut_response`` of ``hwsim.faultproxy``), the next try asks for the rest with
   ``Range``, and the bytes downloaded in all are exactly the bytes of the files the
   terminal did not hold: not one fetched twice.
+* A daemon that stopped mid-download (its ``pending.json`` says ``downloading``, half
+  a file in ``partial/``) resumes it when it next syncs (``report_finished``): only the
+  rest of that file and the files not yet fetched come down.
 * A corrupt file is refused and fetched again: a partial copy planted with wrong bytes
   (as a crash could leave) is refused by its SHA-256 and fetched whole.
 * Nothing of A is touched until B verifies whole: A's installed files (content, inode,
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import random
 import shutil
@@ -157,6 +161,12 @@ def seed_cutting_body(request: int) -> int:
     raise AssertionError("no seed found")
 
 
+def releases_installed() -> tuple[str, ...]:
+    """What install.sh installs of a bundle (the rest the terminal does not hold after
+    a first install from media)."""
+    return ("tillflow-edge/", "tillflow-edge-update.sh")
+
+
 def test_delta__resumes_a_cut_download_refuses_a_corrupt_copy_and_leaves_a_untouched(
     world, monkeypatch
 ):
@@ -213,12 +223,6 @@ def test_delta__resumes_a_cut_download_refuses_a_corrupt_copy_and_leaves_a_untou
     assert snapshot(root) == before
 
 
-def releases_installed() -> tuple[str, ...]:
-    """What install.sh installs of a bundle (the rest the terminal does not hold after
-    a first install from media)."""
-    return ("tillflow-edge/", "tillflow-edge-update.sh")
-
-
 def test_delta__a_substituted_file_fails_the_install_and_a_is_untouched(world, monkeypatch):
     monkeypatch.setattr(releases, "RETRY_S", 0.05)
     root, data, cloud = world["root"], world["data"], world["cloud"]
@@ -244,3 +248,43 @@ def test_delta__a_substituted_file_fails_the_install_and_a_is_untouched(world, m
     assert f"after {releases.FETCH_ATTEMPTS} tries" in result["reason"]
     assert snapshot(root) == before
     assert not (data / "releases" / "stage").exists()  # the half-built B is gone
+
+
+def test_delta__a_daemon_stopped_mid_download_resumes_it_when_it_next_syncs(world):
+    data, root = world["data"], world["root"]
+    b_dir, b = world["bundles"]["1.1.0"], world["uploaded"]["1.1.0"]
+    b_listed = parse_sums((b_dir / "SHA256SUMS").read_text())
+    a_listed = parse_sums((world["bundles"]["1.0.0"] / "SHA256SUMS").read_text())
+    installed = {d for rel, d in a_listed.items() if rel.startswith(releases_installed())}
+    needed = sum((b_dir / rel).stat().st_size for rel, d in b_listed.items() if d not in installed)
+    # What the stopped daemon left: its pending state and half the executable.
+    exe = (b_dir / "tillflow-edge" / "tillflow-edge").read_bytes()
+    half = len(exe) // 2
+    partial = data / "releases" / "partial"
+    partial.mkdir(parents=True)
+    (partial / f"{b_listed['tillflow-edge/tillflow-edge']}.part").write_bytes(exe[:half])
+    (data / "releases" / "pending.json").write_text(json.dumps({
+        "command_id": "cmd-r", "release": b.release, "manifest_sha256": b.manifest_sha256,
+        "files": b.files, "bytes": b.bytes, "from_release": "1.0.0", "state": "downloading",
+        "bytes_downloaded": half, "started_at": time.time(),
+    }))  # fmt: skip
+    before = snapshot(root)
+    launch = Launch(root, world["tree"].pubkey)
+    store, clock = MemoryStore(), SystemClock()
+    made: list[Installer] = []
+
+    def make() -> Installer:
+        made.append(Installer(world["tree"], data, world["identity"], store, clock,
+                              launch=launch, handoff=False))  # fmt: skip
+        return made[-1]
+
+    assert releases.report_finished(data, store, clock, make) is False  # resumed, not done
+    releases._threads[data].join(timeout=120)
+    assert not releases._threads[data].is_alive()
+    ((stage, seen),) = launch.calls
+    assert seen == before
+    # The executable's second half and the other files B needs, nothing more.
+    assert made[0].bytes_downloaded == needed, (made[0].bytes_downloaded, needed)
+    state = json.loads((data / "releases" / "pending.json").read_text())
+    assert state["state"] == "installing" and state["bytes_downloaded"] == needed
+    assert (stage / "tillflow-edge" / "tillflow-edge").read_bytes() == exe
