@@ -169,6 +169,24 @@ def test_sync__per_entry_results_chain_and_commands_on_postgresql(service, sync_
     assert device.heartbeat and device.heartbeat["config_version"] == 3 and device.last_seen_at
 
 
+def test_sync__a_queued_command_past_its_expiry_is_expired_not_delivered(backend, sync_url):
+    """take_commands expires and takes in one statement: the expired command is marked
+    so and stays down; the live one goes."""
+    clock = FakeClock(SystemClock().now())
+    service = SyncService(backend, clock, signing.new_key())
+    term = enroll(service)
+    short = service.queue_command(term.device_id, "request_health", ttl_s=10)
+    long = service.queue_command(term.device_id, "request_health", ttl_s=1000)
+    clock.advance(100)
+    [env] = ok(service, term)["commands"]
+    command = signing.open_envelope(signing.load_public(service.public_key), wire.Envelope(**env))
+    assert command.command_id == long.command_id
+    status = "SELECT status FROM commands WHERE command_id = %s"
+    assert scalar(sync_url, status, short.command_id) == "expired"
+    assert scalar(sync_url, status, long.command_id) == "delivered"
+    assert ok(service, term, commands_through=command.seq)["commands"] == []
+
+
 def test_sync__a_full_batch_of_each_goes_in_whole(service, sync_url):
     term = enroll(service)
     n = wire.MAX_BATCH_ENTRIES
@@ -324,6 +342,59 @@ def test_fault__a_database_refusing_connections_is_503_then_recovers(sync_url, p
     finally:
         with psycopg.connect(pg_server, autocommit=True) as admin:
             admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+        backend.close()
+
+
+def _drop_connections(pg_server: str, sync_url: str) -> None:
+    name = sync_url.rsplit("/", 1)[1]
+    with psycopg.connect(pg_server, autocommit=True) as admin:
+        admin.execute(
+            "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity "
+            "WHERE datname = %s AND pid <> pg_backend_pid()",
+            (name,),
+        )
+
+
+def test_pool__an_idle_connection_the_server_dropped_is_replaced_unseen(
+    sync_url, pg_server, monkeypatch
+):
+    """The pool checks a connection that sat idle (``CHECK_IDLE_AFTER_S``; 0 here, so
+    every one is) before handing it out: the server dropping it costs no request."""
+    from cloud.sync import postgres
+
+    monkeypatch.setattr(postgres, "CHECK_IDLE_AFTER_S", 0.0)
+    backend = PostgresSyncBackend(sync_url, pool_size=1, pool_timeout_s=5.0)
+    try:
+        service = SyncService(backend, SystemClock(), signing.new_key())
+        term = enroll(service)
+        ok(service, term)
+        _drop_connections(pg_server, sync_url)
+        ok(service, term)  # 200: the dead connection was checked and replaced
+    finally:
+        backend.close()
+
+
+def test_pool__a_connection_dropped_just_after_use_is_one_retryable_503(
+    sync_url, pg_server, monkeypatch
+):
+    """A connection back in the pool a moment ago goes out unchecked (one round trip
+    saved per exchange): if the server dropped it in that moment (an hour here, so the
+    machine's speed does not matter), that one request is a 503 (retryable, nothing
+    committed) and the next is served on a new connection."""
+    from cloud.sync import postgres
+
+    monkeypatch.setattr(postgres, "CHECK_IDLE_AFTER_S", 3600.0)
+    backend = PostgresSyncBackend(sync_url, pool_size=1, pool_timeout_s=5.0)
+    try:
+        service = SyncService(backend, SystemClock(), signing.new_key())
+        term = enroll(service)
+        ok(service, term)
+        _drop_connections(pg_server, sync_url)
+        status, body = service.sync(*term.signed(term.request([outbox_entry(1)])))
+        assert (status, body["error"]["code"]) == (503, "unavailable")
+        assert scalar(sync_url, "SELECT count(*) FROM sync_messages") == 0
+        assert ok(service, term, outbox=[outbox_entry(1)])["outbox_through"] == 1
+    finally:
         backend.close()
 
 

@@ -210,13 +210,15 @@ FROM unnest(%(command_ids)s::text[], %(seqs)s::bigint[], %(statuses)s::text[],
 WHERE c.device_id = %(device_id)s AND c.command_id = r.command_id AND c.seq = r.seq
   AND c.status NOT IN ('applied', 'refused');
 
--- name: expire_commands
--- Queued commands past their expiry will never go.
-UPDATE commands SET status = 'expired'
-WHERE device_id = %(device_id)s AND status = 'queued' AND expires_at <= %(now)s;
-
 -- name: take_commands
--- The device's pending commands after a seq, marked delivered, with their envelopes.
+-- The device's pending commands after a seq, marked delivered, with their envelopes; in
+-- the same statement (one round trip, not two), its queued commands past their expiry
+-- marked expired: they will never go. The two sets of rows are disjoint (expires_at <=
+-- now against > now), so no row is updated twice.
+WITH expired AS (
+    UPDATE commands SET status = 'expired'
+    WHERE device_id = %(device_id)s AND status = 'queued' AND expires_at <= %(now)s
+)
 UPDATE commands c SET status = 'delivered', delivered_at = coalesce(c.delivered_at, %(now)s)
 FROM (SELECT command_id FROM commands
       WHERE device_id = %(device_id)s AND seq > %(after_seq)s
