@@ -9,6 +9,7 @@ table against the issue's targets, then the charts (phases, each rollout's funne
 failure rate against its abort threshold, sync lag and outbox age, cloud rate and
 latency, per-terminal cost), the reconciliation, profile and screenshot sections.
 
+The tables (budget, reconciliation, profile, screenshots) are ``hwsim.fleettables``'.
 Self-contained: inline SVG drawn by ``hwsim.svgplot``, a little inline CSS, no script, no
 network; screenshots are ``<img>`` of PNG paths relative to the page. Every string taken
 from the JSON is escaped (device names and reasons are data). Any section may be missing
@@ -26,21 +27,29 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from hwsim import svgplot
+from hwsim.fleettables import (
+    DOT,
+    NOT_MEASURED,
+    budget,
+    check_ok,
+    extra_rows,
+    figures,
+    fmt,
+    name_and_unit,
+    profile,
+    reconciliation_table,
+    screenshots,
+    tick,
+)
 from hwsim.reportview import ReportError, View, is_number
 from hwsim.svgplot import Marker, Series, Threshold, esc, fmt_number
 
 __all__ = ["ReportError", "main", "render"]
 
-#: The issue's budget: 10,000 terminals in 10 minutes or less ...
-WALL_TARGET_S = 600.0
-#: ... and peak memory (simulator plus cloud) under 12 GB, in MiB.
-MEMORY_TARGET_MIB = 12e9 / 2**20
-#: Examples shown per reconciliation check; the JSON holds what the simulator kept.
-EXAMPLES_SHOWN = 5
 #: Funnel lines in drawing order, with their colours; ``restored`` joins after an abort.
 FUNNEL = (
     ("notified", "#56B4E9"),
@@ -56,10 +65,6 @@ FUNNEL_RARE = (
     ("cancelled", "#888888"),
     ("to_restore", "#E69F00"),
 )
-#: Separates facts on one line (a middle dot).
-DOT = " \u00b7 "
-NOT_MEASURED = '<p class="nm">not measured</p>'
-
 CSS = """
 body{font:14px/1.45 system-ui,sans-serif;color:#222;margin:24px auto;max-width:1260px;
 padding:0 12px}
@@ -79,19 +84,6 @@ code{font-size:12px}
 .share{background:#0072B2;height:10px;display:inline-block}nav a{margin-right:12px}
 figure{margin:8px 0}figure img{max-width:600px;border:1px solid #ccc}
 """
-
-
-def _fmt(value: float | None, unit: str = "", decimals: int = 1) -> str:
-    if value is None:
-        return '<span class="nm">not measured</span>'
-    shown = f"{value:,.0f}" if value == int(value) else f"{value:,.{decimals}f}"
-    return esc(f"{shown} {unit}".strip())
-
-
-def _tick(ok: bool | None) -> str:
-    if ok is None:
-        return '<span class="nm">?</span>'
-    return '<span class="ok">\u2713</span>' if ok else '<span class="bad">\u2717</span>'
 
 
 class _Page:
@@ -117,56 +109,31 @@ def _chart(svg: str | None, what: str) -> str:
 # -- sections ---------------------------------------------------------------------------
 
 
-def _budget(report: View, page: _Page) -> str:
-    budget = report.obj("budget")
-    if budget is None or not budget.data:
-        return NOT_MEASURED
-    terminals = (report.obj("scenario") or View({}, "scenario")).num("terminals")
-    sim_rss, cloud_rss = budget.num("sim_peak_rss_mib"), budget.numbers("cloud_peak_rss_mib")
-    wall = budget.num("wall_s")
-    total_rss = None if sim_rss is None else sim_rss + sum(cloud_rss.values())
-    rows: list[tuple[str, str, str, bool | None]] = []
-    per_n = f" (the target for {fmt_number(10000)} terminals)"
-    wall_ok = None if wall is None else wall <= WALL_TARGET_S
-    rows.append(("wall time", _fmt(wall, "s"), f"\u2264 {WALL_TARGET_S:,.0f} s{per_n}", wall_ok))
-    mem_ok = None if total_rss is None else total_rss <= MEMORY_TARGET_MIB
-    target = f"\u2264 {MEMORY_TARGET_MIB:,.0f} MiB (12 GB)"
-    rows.append(("peak RSS, simulator + cloud", _fmt(total_rss, "MiB"), target, mem_ok))
-    rows.append(("peak RSS, simulator", _fmt(sim_rss, "MiB"), "", None))
-    for name, mib in sorted(cloud_rss.items()):
-        rows.append((f"peak RSS, cloud {name}", _fmt(mib, "MiB"), "", None))
-    rows.append(("CPU per terminal", _fmt(budget.num("cpu_ms_per_terminal"), "ms"), "", None))
-    rows.append(("CPU, simulator", _fmt(budget.num("sim_cpu_s"), "s"), "", None))
-    for name, cpu in sorted(budget.numbers("cloud_cpu_s").items()):
-        rows.append((f"CPU, cloud {name}", _fmt(cpu, "s"), "", None))
-    rows.append(("requests", _fmt(budget.num("requests")), "", None))
-    rows.append(("requests/s sustained", _fmt(budget.num("requests_per_s"), "/s"), "", None))
-    rows.append(("syncs", _fmt(budget.num("syncs")), "", None))
-    for label, ok in (("wall time", wall_ok), ("peak memory", mem_ok)):
-        if ok is False:
-            page.problems.append(f"budget: {label} over its target")
-    body = "".join(
-        f'<tr><td>{esc(name)}</td><td class="n">{value}</td><td>{esc(target)}</td>'
-        f"<td>{_tick(ok) if target else ''}</td></tr>"
-        for name, value, target, ok in rows
-    )
-    note = "" if terminals is None else f" for {esc(fmt_number(terminals))} terminals"
-    return (
-        f"<p>Measured in this run{note}.</p><table><tr><th>measure</th><th>value</th>"
-        f"<th>target</th><th></th></tr>{body}</table>"
-    )
-
-
 def _phases(report: View) -> str:
     scenario = report.obj("scenario")
-    phases = [] if scenario is None else scenario.items("phases")
+    if scenario is None:
+        return NOT_MEASURED
     spans = []
-    for p in phases:
+    for p in scenario.items("phases"):
         start, end = p.num("start_s"), p.num("end_s")
         if start is None or end is None:
             raise ReportError(f"{p.path}: a phase needs start_s and end_s")
         spans.append((p.text("name") or "?", start, end))
-    return _chart(svgplot.timeline(spans, title="phases", x_label="s since start"), "phases")
+    events = [(e.num("t_s"), e.text("what") or "?") for e in scenario.items("events")]
+    # events (a kill -9, a rollout started) as numbered marks, the numbers in the table
+    marks = [Marker(t, str(i), "#7f3c8d") for i, (t, _) in enumerate(events, 1) if t is not None]
+    out = [_chart(svgplot.timeline(spans, title="phases", x_label="s since start", markers=marks),
+                  "phases")]  # fmt: skip
+    if events:
+        rows = "".join(
+            f'<tr><td class="n">{i}</td><td class="n">{fmt(t, "s")}</td><td>{esc(what)}</td></tr>'
+            for i, (t, what) in enumerate(events, 1)
+        )
+        out.append(f'<table id="events"><tr><th></th><th>at</th><th>event</th></tr>{rows}</table>')
+    day = scenario.obj("day")
+    if day is not None and day.data:
+        out.append(f"<h3>trading day</h3>{figures(extra_rows(day, set()))}")
+    return "".join(out)
 
 
 def _rollout(ro: View, page: _Page) -> str:
@@ -209,7 +176,7 @@ def _rollout(ro: View, page: _Page) -> str:
         f"<b>{esc(name)}</b> ({esc(ro.text('kind') or '?')},"
         f" <code>{esc(ro.text('id') or '?')}</code>)",
         f"status <b>{esc(status or '?')}</b>, expected {esc(expected or '?')}"
-        f" {_tick(None if status is None or expected is None else status == expected)}",
+        f" {tick(None if status is None or expected is None else status == expected)}",
         f"abort threshold {esc(f'{threshold:g}%' if threshold is not None else 'not given')}",
         f"waves (index: size) {esc(waves or 'none')}",
     ]
@@ -279,7 +246,7 @@ def _distribution(dist: View | None, title: str, unit: str) -> str:
     markers = [Marker(v, k, "#c0392b") for k, v in marks if v is not None]
     svg = svgplot.histogram(bins, title=title, x_label=unit, markers=markers)
     figures = DOT.join(
-        f"{k} {_fmt(dist.num(k), unit, 2)}"
+        f"{k} {fmt(dist.num(k), unit, 2)}"
         for k in ("p50", "p90", "p99", "max", "mean")
         if k != "mean" or dist.num(k) is not None
     )
@@ -292,11 +259,13 @@ def _sync(report: View) -> str:
     sync = report.obj("sync")
     if sync is None or not sync.data:
         return NOT_MEASURED
-    parts = [
-        _distribution(sync.obj("lag_s"), "sync lag", "s"),
-        _distribution(sync.obj("outbox_age_s"), "outbox age", "s"),
-        _distribution(sync.obj("syncs_per_terminal"), "syncs per terminal", "syncs"),
-    ]
+    known = {"lag_s": ("sync lag", "s"), "outbox_age_s": ("outbox age", "s"),
+             "syncs_per_terminal": ("syncs per terminal", "syncs")}  # fmt: skip
+    parts = [_distribution(sync.obj(k), title, unit) for k, (title, unit) in known.items()]
+    for key in sync.data:  # what a newer simulator adds (lag_s_end_of_day, ...)
+        if key not in known and isinstance(sync.data[key], dict):
+            title, unit = name_and_unit(key)
+            parts.append(_distribution(sync.obj(key), title, unit or "value"))
     return f'<div class="charts">{"".join(parts)}</div>'
 
 
@@ -350,79 +319,12 @@ def _terminals(report: View) -> str:
     bars = svgplot.bar_chart(models, title="terminals by hardware model", y_label="terminals")
     offline = terms.obj("offline_hours")
     rows = [
-        ("memory per terminal", _fmt(terms.num("rss_kib_per_terminal"), "KiB")),
-        ("terminals offline for hours", _fmt(None if offline is None else offline.num("count"))),
+        ("memory per terminal", fmt(terms.num("rss_kib_per_terminal"), "KiB")),
+        ("terminals offline for hours", fmt(None if offline is None else offline.num("count"))),
+        *extra_rows(terms, {"rss_kib_per_terminal"}),
     ]
-    table = "".join(f'<tr><td>{esc(k)}</td><td class="n">{v}</td></tr>' for k, v in rows)
     charts = f'<div class="charts">{cpu}<div>{_chart(bars, "hardware models")}</div></div>'
-    return f"{charts}<table>{table}</table>"
-
-
-def _reconciliation_table(recon: View | None) -> str:
-    checks = [] if recon is None else recon.items("checks")
-    if not checks:
-        return NOT_MEASURED
-    rows = []
-    for c in checks:
-        examples = [esc(e) for e in c.raw_list("examples")[:EXAMPLES_SHOWN]]
-        more = len(c.raw_list("examples")) - len(examples)
-        shown = "<br/>".join(f"<code>{e}</code>" for e in examples)
-        if more > 0:
-            shown += f"<br/>(and {more} more)"
-        rows.append(
-            f'<tr class="check"><td>{_tick(_check_ok(c))}</td><td>{esc(c.text("name") or "?")}</td>'
-            f'<td class="n">{_fmt(c.num("checked"))}</td><td class="n">{_fmt(c.num("violations"))}'
-            f"</td><td>{shown}</td></tr>"
-        )
-    return (
-        "<table><tr><th></th><th>check</th><th>checked</th><th>violations</th><th>examples</th>"
-        f"</tr>{''.join(rows)}</table>"
-    )
-
-
-def _check_ok(check: View) -> bool | None:
-    ok, violations = check.flag("ok"), check.num("violations")
-    if violations:
-        return False
-    return ok
-
-
-def _profile(report: View) -> str:
-    rows = [(p.text("where") or "?", p.num("cpu_s") or 0.0) for p in report.items("profile")]
-    if not rows:
-        return NOT_MEASURED
-    rows.sort(key=lambda r: -r[1])
-    total = sum(c for _, c in rows) or 1.0
-    body = "".join(
-        f'<tr><td>{esc(w)}</td><td class="n">{_fmt(c, "s")}</td><td class="n">'
-        f'{100 * c / total:.1f}%</td><td><span class="share" style="width:{300 * c / total:.0f}px">'
-        "</span></td></tr>"
-        for w, c in rows
-    )
-    return f"<table><tr><th>where</th><th>CPU</th><th>share</th><th></th></tr>{body}</table>"
-
-
-def _screenshots(report: View, out_dir: Path) -> str:
-    shots = report.items("screenshots")
-    if not shots:
-        return NOT_MEASURED
-    out = []
-    for s in shots:
-        page, path = s.text("page") or "?", s.text("path") or ""
-        rel = PurePosixPath(path)
-        if not path or rel.is_absolute() or ".." in rel.parts or ":" in path or "\\" in path:
-            out.append(
-                f'<p class="err">{esc(page)}: not shown, <code>{esc(path)}</code> is not'
-                " a path relative to the report</p>"
-            )
-            continue
-        missing = "" if (out_dir / rel).is_file() else " (file missing beside the report)"
-        out.append(
-            f'<figure class="screenshot"><img src="{esc(rel.as_posix())}" alt="{esc(page)}"/>'
-            f"<figcaption>{esc(page)}, loaded in {_fmt(s.num('load_ms'), 'ms')}"
-            f"{esc(missing)}</figcaption></figure>"
-        )
-    return "".join(out)
+    return f"{charts}{figures(rows)}"
 
 
 # -- the verdict and the page -----------------------------------------------------------
@@ -436,7 +338,7 @@ def _reconciliation_verdict(report: View) -> tuple[bool | None, str, list[str]]:
         return None, "reconciliation not measured", []
     failing = []
     for c in checks:
-        if _check_ok(c) is False:
+        if check_ok(c) is False:
             violations = c.num("violations")
             count = "failed" if not violations else f"{fmt_number(violations)} violations"
             failing.append(f"{c.text('name') or '?'}: {count}")
@@ -517,15 +419,15 @@ def render_html(report: object, out_dir: Path) -> str:
     root = View(report, "")
     page = _Page()
     bodies: dict[str, Callable[[], str]] = {
-        "budget": lambda: _budget(root, page),
+        "budget": lambda: budget(root, page.problems),
         "phases": lambda: _phases(root),
         "rollouts": lambda: _rollouts(root, page),
         "sync": lambda: _sync(root),
         "cloud": lambda: _cloud(root),
         "terminals": lambda: _terminals(root),
-        "reconciliation": lambda: _reconciliation_table(root.obj("reconciliation")),
-        "profile": lambda: _profile(root),
-        "screenshots": lambda: _screenshots(root, out_dir),
+        "reconciliation": lambda: reconciliation_table(root.obj("reconciliation")),
+        "profile": lambda: profile(root),
+        "screenshots": lambda: screenshots(root, out_dir),
     }
     sections = [page.section(a, t, bodies[a]) for a, t in SECTIONS]
     header = _header(root, page)

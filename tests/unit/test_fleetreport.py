@@ -471,6 +471,51 @@ def test_fmt_number__shows_the_decimals_the_step_needs() -> None:
     assert svgplot.fmt_number(1 / 3, 1 / 3) == "0.333"  # capped
 
 
+def fleetstats_shaped(report: dict[str, Any]) -> dict[str, Any]:
+    """The additions hwsim.fleetstats makes to the contract: per-phase profile rows with
+    per-process CPU, more distributions, events, the day's totals, more budget figures."""
+    report["profile"] = [
+        {"where": "enroll", "wall_s": 61.2, "shard-0": 30.0, "serve-0": 10.0},
+        {"where": "trading day", "wall_s": 33.8, "shard-0": 50.0, "serve-0": 6.0,
+         "postgres": 4.0},
+    ]  # fmt: skip
+    report["sync"]["lag_s_end_of_day"] = copy.deepcopy(report["sync"]["lag_s"])
+    report["scenario"]["events"] = [
+        {"t_s": 12.0, "what": "enrolled 10,000"},
+        {"t_s": 250.0, "what": "kill -9 worker-0 (pid 4242)"},
+    ]
+    report["scenario"]["day"] = {"payments": 31234, "refunds": 120}
+    report["budget"].update(sync_failures=17, syncs_per_terminal=9.88)
+    return report
+
+
+def test_report__profile_rows_sum_their_per_process_cpu(tmp_path: Path) -> None:
+    root = page(fleetstats_shaped(synthetic_report()), tmp_path)
+    table = by_id(root, "profile-table")
+    rows = [[text_of(c) for c in tr] for tr in table.iter("tr")]
+    assert rows[0] == ["where", "wall", "CPU", "share", "", "shard-0", "serve-0", "postgres"]
+    assert rows[1] == ["enroll", "61.2 s", "40 s", "40.0%", "", "30 s", "10 s", "not measured"]
+    assert rows[2][:4] == ["trading day", "33.8 s", "60 s", "60.0%"]
+
+
+def test_report__events_are_numbered_on_the_phases_and_listed(tmp_path: Path) -> None:
+    root = page(fleetstats_shaped(synthetic_report()), tmp_path)
+    svg = charts(root)["phases"]
+    marks = {text_of(g): g.get("data-value") for g in svg.iter("g") if g.get("class") == "marker"}
+    assert marks == {"1": "12", "2": "250"}
+    events = text_of(by_id(root, "events"))
+    assert "kill -9 worker-0 (pid 4242)" in events and "250 s" in events
+    phases = text_of(by_id(root, "phases"))
+    assert "payments31,234" in phases and "refunds120" in phases
+
+
+def test_report__figures_the_page_has_no_row_for_are_listed_by_name(tmp_path: Path) -> None:
+    root = page(fleetstats_shaped(synthetic_report()), tmp_path)
+    budget = text_of(by_id(root, "budget"))
+    assert "sync failures17" in budget and "syncs per terminal9.88" in budget
+    assert "lag, end of day" in charts(root)
+
+
 def test_nice_ticks__cover_the_range_with_round_steps() -> None:
     assert svgplot.nice_ticks(0, 11.1) == [0, 2.5, 5, 7.5, 10, 12.5]
     assert svgplot.nice_ticks(100, 410) == [100, 200, 300, 400, 500]
