@@ -120,6 +120,7 @@ def _phases(report: View) -> str:
             raise ReportError(f"{p.path}: a phase needs start_s and end_s")
         spans.append((p.text("name") or "?", start, end))
     events = [(e.num("t_s"), e.text("what") or "?") for e in scenario.items("events")]
+    events.sort(key=lambda e: (e[0] is None, e[0] or 0.0))  # in time order, untimed last
     # events (a kill -9, a rollout started) as numbered marks, the numbers in the table
     marks = [Marker(t, str(i), "#7f3c8d") for i, (t, _) in enumerate(events, 1) if t is not None]
     out = [_chart(svgplot.timeline(spans, title="phases", x_label="s since start", markers=marks),

@@ -44,7 +44,7 @@ UNIFORM_SLACK = 0.01
 #: Decimals a label may show (the simulator rounds its figures to milliseconds).
 MAX_DECIMALS = 3
 #: Marker labels: rows they may stack in, and about how wide a character is (10 px font).
-MARKER_ROWS, LABEL_EM = 3, 5.6
+MARKER_ROWS, MARKER_ROW_DY, LABEL_EM = 3, 11, 5.6
 #: Palette (colour-blind-safe, Okabe-Ito), in the order series are given colours.
 PALETTE = ("#0072B2", "#CC79A7", "#009E73", "#D55E00", "#E69F00", "#56B4E9", "#000000")
 GREY, INK, GRID = "#888888", "#222222", "#e3e3e3"
@@ -433,12 +433,15 @@ def timeline(
     if not spans:
         return None
     left = 150
-    height = TOP - 20 + row * len(spans) + BOTTOM
+    # marker labels get rows of their own above the bars, so no label covers a bar
+    label_top = TOP - 10
+    first = TOP - 20 + (MARKER_ROWS * MARKER_ROW_DY if markers else 0)
+    height = first + row * len(spans) + BOTTOM
     x_ticks = nice_ticks(min(s for _, s, _ in spans), max(e for _, _, e in spans), 2 * X_TICKS)
     xs = Scale(x_ticks[0], x_ticks[-1], left, width - RIGHT)
     out = _svg_open(title, width, height)
     for i, (name, start, end) in enumerate(spans):
-        y = TOP - 20 + i * row
+        y = first + i * row
         color = PALETTE[i % len(PALETTE)]
         out.append(
             f'<g class="span" data-name="{esc(name)}" data-start="{start:g}" data-end="{end:g}">'
@@ -464,6 +467,6 @@ def timeline(
         f'<text class="axis-label x" x="{(left + width - RIGHT) / 2:.1f}" y="{height - 6}"'
         f' font-size="11" text-anchor="middle">{esc(x_label)}</text>'
     )
-    out += _markers(markers, xs, TOP - 20, base, TOP - 10, 12, width)
+    out += _markers(markers, xs, label_top - 10, base, label_top, MARKER_ROW_DY, width)
     out.append("</svg>")
     return "\n".join(out)

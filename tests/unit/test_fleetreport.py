@@ -481,8 +481,8 @@ def fleetstats_shaped(report: dict[str, Any]) -> dict[str, Any]:
     ]  # fmt: skip
     report["sync"]["lag_s_end_of_day"] = copy.deepcopy(report["sync"]["lag_s"])
     report["scenario"]["events"] = [
-        {"t_s": 12.0, "what": "enrolled 10,000"},
         {"t_s": 250.0, "what": "kill -9 worker-0 (pid 4242)"},
+        {"t_s": 12.0, "what": "enrolled 10,000"},
     ]
     report["scenario"]["day"] = {"payments": 31234, "refunds": 120}
     report["budget"].update(sync_failures=17, syncs_per_terminal=9.88)
@@ -503,8 +503,13 @@ def test_report__events_are_numbered_on_the_phases_and_listed(tmp_path: Path) ->
     svg = charts(root)["phases"]
     marks = {text_of(g): g.get("data-value") for g in svg.iter("g") if g.get("class") == "marker"}
     assert marks == {"1": "12", "2": "250"}
-    events = text_of(by_id(root, "events"))
-    assert "kill -9 worker-0 (pid 4242)" in events and "250 s" in events
+    events = [[text_of(c) for c in tr] for tr in by_id(root, "events").iter("tr")]
+    assert events[1:] == [["1", "12 s", "enrolled 10,000"],
+                          ["2", "250 s", "kill -9 worker-0 (pid 4242)"]]  # fmt: skip
+    # no event label sits over a phase's bar
+    bars_top = min(float(r.get("y", "")) for r in svg.iter("rect"))
+    labels = [t for g in svg.iter("g") if g.get("class") == "marker" for t in g.iter("text")]
+    assert all(float(t.get("y", "")) < bars_top for t in labels)
     phases = text_of(by_id(root, "phases"))
     assert "payments31,234" in phases and "refunds120" in phases
 
