@@ -49,22 +49,22 @@ def summary(
     stalled_s: float = STALLED_OUTBOX_S,
 ) -> Summary:
     scope = {"store": store, "group": group}
-    health = {str(h): int(n) for h, n in conn.execute(Q["health_counts"], scope)}
-    seen = conn.execute(
-        Q["seen_counts"], scope | {"recent": now - RECENT_S, "offline": now - offline_after_s}
-    ).fetchone()
-    assert seen is not None
-    versions: dict[str, list[tuple[str | None, int]]] = {"binary": [], "config": [], "policy": []}
-    for kind, value, n in conn.execute(Q["version_counts"], scope):
-        versions[str(kind)].append((None if value is None else str(value), int(n)))
+    counts: dict[str, list[tuple[str | None, int]]] = {}
+    params = scope | {"recent": now - RECENT_S, "offline": now - offline_after_s}
+    for kind, value, n in conn.execute(Q["fleet_summary"], params):
+        counts.setdefault(str(kind), []).append((None if value is None else str(value), int(n)))
+    seen = {str(k): n for k, n in counts.pop("seen", [])}
+    health = {str(k): n for k, n in counts.pop("health", [])}
+    versions = {k: counts.get(k, []) for k in ("binary", "config", "policy")}
     params = scope | {"now": now, "stalled_s": stalled_s, "limit": attention_limit}
     names = ("device_id", "store", "group", "last_seen_at", "outbox_depth", "outbox_age_s",
-             "broken_chains", "first_bad_seq", "reason", "last_error")  # fmt: skip
+             "broken_chains", "first_bad_seq", "reason", "last_error", "total")  # fmt: skip
     attention = [dict(zip(names, r, strict=True)) for r in conn.execute(Q["attention"], params)]
-    total = conn.execute(Q["attention_count"], params).fetchone()
+    total = int(attention[0]["total"]) if attention else 0
     return Summary(
-        health, int(seen[0]), int(seen[1]), int(seen[2]), int(seen[3]), int(seen[4]),
-        int(seen[5]), versions, attention, int(total[0]) if total else 0,
+        health, seen.get("active", 0), seen.get("recent", 0), seen.get("online", 0),
+        seen.get("silent", 0), seen.get("never", 0), seen.get("revoked", 0), versions,
+        attention, total,
     )  # fmt: skip
 
 

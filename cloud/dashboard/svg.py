@@ -19,8 +19,8 @@ from html import escape
 from typing import Any
 
 WIDTH = 560
-PANEL_H = 150
-TOP = 22
+PANEL_H = 160
+TOP = 38
 BASE = PANEL_H - 26
 BAR_W = 70
 GAP = 26
@@ -53,7 +53,7 @@ def wave_panel(wave: Mapping[str, Any], threshold: Mapping[str, Any], *, y0: int
 
     parts = [f'<g class="wave" data-wave="{_num(wave, "wave")}" transform="translate(0,{y0})">']
     parts.append(
-        f'<text x="{LEFT}" y="14" class="wave-title">Wave {_num(wave, "wave")} · '
+        f'<text x="{LEFT}" y="16" class="wave-title">Wave {_num(wave, "wave")} · '
         f"{escape(str(wave.get('status', '')))} · {_num(wave, 'pending')} pending</text>"
     )
     x = LEFT

@@ -2,46 +2,45 @@
 -- cloud.fleet's and cloud.rollouts' queries). Every value is a bound parameter
 -- (%(name)s); a filter left NULL matches everything. Nothing here writes.
 
--- name: health_counts
--- Active devices by the storage state of their latest heartbeat (unknown: none yet).
-SELECT coalesce(h.heartbeat ->> 'storage_state', 'unknown') AS health, count(*)
-FROM devices d LEFT JOIN device_health h ON h.device_id = d.device_id
-WHERE d.status = 'active'
-  AND (%(store)s::text IS NULL OR d.store = %(store)s::text)
-  AND (%(group)s::text IS NULL OR d.group_name = %(group)s::text)
-GROUP BY 1;
-
--- name: seen_counts
--- Devices by when they were last seen: recently, within the offline threshold, silent
--- past it, never; and the revoked ones.
-SELECT count(*) FILTER (WHERE d.status = 'active'),
-       count(*) FILTER (WHERE d.status = 'active' AND h.last_seen_at >= %(recent)s::float8),
-       count(*) FILTER (WHERE d.status = 'active' AND h.last_seen_at >= %(offline)s::float8),
-       count(*) FILTER (WHERE d.status = 'active' AND h.last_seen_at < %(offline)s::float8),
-       count(*) FILTER (WHERE d.status = 'active' AND h.last_seen_at IS NULL),
-       count(*) FILTER (WHERE d.status = 'revoked')
-FROM devices d LEFT JOIN device_health h ON h.device_id = d.device_id
-WHERE (%(store)s::text IS NULL OR d.store = %(store)s::text)
-  AND (%(group)s::text IS NULL OR d.group_name = %(group)s::text);
-
--- name: version_counts
--- Active devices by the binary, config and policy version their heartbeat reports
--- (compliance), most devices first within each kind.
-WITH v AS (
-    SELECT coalesce(h.heartbeat ->> 'binary_version', d.binary_version) AS binary_version,
+-- name: fleet_summary
+-- Devices in scope, counted in one pass over their latest heartbeat: active ones by
+-- health (the storage state; unknown before the first heartbeat), by binary, config and
+-- policy version (compliance, most devices first); by when they were last seen
+-- (recently, within the offline threshold, silent past it, never); and the revoked.
+WITH v AS MATERIALIZED (
+    SELECT d.status,
+           coalesce(h.heartbeat ->> 'storage_state', 'unknown') AS health,
+           coalesce(h.heartbeat ->> 'binary_version', d.binary_version) AS binary_version,
            h.heartbeat ->> 'config_version' AS config_version,
-           h.heartbeat ->> 'policy_version' AS policy_version
+           h.heartbeat ->> 'policy_version' AS policy_version,
+           h.last_seen_at
     FROM devices d LEFT JOIN device_health h ON h.device_id = d.device_id
-    WHERE d.status = 'active'
-      AND (%(store)s::text IS NULL OR d.store = %(store)s::text)
+    WHERE (%(store)s::text IS NULL OR d.store = %(store)s::text)
       AND (%(group)s::text IS NULL OR d.group_name = %(group)s::text)
+), a AS (
+    SELECT * FROM v WHERE status = 'active'
 )
 SELECT kind, value, n FROM (
-    SELECT 'binary' AS kind, binary_version AS value, count(*) AS n FROM v GROUP BY 2
+    SELECT 'health' AS kind, health AS value, count(*) AS n FROM a GROUP BY 2
     UNION ALL
-    SELECT 'config', config_version, count(*) FROM v GROUP BY 2
+    SELECT 'binary', binary_version, count(*) FROM a GROUP BY 2
     UNION ALL
-    SELECT 'policy', policy_version, count(*) FROM v GROUP BY 2
+    SELECT 'config', config_version, count(*) FROM a GROUP BY 2
+    UNION ALL
+    SELECT 'policy', policy_version, count(*) FROM a GROUP BY 2
+    UNION ALL
+    SELECT 'seen', s.value, s.n
+    FROM (SELECT count(*) AS active,
+                 count(*) FILTER (WHERE last_seen_at >= %(recent)s::float8) AS recent,
+                 count(*) FILTER (WHERE last_seen_at >= %(offline)s::float8) AS online,
+                 count(*) FILTER (WHERE last_seen_at < %(offline)s::float8) AS silent,
+                 count(*) FILTER (WHERE last_seen_at IS NULL) AS never
+          FROM a) c
+    CROSS JOIN LATERAL (VALUES ('active', c.active), ('recent', c.recent),
+                               ('online', c.online), ('silent', c.silent),
+                               ('never', c.never)) AS s (value, n)
+    UNION ALL
+    SELECT 'seen', 'revoked', count(*) FROM v WHERE status = 'revoked'
 ) c
 ORDER BY kind, n DESC, value NULLS LAST;
 
@@ -49,39 +48,31 @@ ORDER BY kind, n DESC, value NULLS LAST;
 -- Active devices an operator should look at first: an audit chain the cloud found
 -- broken, or an outbox whose oldest unsent entry is older than the threshold now (its
 -- age at the last heartbeat plus the time since). Broken chains first, then the
--- oldest outbox.
+-- oldest outbox; ``total`` counts them all, past the limit.
+WITH broken AS (
+    SELECT device_id, count(*) AS chains, min(first_bad_seq) AS first_bad_seq,
+           min(reason) AS reason
+    FROM audit_chains WHERE state = 'broken'
+    GROUP BY device_id
+), h AS (
+    SELECT device_id, last_seen_at, heartbeat,
+           (heartbeat ->> 'outbox_oldest_age_s')::float8
+               + greatest(0, %(now)s::float8 - last_seen_at) AS outbox_age_s
+    FROM device_health
+)
 SELECT d.device_id, d.store, d.group_name, h.last_seen_at,
-       (h.heartbeat ->> 'outbox_depth')::bigint AS outbox_depth,
-       (h.heartbeat ->> 'outbox_oldest_age_s')::float8
-           + greatest(0, %(now)s::float8 - h.last_seen_at) AS outbox_age_s,
+       (h.heartbeat ->> 'outbox_depth')::bigint AS outbox_depth, h.outbox_age_s,
        b.chains AS broken_chains, b.first_bad_seq, b.reason,
-       h.heartbeat ->> 'last_error' AS last_error
+       h.heartbeat ->> 'last_error' AS last_error, count(*) OVER () AS total
 FROM devices d
-LEFT JOIN device_health h ON h.device_id = d.device_id
-LEFT JOIN LATERAL (
-    SELECT count(*) AS chains, min(c.first_bad_seq) AS first_bad_seq, min(c.reason) AS reason
-    FROM audit_chains c WHERE c.device_id = d.device_id AND c.state = 'broken'
-) b ON true
+LEFT JOIN h ON h.device_id = d.device_id
+LEFT JOIN broken b ON b.device_id = d.device_id
 WHERE d.status = 'active'
   AND (%(store)s::text IS NULL OR d.store = %(store)s::text)
   AND (%(group)s::text IS NULL OR d.group_name = %(group)s::text)
-  AND (b.chains > 0
-       OR (h.heartbeat ->> 'outbox_oldest_age_s')::float8
-          + greatest(0, %(now)s::float8 - h.last_seen_at) > %(stalled_s)s::float8)
-ORDER BY b.chains > 0 DESC, outbox_age_s DESC NULLS LAST, d.device_id
+  AND (b.device_id IS NOT NULL OR h.outbox_age_s > %(stalled_s)s::float8)
+ORDER BY b.device_id IS NOT NULL DESC, h.outbox_age_s DESC NULLS LAST, d.device_id
 LIMIT %(limit)s;
-
--- name: attention_count
--- How many devices ``attention`` would list without its limit.
-SELECT count(*)
-FROM devices d LEFT JOIN device_health h ON h.device_id = d.device_id
-WHERE d.status = 'active'
-  AND (%(store)s::text IS NULL OR d.store = %(store)s::text)
-  AND (%(group)s::text IS NULL OR d.group_name = %(group)s::text)
-  AND (EXISTS (SELECT 1 FROM audit_chains c
-               WHERE c.device_id = d.device_id AND c.state = 'broken')
-       OR (h.heartbeat ->> 'outbox_oldest_age_s')::float8
-          + greatest(0, %(now)s::float8 - h.last_seen_at) > %(stalled_s)s::float8);
 
 -- name: store_names
 -- Store names for the filter's suggestions, by name.
