@@ -150,7 +150,7 @@ def register(
 #: Modules that add ``tillflow cloud`` subcommands of their own, each with
 #: ``add_parsers(cloud_subparsers, *, common, db, key) -> {command: handler}``; they are
 #: imported to build the parser, so they import only argparse at module level.
-PLUGINS: tuple[str, ...] = ("cloud.fleet_cli", "cloud.worker_cli")
+PLUGINS: tuple[str, ...] = ("cloud.fleet_cli", "cloud.worker_cli", "cloud.reconcile_cli")
 _HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {}
 
 
