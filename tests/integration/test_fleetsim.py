@@ -90,7 +90,8 @@ def test_fleet_simulation__reconciles_after_the_rollouts_and_the_kills(
         ).rowcount  # fmt: skip
         assert deleted == 1
     check = subprocess.run(
-        [sys.executable, "-m", "edge.cli", "cloud", "reconcile", str(accounts), "--database-url", db],
+        [sys.executable, "-m", "edge.cli", "cloud", "reconcile", str(accounts),
+         "--database-url", db],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert check.returncode == 4, check.stdout + check.stderr

@@ -91,9 +91,11 @@ def test_terminal_checks__off_version_failing_and_unrestored_are_named():
         "d2": {"name": "T2", "model": "XR-7", "config": 3, "policy": 2, "failing": True,
                "last_error": "printer_jam: ..."},
     }  # fmt: skip
-    bad = {"devices": [{"device_id": "d1", "applied_at": 1.0, "restore_status": "restored"},
-                       {"device_id": "d2", "applied_at": 1.0, "restore_status": "timed_out"},
-                       {"device_id": "d3", "applied_at": None, "restore_status": "none"}]}  # fmt: skip
+    bad = {"devices": [
+        {"device_id": "d1", "applied_at": 1.0, "restore_status": "restored"},
+        {"device_id": "d2", "applied_at": 1.0, "restore_status": "timed_out"},
+        {"device_id": "d3", "applied_at": None, "restore_status": "none"},
+    ]}  # fmt: skip
     on, restored = fleetstats.terminal_checks(versions, bad, good, policy, baseline=1)
     assert not on["ok"] and on["violations"] == 1 and "T2 (XR-7): config v3" in on["examples"][0]
     assert not restored["ok"] and restored["checked"] == 2
