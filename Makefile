@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test redis-server-binary chromium-binary test-fast check lint typecheck layers bench torture clean package bundle package-onefile release-key lock
+.PHONY: demo test fleet redis-server-binary chromium-binary test-fast check lint typecheck layers bench torture clean package bundle package-onefile release-key lock
 
 # The frozen terminal binary (PyInstaller onedir, see README "Frozen binary"): rebuilt
 # only when a file it is made of changed, so `make test` builds it at most once.
@@ -124,6 +124,13 @@ N ?= 1000
 SEED ?= 1
 torture: $(STAMP)
 	$(PY) -m hwsim.torture --kills $(N) --cuts $(N) --seed $(SEED) --sweeps
+
+# The fleet simulation (README "Fleet simulation"): N real terminals against the real
+# cloud, three rollouts, reconciliation; exit 4 names a violation. The report goes to
+# build/fleet/report.{json,html}. `make fleet N=10000 SEED=1`. On TILLFLOW_DATABASE_URL
+# and TILLFLOW_BROKER_URL when set, else an embedded PostgreSQL and the serverless broker.
+fleet: $(STAMP)
+	$(PY) -m hwsim.fleetsim -n $(N) --seed $(SEED) --out build/fleet
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

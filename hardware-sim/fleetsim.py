@@ -300,7 +300,8 @@ class Scenario:
         with contextlib.ExitStack() as stack:
             with self.phase("cloud start"):
                 self.rig = CloudRig(self.database_url, self.broker_url, self.work / "cloud",
-                                    settings={"sweep_interval_s": 2.0})  # fmt: skip
+                                    settings={"sweep_interval_s": 2.0,
+                                              "broker_url": self.broker_url or None})  # fmt: skip
                 stack.callback(self.rig.stop)
                 self.rig.start(serves=self.serves, workers=self.workers)
                 token = self.rig.admin_token()
@@ -352,7 +353,7 @@ class Scenario:
                                   f"{totals.get('payments', 0):,} payments")  # fmt: skip
                 if h % 2 == 1:
                     self.round()
-            self.shards.call("settle")
+            totals["settlements"] = sum(p["settlements"] for p in self.shards.call("settle"))
             self.round()
         self.day_totals = totals
         self.day_distributions = self.distributions()
