@@ -1,7 +1,7 @@
 """Full bundle vs delta update: the bytes a terminal running release A downloads to
 install B, against the whole bundle (the baseline).
 
-    python bench/delta.py [--bump idna==3.19] [--pyc PKG,PKG...] [--keep]
+    python bench/delta.py [--bump idna==3.19] [--pyc PKG,PKG...] [--starts N] [--keep]
 
 Everything is built from the last commit (``git worktree`` in a temporary directory;
 nothing in the working directory), the way ``make package`` builds (PYTHONHASHSEED=0,
@@ -31,7 +31,9 @@ too. Prints one JSON object; ratios are ``delta / full bundle gzip'd`` of the sa
 ``--pyc`` is an experiment, not what ships: the worktree's spec is given
 ``module_collection_mode={PKG: "pyc"}`` for the packages named, which PyInstaller then
 collects as ``.pyc`` files under ``_internal/`` instead of into the archive appended to
-the executable (which every change of any module in it replaces whole).
+the executable (which every change of any module in it replaces whole). ``--starts N``
+times what that costs at start: exec -> READY=1 of build ``a`` (median of N starts on
+fresh data dirs, ``bench/payments.py``'s daemon harness) and its VmRSS then.
 """
 
 from __future__ import annotations
@@ -154,6 +156,51 @@ class Builds:
         return folder / f"tillflow-edge-{version}"
 
 
+def starts(exe: Path, n: int) -> dict[str, Any]:
+    """exec -> READY=1 of the binary ``exe`` (median of ``n``) and its VmRSS at READY."""
+    import statistics
+
+    from bench.payments import (
+        DaemonProcess,
+        SimAcquirer,
+        SimDeviceServer,
+        child_env,
+        proc_status_kb,
+        short_tempdir,
+    )
+
+    class Daemon(DaemonProcess):
+        def spawn(self) -> None:
+            env = {**child_env(), "NOTIFY_SOCKET": str(self.notify_path)}
+            env.pop("PYTHONPATH", None)
+            with open(self.log, "ab") as log:
+                self.t_exec = time.perf_counter()
+                self.proc = subprocess.Popen(
+                    [str(exe), "run", "--config", str(self.config)],
+                    env=env, cwd="/", stdout=subprocess.DEVNULL, stderr=log,
+                )  # fmt: skip
+
+    work = short_tempdir("tfd-")
+    ready, rss = [], []
+    try:
+        with SimDeviceServer() as devices, SimAcquirer() as acquirer:
+            for i in range(n):
+                d = Daemon(work / f"start{i}", devices.url, acquirer.url)
+                try:
+                    d.spawn()
+                    ready.append(d.wait_for("READY=1"))
+                    rss.append(proc_status_kb(d.pid)["VmRSS"] / 1024)
+                finally:
+                    d.stop()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {
+        "exec_to_ready_s_median": round(statistics.median(ready), 4),
+        "exec_to_ready_s": [round(x, 4) for x in ready],
+        "rss_at_ready_mb_median": round(statistics.median(rss), 1),
+    }
+
+
 def clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHASHSEED")}
 
@@ -206,15 +253,21 @@ def differing(a: Path, b: Path) -> list[str]:
 
 
 def module_changed(a: Path, b: Path, package: str) -> bool:
-    """Whether the modules of ``package`` in the two binaries' PYZ archives differ (the
-    bump really reached the build)."""
+    """Whether the modules of ``package`` differ between the two builds, in the PYZ
+    archive appended to the executable or (``--pyc``) as files under ``_internal/``:
+    the bump really reached the build."""
     from PyInstaller.archive.readers import CArchiveReader
 
     def modules(unpacked: Path) -> dict[str, Any]:
         exe = CArchiveReader(str(unpacked / "tillflow-edge" / "tillflow-edge"))
         pyz = exe.open_embedded_archive("PYZ.pyz")
         names = [n for n in pyz.toc if n == package or n.startswith(package + ".")]
-        return {n: pyz.extract(n) for n in names}
+        found: dict[str, Any] = {n: pyz.extract(n) for n in names}
+        internal = unpacked / "tillflow-edge" / "_internal"
+        for path in [internal / f"{package}.pyc", *(internal / package).rglob("*")]:
+            if path.is_file():
+                found[str(path.relative_to(internal))] = path.read_bytes()
+        return found
 
     return modules(a) != modules(b)
 
@@ -229,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bump", default="idna==3.19",
                    help="a dependency one version back, for dep_old")  # fmt: skip
     p.add_argument("--pyc", default="", help="experiment: packages collected as .pyc files")
+    p.add_argument("--starts", type=int, default=0, help="time N starts of build a")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = p.parse_args(argv)
     package, _, old_version = args.bump.partition("==")
@@ -280,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
             case["fleet_gb"] = round(case["delta_bytes"] * FLEET / 1e9, 2)
         result["cases"] = cases
         result["build_s"] = builds.seconds
+        if args.starts:
+            result["start_of_a"] = starts(a / "tillflow-edge" / "tillflow-edge", args.starts)
         result["sha256_of_a_bundle"] = hashlib.sha256(bundle_of(a).read_bytes()).hexdigest()
         result["env"] = {"python": sys.version.split()[0], "nproc": os.cpu_count()}
     finally:
