@@ -11,8 +11,6 @@ import copy
 import json
 import threading
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
@@ -25,7 +23,11 @@ from edge.engine.records import RunRecord, Status
 from edge.engine.templating import render
 from edge.errors import ExpressionError, MergeConflict, StepError, StepTimeout
 
-if TYPE_CHECKING:  # imported by run_http: only a workflow with an HTTP step needs httpx
+if TYPE_CHECKING:
+    # Imported where used: httpx by run_http (only a workflow with an HTTP step needs
+    # it), concurrent.futures by the first step with a timeout or parallel tasks.
+    from concurrent.futures import Future, ThreadPoolExecutor
+
     import httpx
 
 #: Seconds an HTTP step waits when its YAML gives no timeout_s: a payment terminal's
@@ -44,6 +46,9 @@ def call_with_timeout(fn: Callable[[], Any], timeout_s: float | None) -> Any:
     """
     if timeout_s is None:
         return fn()
+    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import TimeoutError as FutureTimeout
+
     global _timeout_pool
     with _pool_lock:
         if _timeout_pool is None:
@@ -159,6 +164,7 @@ def run_parallel(
 
     Returns ``{"state": merged_state, "errors": {task: message}}``.
     """
+    from concurrent.futures import ThreadPoolExecutor
 
     def task_ctx(name: str) -> StepContext:
         path = f"{ctx.step}/{name}"
