@@ -8,7 +8,6 @@ names the file, line, step and field.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 from collections.abc import Callable, Iterator
@@ -111,6 +110,13 @@ def load_text(text: str, source: str = "<string>") -> Workflow:
 def load_snapshot(snapshot: str, source: str = "<snapshot>") -> Workflow:
     """Rebuild a pinned definition from the JSON snapshot stored with its runs."""
     return load_text(snapshot, source=source)  # JSON is YAML: one code path, same checks
+
+
+def _close_matches(word: str, possibilities: list[str]) -> list[str]:
+    """The nearest name, for a 'did you mean' hint: difflib comes with the first typo."""
+    import difflib
+
+    return difflib.get_close_matches(word, possibilities, n=1)
 
 
 def canonical_json(obj: Any) -> str:
@@ -224,7 +230,7 @@ def _problems_from_pydantic(
         if kind == "extra_forbidden":
             msg = f"unknown field '{field_name}'"
             allowed = _allowed_fields(data, path)
-            close = difflib.get_close_matches(str(field_name), allowed, n=1)
+            close = _close_matches(str(field_name), allowed)
             if close:
                 msg += f"; did you mean '{close[0]}'?"
         elif kind == "missing":
@@ -329,7 +335,7 @@ class _Checker:
         self, target: Any, path: Path_, step: str | None, fld: str, names: set[Any]
     ) -> None:
         if isinstance(target, str) and target != END and target not in names:
-            hint = difflib.get_close_matches(target, [n for n in names if isinstance(n, str)], n=1)
+            hint = _close_matches(target, [n for n in names if isinstance(n, str)])
             msg = f"unknown step '{target}'" + (f"; did you mean '{hint[0]}'?" if hint else "")
             msg += " (targets must be in the same sequence, or END)"
             self.problem(path, step, fld, msg)
