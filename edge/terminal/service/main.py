@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -63,6 +62,8 @@ def _source_commit() -> str | None:
     root = Path(__file__).resolve().parents[3]
     if not (root / ".git").exists():  # installed, not a checkout: no other repo's commit
         return None
+    import subprocess  # here: the daemon, which imports this module, never runs git
+
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
