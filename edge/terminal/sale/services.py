@@ -13,13 +13,15 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from edge.engine.ports import Maintenance, OutboxSource, Store
 from edge.terminal.carddata import DataKey
 from edge.terminal.config import RiskLimits
 from edge.terminal.drivers.contracts import Acquirer, CardReader, NetworkLink, Printer
-from edge.terminal.sale.policy import CompiledPolicy
+
+if TYPE_CHECKING:  # the policy compiler loads with a policy (Terminal._load_policy), if any
+    from edge.terminal.sale.policy import CompiledPolicy
 
 #: How long ``read_card`` waits for a card when nothing says otherwise (the config's
 #: ``peripherals.card_reader.timeout_s`` default).
