@@ -12,7 +12,6 @@ accepted and what a refusal says do not change (``tests/unit/test_idle_imports.p
 from __future__ import annotations
 
 import functools
-import ipaddress
 import re
 import threading
 from types import TracebackType
@@ -45,10 +44,12 @@ def _plain(value: object) -> bool:
     if m is None or m["port"] == _DEFAULT_PORTS[m["scheme"]]:
         return False
     if _IPV4_SHAPED.fullmatch(m["host"]):
-        try:  # httpx refuses an IPv4-shaped host that is not an address
-            ipaddress.IPv4Address(m["host"])
-        except ValueError:
-            return False
+        # httpx refuses an IPv4-shaped host that ipaddress.IPv4Address refuses: an octet
+        # above 255, or one with a leading zero (the same rules, without that import).
+        return all(
+            p == "0" or (p[0] != "0" and len(p) <= 3 and int(p) <= 255)
+            for p in m["host"].split(".")
+        )
     return True
 
 
