@@ -58,7 +58,8 @@ def _clean(value: str) -> str:
 
 
 def allowed_controls(s: Session, v: dict[str, Any]) -> list[tuple[str, str]]:
-    """The (path word, label) of each control this caller may use on the rollout now."""
+    """The (path word, label) of each control this caller may use on the rollout now
+    (its role holds operate, the status allows it: ``service.ALLOWED``)."""
     if not s.can("operate"):
         return []
     out = []
@@ -66,6 +67,8 @@ def allowed_controls(s: Session, v: dict[str, Any]) -> list[tuple[str, str]]:
         ok = v["status"] in service.ALLOWED[action]
         if action == "abort" and v["controls"]["abort_requested"]:
             ok = False
+        if action == "retry_failed":  # allowed with none to retry, but a button for nothing
+            ok = ok and any(w["failed"] + w["refused"] + w["timed_out"] for w in v["waves"])
         if ok:
             out.append((word, word.replace("-", " ")))
     return out
