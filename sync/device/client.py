@@ -75,7 +75,7 @@ class SyncOutcome:
     results: dict[str, int]
     chain: wire.ChainState
     commands: list[CommandOutcome] = field(default_factory=list)
-    #: A bound cut the batch: more is waiting, sync again at once.
+    #: A bound cut the batch, or commands brought results to send: sync again at once.
     more: bool = False
 
 
@@ -261,7 +261,9 @@ class SyncClient:
             results=dict(results),
             chain=response.chain,
             commands=outcomes,
-            more=batch.more,
+            # Commands applied or refused wrote their results to the outbox: send them
+            # now, not an interval later (a rollout waits on them).
+            more=batch.more or any(o.status != "ignored" for o in outcomes),
         )
 
     def _key_changed(self) -> bool:

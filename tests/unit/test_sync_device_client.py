@@ -277,9 +277,12 @@ def test_answer__commands_are_taken_after_the_acknowledgement():
     assert [(c.status, c.seq) for c in outcome.commands] == [("applied", 1)]
     assert rig.store.active_document("config") == (1, {"risk": {"velocity_max": 6}})
     assert rig.terminal.refreshed == 1
-    rig.client.sync_once()
+    # its result waits in the outbox: the runner is told to sync again at once
+    assert outcome.more and "command_result" in [m.topic for m in rig.store.outbox()]
+    after = rig.client.sync_once()
     assert rig.cloud.requests[1][1].commands_through == 1
     assert [m.topic for m in rig.store.outbox()] == []  # the result went up, acknowledged
+    assert not after.more  # nothing new came: the next sync waits its interval
 
 
 # --- errors: the queue untouched ------------------------------------------------------------
