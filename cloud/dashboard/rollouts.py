@@ -37,6 +37,10 @@ DEVICE_PAGE = 50
 CONTROLS = {"pause": "pause", "resume": "resume", "approve": "approve",
             "retry-failed": "retry_failed", "abort": "abort"}  # fmt: skip
 RolloutIdPath = Annotated[str, Path(min_length=1, max_length=200)]
+#: The device filters in the order an operator looks for trouble: the failures, then
+#: those still waiting for an answer, then the rest.
+DEVICE_ORDER = ("failed", "refused", "timed_out", "notified", "applied", "held", "planned",
+                "healthy", "cancelled")  # fmt: skip
 
 
 def _ctx(request: Request) -> FleetContext:
@@ -106,6 +110,12 @@ def _view(ctx: FleetContext, rollout_id: str) -> dict[str, Any]:
         return service.view(conn, rollout_id, now=ctx.clock.now())
 
 
+def _done(request: Request) -> str | None:
+    """The control just taken (the redirect's ``?done=``), if it names one."""
+    done = request.query_params.get("done")
+    return done if done in CONTROLS.values() else None
+
+
 @router.get("/ui/rollouts/{rollout_id}")
 def rollout(request: Request, rollout_id: RolloutIdPath, s: CanRead) -> HTMLResponse:
     ctx = _ctx(request)
@@ -124,7 +134,7 @@ def rollout(request: Request, rollout_id: RolloutIdPath, s: CanRead) -> HTMLResp
         raise _refusal(exc) from None
     return pages(request).page(
         "rollout.html", s, q=q, devices=found["items"], next=found["next"], controls=controls,
-        device_statuses=service.DEVICE_STATUSES, notice=request.query_params.get("done"),
+        device_order=DEVICE_ORDER, notice=_done(request),
         **_live_context(s, v),
     )  # fmt: skip
 
