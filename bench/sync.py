@@ -2,6 +2,7 @@
 of the same rows in the same run (the baseline), and a terminal's drain.
 
     python bench/sync.py [--quick] [--rows N] [--batch N] [--devices N] [--drain N]
+                         [--exchange N] [--rounds N] [--only exchange]
 
 Legs:
 
@@ -18,6 +19,16 @@ Legs:
   messages and their audit rows, drained to zero by the device's ``SyncClient``
   (``sync.device``) against the same server: seconds, and the device-side CPU (this
   process's CPU time while draining, the server being another process) per message.
+
+* ``exchange``: ``--exchange`` terminals (a ``SqliteStore`` each, the real ``SyncClient``
+  and one shared keep-alive ``httpx.Client``, as the fleet simulator runs them), each
+  syncing ``--rounds`` times one after another, a payment message and its audit row
+  queued before every other round: CPU milliseconds per sync on the device side (this
+  process) and the serve side (the ``serve`` process, 1 worker, from /proc). Baseline,
+  in the same run on the same client and server: ``GET /v1/health`` (one request, one
+  small database transaction); ``*_ratio`` = sync / health, the figure to compare
+  across runs and machines. ``wall_ms_per_sync`` is one sync's latency (nothing else
+  in flight).
 
 Batches are built before a leg's clock starts (the device-side cost of building them is
 in ``drain``). Needs PostgreSQL (``TILLFLOW_TEST_DATABASE_URL`` or the local ``test``
@@ -88,9 +99,15 @@ def _cli(*args: str, db: str) -> str:
     return out.stdout
 
 
+#: The pid of each ``cloud_server``'s serve process, by its URL (the exchange leg reads
+#: its CPU time).
+SERVE_PIDS: dict[str, int] = {}
+
+
 @contextlib.contextmanager
 def cloud_server(db: str, work: Path, workers: int = 1) -> Iterator[str]:
-    """``tillflow cloud serve`` on a free port; yields its base URL."""
+    """``tillflow cloud serve`` on a free port; yields its base URL (its pid in
+    ``SERVE_PIDS``)."""
     cmd = [sys.executable, "-m", "edge.cli", "cloud", "serve", "--database-url", db]
     cmd += ["--port", "0", "--signing-key", str(work / "cp.key"), "--workers", str(workers)]
     log = open(work / "serve.log", "wb")  # noqa: SIM115 (closed below)
@@ -107,6 +124,7 @@ def cloud_server(db: str, work: Path, workers: int = 1) -> Iterator[str]:
                 url = line.split()[-1].strip()
         if url is None:
             raise SystemExit(f"cloud serve did not start: {(work / 'serve.log').read_text()}")
+        SERVE_PIDS[url] = proc.pid
         yield url
     finally:
         proc.terminate()
@@ -397,6 +415,110 @@ def drain_leg(url: str, db: str, messages: int, work: Path) -> dict[str, Any]:
     }
 
 
+def process_cpu_s(pid: int) -> float:
+    """A process's user + system CPU seconds so far (/proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def exchange_leg(url: str, db: str, terminals: int, rounds: int, work: Path) -> dict[str, Any]:
+    """What one sync costs each side, against one health request (module docstring)."""
+    from cloud.sync.postgres import PostgresSyncBackend
+    from edge.engine import SystemClock
+    from edge.store.sqlite import SqliteStore
+    from sync.device.client import SyncClient
+    from sync.device.identity import enroll, load_key
+    from sync.server import SyncService
+
+    serve = SERVE_PIDS[url]
+    backend = PostgresSyncBackend(db, migrate=False, pool_size=1)
+    tokens = SyncService(backend, SystemClock(), None)
+    http = httpx.Client(timeout=30, trust_env=False)
+    stores, clients = [], []
+    try:
+        for i in range(terminals):
+            data = work / f"exchange-{i}"
+            data.mkdir(mode=0o700)
+            store = SqliteStore(data / "terminal.db", synchronous="NORMAL")
+            stores.append(store)
+            token = tokens.create_enroll_token(f"store-{i % 4}").token
+            identity = enroll(url, token, data, "bench", http)
+            key = load_key(data)
+            hooks = _Hooks(store)
+            clients.append(
+                SyncClient(identity, key, store, hooks, SystemClock(), http, binary_version="bench")
+            )
+        for c in clients:  # warm: connections open, statements cached, queries prepared
+            c.sync_once()
+        queued = syncs = 0
+        client_s = serve_s = wall_s = 0.0
+        for r in range(rounds):
+            if r % 2 == 0:  # a payment message and its audit row, as a sale leaves
+                for store in stores:
+                    _one_payment(store, queued)
+                queued += 1
+            c0, s0, w0 = time.process_time(), process_cpu_s(serve), time.perf_counter()
+            for c in clients:
+                c.sync_once()
+            wall_s += time.perf_counter() - w0
+            client_s += time.process_time() - c0
+            serve_s += process_cpu_s(serve) - s0
+            syncs += len(clients)
+        left = sum(s.outbox_stats().depth for s in stores)
+        n_health = syncs
+        c0, s0, w0 = time.process_time(), process_cpu_s(serve), time.perf_counter()
+        for _ in range(n_health):
+            http.get(f"{url}/v1/health").raise_for_status()
+        health_wall = time.perf_counter() - w0
+        health_client = time.process_time() - c0
+        health_serve = process_cpu_s(serve) - s0
+    finally:
+        for c in clients:
+            c.close()
+        for store in stores:
+            store.close()
+        http.close()
+        backend.close()
+    per = lambda total, n: round(1000 * total / n, 3)  # noqa: E731
+    return {
+        "terminals": terminals,
+        "syncs": syncs,
+        "outbox_left": left,
+        "client_cpu_ms_per_sync": per(client_s, syncs),
+        "serve_cpu_ms_per_sync": per(serve_s, syncs),
+        "wall_ms_per_sync": per(wall_s, syncs),
+        "health_client_cpu_ms": per(health_client, n_health),
+        "health_serve_cpu_ms": per(health_serve, n_health),
+        "health_wall_ms": per(health_wall, n_health),
+        "client_cpu_ratio": round(client_s / health_client, 2) if health_client else None,
+        "serve_cpu_ratio": round(serve_s / health_serve, 2) if health_serve else None,
+    }
+
+
+def _one_payment(store: Any, n: int) -> None:
+    """One payment's outbox message and audit row, as ``fill`` writes them."""
+    from edge.engine.records import CommandRecord, OutboxMessage
+
+    at = time.time()
+    payload = {
+        "run_id": f"pay-{n}",
+        "amount_minor": 100 + n,
+        "currency": "EUR",
+        "decision": "approved",
+        "channel": "online",
+        "masked_pan": "411111******1111",
+    }
+    store.record_command(
+        CommandRecord(
+            seq=None, command_id=f"pay-{n}", action="fill", status="applied", reason=None,
+            issued_at=0.0, at=at, document=None,
+            audit=[AuditEvent(f"pay-{n}", "step_completed", at, "record", {"n": n})],
+            outbox=[OutboxMessage(f"p-{n}", f"pay-{n}", "record", "payment", payload, at)],
+        )
+    )  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
@@ -407,12 +529,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--workers", type=int, nargs="+", default=[1, 2], help="uvicorn workers, one leg each"
     )
+    parser.add_argument("--exchange", type=int, default=50, help="terminals in the exchange leg")
+    parser.add_argument("--rounds", type=int, default=20, help="syncs per terminal there")
+    parser.add_argument("--only", choices=["exchange"], help="run that leg alone")
     args = parser.parse_args(argv)
     if args.quick:
-        args.rows, args.drain = 20_000, 1_000
+        args.rows, args.drain, args.exchange, args.rounds = 20_000, 1_000, 20, 10
     out: dict[str, Any] = {"benchmark": "sync", "batch": args.batch, "devices": args.devices}
     with tempfile.TemporaryDirectory() as tmp, scratch_database() as db:
         work = Path(tmp)
+        with cloud_server(db, work, 1) as url:
+            print(f"exchange: {args.exchange} terminals x {args.rounds} syncs...", file=sys.stderr)
+            out["exchange"] = exchange_leg(url, db, args.exchange, args.rounds, work)
+        if args.only == "exchange":
+            print(json.dumps(out, indent=2))
+            return 0
         for workers in args.workers:
             with cloud_server(db, work, workers) as url:
                 for kind in ("audit", "outbox"):
