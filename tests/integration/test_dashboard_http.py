@@ -246,3 +246,47 @@ def test_dashboard__the_fleet_page_filters_and_pages_in_sql(fleet):
     full = fleet.client.get("/ui/fleet?health=full").text
     assert made[0].device_id in full and made[1].device_id not in full
     assert 'data-health="full">1<' in fleet.client.get("/ui/fleet").text
+
+
+def test_dashboard__broken_chains_then_stalled_outboxes_lead_the_fleet_and_the_device_says_why(
+    fleet,
+):
+    calm, stalled, broken = (fleet.enroll("store-1", "g") for _ in range(3))
+    fleet.sync(calm, storage_state="ok", outbox_depth=0, outbox_oldest_age_s=None)
+    fleet.sync(stalled, storage_state="ok", outbox_depth=12, outbox_oldest_age_s=3600.0,
+               last_error="upload: connection refused")  # fmt: skip
+    fleet.sync(broken, storage_state="ok")
+    fleet.sql(
+        "INSERT INTO audit_chains (device_id, stream, chain, base_seq, base_hash, head_seq, "
+        "head_hash, state, first_bad_seq, reason, broken_at, updated_at) VALUES "
+        "(%s, %s, 0, 0, %s, 7, %s, 'broken', 4, 'prev_hash mismatch', 1, 1)",
+        (broken.device_id, "a" * 32, "0" * 64, "1" * 64),
+    )
+    fleet.sql(
+        "INSERT INTO commands (command_id, device_id, seq, action, envelope, status, reason, "
+        "created_at, expires_at, result_at) VALUES ('c1', %s, 1, 'update_config', '{}', "
+        "'refused', 'hardware_unsupported: no room', 1, 2, 1.5)",
+        (stalled.device_id,),
+    )
+    login(fleet, "auditor")
+    page = fleet.client.get("/ui/fleet").text
+    attention = page[page.index('id="attention"') : page.index('id="compliance"')]
+    listed = re.findall(r'href="/ui/devices/([^"]+)"', attention)
+    assert listed == [broken.device_id, stalled.device_id]  # broken first; calm not at all
+    assert "chain broken at seq 4" in attention and "outbox stalled 60 min" in attention
+    device = fleet.client.get(f"/ui/devices/{stalled.device_id}").text
+    assert "hardware_unsupported: no room" in device and "upload: connection refused" in device
+    assert "Quarantined entries" in device and "None." in device  # an auditor sees it
+    login(fleet, "read_only")
+    device = fleet.client.get(f"/ui/devices/{stalled.device_id}").text
+    assert "Quarantine is shown to roles with audit" in device
+
+
+def test_dashboard__the_live_fragment_is_the_moving_part_only(fleet):
+    rollout_id = a_rollout(fleet)
+    login(fleet, "operator")
+    live = fleet.client.get(f"/ui/rollouts/{rollout_id}/live")
+    assert live.status_code == 200
+    assert "<html" not in live.text and 'class="live-root"' in live.text
+    assert 'data-finished="0"' in live.text and "<svg" in live.text
+    assert 'data-action="pause"' in live.text
