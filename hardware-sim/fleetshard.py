@@ -46,6 +46,9 @@ from hwsim.simfleet import (
     rss_mib,
 )
 
+#: Exchanges a terminal may make in one round when its sync client asks for another at
+#: once (a cut batch, command results to send).
+MORE_PER_ROUND = 3
 #: Above this floor limit the XR-7's printer firmware jams (the config that fails).
 XR7_JAMS_ABOVE = 5_000
 
@@ -202,6 +205,8 @@ class Shard:
         clients: list[FleetApi] = []
 
         def one(t: SimTerminal) -> str:
+            if late:
+                t.up()  # a terminal joins when it is installed: on the shop's network
             api = getattr(local, "api", None)
             if api is None:
                 api = local.api = FleetApi(self.api_url, self.api_token)
@@ -278,16 +283,20 @@ class Shard:
         """One sync interval: every enrolled terminal whose link is up syncs once."""
         chosen = [t for t in self.terminals if t.online and t.runner is not None]
         failures = sum(t.sync_failures for t in chosen)
+        syncs = sum(t.syncs for t in chosen)
         now = time.monotonic()
 
         def one(t: SimTerminal) -> None:
             failed = t.sync_failures
-            t.sync()
+            for _ in range(MORE_PER_ROUND):  # "sync again at once", as the daemon would
+                if t.sync() > 0:
+                    break
             if t.sync_failures == failed:
                 self.last_sync[t.spec.index] = time.monotonic()
 
         self._map(one, chosen)
-        return {"syncs": len(chosen), "failed": sum(t.sync_failures for t in chosen) - failures,
+        return {"syncs": sum(t.syncs for t in chosen) - syncs,
+                "failed": sum(t.sync_failures for t in chosen) - failures,
                 "wall_s": time.monotonic() - now}  # fmt: skip
 
     def heal(self) -> dict[str, Any]:
