@@ -33,7 +33,8 @@ too. Prints one JSON object; ratios are ``delta / full bundle gzip'd`` of the sa
 collects as ``.pyc`` files under ``_internal/`` instead of into the archive appended to
 the executable (which every change of any module in it replaces whole). ``--starts N``
 times what that costs at start: exec -> READY=1 of build ``a`` (median of N starts on
-fresh data dirs, ``bench/payments.py``'s daemon harness) and its VmRSS then.
+fresh data dirs, ``bench/payments.py``'s daemon harness) and its VmRSS then; with
+``--pyc``, against ``a_shipped``, the same commit built as it ships, started in turn.
 """
 
 from __future__ import annotations
@@ -156,8 +157,9 @@ class Builds:
         return folder / f"tillflow-edge-{version}"
 
 
-def starts(exe: Path, n: int) -> dict[str, Any]:
-    """exec -> READY=1 of the binary ``exe`` (median of ``n``) and its VmRSS at READY."""
+def starts(exes: dict[str, Path], n: int) -> dict[str, Any]:
+    """Per binary of ``exes``: exec -> READY=1 (median of ``n``, the binaries started in
+    turn so a busy moment hits them alike) and its VmRSS at READY."""
     import statistics
 
     from bench.payments import (
@@ -170,34 +172,42 @@ def starts(exe: Path, n: int) -> dict[str, Any]:
     )
 
     class Daemon(DaemonProcess):
+        exe = ""
+
         def spawn(self) -> None:
             env = {**child_env(), "NOTIFY_SOCKET": str(self.notify_path)}
             env.pop("PYTHONPATH", None)
             with open(self.log, "ab") as log:
                 self.t_exec = time.perf_counter()
                 self.proc = subprocess.Popen(
-                    [str(exe), "run", "--config", str(self.config)],
+                    [self.exe, "run", "--config", str(self.config)],
                     env=env, cwd="/", stdout=subprocess.DEVNULL, stderr=log,
                 )  # fmt: skip
 
     work = short_tempdir("tfd-")
-    ready, rss = [], []
+    ready: dict[str, list[float]] = {name: [] for name in exes}
+    rss: dict[str, list[float]] = {name: [] for name in exes}
     try:
         with SimDeviceServer() as devices, SimAcquirer() as acquirer:
             for i in range(n):
-                d = Daemon(work / f"start{i}", devices.url, acquirer.url)
-                try:
-                    d.spawn()
-                    ready.append(d.wait_for("READY=1"))
-                    rss.append(proc_status_kb(d.pid)["VmRSS"] / 1024)
-                finally:
-                    d.stop()
+                for name, exe in exes.items():
+                    d = Daemon(work / f"{name}-{i}", devices.url, acquirer.url)
+                    d.exe = str(exe)
+                    try:
+                        d.spawn()
+                        ready[name].append(d.wait_for("READY=1"))
+                        rss[name].append(proc_status_kb(d.pid)["VmRSS"] / 1024)
+                    finally:
+                        d.stop()
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {
-        "exec_to_ready_s_median": round(statistics.median(ready), 4),
-        "exec_to_ready_s": [round(x, 4) for x in ready],
-        "rss_at_ready_mb_median": round(statistics.median(rss), 1),
+        name: {
+            "exec_to_ready_s_median": round(statistics.median(ready[name]), 4),
+            "exec_to_ready_s": [round(x, 4) for x in ready[name]],
+            "rss_at_ready_mb_median": round(statistics.median(rss[name]), 1),
+        }
+        for name in exes
     }
 
 
@@ -295,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     if pyc:
         result["experiment"] = {"collected_as_pyc": pyc}
     try:
+        shipped = None
+        if pyc and args.starts:  # what ships, for the start-up comparison
+            shipped = builds.build("a_shipped", builds.version)
         if pyc:
             builds.collect_as_pyc(pyc)
         v, nxt = builds.version, f"{builds.version}.1"
@@ -335,7 +348,10 @@ def main(argv: list[str] | None = None) -> int:
         result["cases"] = cases
         result["build_s"] = builds.seconds
         if args.starts:
-            result["start_of_a"] = starts(a / "tillflow-edge" / "tillflow-edge", args.starts)
+            exes = {"a": a / "tillflow-edge" / "tillflow-edge"}
+            if shipped is not None:
+                exes["a_shipped"] = shipped / "tillflow-edge" / "tillflow-edge"
+            result["starts"] = starts(exes, args.starts)
         result["sha256_of_a_bundle"] = hashlib.sha256(bundle_of(a).read_bytes()).hexdigest()
         result["env"] = {"python": sys.version.split()[0], "nproc": os.cpu_count()}
     finally:
