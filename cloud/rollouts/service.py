@@ -248,7 +248,8 @@ def _wave_view(number: int, size: int, targeted: int, status: str, started: Any,
 
 def view(conn: Conn, rollout_id: str, *, now: float) -> dict[str, Any]:
     """Everything a rollout shows (the design's JSON): per wave its counts, the
-    threshold and the rate now, why it aborted and how far the rollback has got."""
+    threshold and the rate now, why it aborted and how far the rollback has got; for a
+    release, the bytes its devices reported downloading (``bytes_downloaded``)."""
     row = load(conn, rollout_id)
     run_id, run_status = _run(conn, rollout_id)
     options = RolloutOptions.model_validate(row["options"])
