@@ -6,7 +6,8 @@ Legs, interleaved start by start: ``source`` (``python -m edge.cli edge run``, t
 baseline), ``onedir`` (``dist/tillflow-edge/tillflow-edge run``, what ships) and, when
 ``make package-onefile`` built it, ``onefile`` (``dist/onefile/tillflow-edge``; its
 RSS is the bootloader's plus its Python child's). Per leg: exec -> READY=1 (median of
-``--starts`` starts on fresh data dirs, the approach of ``bench/payments.py``), VmRSS
+``--starts`` starts on fresh data dirs, the approach of ``bench/payments.py``), with the
+CPU seconds the process used to get there (less sensitive to a busy machine), VmRSS
 after ``--idle-s`` seconds idle, then VmRSS and VmHWM after ``--payments`` payments
 through the local API (the payments bench's online/offline mix); the idle RSS is also
 split into anonymous and file-backed memory with the largest mappings (``smaps``; of the
@@ -63,6 +64,7 @@ from bench.payments import (  # noqa: E402
     SimDeviceServer,
     api_leg,
     child_env,
+    proc_cpu_s,
     proc_status_kb,
     progress,
     short_tempdir,
@@ -406,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     progress(f"import edge.engine {engine_import:.3f}s (bare interpreter start {bare:.3f}s)")
     ready: dict[str, list[float]] = {name: [] for name in legs}
+    cpu: dict[str, list[float]] = {name: [] for name in legs}
     with SimDeviceServer() as devices, SimAcquirer() as acquirer:
         result["idle_imports"] = idle_imports(work, devices.url, acquirer.url, idle_s)
         progress(
@@ -418,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     d.spawn()
                     ready[name].append(d.wait_for("READY=1"))
+                    cpu[name].append(proc_cpu_s(d.pid))  # robust to a busy machine
                 finally:
                     d.stop()
             progress(
@@ -447,6 +451,7 @@ def main(argv: list[str] | None = None) -> int:
             result["legs"][name] = {
                 "exec_to_ready_s_median": round(statistics.median(ready[name]), 4),
                 "exec_to_ready_s": [round(x, 4) for x in ready[name]],
+                "cpu_to_ready_s_median": round(statistics.median(cpu[name]), 4),
                 "idle_rss_mb": idle["vm_rss_mb"],
                 "idle_smaps": idle_smaps,
                 "processes": idle["processes"],
@@ -462,7 +467,12 @@ def main(argv: list[str] | None = None) -> int:
         if name != "source":
             leg["ratio_to_source"] = {
                 k: round(leg[k] / base[k], 3)
-                for k in ("exec_to_ready_s_median", "idle_rss_mb", "rss_after_payments_mb")
+                for k in (
+                    "exec_to_ready_s_median",
+                    "cpu_to_ready_s_median",
+                    "idle_rss_mb",
+                    "rss_after_payments_mb",
+                )
             }
     ship = result["legs"]["onedir"]
     result["targets"] = TARGETS
@@ -473,7 +483,11 @@ def main(argv: list[str] | None = None) -> int:
         "idle_rss_mb": ship["idle_rss_mb"] <= TARGETS["idle_rss_mb"],
     }
     result["params"] = {"starts": starts, "idle_s": idle_s, "payments": payments}
-    result["env"] = {"python": sys.version.split()[0], "nproc": os.cpu_count()}
+    result["env"] = {
+        "python": sys.version.split()[0],
+        "nproc": os.cpu_count(),
+        "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
+    }
     print(json.dumps(result, indent=2))
     return 0
 
