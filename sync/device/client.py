@@ -42,7 +42,13 @@ from edge.engine.clock import Clock
 from edge.engine.records import AuditRow, OutboxMessage
 from sync import signing, wire
 from sync.device.commands import CommandOutcome, CommandProcessor
-from sync.device.errors import SyncRefused, SyncUnavailable, server_said, server_time_of
+from sync.device.errors import (
+    SYNC_ERROR_PREFIX,
+    SyncRefused,
+    SyncUnavailable,
+    server_said,
+    server_time_of,
+)
 from sync.device.identity import DeviceIdentity, load_key, promote_next_key
 from sync.device.ports import SyncStore, TerminalHooks
 
@@ -185,6 +191,11 @@ class SyncClient:
         h = self.terminal.health()
         storage = h.get("storage") or {}
         last_error = h.get("last_error")
+        if last_error is not None and str(last_error).startswith(SYNC_ERROR_PREFIX):
+            # The sync's own failure: a heartbeat that arrives proves sync works again
+            # (the runner clears it after this exchange). Sent, a cloud restart would
+            # read as every device unhealthy, and fail their rollouts' health checks.
+            last_error = None
         return wire.Heartbeat(
             at=now,
             binary_version=self.binary_version,

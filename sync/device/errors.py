@@ -16,6 +16,10 @@ from __future__ import annotations
 from edge.errors import TillflowError
 from sync.wire import ErrorBody, WireError, decode
 
+#: What the sync runner's errors in the terminal's ``last_error`` start with (so it
+#: clears only its own, and a heartbeat leaves them out: see ``SyncClient.heartbeat``).
+SYNC_ERROR_PREFIX = "sync: "
+
 
 class SyncError(TillflowError):
     code = "sync_error"

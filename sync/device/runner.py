@@ -30,6 +30,7 @@ from typing import Protocol
 from edge.engine.clock import Clock
 from edge.errors import TillflowError
 from sync.device.client import SyncOutcome
+from sync.device.errors import SYNC_ERROR_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ SOON_S = 2.0
 #: How often the outbox is looked at between syncs (s).
 POLL_S = 1.0
 #: What the runner's errors in ``last_error`` start with (so it clears only its own).
-ERROR_PREFIX = "sync: "
+ERROR_PREFIX = SYNC_ERROR_PREFIX
 
 
 class Syncs(Protocol):

@@ -34,6 +34,7 @@ class Terminal:
     def __init__(self, store: MemoryStore) -> None:
         self.store = store
         self.last_error: str | None = None
+        self.health_error: str | None = "x" * 2000
         self.acks: list[tuple[int, int | None]] = []
         self.refreshed = 0
 
@@ -46,7 +47,7 @@ class Terminal:
             "offline_count": 2,
             "policy_version": 3,
             "config_version": 7,
-            "last_error": "x" * 2000,
+            "last_error": self.health_error,
         }
 
     def acknowledge(self, outbox_through: int, audit_through: int | None = None) -> int:
@@ -174,6 +175,14 @@ def test_request__carries_the_stream_entries_with_content_hashes_heartbeat_and_h
     assert (hb.storage_state, hb.storage_used_percent, hb.outbox_depth) == ("high_water", 81.5, 2)
     assert (hb.offline_exposure_minor, hb.offline_count, hb.outbox_oldest_age_s) == (4200, 2, 12.5)
     assert hb.last_error == "x" * 1024  # cut to the wire's bound, not refused
+
+
+def test_request__the_heartbeat_leaves_out_a_sync_failure_the_exchange_itself_disproves():
+    rig = Rig()
+    rig.terminal.health_error = "sync: sync_unavailable: cannot reach the control plane"
+    assert rig.client.heartbeat(T0).last_error is None  # arriving, it proves sync works
+    rig.terminal.health_error = "printer_jam: paper out"
+    assert rig.client.heartbeat(T0).last_error == "printer_jam: paper out"
 
 
 def test_request__a_url_with_a_path_signs_that_path():
