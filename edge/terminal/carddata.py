@@ -274,7 +274,10 @@ class CardRead(BaseModel):
     card is acceptable (Luhn, expiry date, hot list) is the runtime's decision."""
 
     # hide_input_in_errors: a ValidationError must never quote what the reader read.
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, hide_input_in_errors=True)
+    # defer_build: validators built at the first card, not when the idle daemon imports this.
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, strict=True, hide_input_in_errors=True, defer_build=True
+    )
 
     pan: Sensitive
     expiry: str = Field(pattern=_EXPIRY_SHAPE)
@@ -320,7 +323,7 @@ class CardRead(BaseModel):
 class ProtectedCard(BaseModel):
     """What may be stored: the PAN only as an AES-GCM token and a keyed hash."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, defer_build=True)
 
     pan_token: str = Field(pattern=r"^v1:[A-Za-z0-9_-]+=*$")
     pan_hash: str = Field(pattern=r"^[0-9a-f]{64}$")
