@@ -73,7 +73,8 @@ _RETRYABLE_STATUSES = frozenset({502, 503, 504})
 
 
 class _Wire(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+    # defer_build: each body's validator is built at its first use, not at import (start).
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True, defer_build=True)
 
 
 class AuthorizeBody(_Wire):
