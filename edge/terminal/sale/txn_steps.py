@@ -79,7 +79,8 @@ class RefundIrreversible(StepError):
 
 
 class _State(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    # defer_build: built by the first refund or void, not when the daemon starts.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, defer_build=True)
 
 
 Decision = Literal["approved", "declined", "unknown"]
