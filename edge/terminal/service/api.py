@@ -76,7 +76,10 @@ RUN_ID = r"^[A-Za-z0-9_-]{1,64}$"
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, hide_input_in_errors=True)
+    # defer_build: each body's validator is built by its first request, not at start.
+    model_config = ConfigDict(
+        extra="forbid", strict=True, hide_input_in_errors=True, defer_build=True
+    )
 
 
 class PaymentRequest(_Request):
