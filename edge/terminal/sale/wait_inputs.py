@@ -17,7 +17,10 @@ __all__ = ["PaperLoaded", "WaitInput"]
 class WaitInput(BaseModel):
     """The base of every WAIT step's input model."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, hide_input_in_errors=True)
+    # defer_build: built by the first answer to a WAIT, not when the daemon starts.
+    model_config = ConfigDict(
+        extra="forbid", strict=True, frozen=True, hide_input_in_errors=True, defer_build=True
+    )
 
 
 class PaperLoaded(WaitInput):
