@@ -43,6 +43,7 @@ import contextlib
 import json
 import multiprocessing
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -590,6 +591,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", help="where the terminals' databases go (default: a temporary dir)")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     a = p.parse_args(argv)
+    # SIGTERM (a CI timeout, kill) unwinds as Ctrl-C does: the cloud's processes, which
+    # run in sessions of their own, are stopped, not left behind
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="fleetsim-"))
