@@ -34,6 +34,9 @@ Where the MB go:
 From source, children keep bytecode caches (``PYTHONDONTWRITEBYTECODE`` dropped): the
 first run compiles, the figures are of the runs after it.
 
+``--before DIR`` runs an earlier checkout's source and binary as legs of the same run,
+with its sizes and imports (``before_*``), and ``after_over_before`` gives the ratios.
+
 Prints one JSON object; ratios are ``leg / source`` from the same run.
 """
 
@@ -77,23 +80,26 @@ TARGETS = {"binary_mb": 13.0, "exec_to_ready_s": 0.25, "idle_rss_mb": 35.0}
 CHILD_TIMEOUT_S = 60.0
 
 
-def source_env() -> dict[str, str]:
-    """``child_env`` that keeps bytecode caches: from source, a module is compiled once
+def source_env(root: Path = ROOT) -> dict[str, str]:
+    """``child_env`` with the source tree ``root`` importable (this checkout, or the
+    ``--before`` one), keeping bytecode caches: from source, a module is compiled once
     (as on a developer's machine), not at every start (PYTHONDONTWRITEBYTECODE)."""
     env = child_env()
     env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env["PYTHONPATH"]])
     return env
 
 
 class Daemon(DaemonProcess):
     """``DaemonProcess`` of the payments bench, started from a given command."""
 
-    def __init__(self, cmd: list[str], *args: Any) -> None:
+    def __init__(self, cmd: list[str], *args: Any, root: Path = ROOT) -> None:
         super().__init__(*args)
         self.cmd = [*cmd, "run", "--config", str(self.config)]
+        self.root = root
 
     def spawn(self) -> None:
-        env = {**source_env(), "NOTIFY_SOCKET": str(self.notify_path)}
+        env = {**source_env(self.root), "NOTIFY_SOCKET": str(self.notify_path)}
         if self.cmd[0] != sys.executable:
             env.pop("PYTHONPATH", None)  # a frozen binary needs no source tree
         with open(self.log, "ab") as log:
@@ -285,16 +291,21 @@ print(json.dumps(out))
 """
 
 
-def idle_imports(work: Path, devices_url: str, acquirer_url: str, idle_s: float) -> dict[str, Any]:
-    """The idle daemon's modules (from source, as the binary runs) and each group's RSS."""
+def idle_imports(
+    work: Path, devices_url: str, acquirer_url: str, idle_s: float, root: Path = ROOT
+) -> dict[str, Any]:
+    """The idle daemon's modules (from the source tree ``root``, as the binary runs) and
+    each group's RSS."""
+    work.mkdir(parents=True, exist_ok=True)
     probe = work / "idle_probe.py"
     probe.write_text(IDLE_PROBE)
     out = work / "idle_modules.json"
     d = Daemon(
-        [sys.executable, str(probe), str(ROOT), str(out)],
+        [sys.executable, str(probe), str(root), str(out)],
         work / "idle-imports",
         devices_url,
         acquirer_url,
+        root=root,
     )
     try:
         d.spawn()
@@ -311,12 +322,12 @@ def idle_imports(work: Path, devices_url: str, acquirer_url: str, idle_s: float)
         d.stop()
     modules: list[str] = dump["modules"]
     proc = subprocess.run(
-        [sys.executable, "-c", GROUPS_PROBE, str(ROOT)],
+        [sys.executable, "-c", GROUPS_PROBE, str(root)],
         input=json.dumps(modules),
         capture_output=True,
         text=True,
-        env=source_env(),
-        cwd=ROOT,
+        env=source_env(root),
+        cwd=root,
         timeout=CHILD_TIMEOUT_S,
         check=True,
     )
@@ -346,7 +357,7 @@ def idle_imports(work: Path, devices_url: str, acquirer_url: str, idle_s: float)
     }
 
 
-def import_time(code: str, runs: int) -> float:
+def import_time(code: str, runs: int, root: Path = ROOT) -> float:
     """Median seconds of ``code`` run in a fresh interpreter (timed inside it)."""
     script = f"import time\nt = time.perf_counter()\n{code}\nprint(time.perf_counter() - t)"
     samples = []
@@ -355,8 +366,8 @@ def import_time(code: str, runs: int) -> float:
             [sys.executable, "-c", script],
             capture_output=True,
             text=True,
-            env=source_env(),
-            cwd=ROOT,
+            env=source_env(root),
+            cwd=root,
             timeout=CHILD_TIMEOUT_S,
             check=True,
         )
@@ -381,6 +392,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--idle-s", type=float)
     p.add_argument("--payments", type=int)
     p.add_argument("--dist", type=Path, default=DIST, help="where `make package` put it")
+    p.add_argument(
+        "--before",
+        type=Path,
+        metavar="DIR",
+        help="a checkout of an earlier commit with its binary built in DIR/dist (e.g. "
+        "`git worktree add DIR REV`, then build there): its source and onedir run as "
+        "legs of this same run (before_source, before_onedir), with its sizes and imports",
+    )
     args = p.parse_args(argv)
     starts = args.starts or (3 if args.quick else 7)
     idle_s = args.idle_s if args.idle_s is not None else (2.0 if args.quick else 10.0)
@@ -389,35 +408,45 @@ def main(argv: list[str] | None = None) -> int:
     onefile = args.dist / "onefile" / "tillflow-edge"
     if not onedir.exists():
         raise SystemExit(f"{onedir}: no binary; run `make package`")
-
-    legs: dict[str, list[str]] = {
-        "source": [sys.executable, "-m", "edge.cli", "edge"],
-        "onedir": [str(onedir)],
+    source = [sys.executable, "-m", "edge.cli", "edge"]
+    legs: dict[str, tuple[list[str], Path]] = {
+        "source": (source, ROOT),
+        "onedir": ([str(onedir)], ROOT),
     }
     if onefile.exists():
-        legs["onefile"] = [str(onefile)]
+        legs["onefile"] = ([str(onefile)], ROOT)
+    roots = {"": ROOT}
+    if args.before is not None:
+        before = args.before.resolve() / "dist" / "tillflow-edge" / "tillflow-edge"
+        if not before.exists():
+            raise SystemExit(f"{before}: no binary; build it in {args.before}")
+        legs["before_source"] = (source, args.before.resolve())
+        legs["before_onedir"] = ([str(before)], args.before.resolve())
+        roots["before_"] = args.before.resolve()
     work = short_tempdir("tff-")
-    result: dict[str, Any] = {"benchmark": "footprint", "sizes": sizes(onedir, onefile), "legs": {}}
+    result: dict[str, Any] = {"benchmark": "footprint", "legs": {}}
     runs = max(3, starts)
     bare = interpreter_start_s(runs)
-    engine_import = import_time("import edge.engine", runs)
-    result["import_edge_engine"] = {
-        "import_s_median": round(engine_import, 4),
-        "bare_interpreter_start_s_median": round(bare, 4),
-        "ratio_to_interpreter_start": round(engine_import / bare, 3),
-    }
-    progress(f"import edge.engine {engine_import:.3f}s (bare interpreter start {bare:.3f}s)")
+    result["bare_interpreter_start_s_median"] = round(bare, 4)
+    for prefix, root in roots.items():
+        tree = root / "dist" if prefix else args.dist
+        result[f"{prefix}sizes"] = sizes(tree / "tillflow-edge" / "tillflow-edge", tree / "onefile")
+        engine_import = import_time("import edge.engine", runs, root)
+        result[f"{prefix}import_edge_engine"] = {
+            "import_s_median": round(engine_import, 4),
+            "ratio_to_interpreter_start": round(engine_import / bare, 3),
+        }
+        progress(f"{prefix}import edge.engine {engine_import:.3f}s (bare start {bare:.3f}s)")
     ready: dict[str, list[float]] = {name: [] for name in legs}
     cpu: dict[str, list[float]] = {name: [] for name in legs}
     with SimDeviceServer() as devices, SimAcquirer() as acquirer:
-        result["idle_imports"] = idle_imports(work, devices.url, acquirer.url, idle_s)
-        progress(
-            f"idle imports: {result['idle_imports']['modules']} modules, "
-            f"{result['idle_imports']['idle_rss_mb']} MB from source"
-        )
+        for prefix, root in roots.items():
+            found = idle_imports(work / f"{prefix}imports", devices.url, acquirer.url, idle_s, root)
+            result[f"{prefix}idle_imports"] = found
+            progress(f"{prefix}idle imports: {found['modules']} modules, {found['idle_rss_mb']} MB")
         for n in range(starts):
-            for name, cmd in legs.items():
-                d = Daemon(cmd, work / f"{name}-start{n}", devices.url, acquirer.url)
+            for name, (cmd, root) in legs.items():
+                d = Daemon(cmd, work / f"{name}-start{n}", devices.url, acquirer.url, root=root)
                 try:
                     d.spawn()
                     ready[name].append(d.wait_for("READY=1"))
@@ -428,8 +457,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"start {n + 1}/{starts}: "
                 + ", ".join(f"{k} {v[-1]:.3f}s" for k, v in ready.items())
             )
-        for name, cmd in legs.items():
-            d = Daemon(cmd, work / f"{name}-load", devices.url, acquirer.url)
+        for name, (cmd, root) in legs.items():
+            d = Daemon(cmd, work / f"{name}-load", devices.url, acquirer.url, root=root)
             try:
                 d.spawn()
                 d.wait_for("READY=1")
@@ -464,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
                 result["legs"][name]["payments_failed"] = failed
     base = result["legs"]["source"]
     for name, leg in result["legs"].items():
-        if name != "source":
+        if name != "source":  # before_* against this tree's source, as the others
             leg["ratio_to_source"] = {
                 k: round(leg[k] / base[k], 3)
                 for k in (
@@ -474,6 +503,15 @@ def main(argv: list[str] | None = None) -> int:
                     "rss_after_payments_mb",
                 )
             }
+    if "before_onedir" in result["legs"]:
+        keys = ("exec_to_ready_s_median", "cpu_to_ready_s_median", "idle_rss_mb")
+        result["after_over_before"] = {
+            now: {k: round(result["legs"][now][k] / result["legs"][then][k], 3) for k in keys}
+            for now, then in (("onedir", "before_onedir"), ("source", "before_source"))
+        }
+        result["after_over_before"]["onedir_tar_gz_mb"] = round(
+            result["sizes"]["onedir_tar_gz_mb"] / result["before_sizes"]["onedir_tar_gz_mb"], 3
+        )
     ship = result["legs"]["onedir"]
     result["targets"] = TARGETS
     result["meets"] = {
