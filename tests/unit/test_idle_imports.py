@@ -308,3 +308,37 @@ def test_sync_device__every_public_name_resolves_at_first_access() -> None:
         assert name in dir(package)
     with pytest.raises(AttributeError):
         _ = package.NoSuchName  # type: ignore[attr-defined]
+
+
+# --- the binary's runtime hook: no pydantic plugin discovery ------------------------------
+
+RTHOOK = REPO / "packaging" / "rthooks" / "pyi_rth_pydantic_plugins.py"
+
+
+def test_pydantic_rthook__models_work_without_importlib_metadata() -> None:
+    code = textwrap.dedent(
+        f"""
+        import runpy, sys
+        runpy.run_path({str(RTHOOK)!r})
+        from pydantic import BaseModel
+
+        class M(BaseModel):
+            x: int
+
+        assert M(x=1).x == 1
+        assert "importlib.metadata" not in sys.modules
+        """
+    )
+    _imports_in_child(code)
+
+
+def test_pydantic_rthook__stands_where_pydantic_asks_and_hides_no_plugin() -> None:
+    """The hook replaces a private module: if pydantic stops asking it (an upgrade), or a
+    distribution declares a plugin, the binary would differ from source; this fails."""
+    import inspect
+    from importlib.metadata import entry_points
+
+    from pydantic.plugin import _schema_validator
+
+    assert "from ._loader import get_plugins" in inspect.getsource(_schema_validator)
+    assert list(entry_points(group="pydantic")) == []
