@@ -342,3 +342,43 @@ def test_pydantic_rthook__stands_where_pydantic_asks_and_hides_no_plugin() -> No
 
     assert "from ._loader import get_plugins" in inspect.getsource(_schema_validator)
     assert list(entry_points(group="pydantic")) == []
+
+
+# --- the loader's libyaml fast path: the same nodes as the pure-Python parser -------------
+
+
+def _shape(node: object) -> object:
+    import yaml
+
+    assert isinstance(node, yaml.Node)
+    line = node.start_mark.line
+    if isinstance(node, yaml.MappingNode):
+        return (node.tag, line, [(_shape(k), _shape(v)) for k, v in node.value])
+    if isinstance(node, yaml.SequenceNode):
+        return (node.tag, line, [_shape(v) for v in node.value])
+    return (node.tag, line, node.value)
+
+
+def test_loader__libyaml_builds_the_nodes_the_python_parser_builds() -> None:
+    import yaml
+
+    from edge.engine.loader import _FAST_LOADER
+
+    assert _FAST_LOADER is yaml.CSafeLoader  # the binary bundles _yaml: the fast path runs
+    files = sorted((REPO / "edge").rglob("*.yaml"))
+    assert len(files) >= 4
+    for path in files:
+        text = path.read_text()
+        fast = yaml.compose(text, Loader=_FAST_LOADER)
+        assert _shape(fast) == _shape(yaml.compose(text, Loader=yaml.SafeLoader)), path
+
+
+def test_loader__bad_yaml_is_reported_in_the_python_parser_s_words() -> None:
+    from edge.engine.loader import load_text
+    from edge.errors import DefinitionError
+
+    with pytest.raises(DefinitionError) as caught:
+        load_text("workflow_type: x\nsteps: [a: b: c\n", "bad.yaml")
+    text = str(caught.value)
+    assert "bad.yaml" in text and "not valid YAML" in text
+    assert "^" in text  # PyYAML's snippet with a caret; libyaml's message has none
