@@ -83,11 +83,15 @@ def build_next(work: Path, version: str) -> tuple[Path, float]:
         [sys.executable, "-m", "PyInstaller", "--noconfirm", "--log-level", "WARN",
          "--workpath", str(work / "build"), "--distpath", str(work / "dist"),
          str(src / "packaging" / "tillflow-edge.spec")],
-        cwd=src, env={**os.environ, "PYTHONPATH": str(src)},
+        cwd=src, env={**os.environ, "PYTHONPATH": str(src), "PYTHONHASHSEED": "0"},
         capture_output=True, text=True, timeout=BUILD_TIMEOUT_S,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
-    return work / "dist" / "tillflow-edge", time.monotonic() - began
+    dist = work / "dist" / "tillflow-edge"
+    # As make package does: base_library.zip sorted, so it is A's file, not a download.
+    subprocess.run([sys.executable, str(TOOL), "normalise", "--dist", str(dist)],
+                   check=True, capture_output=True, timeout=INSTALL_TIMEOUT_S)  # fmt: skip
+    return dist, time.monotonic() - began
 
 
 def make_bundle(dist: Path, version: str, key: Path, out: Path) -> tuple[Path, Path]:
