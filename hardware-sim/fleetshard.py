@@ -222,14 +222,20 @@ class Shard:
                 c.close()
         return {"enrolled": len(ids)}
 
-    def hour(self, hour: int) -> dict[str, Any]:
-        """Hour ``hour`` of the day: links as planned, then the payments (some refunded
-        or voided after)."""
+    def links(self, hour: int) -> dict[str, Any]:
+        """Each terminal's link as the plan says for (virtual) hour ``hour``: past the
+        day's last hour the flaky ones keep flapping, the long-offline ones stay down."""
         for t in self.terminals:
             if self.plan.link_up(t.spec, hour):
                 t.up()
             else:
                 t.down()
+        return {"down": sum(not t.online for t in self.terminals)}
+
+    def hour(self, hour: int) -> dict[str, Any]:
+        """Hour ``hour`` of the day: links as planned, then the payments (some refunded
+        or voided after)."""
+        self.links(hour)
         before = dict(self.counts)
 
         def trade(t: SimTerminal) -> None:

@@ -374,8 +374,14 @@ class Scenario:
 
     @property
     def device_timeout_s(self) -> int:
-        """A device's time to answer: four rounds as long as the slowest so far, and 20 s."""
-        return int(max(30.0, 4 * max(self.round_s, default=MIN_ROUND_S) + 20))
+        """A device's time to answer: an online one has its command within two rounds of
+        the broadcast (the round it was sent in may have passed it already) and sends its
+        result at once; its healthy heartbeat comes the round after the soak. So three
+        rounds of the usual length, the soak and a margin; a device offline for hours
+        holds each wave it is in this long, then counts as timed out."""
+        rounds = sorted(self.round_s) or [MIN_ROUND_S]
+        usual = rounds[len(rounds) // 2]
+        return int(max(30.0, 3 * usual + SOAK_S + 15))
 
     def abort(self, judged_from: float) -> dict[str, Any]:
         """Abort past ``FAILURE_PERCENT``, judged once ``judged_from`` of the fleet has an
@@ -388,7 +394,7 @@ class Scenario:
                 during: Callable[[int], None] | None = None) -> dict[str, Any]:  # fmt: skip
         """Start a rollout, sync the fleet round by round until it ends (and its
         rollback settled), sampling its view after each round."""
-        assert self.api is not None
+        assert self.api is not None and self.shards is not None
         with self.phase(f"{name}"):
             v = self.api.post(f"/api/v1/{kind}/rollout", body)
             rid = v["rollout_id"]
@@ -400,6 +406,8 @@ class Scenario:
             deadline = time.monotonic() + 60 + 10 * len(body["waves"]) * body["device_timeout_s"]
             n = 0
             while True:
+                # one round is one virtual hour of links: the flaky ones flap
+                self.shards.call("links", hour=self.plan.hours + self.rounds)
                 self.round()
                 n += 1
                 if during is not None:
