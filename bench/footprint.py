@@ -252,6 +252,12 @@ ALIASES = {"pydantic_core": "pydantic", "annotated_types": "pydantic",
            "_yaml": "yaml", "_cffi_backend": "cryptography", "certifi": "httpx",
            "httpcore": "httpx", "idna": "httpx"}
 FIRST = ["stdlib", "yaml", "apsw", "h11", "pydantic"]
+# edge and sync in the order they build on each other, so a group's figure is its own
+EDGE = ["edge", "edge.errors", "edge.engine", "edge.store", "edge.terminal",
+        "edge.terminal.files", "edge.terminal.moved", "edge.terminal.carddata",
+        "edge.terminal.config", "edge.terminal.drivers", "edge.terminal.sale",
+        "edge.terminal.service", "edge.cli", "sync", "sync.wire", "sync.signing",
+        "sync.device"]
 def group(name):
     parts = name.split(".")
     if parts[0] in ("edge", "sync"):
@@ -268,7 +274,7 @@ def group(name):
     return ALIASES.get(parts[0], parts[0])
 groups = {}
 for name in wanted:
-    if name in ("__main__", "runpy") or name.startswith("__editable__"):
+    if name in ("__main__", "runpy") or name.startswith(("__editable__", "_distutils")):
         continue
     g = group(name)
     if g is not None:
@@ -276,7 +282,9 @@ for name in wanted:
 def order(g):
     if g in FIRST:
         return (0, FIRST.index(g), g)
-    return (2 if g.startswith(("edge", "sync")) else 1, 0, g)
+    if g in EDGE:
+        return (2, EDGE.index(g), g)
+    return (3 if g.startswith(("edge", "sync")) else 1, 0, g)
 def rss():
     return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0])
 out = [["interpreter", rss(), len(sys.modules)]]
