@@ -182,9 +182,16 @@ class PostgresSyncTx:
 
     def __init__(self, conn: Conn) -> None:
         self.conn = conn
+        self._cursor: psycopg.Cursor[Any] | None = None
 
     def _x(self, name: str, params: Mapping[str, Any] | None = None) -> psycopg.Cursor[Any]:
-        return self.conn.execute(_Q[name], params or {})
+        """Run a named query on this transaction's one cursor (made on first use: a
+        cursor per statement cost 17 us of psycopg's each, ~6 statements an exchange).
+        Every caller takes the result before the next statement, so none is lost."""
+        cursor = self._cursor
+        if cursor is None:
+            cursor = self._cursor = self.conn.cursor()
+        return cursor.execute(_Q[name], params or {})
 
     def schema_versions(self) -> dict[str, int]:
         row = self._x("schema_version").fetchone()
