@@ -65,7 +65,10 @@ class Heartbeat:
     """Renews the leases of the runs this worker is advancing, every third of a lease.
 
     Real time on purpose: leases protect against wall-clock stalls of this process. The
-    thread starts with the first run held and is a daemon, so it never blocks exit.
+    thread starts with the first run held, ends when it finds none held (an idle daemon
+    keeps no thread waking every ten seconds; a process holding thousands of engines --
+    the fleet simulator's terminals -- not thousands of them), and is a daemon, so it
+    never blocks exit.
     """
 
     def __init__(self, store: Store, owner: str, clock: Clock, lease_s: float) -> None:
@@ -79,23 +82,33 @@ class Heartbeat:
         self._lock = threading.Lock()
 
     def hold(self, run_id: str) -> None:
-        self._held.add(run_id)
-        if self._thread is None:
-            with self._lock:
-                if self._thread is None:
-                    self._thread = threading.Thread(
-                        target=self._beat, name="tillflow-heartbeat", daemon=True
-                    )
-                    self._thread.start()
+        with self._lock:
+            self._held.add(run_id)
+            if self._thread is None and not self._stop.is_set():
+                self._thread = threading.Thread(
+                    target=self._beat, name="tillflow-heartbeat", daemon=True
+                )
+                self._thread.start()
 
     def release(self, run_id: str) -> None:
-        self._held.discard(run_id)
+        with self._lock:
+            self._held.discard(run_id)
 
     def stop(self) -> None:
         self._stop.set()
 
+    @property
+    def running(self) -> bool:
+        """Whether the renewing thread is alive (it is only while runs are held)."""
+        with self._lock:
+            return self._thread is not None
+
     def _beat(self) -> None:
         while not self._stop.wait(self.lease_s / 3):
+            with self._lock:
+                if not self._held:  # nothing to renew: end; the next hold starts another
+                    self._thread = None
+                    return
             for run_id in list(self._held):
                 try:
                     self.store.renew_lease(run_id, self.owner, self.clock.now() + self.lease_s)

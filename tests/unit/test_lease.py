@@ -53,3 +53,44 @@ def test_owner__with_a_recycled_pid_is_dead():
     """Same pid, different process start time: the holder is gone."""
     me = os.getpid()
     assert owner_is_dead(f"{socket.gethostname()}:{me}:{int(_start_ticks(me)) + 1}:0000abcd")
+
+
+class _Renewals:
+    """The one store call the heartbeat makes, counted."""
+
+    def __init__(self) -> None:
+        self.renewed: list[str] = []
+
+    def renew_lease(self, run_id: str, owner: str, until: float) -> None:
+        self.renewed.append(run_id)
+
+
+def _until(cond, timeout_s: float = 5.0) -> bool:
+    """Poll a real thread's state (no clock can stand in for a thread's own wait)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.005)
+    return cond()
+
+
+def test_heartbeat__renews_while_a_run_is_held_and_keeps_no_thread_when_none_is():
+    from edge.engine.clock import SystemClock
+    from edge.engine.lease import Heartbeat
+
+    store = _Renewals()
+    beat = Heartbeat(store, make_owner(), SystemClock(), lease_s=0.03)  # type: ignore[arg-type]
+    assert not beat.running  # nothing held: no thread
+    beat.hold("r1")
+    assert beat.running
+    assert _until(lambda: store.renewed.count("r1") >= 2)
+    beat.release("r1")
+    assert _until(lambda: not beat.running)  # it ended by itself
+    seen = len(store.renewed)
+    beat.hold("r2")  # the next hold starts another
+    assert beat.running and _until(lambda: "r2" in store.renewed)
+    assert "r1" not in store.renewed[seen:]
+    thread = beat._thread
+    beat.stop()
+    assert thread is not None and _until(lambda: not thread.is_alive())
