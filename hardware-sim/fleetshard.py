@@ -88,7 +88,9 @@ class FleetPlan:
     outage_store_share: float = 0.05
     outage_hours: tuple[int, ...] = (4, 5)
     skewed_share: float = 0.02
-    threads: int = 12
+    #: Threads per process: enough to hide a request's latency, few enough that they
+    #: do not spend their time handing the GIL to each other.
+    threads: int = 6
     sync_interval_s: float = 60.0
 
     @property

@@ -582,6 +582,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--hours", type=int, default=8, help="hours in the trading day (8)")
     p.add_argument("--sales", type=float, default=2.0, help="payments per terminal per day (2)")
+    p.add_argument("--threads", type=int, default=6, help="threads per process (6)")
     p.add_argument("--serves", type=int, default=2, help="API processes (2)")
     p.add_argument("--workers", type=int, default=2, help="Celery workers (2)")
     p.add_argument("--no-kill", action="store_true", help="do not kill -9 a worker and a serve")
@@ -606,7 +607,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="fleetsim-"))
     plan = FleetPlan(terminals=a.terminals, seed=a.seed, shards=a.processes, hours=a.hours,
-                     sales_per_terminal=a.sales)  # fmt: skip
+                     sales_per_terminal=a.sales, threads=a.threads)  # fmt: skip
     progress = Progress(a.terminals)
     progress.say(f"fleetsim: {a.terminals:,} terminals, seed {a.seed}, {a.processes} processes; "
                  f"work in {work}")  # fmt: skip
