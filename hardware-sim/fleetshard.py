@@ -81,10 +81,12 @@ class FleetPlan:
     refund_share: float = 0.05
     void_share: float = 0.03
     late_share: float = 0.01
-    long_offline_share: float = 0.01
+    #: Offline from ``long_offline_hour`` until the network heals (through every rollout:
+    #: each wave holding one waits its device timeout, then counts it timed out).
+    long_offline_share: float = 0.003
     long_offline_hour: int = 3
     flaky_share: float = 0.10
-    flaky_down_p: float = 0.3
+    flaky_down_p: float = 0.2
     outage_store_share: float = 0.05
     outage_hours: tuple[int, ...] = (4, 5)
     skewed_share: float = 0.02

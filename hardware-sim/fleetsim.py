@@ -16,11 +16,11 @@ its 10 s poll, a device's timeout) is wall-clock and short here. The scenario:
 
 1. enroll every terminal but the late joiners (one-time tokens through the Fleet API);
    config version 1 (floor limit 25.00 EUR) is assigned to the fleet;
-2. the trading day: payments online and offline (flaky links, a store outage, 1% of
+2. the trading day: payments online and offline (flaky links, a store outage, 0.3% of
    terminals offline from hour 3 on, for hours), refunds, voids; settlement at its end;
 3. a ConfigRollout whose floor limit jams the XR-7's printer: waves 1%, 10%, 100%; the
-   1% canary is too small to judge (``min_sample`` 150), wave 2 passes the 5% failure
-   threshold, and the saga restores every terminal that applied it;
+   1% canary is too small to judge (``min_sample``: 1.5% of the fleet), wave 2 passes the
+   5% failure threshold, and the saga restores every terminal that applied it;
 4. the late joiners enroll; a ConfigRollout every model takes (waves 10%, 100%), during
    which one Celery worker and one API process are killed with SIGKILL and restarted;
 5. a PolicyRollout (waves 10%, 100%);
