@@ -77,7 +77,9 @@ class FleetPlan:
     shards: int = 2
     hours: int = 8
     #: Payments a terminal takes in the day, on average.
-    sales_per_terminal: float = 2.0
+    sales_per_terminal: float = 1.5
+    #: Hours of the day between a terminal's syncs (and after the last hour).
+    sync_every_hours: int = 4
     refund_share: float = 0.05
     void_share: float = 0.03
     late_share: float = 0.01

@@ -10,7 +10,7 @@ embedded one) and a broker (``--broker-url``/``TILLFLOW_BROKER_URL``, e.g. Redis
 the serverless one).
 
 Virtual time: the day is ``hours`` hours of trading; a terminal syncs once per sync
-interval (a "round": every terminal whose link is up syncs once), every two hours of the
+interval (a "round": every terminal whose link is up syncs once), every four hours of the
 day and once per round while a rollout runs. What the cloud times (a rollout's soak,
 its 10 s poll, a device's timeout) is wall-clock and short here. The scenario:
 
@@ -352,7 +352,7 @@ class Scenario:
                         totals[k] = totals.get(k, 0) + v if k != "down" else v
                 self.progress.set(detail=f"hour {h + 1}/{self.plan.hours}: "
                                   f"{totals.get('payments', 0):,} payments")  # fmt: skip
-                if h % 2 == 1:
+                if h % self.plan.sync_every_hours == self.plan.sync_every_hours - 1:
                     self.round()
             totals["settlements"] = sum(p["settlements"] for p in self.shards.call("settle"))
             self.round()
@@ -581,7 +581,9 @@ def main(argv: list[str] | None = None) -> int:
         help="processes the terminals are spread over (about one per core)",
     )
     p.add_argument("--hours", type=int, default=8, help="hours in the trading day (8)")
-    p.add_argument("--sales", type=float, default=2.0, help="payments per terminal per day (2)")
+    p.add_argument(
+        "--sales", type=float, default=1.5, help="payments per terminal per day, on average (1.5)"
+    )
     p.add_argument("--threads", type=int, default=6, help="threads per process (6)")
     p.add_argument("--serves", type=int, default=2, help="API processes (2)")
     p.add_argument("--workers", type=int, default=2, help="Celery workers (2)")
