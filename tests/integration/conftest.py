@@ -76,6 +76,28 @@ def redis_url() -> str:
         pytest.skip(reason)
 
 
+@pytest.fixture
+def redis_db(redis_url: str) -> Iterator[str]:
+    """A Redis database number of this test's own (``SET NX`` on db 0, as the Celery
+    tests take theirs), empty at start, flushed at the end: a broker no other test's
+    leftovers reach."""
+    import redis
+
+    parts = urlsplit(redis_url)
+    admin = redis.Redis.from_url(urlunsplit(parts._replace(path="/0")))
+    for n in range(1, 16):
+        if admin.set(f"tillflow-test-db:{n}", os.getpid(), nx=True, ex=3600):
+            url = urlunsplit(parts._replace(path=f"/{n}"))
+            redis.Redis.from_url(url).flushdb()
+            try:
+                yield url
+            finally:
+                redis.Redis.from_url(url).flushdb()
+                admin.delete(f"tillflow-test-db:{n}")
+            return
+    pytest.fail("no free Redis database number (1-15) for this test")
+
+
 @pytest.fixture(scope="session")
 def pg_template(pg_server: str) -> Iterator[str]:
     """A database migrated once per session, cloned by ``pg_url``."""

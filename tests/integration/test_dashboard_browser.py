@@ -21,18 +21,15 @@ the page shows, found by the ids the templates give):
 
 from __future__ import annotations
 
-import os
 import re
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
-import redis
 from hwsim.cloudrig import CloudRig, FleetApi
 from hwsim.screenshots import CHROMIUM, capture
 from hwsim.simfleet import FleetSpec, HardwareModel, SimFleet
@@ -55,26 +52,8 @@ STATE_MS = 120_000
 
 
 @pytest.fixture
-def broker(redis_url: str) -> Iterator[str]:
-    """A Redis database number of this test's own (as tests/integration/test_simfleet.py)."""
-    parts = urlsplit(redis_url)
-    admin = redis.Redis.from_url(urlunsplit(parts._replace(path="/0")))
-    for n in range(1, 16):
-        if admin.set(f"tillflow-test-db:{n}", os.getpid(), nx=True, ex=900):
-            url = urlunsplit(parts._replace(path=f"/{n}"))
-            redis.Redis.from_url(url).flushdb()
-            try:
-                yield url
-            finally:
-                redis.Redis.from_url(url).flushdb()
-                admin.delete(f"tillflow-test-db:{n}")
-            return
-    pytest.fail("no free Redis database number (1-15) for this test")
-
-
-@pytest.fixture
-def rig(new_database: Callable[[], str], broker: str, tmp_path: Path) -> Iterator[CloudRig]:
-    cloud = CloudRig(new_database(), broker, tmp_path / "cloud")
+def rig(new_database: Callable[[], str], redis_db: str, tmp_path: Path) -> Iterator[CloudRig]:
+    cloud = CloudRig(new_database(), redis_db, tmp_path / "cloud")
     try:
         cloud.start(serves=1, workers=1)
         yield cloud

@@ -1,7 +1,7 @@
 """The fleet simulation, whole, as CI runs it: ``python -m hwsim.fleetsim`` with
 ``TILLFLOW_FLEET_N`` terminals (10,000 unless set; ``TILLFLOW_FLEET_N=200`` while
 developing) against the real cloud (two ``tillflow cloud serve``, two Celery workers) on
-this test's own PostgreSQL database and Redis database number.
+this test's own PostgreSQL database and Redis database number (``redis_db``).
 
 * It exits 0: every reconciliation check holds (each named in ``report.json`` with
   how many it checked): every approved sale in the cloud exactly once, no unknown one,
@@ -27,7 +27,6 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
@@ -39,18 +38,13 @@ N = int(os.environ.get("TILLFLOW_FLEET_N", "10000"))
 TIMEOUT_S = 60 * 60
 
 
-def _redis_db(url: str, db: int) -> str:
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(path=f"/{db}"))
-
-
 def test_fleet_simulation__reconciles_after_the_rollouts_and_the_kills(
-    new_database, redis_url, tmp_path: Path
+    new_database, redis_db, tmp_path: Path
 ):
     db = new_database()
     out, work = tmp_path / "out", tmp_path / "work"
     cmd = [sys.executable, "-m", "hwsim.fleetsim", "-n", str(N), "--seed", "1",
-           "--database-url", db, "--broker-url", _redis_db(redis_url, 13),
+           "--database-url", db, "--broker-url", redis_db,
            "--out", str(out), "--work", str(work)]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, env=env)

@@ -19,15 +19,12 @@ Redis database number.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
-import redis
 from hwsim.cloudrig import CloudRig, FleetApi
 from hwsim.simfleet import (
     BINARY_VERSION,
@@ -65,27 +62,8 @@ PLAIN = HardwareModel("TF-100", weight=2)
 
 
 @pytest.fixture
-def broker(redis_url: str) -> Iterator[str]:
-    """A Redis database number of this test's own (SET NX on db 0, as the Celery tests
-    take theirs), empty at start, flushed at the end."""
-    parts = urlsplit(redis_url)
-    admin = redis.Redis.from_url(urlunsplit(parts._replace(path="/0")))
-    for n in range(1, 16):
-        if admin.set(f"tillflow-test-db:{n}", os.getpid(), nx=True, ex=600):
-            url = urlunsplit(parts._replace(path=f"/{n}"))
-            redis.Redis.from_url(url).flushdb()
-            try:
-                yield url
-            finally:
-                redis.Redis.from_url(url).flushdb()
-                admin.delete(f"tillflow-test-db:{n}")
-            return
-    pytest.fail("no free Redis database number (1-15) for this test")
-
-
-@pytest.fixture
-def rig(new_database: Callable[[], str], broker: str, tmp_path: Path) -> Iterator[CloudRig]:
-    cloud = CloudRig(new_database(), broker, tmp_path / "cloud")
+def rig(new_database: Callable[[], str], redis_db: str, tmp_path: Path) -> Iterator[CloudRig]:
+    cloud = CloudRig(new_database(), redis_db, tmp_path / "cloud")
     try:
         cloud.start(serves=1, workers=1)
         yield cloud
