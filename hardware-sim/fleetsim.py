@@ -529,7 +529,9 @@ class Scenario:
             cloud = json.loads(out.stdout)
             checks = list(cloud["checks"])
             checks += fleetstats.terminal_checks(self.versions(), bad, good, policy, self.baseline)
-            checks += fleetstats.rollout_checks([bad, good, policy])
+            # from 1,000 terminals up, wave 2 (10%) holds enough XR-7s to judge
+            wave = 2 if self.plan.terminals >= 1000 else None
+            checks += fleetstats.rollout_checks([bad, good, policy], abort_wave=wave)
         ok = all(c["ok"] for c in checks)
         self.event("reconciliation: " + ("every check holds" if ok else "VIOLATIONS: " + "; ".join(
             c["name"] for c in checks if not c["ok"])))  # fmt: skip
