@@ -20,6 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 import pytest
 import services
+from hwsim.cloudrig import CloudRig, FleetApi
 from hwsim.syncrig import Cloud
 from psycopg import conninfo
 
@@ -153,3 +154,23 @@ def cloud(new_database: NewDatabase, tmp_path: Path) -> Iterator[Cloud]:
         yield c
     finally:
         c.stop()
+
+
+@pytest.fixture
+def rig(new_database: NewDatabase, redis_db: str, tmp_path: Path) -> Iterator[CloudRig]:
+    """One ``tillflow cloud serve`` and one worker (``hwsim.cloudrig``) on this test's
+    own database and Redis number, stopped when the test ends (files that need another
+    shape of cloud define their own ``rig``)."""
+    cloud = CloudRig(new_database(), redis_db, tmp_path / "cloud")
+    try:
+        cloud.start(serves=1, workers=1)
+        yield cloud
+    finally:
+        cloud.stop()
+
+
+@pytest.fixture
+def api(rig: CloudRig) -> Iterator[FleetApi]:
+    """An admin Fleet API client on ``rig``."""
+    with rig.fleet() as client:
+        yield client

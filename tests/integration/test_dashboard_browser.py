@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -49,22 +49,6 @@ JAMS = HardwareModel(
 PLAIN = HardwareModel("TF-100", weight=1)
 #: Bound on any one wait for the page to show a state (a rollout's poll is 10 s).
 STATE_MS = 120_000
-
-
-@pytest.fixture
-def rig(new_database: Callable[[], str], redis_db: str, tmp_path: Path) -> Iterator[CloudRig]:
-    cloud = CloudRig(new_database(), redis_db, tmp_path / "cloud")
-    try:
-        cloud.start(serves=1, workers=1)
-        yield cloud
-    finally:
-        cloud.stop()
-
-
-@pytest.fixture
-def api(rig: CloudRig) -> Iterator[FleetApi]:
-    with rig.fleet() as client:
-        yield client
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ Redis database number.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,22 +59,6 @@ REFUSES = HardwareModel(
     refusal="its offline store cannot hold the floor limit under 1000",
 )
 PLAIN = HardwareModel("TF-100", weight=2)
-
-
-@pytest.fixture
-def rig(new_database: Callable[[], str], redis_db: str, tmp_path: Path) -> Iterator[CloudRig]:
-    cloud = CloudRig(new_database(), redis_db, tmp_path / "cloud")
-    try:
-        cloud.start(serves=1, workers=1)
-        yield cloud
-    finally:
-        cloud.stop()
-
-
-@pytest.fixture
-def api(rig: CloudRig) -> Iterator[FleetApi]:
-    with rig.fleet() as client:
-        yield client
 
 
 @pytest.fixture
